@@ -1,0 +1,41 @@
+# aiaas: the two commands a fresh clone needs are `make run` and `make test`.
+# Both install what is missing (libtorch from PyPI into .venv, test tools) and reuse what is there.
+
+SHELL := /bin/bash
+export LIBTORCH_USE_PYTORCH := 1
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+
+PORT ?= 8080
+MODELS ?= ./models
+ARGS ?=
+
+.PHONY: run test build setup lint unit-test models bench fmt clippy
+
+## Build (release) and serve the bundled models on http://0.0.0.0:$(PORT)
+run: build
+	./target/release/aiaas --port $(PORT) --models $(MODELS) $(ARGS)
+
+## Every test: formatting, lints, unit and integration tests
+test: setup lint
+	cargo test --all-targets
+
+build: setup
+	cargo build --release
+
+setup:
+	@.ci/setup-torch.sh
+
+lint: setup
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+## Retrain the three demo models and trace them into models/ (about 5 minutes on 2 cores)
+models: setup
+	cargo run --release --bin aiaas-train -- --out models
+
+## Benchmark image-cnn: raw forward vs served throughput; writes docs/BENCHMARKS.md
+bench: build
+	bench/run.sh

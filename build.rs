@@ -1,0 +1,40 @@
+//! Embeds libtorch's library directory as an rpath so that `aiaas` starts without
+//! LD_LIBRARY_PATH, and keeps libtorch_cuda linked so that CUDA is found at run time.
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    // torch-sys (links = "tch") exports the directory it linked against.
+    let Ok(lib_dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
+        println!("cargo:rustc-env=AIAAS_TORCH_VERSION=unknown");
+        println!("cargo:rustc-env=AIAAS_GIT_REVISION=unknown");
+        return;
+    };
+    let lib_dir = PathBuf::from(lib_dir);
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
+    println!("cargo:rustc-env=AIAAS_LIBTORCH_LIB={}", lib_dir.display());
+    // rustc links with --as-needed; nothing references libtorch_cuda directly, yet without it
+    // libtorch reports CUDA as unavailable.
+    if lib_dir.join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+    }
+    println!("cargo:rerun-if-changed=.git/HEAD");
+    println!("cargo:rerun-if-changed=.git/refs/heads");
+    let python = std::env::var("PYTHON_INTERPRETER").unwrap_or_else(|_| "python".into());
+    let torch_version = std::process::Command::new(&python)
+        .args(["-c", "import torch; print(torch.__version__)"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=AIAAS_TORCH_VERSION={torch_version}");
+    let revision = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=AIAAS_GIT_REVISION={revision}");
+}

@@ -1,0 +1,545 @@
+//! Dynamic batching: one queue per model, owned by a single task, feeding engine instances that
+//! run on dedicated OS threads.
+//!
+//! A request handler holds a cheap [`ModelHandle`]. [`ModelHandle::infer`] reserves room in the
+//! bounded queue (refusing at once when it is full), sends its items to the queue task and awaits
+//! a oneshot reply. The queue task waits for a free engine instance, then takes queued items in
+//! arrival order while they fit in `max_batch_size` and have compatible shapes, waiting at most
+//! `max_queue_delay` from the oldest item's arrival for the batch to fill. Items whose client has
+//! gone or whose deadline has passed are dropped before compute. The engine thread stacks the
+//! items into one tensor per input (padding variable dimensions), runs the forward pass and
+//! splits the outputs back into each item's rows.
+
+mod assemble;
+mod stats;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+
+pub use self::stats::{BatchStats, StatsSnapshot};
+use crate::engine::{Engine, EngineError};
+use crate::tensor::HostTensor;
+
+/// One request's input: a tensor per model input, all with the same leading (row) dimension.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub inputs: Vec<HostTensor>,
+}
+
+impl Item {
+    pub fn new(inputs: Vec<HostTensor>) -> Self {
+        Self { inputs }
+    }
+
+    /// Rows (examples) in this item.
+    pub fn rows(&self) -> usize {
+        self.inputs.first().map_or(0, HostTensor::rows)
+    }
+}
+
+/// One item's result.
+#[derive(Debug)]
+pub struct Inferred {
+    /// The item's rows of every model output.
+    pub outputs: Vec<HostTensor>,
+    /// Rows in the forward pass that computed this item.
+    pub batch_size: usize,
+    /// Time from admission to dispatch.
+    pub queue_time: Duration,
+    /// Time of the forward pass, stacking and splitting included.
+    pub compute_time: Duration,
+}
+
+/// Why an item was not computed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum InferError {
+    #[error("the queue of model '{model}' is full ({capacity} waiting); retry later")]
+    QueueFull { model: String, capacity: usize },
+    #[error("a request of {rows} rows exceeds max_batch_size {max} of model '{model}'")]
+    TooLarge {
+        model: String,
+        rows: usize,
+        max: usize,
+    },
+    #[error("the request's deadline passed before model '{model}' could run it")]
+    Timeout { model: String },
+    #[error("model '{model}' is shutting down")]
+    Stopped { model: String },
+    #[error("model '{model}': {source}")]
+    Engine { model: String, source: EngineError },
+}
+
+/// Batching parameters of one model.
+#[derive(Debug, Clone)]
+pub struct BatchConfig {
+    /// Used in error messages and logs.
+    pub model: String,
+    pub max_batch_size: usize,
+    pub max_queue_delay: Duration,
+    /// Rows that may wait in the queue.
+    pub queue_capacity: usize,
+    /// Per input: the value that pads variable dimensions, or `None` if the input never pads
+    /// (then only items of equal shape share a batch).
+    pub pad_values: Vec<Option<f64>>,
+}
+
+/// Receives batch events, e.g. to feed histograms. Every method has a no-op default.
+pub trait BatchObserver: Send + Sync + 'static {
+    /// An item left the queue for compute after waiting `queue_time`.
+    fn dispatched(&self, _queue_time: Duration) {}
+    /// A forward pass of `rows` rows from `items` items took `compute_time`; `ok` tells whether
+    /// it succeeded.
+    fn batch_done(&self, _rows: usize, _items: usize, _compute_time: Duration, _ok: bool) {}
+    /// An item was dropped before compute: its client left (`timed_out` false) or its deadline
+    /// passed (`timed_out` true).
+    fn dropped(&self, _timed_out: bool) {}
+}
+
+/// A no-op observer.
+pub struct NoObserver;
+impl BatchObserver for NoObserver {}
+
+struct Pending {
+    item: Item,
+    rows: usize,
+    enqueued: Instant,
+    deadline: Option<Instant>,
+    reply: oneshot::Sender<Result<Inferred, InferError>>,
+}
+
+struct Shared {
+    config: BatchConfig,
+    /// Rows admitted and not yet dispatched.
+    queued_rows: AtomicUsize,
+    stats: BatchStats,
+    observer: Arc<dyn BatchObserver>,
+}
+
+/// A cheap, cloneable handle to one model's queue. When every handle is dropped the queue task
+/// finishes what was accepted, then the engine threads exit and the engines are dropped.
+#[derive(Clone)]
+pub struct ModelHandle {
+    tx: mpsc::UnboundedSender<Pending>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ModelHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelHandle")
+            .field("model", &self.shared.config.model)
+            .finish()
+    }
+}
+
+impl ModelHandle {
+    /// Starts the queue task (on the current tokio runtime) and one OS thread per engine.
+    pub fn spawn(
+        config: BatchConfig,
+        engines: Vec<Box<dyn Engine>>,
+        observer: Arc<dyn BatchObserver>,
+    ) -> ModelHandle {
+        assert!(
+            !engines.is_empty(),
+            "a model needs at least one engine: a bug"
+        );
+        let shared = Arc::new(Shared {
+            config,
+            queued_rows: AtomicUsize::new(0),
+            stats: BatchStats::default(),
+            observer,
+        });
+        let (free_tx, free_rx) = mpsc::unbounded_channel();
+        let mut instances = Vec::with_capacity(engines.len());
+        for (index, engine) in engines.into_iter().enumerate() {
+            let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
+            let _ = free_tx.send(index);
+            let thread_free_tx = free_tx.clone();
+            let thread_shared = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("engine-{index}"))
+                .spawn(move || engine_thread(index, engine, job_rx, thread_free_tx, thread_shared))
+                .expect("cannot spawn an engine thread");
+            instances.push(job_tx);
+        }
+        drop(free_tx);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(queue_task(rx, free_rx, instances, shared.clone()));
+        ModelHandle { tx, shared }
+    }
+
+    /// Queues `items` (all or none) and waits for their results, in order. `deadline` bounds the
+    /// time until compute starts; an item still queued then is answered [`InferError::Timeout`].
+    ///
+    /// Fails at once with [`InferError::QueueFull`] when the queue has no room for them.
+    pub async fn infer(
+        &self,
+        items: Vec<Item>,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Inferred>, InferError> {
+        let cfg = &self.shared.config;
+        let rows: Vec<usize> = items.iter().map(Item::rows).collect();
+        if let Some(&big) = rows.iter().find(|&&r| r > cfg.max_batch_size) {
+            return Err(InferError::TooLarge {
+                model: cfg.model.clone(),
+                rows: big,
+                max: cfg.max_batch_size,
+            });
+        }
+        let total: usize = rows.iter().sum();
+        self.reserve(total)?;
+        self.shared.stats.add_requests(items.len());
+        let now = Instant::now();
+        let mut receivers = Vec::with_capacity(items.len());
+        for (item, rows) in items.into_iter().zip(rows) {
+            let (reply, rx) = oneshot::channel();
+            let pending = Pending {
+                item,
+                rows,
+                enqueued: now,
+                deadline,
+                reply,
+            };
+            if self.tx.send(pending).is_err() {
+                self.shared.queued_rows.fetch_sub(rows, Ordering::AcqRel);
+                return Err(InferError::Stopped {
+                    model: cfg.model.clone(),
+                });
+            }
+            receivers.push(rx);
+        }
+        let mut results = Vec::with_capacity(receivers.len());
+        for rx in receivers {
+            let result = rx.await.unwrap_or_else(|_| {
+                Err(InferError::Stopped {
+                    model: cfg.model.clone(),
+                })
+            });
+            results.push(result?);
+        }
+        Ok(results)
+    }
+
+    fn reserve(&self, rows: usize) -> Result<(), InferError> {
+        let cap = self.shared.config.queue_capacity;
+        self.shared
+            .queued_rows
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q + rows <= cap).then_some(q + rows)
+            })
+            .map(|_| ())
+            .map_err(|_| {
+                self.shared.stats.add_rejected();
+                InferError::QueueFull {
+                    model: self.shared.config.model.clone(),
+                    capacity: cap,
+                }
+            })
+    }
+
+    /// Rows waiting in the queue now (the autoscaling signal).
+    pub fn queued(&self) -> usize {
+        self.shared.queued_rows.load(Ordering::Acquire)
+    }
+
+    pub fn config(&self) -> &BatchConfig {
+        &self.shared.config
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// True once the queue task has exited (every handle dropped and the queue drained).
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// A batch on its way to an engine thread.
+struct Job {
+    items: Vec<Pending>,
+    dispatched: Instant,
+}
+
+/// The single owner of one model's queue.
+async fn queue_task(
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    mut free_rx: mpsc::UnboundedReceiver<usize>,
+    instances: Vec<std::sync::mpsc::Sender<Job>>,
+    shared: Arc<Shared>,
+) {
+    let cfg = &shared.config;
+    let mut queue: VecDeque<Pending> = VecDeque::new();
+    let mut open = true;
+    // An instance taken from the free list but not used yet (everything queued was dropped).
+    let mut held: Option<usize> = None;
+    loop {
+        if queue.is_empty() {
+            if !open {
+                break;
+            }
+            match rx.recv().await {
+                Some(p) => queue.push_back(p),
+                None => break,
+            }
+        }
+        let instance = match held.take() {
+            Some(i) => i,
+            // Wait for a free instance; keep accepting items meanwhile so they can join.
+            None => {
+                let free = loop {
+                    tokio::select! {
+                        biased;
+                        free = free_rx.recv() => break free,
+                        p = rx.recv(), if open => match p {
+                            Some(p) => queue.push_back(p),
+                            None => open = false,
+                        },
+                    }
+                };
+                let Some(i) = free else {
+                    // Every engine thread is gone: a bug (they catch panics); fail cleanly.
+                    fail_all(&mut queue, &mut rx, &shared);
+                    return;
+                };
+                i
+            }
+        };
+        loop {
+            drain(&mut rx, &mut queue, &mut open);
+            purge(&mut queue, &shared);
+            let Some(oldest) = queue.front() else { break };
+            let (_, full) = batch_extent(&queue, cfg);
+            if full || !open {
+                break;
+            }
+            let until = oldest.enqueued + cfg.max_queue_delay;
+            if Instant::now() >= until {
+                break;
+            }
+            tokio::select! {
+                p = rx.recv() => match p {
+                    Some(p) => queue.push_back(p),
+                    None => open = false,
+                },
+                _ = tokio::time::sleep_until(until) => break,
+            }
+        }
+        let (count, _) = batch_extent(&queue, cfg);
+        if count == 0 {
+            // Everything queued was dropped; keep the instance for the next batch.
+            held = Some(instance);
+            continue;
+        }
+        let items: Vec<Pending> = queue.drain(..count).collect();
+        let rows: usize = items.iter().map(|p| p.rows).sum();
+        shared.queued_rows.fetch_sub(rows, Ordering::AcqRel);
+        let dispatched = Instant::now();
+        for p in &items {
+            shared.observer.dispatched(dispatched - p.enqueued);
+        }
+        if let Err(std::sync::mpsc::SendError(job)) =
+            instances[instance].send(Job { items, dispatched })
+        {
+            for p in job.items {
+                let _ = p.reply.send(Err(InferError::Stopped {
+                    model: cfg.model.clone(),
+                }));
+            }
+        }
+    }
+}
+
+fn drain(
+    rx: &mut mpsc::UnboundedReceiver<Pending>,
+    queue: &mut VecDeque<Pending>,
+    open: &mut bool,
+) {
+    loop {
+        match rx.try_recv() {
+            Ok(p) => queue.push_back(p),
+            Err(mpsc::error::TryRecvError::Empty) => return,
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                *open = false;
+                return;
+            }
+        }
+    }
+}
+
+/// Drops items whose client left or whose deadline passed, wherever they are in the queue.
+fn purge(queue: &mut VecDeque<Pending>, shared: &Shared) {
+    let now = Instant::now();
+    let dead = |p: &Pending| p.reply.is_closed() || p.deadline.is_some_and(|d| now >= d);
+    if !queue.iter().any(dead) {
+        return;
+    }
+    let mut kept = VecDeque::with_capacity(queue.len());
+    for p in queue.drain(..) {
+        if !dead(&p) {
+            kept.push_back(p);
+            continue;
+        }
+        let timed_out = !p.reply.is_closed();
+        shared.queued_rows.fetch_sub(p.rows, Ordering::AcqRel);
+        shared.stats.add_dropped(timed_out);
+        shared.observer.dropped(timed_out);
+        if timed_out {
+            let _ = p.reply.send(Err(InferError::Timeout {
+                model: shared.config.model.clone(),
+            }));
+        }
+    }
+    *queue = kept;
+}
+
+/// How many items from the front form the next batch, and whether that batch is closed (full,
+/// or the next item cannot join it).
+fn batch_extent(queue: &VecDeque<Pending>, cfg: &BatchConfig) -> (usize, bool) {
+    let Some(first) = queue.front() else {
+        return (0, false);
+    };
+    let mut rows = 0;
+    for (i, p) in queue.iter().enumerate() {
+        if rows + p.rows > cfg.max_batch_size
+            || !assemble::compatible(&first.item, &p.item, &cfg.pad_values)
+        {
+            return (i, true);
+        }
+        rows += p.rows;
+    }
+    (queue.len(), rows >= cfg.max_batch_size)
+}
+
+fn fail_all(
+    queue: &mut VecDeque<Pending>,
+    rx: &mut mpsc::UnboundedReceiver<Pending>,
+    shared: &Shared,
+) {
+    rx.close();
+    while let Ok(p) = rx.try_recv() {
+        queue.push_back(p);
+    }
+    for p in queue.drain(..) {
+        shared.queued_rows.fetch_sub(p.rows, Ordering::AcqRel);
+        let _ = p.reply.send(Err(InferError::Stopped {
+            model: shared.config.model.clone(),
+        }));
+    }
+}
+
+/// Runs jobs on one engine until the queue task goes away.
+fn engine_thread(
+    index: usize,
+    mut engine: Box<dyn Engine>,
+    jobs: std::sync::mpsc::Receiver<Job>,
+    free_tx: mpsc::UnboundedSender<usize>,
+    shared: Arc<Shared>,
+) {
+    while let Ok(job) = jobs.recv() {
+        run_job(engine.as_mut(), job, &shared);
+        if free_tx.send(index).is_err() {
+            break;
+        }
+    }
+    tracing::debug!(model = %shared.config.model, instance = index, "engine thread exits");
+}
+
+fn run_job(engine: &mut dyn Engine, job: Job, shared: &Shared) {
+    let cfg = &shared.config;
+    // A client may have left while the job waited for this thread.
+    let (items, gone): (Vec<Pending>, Vec<Pending>) =
+        job.items.into_iter().partition(|p| !p.reply.is_closed());
+    for _ in &gone {
+        shared.stats.add_dropped(false);
+        shared.observer.dropped(false);
+    }
+    if items.is_empty() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let result = forward(engine, &items, cfg);
+    match result {
+        Ok(outputs) => reply_all(items, outputs, job.dispatched, started, shared),
+        Err(err) if items.len() > 1 => {
+            // One bad item must not fail its neighbours: run each alone to find it.
+            tracing::warn!(model = %cfg.model, error = %err, items = items.len(),
+                "batched forward failed; retrying items one by one");
+            shared
+                .observer
+                .batch_done(0, items.len(), started.elapsed(), false);
+            for p in items {
+                let single_start = std::time::Instant::now();
+                match forward(engine, std::slice::from_ref(&p), cfg) {
+                    Ok(outputs) => {
+                        reply_all(vec![p], outputs, job.dispatched, single_start, shared)
+                    }
+                    Err(err) => fail(p, err, single_start, shared),
+                }
+            }
+        }
+        Err(err) => {
+            let p = items.into_iter().next().expect("one item");
+            fail(p, err, started, shared)
+        }
+    }
+}
+
+fn fail(p: Pending, err: EngineError, started: std::time::Instant, shared: &Shared) {
+    shared.stats.add_failed(p.rows);
+    shared
+        .observer
+        .batch_done(p.rows, 1, started.elapsed(), false);
+    tracing::error!(model = %shared.config.model, error = %err, "forward pass failed");
+    let _ = p.reply.send(Err(InferError::Engine {
+        model: shared.config.model.clone(),
+        source: err,
+    }));
+}
+
+/// Stacks the items, runs the engine, and returns per item its output rows.
+fn forward(
+    engine: &mut dyn Engine,
+    items: &[Pending],
+    cfg: &BatchConfig,
+) -> Result<Vec<Vec<HostTensor>>, EngineError> {
+    let parts: Vec<&Item> = items.iter().map(|p| &p.item).collect();
+    let inputs = assemble::stack(&parts, &cfg.pad_values)?;
+    let total: usize = items.iter().map(|p| p.rows).sum();
+    let outputs = engine.forward(inputs)?;
+    assemble::split(&outputs, items.iter().map(|p| p.rows), total)
+}
+
+fn reply_all(
+    items: Vec<Pending>,
+    outputs: Vec<Vec<HostTensor>>,
+    dispatched: Instant,
+    started: std::time::Instant,
+    shared: &Shared,
+) {
+    let compute_time = started.elapsed();
+    let rows: usize = items.iter().map(|p| p.rows).sum();
+    shared.stats.add_batch(rows, items.len(), compute_time);
+    shared
+        .observer
+        .batch_done(rows, items.len(), compute_time, true);
+    for (p, outputs) in items.into_iter().zip(outputs) {
+        let queue_time = dispatched - p.enqueued;
+        shared.stats.add_queue_time(queue_time);
+        let _ = p.reply.send(Ok(Inferred {
+            outputs,
+            batch_size: rows,
+            queue_time,
+            compute_time,
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests;

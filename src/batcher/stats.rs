@@ -1,0 +1,103 @@
+//! Lock-free counters of one model's queue, read by metadata and statistics endpoints.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use serde::Serialize;
+
+#[derive(Debug, Default)]
+pub struct BatchStats {
+    requests: AtomicU64,
+    rejected: AtomicU64,
+    dropped: AtomicU64,
+    timed_out: AtomicU64,
+    failed_rows: AtomicU64,
+    inferred_rows: AtomicU64,
+    inferred_items: AtomicU64,
+    forward_passes: AtomicU64,
+    queue_ns: AtomicU64,
+    compute_ns: AtomicU64,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StatsSnapshot {
+    /// Items accepted into the queue.
+    pub requests: u64,
+    /// Requests refused because the queue was full.
+    pub rejected: u64,
+    /// Items dropped because their client left.
+    pub dropped: u64,
+    /// Items dropped because their deadline passed before compute.
+    pub timed_out: u64,
+    /// Rows whose forward pass failed.
+    pub failed_rows: u64,
+    /// Rows computed successfully.
+    pub inferred_rows: u64,
+    /// Items computed successfully.
+    pub inferred_items: u64,
+    /// Successful forward passes.
+    pub forward_passes: u64,
+    /// Total time items spent queued, in nanoseconds.
+    pub queue_ns: u64,
+    /// Total time of successful forward passes, in nanoseconds.
+    pub compute_ns: u64,
+}
+
+impl StatsSnapshot {
+    /// Mean rows per forward pass.
+    pub fn average_batch_size(&self) -> f64 {
+        if self.forward_passes == 0 {
+            0.0
+        } else {
+            self.inferred_rows as f64 / self.forward_passes as f64
+        }
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    d.as_nanos().min(u64::MAX as u128) as u64
+}
+
+impl BatchStats {
+    pub(super) fn add_requests(&self, n: usize) {
+        self.requests.fetch_add(n as u64, Relaxed);
+    }
+    pub(super) fn add_rejected(&self) {
+        self.rejected.fetch_add(1, Relaxed);
+    }
+    pub(super) fn add_dropped(&self, timed_out: bool) {
+        if timed_out {
+            self.timed_out.fetch_add(1, Relaxed);
+        } else {
+            self.dropped.fetch_add(1, Relaxed);
+        }
+    }
+    pub(super) fn add_failed(&self, rows: usize) {
+        self.failed_rows.fetch_add(rows as u64, Relaxed);
+    }
+    pub(super) fn add_batch(&self, rows: usize, items: usize, compute: Duration) {
+        self.inferred_rows.fetch_add(rows as u64, Relaxed);
+        self.inferred_items.fetch_add(items as u64, Relaxed);
+        self.forward_passes.fetch_add(1, Relaxed);
+        self.compute_ns.fetch_add(nanos(compute), Relaxed);
+    }
+    pub(super) fn add_queue_time(&self, d: Duration) {
+        self.queue_ns.fetch_add(nanos(d), Relaxed);
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            requests: self.requests.load(Relaxed),
+            rejected: self.rejected.load(Relaxed),
+            dropped: self.dropped.load(Relaxed),
+            timed_out: self.timed_out.load(Relaxed),
+            failed_rows: self.failed_rows.load(Relaxed),
+            inferred_rows: self.inferred_rows.load(Relaxed),
+            inferred_items: self.inferred_items.load(Relaxed),
+            forward_passes: self.forward_passes.load(Relaxed),
+            queue_ns: self.queue_ns.load(Relaxed),
+            compute_ns: self.compute_ns.load(Relaxed),
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! Batcher behaviour with a fake engine (no libtorch). Time is tokio's paused clock, so delays
+//! are exact and the tests do not depend on the machine's speed.
+
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+
+use super::*;
+use crate::tensor::DType;
+
+/// Doubles its single FP32 input; records every batch's row count; optionally waits for a
+/// permit before each forward pass; fails any batch that contains the value 666.
+struct FakeEngine {
+    batches: Arc<Mutex<Vec<usize>>>,
+    gate: Option<std_mpsc::Receiver<()>>,
+}
+
+impl Engine for FakeEngine {
+    fn forward(&mut self, inputs: Vec<HostTensor>) -> Result<Vec<HostTensor>, EngineError> {
+        if let Some(gate) = &self.gate {
+            gate.recv()
+                .map_err(|_| EngineError::Forward("gate closed".into()))?;
+        }
+        let x = &inputs[0];
+        self.batches.lock().unwrap().push(x.rows());
+        let values: Vec<f32> = x.to_f32_vec();
+        if values.contains(&666.0) {
+            return Err(EngineError::Forward("poisoned input".into()));
+        }
+        let doubled: Vec<f32> = values.iter().map(|v| v * 2.0).collect();
+        Ok(vec![
+            HostTensor::from_f32(x.shape.clone(), &doubled).unwrap()
+        ])
+    }
+}
+
+struct Harness {
+    handle: ModelHandle,
+    batches: Arc<Mutex<Vec<usize>>>,
+    gate: Option<std_mpsc::Sender<()>>,
+}
+
+fn harness(max_batch: usize, delay_ms: u64, capacity: usize, gated: bool) -> Harness {
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let (gate_tx, gate_rx) = std_mpsc::channel();
+    let engine = FakeEngine {
+        batches: batches.clone(),
+        gate: gated.then_some(gate_rx),
+    };
+    let config = BatchConfig {
+        model: "fake".into(),
+        max_batch_size: max_batch,
+        max_queue_delay: Duration::from_millis(delay_ms),
+        queue_capacity: capacity,
+        pad_values: vec![None],
+    };
+    Harness {
+        handle: ModelHandle::spawn(config, vec![Box::new(engine)], Arc::new(NoObserver)),
+        batches,
+        gate: gated.then_some(gate_tx),
+    }
+}
+
+fn item(values: &[f32]) -> Item {
+    Item::new(vec![
+        HostTensor::from_f32(vec![values.len(), 1], values).unwrap()
+    ])
+}
+
+async fn infer_one(handle: &ModelHandle, v: f32) -> Result<Inferred, InferError> {
+    handle
+        .infer(vec![item(&[v])], None)
+        .await
+        .map(|mut r| r.remove(0))
+}
+
+/// Lets the queue task and engine thread make progress without advancing the paused clock.
+async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_batch_size_is_respected_and_requests_are_grouped() {
+    let h = harness(8, 5, 1024, false);
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let handle = h.handle.clone();
+            tokio::spawn(async move { infer_one(&handle, i as f32).await })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let r = t.await.unwrap().unwrap();
+        assert_eq!(
+            r.outputs[0].to_f32_vec(),
+            vec![2.0 * i as f32],
+            "item {i} got another's row"
+        );
+        assert!(r.batch_size <= 8);
+    }
+    let batches = h.batches.lock().unwrap().clone();
+    assert_eq!(batches.iter().sum::<usize>(), 50);
+    assert!(batches.iter().all(|&b| b <= 8), "{batches:?}");
+    assert!(batches.len() < 50, "no batching happened: {batches:?}");
+    let stats = h.handle.stats();
+    assert_eq!(stats.inferred_rows, 50);
+    assert_eq!(stats.forward_passes as usize, batches.len());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lone_request_waits_exactly_the_max_queue_delay() {
+    let h = harness(8, 40, 1024, false);
+    let r = infer_one(&h.handle, 1.0).await.unwrap();
+    assert_eq!(r.batch_size, 1);
+    assert_eq!(r.queue_time, Duration::from_millis(40));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_arriving_within_the_delay_joins_the_batch() {
+    let h = harness(8, 40, 1024, false);
+    let first = {
+        let handle = h.handle.clone();
+        tokio::spawn(async move { infer_one(&handle, 1.0).await })
+    };
+    tokio::time::sleep(Duration::from_millis(25)).await;
+    let second = infer_one(&h.handle, 2.0).await.unwrap();
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.batch_size, 2);
+    assert_eq!(second.batch_size, 2);
+    // the delay counts from the oldest item's arrival, not the newest
+    assert_eq!(first.queue_time, Duration::from_millis(40));
+    assert_eq!(second.queue_time, Duration::from_millis(15));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_batch_is_dispatched_without_waiting() {
+    let h = harness(4, 1000, 1024, false);
+    let results = h
+        .handle
+        .infer((0..4).map(|i| item(&[i as f32])).collect(), None)
+        .await
+        .unwrap();
+    assert!(results.iter().all(|r| r.batch_size == 4));
+    assert!(results.iter().all(|r| r.queue_time == Duration::ZERO));
+}
+
+#[tokio::test(start_paused = true)]
+async fn zero_delay_dispatches_at_once() {
+    let h = harness(8, 0, 1024, false);
+    let r = infer_one(&h.handle, 3.0).await.unwrap();
+    assert_eq!(r.queue_time, Duration::ZERO);
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_at_once() {
+    let h = harness(1, 0, 3, true);
+    let gate = h.gate.as_ref().unwrap();
+    // one in the engine (blocked on the gate), three queued
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let handle = h.handle.clone();
+        tasks.push(tokio::spawn(
+            async move { infer_one(&handle, i as f32).await },
+        ));
+        settle().await;
+    }
+    assert_eq!(h.handle.queued(), 3);
+    let refused = infer_one(&h.handle, 9.0).await;
+    assert!(
+        matches!(refused, Err(InferError::QueueFull { capacity: 3, .. })),
+        "{refused:?}"
+    );
+    // a request of several items is admitted all or nothing
+    let refused = h.handle.infer(vec![item(&[1.0]), item(&[2.0])], None).await;
+    assert!(matches!(refused, Err(InferError::QueueFull { .. })));
+    for _ in 0..4 {
+        gate.send(()).unwrap();
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(h.handle.queued(), 0);
+    assert_eq!(h.handle.stats().rejected, 2);
+}
+
+#[tokio::test]
+async fn requests_whose_client_left_are_not_computed() {
+    let h = harness(1, 0, 16, true);
+    let gate = h.gate.as_ref().unwrap();
+    let busy = {
+        let handle = h.handle.clone();
+        tokio::spawn(async move { infer_one(&handle, 1.0).await })
+    };
+    settle().await;
+    let leaving = {
+        let handle = h.handle.clone();
+        tokio::spawn(async move { infer_one(&handle, 2.0).await })
+    };
+    settle().await;
+    leaving.abort(); // the client hangs up while queued
+    let staying = {
+        let handle = h.handle.clone();
+        tokio::spawn(async move { infer_one(&handle, 3.0).await })
+    };
+    settle().await;
+    gate.send(()).unwrap();
+    gate.send(()).unwrap();
+    assert_eq!(
+        busy.await.unwrap().unwrap().outputs[0].to_f32_vec(),
+        vec![2.0]
+    );
+    assert_eq!(
+        staying.await.unwrap().unwrap().outputs[0].to_f32_vec(),
+        vec![6.0]
+    );
+    assert_eq!(
+        h.batches.lock().unwrap().len(),
+        2,
+        "the abandoned item was computed"
+    );
+    assert_eq!(h.handle.stats().dropped, 1);
+    assert_eq!(h.handle.queued(), 0);
+}
+
+#[tokio::test]
+async fn requests_past_their_deadline_are_answered_timeout_and_not_computed() {
+    let h = harness(1, 0, 16, true);
+    let gate = h.gate.as_ref().unwrap();
+    let busy = {
+        let handle = h.handle.clone();
+        tokio::spawn(async move { infer_one(&handle, 1.0).await })
+    };
+    settle().await;
+    let deadline = Instant::now() + Duration::from_millis(20);
+    let late = {
+        let handle = h.handle.clone();
+        tokio::spawn(async move { handle.infer(vec![item(&[2.0])], Some(deadline)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    gate.send(()).unwrap();
+    busy.await.unwrap().unwrap();
+    let late = late.await.unwrap();
+    assert!(matches!(late, Err(InferError::Timeout { .. })), "{late:?}");
+    assert_eq!(h.batches.lock().unwrap().len(), 1);
+    assert_eq!(h.handle.stats().timed_out, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_failing_item_does_not_fail_its_batch_neighbours() {
+    let h = harness(8, 10, 64, false);
+    let results: Vec<_> = futures_join(
+        [1.0, 666.0, 3.0]
+            .into_iter()
+            .map(|v| {
+                let handle = h.handle.clone();
+                tokio::spawn(async move { infer_one(&handle, v).await })
+            })
+            .collect(),
+    )
+    .await;
+    assert_eq!(
+        results[0].as_ref().unwrap().outputs[0].to_f32_vec(),
+        vec![2.0]
+    );
+    assert!(matches!(results[1], Err(InferError::Engine { .. })));
+    assert_eq!(
+        results[2].as_ref().unwrap().outputs[0].to_f32_vec(),
+        vec![6.0]
+    );
+    assert_eq!(h.handle.stats().failed_rows, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn multi_row_items_get_exactly_their_rows() {
+    let h = harness(16, 5, 64, false);
+    let a = h.handle.clone();
+    let b = h.handle.clone();
+    let (ra, rb) = tokio::join!(
+        async move { a.infer(vec![item(&[1.0, 2.0, 3.0, 4.0])], None).await },
+        async move { b.infer(vec![item(&[10.0])], None).await },
+    );
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(ra[0].outputs[0].to_f32_vec(), vec![2.0, 4.0, 6.0, 8.0]);
+    assert_eq!(rb[0].outputs[0].to_f32_vec(), vec![20.0]);
+    assert_eq!(ra[0].batch_size, 5);
+    let too_big = h.handle.infer(vec![item(&[0.0; 17])], None).await;
+    assert!(matches!(
+        too_big,
+        Err(InferError::TooLarge {
+            rows: 17,
+            max: 16,
+            ..
+        })
+    ));
+}
+
+#[tokio::test]
+async fn dropping_the_registry_handle_lets_queued_requests_complete() {
+    let h = harness(1, 0, 16, true);
+    let gate = h.gate.clone().unwrap();
+    let tasks: Vec<_> = (0..3)
+        .map(|i| {
+            let handle = h.handle.clone();
+            tokio::spawn(async move { infer_one(&handle, i as f32).await })
+        })
+        .collect();
+    settle().await;
+    drop(h.handle); // the tasks still hold clones; they are what keeps the queue alive
+    for _ in 0..3 {
+        gate.send(()).unwrap();
+    }
+    for t in tasks {
+        assert!(t.await.unwrap().is_ok());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn items_of_different_shapes_do_not_share_a_batch_without_padding() {
+    let h = harness(8, 5, 64, false);
+    let wide = Item::new(vec![HostTensor::zeros(DType::Fp32, vec![1, 2])]);
+    let a = h.handle.clone();
+    let b = h.handle.clone();
+    let (ra, rb) = tokio::join!(async move { infer_one(&a, 1.0).await }, async move {
+        b.infer(vec![wide], None).await
+    },);
+    assert_eq!(ra.unwrap().batch_size, 1);
+    assert_eq!(rb.unwrap()[0].batch_size, 1);
+}
+
+async fn futures_join<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}

@@ -1,0 +1,266 @@
+//! Images: encoded bytes or pixel arrays to a normalised CHW float tensor.
+
+use std::io::Cursor;
+
+use base64::Engine as _;
+use image::{imageops::FilterType, DynamicImage, ImageReader};
+use serde_json::Value;
+
+use super::{instance, CodecError};
+use crate::config::model_spec::ImageSpec;
+use crate::tensor::{f32_bytes, DType, HostTensor};
+
+/// Bounds on images accepted for decoding, checked from the header before any pixel is decoded.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageLimits {
+    pub max_width: u32,
+    pub max_height: u32,
+    /// Bytes the decoder may allocate.
+    pub max_alloc: u64,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        Self {
+            max_width: 8192,
+            max_height: 8192,
+            max_alloc: 512 << 20,
+        }
+    }
+}
+
+/// Decodes and pre-processes images for one model.
+#[derive(Debug, Clone)]
+pub struct ImageCodec {
+    spec: ImageSpec,
+    mean: Vec<f32>,
+    std: Vec<f32>,
+    limits: ImageLimits,
+}
+
+impl ImageCodec {
+    pub fn new(spec: ImageSpec, limits: ImageLimits) -> Self {
+        Self {
+            mean: spec.mean(),
+            std: spec.std(),
+            spec,
+            limits,
+        }
+    }
+
+    pub fn spec(&self) -> &ImageSpec {
+        &self.spec
+    }
+
+    /// An encoded image (PNG or JPEG) to a `[1, C, H, W]` tensor.
+    pub fn decode(&self, bytes: &[u8]) -> Result<HostTensor, CodecError> {
+        let img = self.decode_image(bytes)?;
+        Ok(self.preprocess(img))
+    }
+
+    /// Base64 of an encoded image (standard or URL-safe alphabet, padding optional).
+    pub fn decode_base64(&self, b64: &str) -> Result<HostTensor, CodecError> {
+        let b64 = b64.trim();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(b64))
+            .or_else(|_| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(b64.trim_end_matches('='))
+            })
+            .map_err(|e| CodecError::Malformed(format!("\"b64\" is not valid base64: {e}")))?;
+        self.decode(&bytes)
+    }
+
+    fn decode_image(&self, bytes: &[u8]) -> Result<DynamicImage, CodecError> {
+        let undecodable =
+            |e: &dyn std::fmt::Display| CodecError::Malformed(format!("cannot decode image: {e}"));
+        let reader = ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| undecodable(&e))?;
+        if reader.format().is_none() {
+            return Err(CodecError::Malformed(
+                "cannot decode image: unknown format (PNG and JPEG are accepted)".into(),
+            ));
+        }
+        let (w, h) = ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| undecodable(&e))?
+            .into_dimensions()
+            .map_err(|e| undecodable(&e))?;
+        let l = self.limits;
+        if w > l.max_width || h > l.max_height {
+            return Err(CodecError::TooLarge(format!(
+                "image is {w}x{h} pixels; at most {}x{} is accepted",
+                l.max_width, l.max_height
+            )));
+        }
+        let mut reader = reader;
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(l.max_width);
+        limits.max_image_height = Some(l.max_height);
+        limits.max_alloc = Some(l.max_alloc);
+        reader.limits(limits);
+        reader.decode().map_err(|e| match e {
+            image::ImageError::Limits(e) => CodecError::TooLarge(format!("image too large: {e}")),
+            e => undecodable(&e),
+        })
+    }
+
+    fn preprocess(&self, img: DynamicImage) -> HostTensor {
+        let (w, h) = (self.spec.width, self.spec.height);
+        let c = self.spec.channels;
+        let pixels: Vec<u8> = if c == 1 {
+            let g = img.to_luma8();
+            resize_if_needed(g, w, h).into_raw()
+        } else {
+            let rgb = img.to_rgb8();
+            resize_if_needed(rgb, w, h).into_raw()
+        };
+        self.normalise_hwc(&pixels)
+    }
+
+    /// Pixel values 0..255 as a JSON array `[H][W][C]` (or flat, HWC order).
+    pub fn decode_pixels(&self, value: &Value) -> Result<HostTensor, CodecError> {
+        let (w, h, c) = (
+            self.spec.width as usize,
+            self.spec.height as usize,
+            self.spec.channels,
+        );
+        let (values, shape) = instance::flatten_numbers(value, w * h * c).map_err(|e| match e {
+            CodecError::TooLarge(_) => CodecError::Invalid(format!(
+                "an image instance is {{\"b64\": ...}} or {h}x{w}x{c} pixel values"
+            )),
+            e => e,
+        })?;
+        let ok = shape == [h, w, c] || shape == [h * w * c] || (c == 1 && shape == [h, w]);
+        if !ok {
+            return Err(CodecError::Invalid(format!(
+                "an image instance is {{\"b64\": \"<base64 PNG or JPEG>\"}} or pixel values shaped [{h}][{w}][{c}] (or flat, {} numbers); got shape {shape:?}",
+                h * w * c
+            )));
+        }
+        if let Some(bad) = values.iter().find(|v| !(0.0..=255.0).contains(*v)) {
+            return Err(CodecError::Invalid(format!(
+                "pixel values are 0..255, got {bad}"
+            )));
+        }
+        let pixels: Vec<f32> = values.into_iter().map(|v| v as f32).collect();
+        Ok(self.normalise_hwc_f32(&pixels))
+    }
+
+    fn normalise_hwc(&self, hwc: &[u8]) -> HostTensor {
+        let table: Vec<Vec<f32>> = (0..self.spec.channels)
+            .map(|ch| {
+                (0..=255u8)
+                    .map(|p| (p as f32 * self.spec.scale - self.mean[ch]) / self.std[ch])
+                    .collect()
+            })
+            .collect();
+        self.to_chw(hwc.len(), |i, ch| table[ch][hwc[i] as usize])
+    }
+
+    fn normalise_hwc_f32(&self, hwc: &[f32]) -> HostTensor {
+        self.to_chw(hwc.len(), |i, ch| {
+            (hwc[i] * self.spec.scale - self.mean[ch]) / self.std[ch]
+        })
+    }
+
+    fn to_chw(&self, len: usize, value: impl Fn(usize, usize) -> f32) -> HostTensor {
+        let (w, h, c) = (
+            self.spec.width as usize,
+            self.spec.height as usize,
+            self.spec.channels,
+        );
+        debug_assert_eq!(len, w * h * c);
+        let plane = w * h;
+        let mut out = vec![0f32; len];
+        for p in 0..plane {
+            for ch in 0..c {
+                out[ch * plane + p] = value(p * c + ch, ch);
+            }
+        }
+        HostTensor::new(DType::Fp32, vec![1, c, h, w], f32_bytes(&out)).expect("CHW shape")
+    }
+}
+
+fn resize_if_needed<P: image::Pixel + 'static>(
+    img: image::ImageBuffer<P, Vec<P::Subpixel>>,
+    w: u32,
+    h: u32,
+) -> image::ImageBuffer<P, Vec<P::Subpixel>>
+where
+    P::Subpixel: 'static,
+{
+    if img.width() == w && img.height() == h {
+        img
+    } else {
+        image::imageops::resize(&img, w, h, FilterType::Triangle)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn codec() -> ImageCodec {
+        ImageCodec::new(
+            ImageSpec {
+                width: 4,
+                height: 2,
+                channels: 3,
+                scale: 1.0 / 255.0,
+                mean: None,
+                std: None,
+            },
+            ImageLimits::default(),
+        )
+    }
+
+    fn png(w: u32, h: u32, rgb: [u8; 3]) -> Vec<u8> {
+        let img = image::RgbImage::from_pixel(w, h, image::Rgb(rgb));
+        let mut out = Vec::new();
+        img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn decodes_resizes_and_lays_out_chw() {
+        let t = codec().decode(&png(8, 8, [255, 0, 51])).unwrap();
+        assert_eq!(t.shape, vec![1, 3, 2, 4]);
+        let v = t.to_f32_vec();
+        assert!(v[..8].iter().all(|&x| (x - 1.0).abs() < 1e-6));
+        assert!(v[8..16].iter().all(|&x| x == 0.0));
+        assert!(v[16..].iter().all(|&x| (x - 0.2).abs() < 1e-6));
+    }
+
+    #[test]
+    fn pixel_arrays_match_decoded_images() {
+        let c = codec();
+        let from_png = c.decode(&png(4, 2, [10, 20, 30])).unwrap();
+        let pixels = serde_json::json!(vec![vec![vec![10, 20, 30]; 4]; 2]);
+        assert_eq!(c.decode_pixels(&pixels).unwrap(), from_png);
+        let flat = serde_json::json!([10, 20, 30].repeat(8));
+        assert_eq!(c.decode_pixels(&flat).unwrap(), from_png);
+        assert!(c.decode_pixels(&serde_json::json!([1, 2, 3])).is_err());
+        assert!(c.decode_pixels(&serde_json::json!(vec![300; 24])).is_err());
+    }
+
+    #[test]
+    fn refuses_garbage_and_oversized_images() {
+        let c = codec();
+        assert!(matches!(
+            c.decode(b"not an image"),
+            Err(CodecError::Malformed(_))
+        ));
+        let mut small = codec();
+        small.limits.max_width = 4;
+        assert!(matches!(
+            small.decode(&png(5, 1, [0, 0, 0])),
+            Err(CodecError::TooLarge(_))
+        ));
+        let truncated = &png(8, 8, [1, 2, 3])[..40];
+        assert!(c.decode(truncated).is_err());
+        let _ = &c;
+    }
+}

@@ -1,0 +1,61 @@
+//! Text: a Hugging Face tokenizer to token ids, truncated to the model's maximum length.
+
+use tokenizers::Tokenizer;
+
+use super::CodecError;
+use crate::config::model_spec::TextSpec;
+use crate::tensor::HostTensor;
+
+/// Tokenises strings for one model.
+pub struct TextCodec {
+    tokenizer: Tokenizer,
+    max_length: usize,
+    pad_id: i64,
+}
+
+impl TextCodec {
+    /// Loads the model's `tokenizer.json`.
+    pub fn load(spec: &TextSpec) -> Result<Self, String> {
+        let tokenizer = Tokenizer::from_file(&spec.tokenizer)
+            .map_err(|e| format!("cannot load tokenizer {}: {e}", spec.tokenizer.display()))?;
+        Ok(Self {
+            tokenizer,
+            max_length: spec.max_length,
+            pad_id: spec.pad_id,
+        })
+    }
+
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    pub fn pad_id(&self) -> i64 {
+        self.pad_id
+    }
+
+    /// Token ids of `text`, truncated to `max_length`, as a `[1, len]` INT64 tensor.
+    pub fn encode(&self, text: &str) -> Result<HostTensor, CodecError> {
+        let ids = self.ids(text)?;
+        Ok(HostTensor::from_i64(vec![1, ids.len()], &ids).expect("shape from ids"))
+    }
+
+    /// Token ids of `text`, truncated to `max_length`.
+    pub fn ids(&self, text: &str) -> Result<Vec<i64>, CodecError> {
+        let encoding = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| CodecError::Invalid(format!("cannot tokenise text: {e}")))?;
+        let ids: Vec<i64> = encoding
+            .get_ids()
+            .iter()
+            .take(self.max_length)
+            .map(|&id| id as i64)
+            .collect();
+        if ids.is_empty() {
+            return Err(CodecError::Invalid(
+                "text is empty (no tokens after tokenisation)".into(),
+            ));
+        }
+        Ok(ids)
+    }
+}

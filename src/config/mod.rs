@@ -1,0 +1,3 @@
+//! Configuration: model specifications (`model.toml`).
+
+pub mod model_spec;

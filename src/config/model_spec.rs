@@ -1,0 +1,567 @@
+//! `model.toml`: what a model is, where its files are, how it is batched and how its inputs and
+//! outputs are encoded. Parsed and validated here; nothing else reads the file.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::tensor::DType;
+
+/// What kind of model this is, which decides how /v1 requests are decoded and answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    /// Encoded images or pixel arrays in, per-label scores out.
+    ImageClassifier,
+    /// Strings in (tokenised with `tokenizer.json`), per-label scores out.
+    TextClassifier,
+    /// Number arrays in, number arrays out.
+    Regressor,
+    /// Raw tensors in and out, mapped one to one to the TorchScript signature.
+    Tensor,
+}
+
+impl fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ModelKind::ImageClassifier => "image-classifier",
+            ModelKind::TextClassifier => "text-classifier",
+            ModelKind::Regressor => "regressor",
+            ModelKind::Tensor => "tensor",
+        })
+    }
+}
+
+/// Where a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// CUDA device 0 when CUDA is available, else the CPU.
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Auto => f.write_str("auto"),
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(DeviceSpec::Auto),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceSpec::Cuda)
+                .ok_or_else(|| {
+                    format!("unknown device '{s}' (expected auto, cpu, cuda or cuda:N)")
+                }),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Dynamic batching settings (Triton's `dynamic_batching` block).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchingSpec {
+    /// Largest number of rows in one forward pass; 1 turns batching off.
+    pub max_batch_size: usize,
+    /// How long the oldest queued request may wait for the batch to fill, in milliseconds.
+    pub max_queue_delay_ms: f64,
+    /// Requests (rows) that may wait; beyond this new requests are refused with 503 at once.
+    pub queue_capacity: usize,
+    /// Default deadline of one request, queueing and compute, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl Default for BatchingSpec {
+    fn default() -> Self {
+        Self {
+            max_batch_size: 32,
+            max_queue_delay_ms: 2.0,
+            queue_capacity: 1024,
+            timeout_ms: 30_000,
+        }
+    }
+}
+
+impl BatchingSpec {
+    pub fn max_queue_delay(&self) -> Duration {
+        Duration::from_secs_f64(self.max_queue_delay_ms / 1000.0)
+    }
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// Image pre-processing: decoded images are converted to RGB (or grey), resized to
+/// `width` x `height`, then each channel becomes `(pixel * scale - mean) / std`, laid out CHW.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSpec {
+    pub width: u32,
+    pub height: u32,
+    #[serde(default = "default_channels")]
+    pub channels: usize,
+    #[serde(default = "default_scale")]
+    pub scale: f32,
+    #[serde(default)]
+    pub mean: Option<Vec<f32>>,
+    #[serde(default)]
+    pub std: Option<Vec<f32>>,
+}
+
+fn default_channels() -> usize {
+    3
+}
+fn default_scale() -> f32 {
+    1.0 / 255.0
+}
+
+impl ImageSpec {
+    pub fn mean(&self) -> Vec<f32> {
+        self.mean
+            .clone()
+            .unwrap_or_else(|| vec![0.0; self.channels])
+    }
+    pub fn std(&self) -> Vec<f32> {
+        self.std.clone().unwrap_or_else(|| vec![1.0; self.channels])
+    }
+}
+
+/// Text pre-processing with a Hugging Face `tokenizer.json`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextSpec {
+    #[serde(default = "default_tokenizer")]
+    pub tokenizer: PathBuf,
+    /// Longer inputs are truncated to this many tokens.
+    pub max_length: usize,
+    /// Token id used to pad shorter sequences in a batch.
+    #[serde(default)]
+    pub pad_id: i64,
+}
+
+fn default_tokenizer() -> PathBuf {
+    PathBuf::from("tokenizer.json")
+}
+
+/// How classifier outputs are reported.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    #[serde(default)]
+    pub labels: Option<Vec<String>>,
+    /// A file with one label per line, beside model.toml (instead of `labels`).
+    #[serde(default)]
+    pub labels_file: Option<PathBuf>,
+    /// Apply softmax to the model's output (set when the model returns logits).
+    #[serde(default)]
+    pub softmax: bool,
+}
+
+/// One input or output tensor of the model's signature, without the batch dimension.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TensorSpec {
+    pub name: String,
+    pub datatype: DType,
+    /// Dimensions after the batch dimension; -1 marks a variable one.
+    pub dims: Vec<i64>,
+    /// Value used to pad variable dimensions when requests of different sizes share a batch.
+    /// Without it, only requests of equal shape are batched together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_value: Option<f64>,
+}
+
+/// The raw `model.toml` as written by the user.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    kind: ModelKind,
+    #[serde(default = "default_file")]
+    file: PathBuf,
+    #[serde(default = "default_device")]
+    device: DeviceSpec,
+    #[serde(default = "default_instances")]
+    instances: usize,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    batching: BatchingSpec,
+    #[serde(default)]
+    image: Option<ImageSpec>,
+    #[serde(default)]
+    text: Option<TextSpec>,
+    #[serde(default)]
+    output: OutputSpec,
+    #[serde(default)]
+    inputs: Option<Vec<TensorSpec>>,
+    #[serde(default)]
+    outputs: Option<Vec<TensorSpec>>,
+}
+
+fn default_file() -> PathBuf {
+    PathBuf::from("model.pt")
+}
+fn default_device() -> DeviceSpec {
+    DeviceSpec::Auto
+}
+fn default_instances() -> usize {
+    1
+}
+
+/// A validated model specification with every path resolved and every default filled in.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub name: String,
+    pub kind: ModelKind,
+    pub description: Option<String>,
+    /// The TorchScript file.
+    pub file: PathBuf,
+    pub device: DeviceSpec,
+    /// Engine instances (OS threads, each with its own copy of the module).
+    pub instances: usize,
+    pub batching: BatchingSpec,
+    pub image: Option<ImageSpec>,
+    pub text: Option<TextSpec>,
+    pub labels: Vec<String>,
+    pub softmax: bool,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+/// A model.toml that cannot be used, with the file and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl ModelSpec {
+    /// Reads `config` (a model.toml); relative files in it resolve against `files_dir`.
+    pub fn load(name: &str, config: &Path, files_dir: &Path) -> Result<Self, SpecError> {
+        let text = std::fs::read_to_string(config).map_err(|source| SpecError::Read {
+            path: config.to_path_buf(),
+            source,
+        })?;
+        Self::parse(name, &text, config, files_dir)
+    }
+
+    /// Parses the text of a model.toml found at `config`.
+    pub fn parse(
+        name: &str,
+        text: &str,
+        config: &Path,
+        files_dir: &Path,
+    ) -> Result<Self, SpecError> {
+        let invalid = |message: String| SpecError::Invalid {
+            path: config.to_path_buf(),
+            message,
+        };
+        let raw: RawSpec = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let config_dir = config.parent().unwrap_or(Path::new("."));
+
+        let labels = match (&raw.output.labels, &raw.output.labels_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "set either output.labels or output.labels_file, not both".into(),
+                ))
+            }
+            (Some(l), None) => l.clone(),
+            (None, Some(f)) => {
+                let path = resolve(config_dir, files_dir, f);
+                std::fs::read_to_string(&path)
+                    .map_err(|e| {
+                        invalid(format!("cannot read labels file {}: {e}", path.display()))
+                    })?
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(String::from)
+                    .collect()
+            }
+            (None, None) => Vec::new(),
+        };
+
+        let b = &raw.batching;
+        if b.max_batch_size == 0 {
+            return Err(invalid("batching.max_batch_size must be at least 1".into()));
+        }
+        if b.queue_capacity == 0 {
+            return Err(invalid("batching.queue_capacity must be at least 1".into()));
+        }
+        if !(b.max_queue_delay_ms.is_finite() && b.max_queue_delay_ms >= 0.0) {
+            return Err(invalid(
+                "batching.max_queue_delay_ms must be a non-negative number".into(),
+            ));
+        }
+        if raw.instances == 0 {
+            return Err(invalid("instances must be at least 1".into()));
+        }
+
+        let (inputs, outputs) = signature(&raw, &labels).map_err(invalid)?;
+        let mut text_spec = raw.text.clone();
+        if let Some(t) = &mut text_spec {
+            t.tokenizer = resolve(config_dir, files_dir, &t.tokenizer);
+        }
+
+        Ok(ModelSpec {
+            name: name.to_string(),
+            kind: raw.kind,
+            description: raw.description,
+            file: resolve(config_dir, files_dir, &raw.file),
+            device: raw.device,
+            instances: raw.instances,
+            batching: raw.batching,
+            image: raw.image,
+            text: text_spec,
+            labels,
+            softmax: raw.output.softmax,
+            inputs,
+            outputs,
+        })
+    }
+
+    /// Does this model return per-label scores?
+    pub fn is_classifier(&self) -> bool {
+        matches!(
+            self.kind,
+            ModelKind::ImageClassifier | ModelKind::TextClassifier
+        )
+    }
+}
+
+/// A relative file is looked up in the version folder first, then beside model.toml.
+fn resolve(config_dir: &Path, files_dir: &Path, file: &Path) -> PathBuf {
+    if file.is_absolute() {
+        return file.to_path_buf();
+    }
+    let in_files = files_dir.join(file);
+    if in_files.exists() || files_dir == config_dir {
+        in_files
+    } else {
+        config_dir.join(file)
+    }
+}
+
+/// The model's tensor signature: explicit `inputs`/`outputs`, or derived from the kind.
+fn signature(
+    raw: &RawSpec,
+    labels: &[String],
+) -> Result<(Vec<TensorSpec>, Vec<TensorSpec>), String> {
+    let spec = |name: &str, datatype, dims: Vec<i64>, pad_value| TensorSpec {
+        name: name.into(),
+        datatype,
+        dims,
+        pad_value,
+    };
+    let scores = |n: usize| spec("scores", DType::Fp32, vec![n as i64], None);
+    let (inputs, outputs) = match raw.kind {
+        ModelKind::ImageClassifier => {
+            let img = raw
+                .image
+                .as_ref()
+                .ok_or("kind image-classifier needs an [image] table (width, height)")?;
+            if img.width == 0 || img.height == 0 {
+                return Err("image.width and image.height must be positive".into());
+            }
+            if img.channels != 1 && img.channels != 3 {
+                return Err("image.channels must be 1 (grey) or 3 (RGB)".into());
+            }
+            for (what, v) in [("mean", &img.mean), ("std", &img.std)] {
+                if let Some(v) = v {
+                    if v.len() != img.channels {
+                        return Err(format!(
+                            "image.{what} needs {} values, one per channel",
+                            img.channels
+                        ));
+                    }
+                }
+            }
+            if img.std().contains(&0.0) {
+                return Err("image.std must not contain 0".into());
+            }
+            if labels.is_empty() {
+                return Err("an image-classifier needs output.labels or output.labels_file".into());
+            }
+            let dims = vec![img.channels as i64, img.height as i64, img.width as i64];
+            (
+                raw.inputs
+                    .clone()
+                    .unwrap_or_else(|| vec![spec("image", DType::Fp32, dims, None)]),
+                raw.outputs
+                    .clone()
+                    .unwrap_or_else(|| vec![scores(labels.len())]),
+            )
+        }
+        ModelKind::TextClassifier => {
+            let text = raw
+                .text
+                .as_ref()
+                .ok_or("kind text-classifier needs a [text] table (max_length, tokenizer)")?;
+            if text.max_length == 0 {
+                return Err("text.max_length must be positive".into());
+            }
+            if labels.is_empty() {
+                return Err("a text-classifier needs output.labels or output.labels_file".into());
+            }
+            (
+                raw.inputs.clone().unwrap_or_else(|| {
+                    vec![spec(
+                        "input_ids",
+                        DType::Int64,
+                        vec![-1],
+                        Some(text.pad_id as f64),
+                    )]
+                }),
+                raw.outputs
+                    .clone()
+                    .unwrap_or_else(|| vec![scores(labels.len())]),
+            )
+        }
+        ModelKind::Regressor => (
+            raw.inputs
+                .clone()
+                .unwrap_or_else(|| vec![spec("x", DType::Fp32, vec![1], None)]),
+            raw.outputs
+                .clone()
+                .unwrap_or_else(|| vec![spec("y", DType::Fp32, vec![1], None)]),
+        ),
+        ModelKind::Tensor => (
+            raw.inputs
+                .clone()
+                .ok_or("kind tensor needs [[inputs]] (name, datatype, dims)")?,
+            raw.outputs
+                .clone()
+                .ok_or("kind tensor needs [[outputs]] (name, datatype, dims)")?,
+        ),
+    };
+    if inputs.is_empty() || outputs.is_empty() {
+        return Err("a model needs at least one input and one output".into());
+    }
+    for t in inputs.iter().chain(&outputs) {
+        if t.dims.iter().any(|&d| d == 0 || d < -1) {
+            return Err(format!(
+                "tensor '{}': dims must be positive or -1 (variable), got {:?}",
+                t.name, t.dims
+            ));
+        }
+    }
+    for (i, t) in inputs.iter().enumerate() {
+        if inputs[..i].iter().any(|o| o.name == t.name) {
+            return Err(format!("input name '{}' appears twice", t.name));
+        }
+    }
+    if matches!(raw.kind, ModelKind::Regressor) && (inputs.len() != 1 || outputs.len() != 1) {
+        return Err("a regressor has exactly one input and one output".into());
+    }
+    if matches!(raw.kind, ModelKind::Regressor)
+        && (inputs[0].datatype != DType::Fp32 || inputs[0].dims.len() != 1 || inputs[0].dims[0] < 1)
+    {
+        return Err("a regressor's input is FP32 with fixed dims [features]".into());
+    }
+    Ok((inputs, outputs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ModelSpec, SpecError> {
+        ModelSpec::parse(
+            "m",
+            text,
+            Path::new("/repo/m/model.toml"),
+            Path::new("/repo/m"),
+        )
+    }
+
+    #[test]
+    fn image_classifier_defaults() {
+        let s = parse(
+            r#"kind = "image-classifier"
+               [image]
+               width = 64
+               height = 32
+               [output]
+               labels = ["a", "b"]"#,
+        )
+        .unwrap();
+        assert_eq!(s.file, PathBuf::from("/repo/m/model.pt"));
+        assert_eq!(s.inputs[0].dims, vec![3, 32, 64]);
+        assert_eq!(s.outputs[0].dims, vec![2]);
+        assert_eq!(s.batching.max_batch_size, 32);
+        assert_eq!(s.device, DeviceSpec::Auto);
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_problem() {
+        let e = parse("kind = \"image-classifier\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/repo/m/model.toml"), "{e}");
+        assert!(e.contains("[image]"), "{e}");
+        let e = parse("kind = \"nonsense\"").unwrap_err().to_string();
+        assert!(e.contains("unknown variant"), "{e}");
+        let e = parse("kind = \"regressor\"\nunknown_key = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown_key"), "{e}");
+        let e = parse("kind = \"regressor\"\n[batching]\nmax_batch_size = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_batch_size"), "{e}");
+    }
+
+    #[test]
+    fn devices_parse() {
+        assert_eq!("cuda:1".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(1));
+        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert!("gpu".parse::<DeviceSpec>().is_err());
+    }
+
+    #[test]
+    fn tensor_kind_needs_a_signature() {
+        assert!(parse("kind = \"tensor\"").is_err());
+        let s = parse(
+            r#"kind = "tensor"
+               [[inputs]]
+               name = "a"
+               datatype = "INT32"
+               dims = [-1]
+               pad_value = 0
+               [[outputs]]
+               name = "b"
+               datatype = "FP64"
+               dims = [2]"#,
+        )
+        .unwrap();
+        assert_eq!(s.inputs[0].datatype, DType::Int32);
+        assert_eq!(s.inputs[0].pad_value, Some(0.0));
+    }
+}

@@ -1,0 +1,36 @@
+//! Model execution. [`Engine`] is the whole contract between the batcher and a model runtime:
+//! a synchronous forward pass over host tensors. [`torch`] is the libtorch implementation and the
+//! only module in the crate that touches `tch`.
+
+pub mod torch;
+
+use crate::tensor::HostTensor;
+
+/// Runs one batched forward pass. Implementations are driven from a dedicated OS thread and may
+/// block; they never see HTTP or queues.
+pub trait Engine: Send + 'static {
+    /// `inputs` follow the model's input order, each with the batch as its leading dimension.
+    /// Returns the outputs in the model's output order, each with the same leading dimension.
+    fn forward(&mut self, inputs: Vec<HostTensor>) -> Result<Vec<HostTensor>, EngineError>;
+}
+
+/// Why a model could not be loaded or could not run.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot load {path}: {message}")]
+    Load { path: String, message: String },
+    #[error("device {0} is not available: {1}")]
+    Device(String, String),
+    #[error("forward pass failed: {0}")]
+    Forward(String),
+    #[error("model output is unusable: {0}")]
+    Output(String),
+}
+
+/// Facts about the runtime, for logs, metadata and build info.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RuntimeInfo {
+    pub torch_version: &'static str,
+    pub cuda_available: bool,
+    pub cuda_devices: usize,
+}

@@ -1,0 +1,225 @@
+//! The libtorch engine: loads a TorchScript module onto a device and runs forward passes.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+
+use tch::{CModule, Device, IValue, Kind, Tensor};
+
+use super::{Engine, EngineError, RuntimeInfo};
+use crate::config::model_spec::DeviceSpec;
+use crate::tensor::{DType, HostTensor};
+
+/// libtorch version this binary was built against (from the build script).
+pub const TORCH_VERSION: &str = env!("AIAAS_TORCH_VERSION");
+
+pub fn runtime_info() -> RuntimeInfo {
+    RuntimeInfo {
+        torch_version: TORCH_VERSION,
+        cuda_available: tch::Cuda::is_available(),
+        cuda_devices: tch::Cuda::device_count().max(0) as usize,
+    }
+}
+
+/// A resolved device: what the model runs on and its display name (`cpu`, `cuda:0`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResolvedDevice(Device);
+
+impl std::fmt::Display for ResolvedDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+            Device::Mps => f.write_str("mps"),
+            Device::Vulkan => f.write_str("vulkan"),
+            _ => f.write_str("cpu"),
+        }
+    }
+}
+
+/// `auto` is CUDA device 0 when available, else the CPU; `cuda:N` must exist.
+pub fn resolve_device(spec: DeviceSpec) -> Result<ResolvedDevice, EngineError> {
+    match spec {
+        DeviceSpec::Cpu => Ok(ResolvedDevice(Device::Cpu)),
+        DeviceSpec::Auto => Ok(ResolvedDevice(Device::cuda_if_available())),
+        DeviceSpec::Cuda(n) => {
+            let count = tch::Cuda::device_count().max(0) as usize;
+            if n < count {
+                Ok(ResolvedDevice(Device::Cuda(n)))
+            } else {
+                Err(EngineError::Device(
+                    spec.to_string(),
+                    format!("{count} CUDA device(s) visible"),
+                ))
+            }
+        }
+    }
+}
+
+/// One loaded copy of a TorchScript module on one device.
+pub struct TorchEngine {
+    module: CModule,
+    device: Device,
+    intra_op_threads: Option<usize>,
+    thread_configured: bool,
+}
+
+impl TorchEngine {
+    /// Loads `path` onto `device`, in eval mode. `intra_op_threads` is applied on the thread that
+    /// runs the forward passes (libtorch keeps it per thread).
+    pub fn load(
+        path: &Path,
+        device: ResolvedDevice,
+        intra_op_threads: Option<usize>,
+    ) -> Result<Self, EngineError> {
+        let load_err = |message: String| EngineError::Load {
+            path: path.display().to_string(),
+            message,
+        };
+        if !path.is_file() {
+            return Err(load_err("file not found".into()));
+        }
+        let mut module = catch_unwind(|| CModule::load_on_device(path, device.0))
+            .map_err(|_| load_err("libtorch panicked while loading".into()))?
+            .map_err(|e| load_err(first_line(&e.to_string())))?;
+        module.f_set_eval().map_err(|e| load_err(e.to_string()))?;
+        Ok(Self {
+            module,
+            device: device.0,
+            intra_op_threads,
+            thread_configured: false,
+        })
+    }
+
+    fn run(&mut self, inputs: Vec<HostTensor>) -> Result<Vec<HostTensor>, EngineError> {
+        if !self.thread_configured {
+            if let Some(n) = self.intra_op_threads {
+                tch::set_num_threads(n as i32);
+            }
+            self.thread_configured = true;
+        }
+        let _guard = tch::no_grad_guard();
+        let tensors = inputs
+            .iter()
+            .map(|t| to_tensor(t, self.device))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ivalues: Vec<IValue> = tensors.into_iter().map(IValue::Tensor).collect();
+        let out = self
+            .module
+            .forward_is(&ivalues)
+            .map_err(|e| EngineError::Forward(first_line(&e.to_string())))?;
+        collect_outputs(out)?.iter().map(from_tensor).collect()
+    }
+}
+
+impl Engine for TorchEngine {
+    fn forward(&mut self, inputs: Vec<HostTensor>) -> Result<Vec<HostTensor>, EngineError> {
+        catch_unwind(AssertUnwindSafe(|| self.run(inputs)))
+            .unwrap_or_else(|_| Err(EngineError::Forward("libtorch panicked".into())))
+    }
+}
+
+/// libtorch's messages carry a C++ backtrace after the first line; clients need only the reason.
+fn first_line(message: &str) -> String {
+    message
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or(message)
+        .trim()
+        .to_string()
+}
+
+fn kind_of(dtype: DType) -> Kind {
+    match dtype {
+        DType::Bool => Kind::Bool,
+        DType::Uint8 => Kind::Uint8,
+        DType::Int8 => Kind::Int8,
+        DType::Int16 => Kind::Int16,
+        DType::Int32 => Kind::Int,
+        DType::Int64 => Kind::Int64,
+        DType::Fp16 => Kind::Half,
+        DType::Bf16 => Kind::BFloat16,
+        DType::Fp32 => Kind::Float,
+        DType::Fp64 => Kind::Double,
+    }
+}
+
+fn dtype_of(kind: Kind) -> Option<DType> {
+    Some(match kind {
+        Kind::Bool => DType::Bool,
+        Kind::Uint8 => DType::Uint8,
+        Kind::Int8 => DType::Int8,
+        Kind::Int16 => DType::Int16,
+        Kind::Int => DType::Int32,
+        Kind::Int64 => DType::Int64,
+        Kind::Half => DType::Fp16,
+        Kind::BFloat16 => DType::Bf16,
+        Kind::Float => DType::Fp32,
+        Kind::Double => DType::Fp64,
+        _ => return None,
+    })
+}
+
+fn to_tensor(t: &HostTensor, device: Device) -> Result<Tensor, EngineError> {
+    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    let tensor = Tensor::f_from_data_size(&t.data, &shape, kind_of(t.dtype))
+        .map_err(|e| EngineError::Forward(first_line(&e.to_string())))?;
+    if device == Device::Cpu {
+        Ok(tensor)
+    } else {
+        tensor
+            .f_to_device(device)
+            .map_err(|e| EngineError::Forward(first_line(&e.to_string())))
+    }
+}
+
+fn collect_outputs(out: IValue) -> Result<Vec<Tensor>, EngineError> {
+    match out {
+        IValue::Tensor(t) => Ok(vec![t]),
+        IValue::TensorList(ts) => Ok(ts),
+        IValue::Tuple(items) | IValue::GenericList(items) => items
+            .into_iter()
+            .map(|i| match i {
+                IValue::Tensor(t) => Ok(t),
+                other => Err(EngineError::Output(format!(
+                    "expected tensors, got {}",
+                    ivalue_kind(&other)
+                ))),
+            })
+            .collect(),
+        other => Err(EngineError::Output(format!(
+            "expected a tensor or a tuple of tensors, got {}",
+            ivalue_kind(&other)
+        ))),
+    }
+}
+
+fn ivalue_kind(v: &IValue) -> &'static str {
+    match v {
+        IValue::None => "None",
+        IValue::Tensor(_) => "Tensor",
+        IValue::Double(_) => "float",
+        IValue::Int(_) => "int",
+        IValue::Bool(_) => "bool",
+        IValue::Tuple(_) => "tuple",
+        IValue::String(_) => "str",
+        IValue::GenericDict(_) => "dict",
+        _ => "a list or object",
+    }
+}
+
+fn from_tensor(t: &Tensor) -> Result<HostTensor, EngineError> {
+    let err = |e: tch::TchError| EngineError::Output(first_line(&e.to_string()));
+    let kind = t.f_kind().map_err(err)?;
+    let dtype = dtype_of(kind)
+        .ok_or_else(|| EngineError::Output(format!("unsupported output dtype {kind:?}")))?;
+    let t = t
+        .f_to_device(Device::Cpu)
+        .and_then(|t| t.f_contiguous())
+        .map_err(err)?;
+    let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+    let numel: usize = shape.iter().product();
+    let mut data = vec![0u8; numel * dtype.size()];
+    if numel > 0 {
+        t.f_copy_data_u8(&mut data, numel).map_err(err)?;
+    }
+    HostTensor::new(dtype, shape, data).map_err(|e| EngineError::Output(e.to_string()))
+}

@@ -1,0 +1,137 @@
+//! One error type for every handler and the single place that maps errors to HTTP.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::batcher::InferError;
+use crate::codec::CodecError;
+use crate::registry::LookupError;
+use crate::telemetry::Outcome;
+
+/// Everything a handler can fail with. Body: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    ModelNotFound(String),
+    #[error("{0}")]
+    ModelNotReady(String),
+    #[error("{0}")]
+    MalformedBody(String),
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    Overloaded(String),
+    #[error("{0}")]
+    Timeout(String),
+    #[error("{0}")]
+    Internal(String),
+    #[error("no route for {0}")]
+    RouteNotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+}
+
+impl ApiError {
+    /// Status, stable code and whether to add `Retry-After`.
+    fn parts(&self) -> (StatusCode, &'static str, bool) {
+        match self {
+            ApiError::ModelNotFound(_) => (StatusCode::NOT_FOUND, "model_not_found", false),
+            ApiError::ModelNotReady(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "model_not_ready", true)
+            }
+            ApiError::MalformedBody(_) => (StatusCode::BAD_REQUEST, "malformed_body", false),
+            ApiError::InvalidInput(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", false),
+            ApiError::PayloadTooLarge(_) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", false)
+            }
+            ApiError::UnsupportedMediaType(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                false,
+            ),
+            ApiError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded", true),
+            ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout", false),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", false),
+            ApiError::RouteNotFound(_) => (StatusCode::NOT_FOUND, "not_found", false),
+            ApiError::MethodNotAllowed => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", false)
+            }
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+
+    /// The request outcome this error counts as in metrics.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            ApiError::Overloaded(_) | ApiError::ModelNotReady(_) => Outcome::Rejected,
+            ApiError::Timeout(_) => Outcome::Timeout,
+            ApiError::Internal(_) => Outcome::Error,
+            _ => Outcome::ClientError,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, retry) = self.parts();
+        if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+            tracing::error!(code, error = %self, "request failed");
+        } else {
+            tracing::debug!(code, error = %self, "request refused");
+        }
+        let mut response = (
+            status,
+            Json(json!({"error": {"code": code, "message": self.to_string()}})),
+        )
+            .into_response();
+        if retry {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+impl From<CodecError> for ApiError {
+    fn from(e: CodecError) -> Self {
+        match e {
+            CodecError::Invalid(m) => ApiError::InvalidInput(m),
+            CodecError::Malformed(m) => ApiError::MalformedBody(m),
+            CodecError::TooLarge(m) => ApiError::PayloadTooLarge(m),
+        }
+    }
+}
+
+impl From<LookupError> for ApiError {
+    fn from(e: LookupError) -> Self {
+        match &e {
+            LookupError::UnknownModel(_) | LookupError::UnknownVersion(..) => {
+                ApiError::ModelNotFound(e.to_string())
+            }
+            // Known but not servable now (loading, unloading, failed): the client may retry.
+            LookupError::NotReady { .. } => ApiError::ModelNotReady(e.to_string()),
+        }
+    }
+}
+
+impl From<InferError> for ApiError {
+    fn from(e: InferError) -> Self {
+        match &e {
+            InferError::QueueFull { .. } => ApiError::Overloaded(e.to_string()),
+            InferError::TooLarge { .. } => ApiError::InvalidInput(e.to_string()),
+            InferError::Timeout { .. } => ApiError::Timeout(e.to_string()),
+            InferError::Stopped { .. } => ApiError::ModelNotReady(e.to_string()),
+            InferError::Engine { .. } => ApiError::Internal(e.to_string()),
+        }
+    }
+}

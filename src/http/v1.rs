@@ -1,0 +1,316 @@
+//! `/v1`: the native prediction API.
+//!
+//! `POST /v1/models/{name}[/versions/{v}]/predict` takes `{"instances": [...]}` as JSON, or one
+//! raw image (`image/png`, `image/jpeg`), and answers
+//! `{"model", "version", "predictions": [...]}`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{ApiError, AppState, InferenceLog};
+use crate::batcher::{Inferred, Item};
+use crate::codec::OutputOptions;
+use crate::registry::ServingModel;
+use crate::telemetry::Outcome;
+
+/// Above this body size, decoding moves off the async workers.
+const INLINE_DECODE_BYTES: usize = 32 << 10;
+
+/// Header with which a client may shorten (never lengthen) a request's deadline.
+pub const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
+
+#[derive(Debug, Default, Deserialize)]
+pub struct PredictQuery {
+    top_k: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PredictRequest {
+    instances: Vec<Value>,
+    #[serde(default)]
+    parameters: Option<Parameters>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Parameters {
+    #[serde(default)]
+    top_k: Option<usize>,
+}
+
+pub async fn predict(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    query: Result<Query<PredictQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let model = state.registry.serving(&name, None)?;
+    run(state, model, query, headers, body).await
+}
+
+pub async fn predict_version(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+    query: Result<Query<PredictQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let version: u64 = version.parse().map_err(|_| {
+        ApiError::ModelNotFound(format!("model '{name}' has no version '{version}'"))
+    })?;
+    let model = state.registry.serving(&name, Some(version))?;
+    run(state, model, query, headers, body).await
+}
+
+/// Counts the request's outcome once, also when the client leaves and the future is dropped.
+struct OutcomeGuard {
+    model: Arc<ServingModel>,
+    started: Instant,
+    outcome: Option<Outcome>,
+}
+
+impl Drop for OutcomeGuard {
+    fn drop(&mut self) {
+        let outcome = self.outcome.unwrap_or(Outcome::Dropped);
+        self.model.metrics.request(outcome, self.started.elapsed());
+    }
+}
+
+async fn run(
+    state: AppState,
+    model: Arc<ServingModel>,
+    query: Result<Query<PredictQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let mut guard = OutcomeGuard {
+        model: model.clone(),
+        started: Instant::now(),
+        outcome: None,
+    };
+    let result = predict_inner(&state, &model, query, &headers, body).await;
+    guard.outcome = Some(match &result {
+        Ok(_) => Outcome::Success,
+        Err(e) => e.outcome(),
+    });
+    result
+}
+
+async fn predict_inner(
+    state: &AppState,
+    model: &Arc<ServingModel>,
+    query: Result<Query<PredictQuery>, QueryRejection>,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(body_error)?;
+    let deadline = deadline(headers, model.spec.batching.timeout())?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    let mut top_k = query
+        .map_err(|e| ApiError::InvalidInput(format!("bad query string: {}", e.body_text())))?
+        .0
+        .top_k;
+
+    let items = match content_type.as_deref() {
+        None | Some("application/json") => {
+            let (items, params_top_k) = decode_json(state, model, body).await?;
+            top_k = top_k.or(params_top_k);
+            items
+        }
+        Some(ct) if ct.ends_with("+json") => {
+            let (items, params_top_k) = decode_json(state, model, body).await?;
+            top_k = top_k.or(params_top_k);
+            items
+        }
+        Some("image/png" | "image/jpeg" | "image/jpg" | "application/octet-stream") => {
+            if model.codec.image().is_none() {
+                return Err(ApiError::UnsupportedMediaType(format!(
+                    "model '{}' is a {} model; send JSON {{\"instances\": [...]}}",
+                    model.name,
+                    model.codec.kind()
+                )));
+            }
+            let item = decode_off_thread(model, body, |m, b| {
+                m.codec.decode_image_bytes(&b).map_err(ApiError::from)
+            })
+            .await?;
+            vec![item]
+        }
+        Some(other) => {
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "unsupported Content-Type '{other}': use application/json, image/png or image/jpeg"
+            )))
+        }
+    };
+
+    let results = model.handle.infer(items, deadline).await?;
+    let opts = OutputOptions { top_k };
+    let predictions: Vec<Value> = results
+        .iter()
+        .map(|r| model.codec.encode_prediction(&r.outputs, opts))
+        .collect();
+    Ok(respond(model, &results, predictions))
+}
+
+fn body_error(rejection: BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::PayloadTooLarge(format!("request body too large: {}", rejection.body_text()))
+    } else {
+        ApiError::MalformedBody(format!(
+            "cannot read request body: {}",
+            rejection.body_text()
+        ))
+    }
+}
+
+/// The model's timeout, shortened by the client's `x-request-timeout-ms` header if given.
+fn deadline(
+    headers: &HeaderMap,
+    model_timeout: Duration,
+) -> Result<Option<tokio::time::Instant>, ApiError> {
+    let mut timeout = model_timeout;
+    if let Some(v) = headers.get(TIMEOUT_HEADER) {
+        let ms: u64 = v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| {
+                ApiError::InvalidInput(format!(
+                    "{TIMEOUT_HEADER} must be a whole number of milliseconds"
+                ))
+            })?;
+        timeout = timeout.min(Duration::from_millis(ms));
+    }
+    Ok(Some(tokio::time::Instant::now() + timeout))
+}
+
+async fn decode_json(
+    state: &AppState,
+    model: &Arc<ServingModel>,
+    body: Bytes,
+) -> Result<(Vec<Item>, Option<usize>), ApiError> {
+    let max = state.settings.max_instances;
+    decode_off_thread(model, body, move |m, b| {
+        let req: PredictRequest = serde_json::from_slice(&b).map_err(json_error)?;
+        if req.instances.is_empty() {
+            return Err(ApiError::InvalidInput(
+                "\"instances\" is empty: send at least one instance".into(),
+            ));
+        }
+        if req.instances.len() > max {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "{} instances in one request; at most {max} are accepted",
+                req.instances.len()
+            )));
+        }
+        let items = req
+            .instances
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                m.codec.decode_instance(v).map_err(|e| {
+                    let e = ApiError::from(e);
+                    match e {
+                        ApiError::InvalidInput(msg) => {
+                            ApiError::InvalidInput(format!("instance {i}: {msg}"))
+                        }
+                        ApiError::MalformedBody(msg) => {
+                            ApiError::MalformedBody(format!("instance {i}: {msg}"))
+                        }
+                        other => other,
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((items, req.parameters.and_then(|p| p.top_k)))
+    })
+    .await
+}
+
+/// Syntax errors are malformed bodies (400); well-formed JSON of the wrong shape is 422.
+fn json_error(e: serde_json::Error) -> ApiError {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => {
+            ApiError::MalformedBody(format!("invalid JSON: {e}"))
+        }
+        Category::Data => ApiError::InvalidInput(format!(
+            "expected {{\"instances\": [...], \"parameters\"?: {{\"top_k\"?: n}}}}: {e}"
+        )),
+    }
+}
+
+/// Runs `decode` inline for small bodies and on the blocking pool for large ones.
+async fn decode_off_thread<T: Send + 'static>(
+    model: &Arc<ServingModel>,
+    body: Bytes,
+    decode: impl FnOnce(&ServingModel, Bytes) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    if body.len() <= INLINE_DECODE_BYTES {
+        return decode(model, body);
+    }
+    let model = model.clone();
+    tokio::task::spawn_blocking(move || decode(&model, body))
+        .await
+        .map_err(|e| ApiError::Internal(format!("decoding task failed: {e}")))?
+}
+
+fn respond(model: &ServingModel, results: &[Inferred], predictions: Vec<Value>) -> Response {
+    let batch_size = results.iter().map(|r| r.batch_size).max().unwrap_or(0);
+    let queue_time = results
+        .iter()
+        .map(|r| r.queue_time)
+        .max()
+        .unwrap_or_default();
+    let compute_time = results
+        .iter()
+        .map(|r| r.compute_time)
+        .max()
+        .unwrap_or_default();
+    let body = json!({
+        "model": model.name,
+        "version": model.version,
+        "predictions": predictions,
+    });
+    let mut response = (StatusCode::OK, Json(body)).into_response();
+    let h = response.headers_mut();
+    let num = |v: String| HeaderValue::from_str(&v).expect("numeric header value");
+    h.insert("x-model-version", num(model.version.to_string()));
+    h.insert("x-batch-size", num(batch_size.to_string()));
+    h.insert(
+        "x-queue-time-ms",
+        num(format!("{:.3}", queue_time.as_secs_f64() * 1e3)),
+    );
+    h.insert(
+        "x-inference-time-ms",
+        num(format!("{:.3}", compute_time.as_secs_f64() * 1e3)),
+    );
+    response.extensions_mut().insert(InferenceLog {
+        model: model.name.clone(),
+        version: model.version,
+        batch_size,
+        queue_time,
+        compute_time,
+    });
+    response
+}

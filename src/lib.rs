@@ -1,0 +1,19 @@
+//! aiaas: TorchScript models behind a REST API, with a dynamic batcher per model.
+//!
+//! Layers, each knowing only the one below: [`http`] → [`codec`] / [`registry`] → [`batcher`] →
+//! [`engine`]. [`tensor`] is the plain-data currency between them; [`engine::torch`] is the only
+//! module that touches libtorch.
+
+pub mod batcher;
+pub mod codec;
+pub mod config;
+pub mod demo;
+pub mod engine;
+pub mod http;
+pub mod registry;
+pub mod repository;
+pub mod server;
+pub mod telemetry;
+pub mod tensor;
+
+pub use http::{app, AppState};

@@ -1,0 +1,92 @@
+//! The `aiaas` server binary: command line, logging, then [`aiaas::server::run`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use aiaas::codec::ImageLimits;
+use aiaas::http::HttpSettings;
+use aiaas::registry::RegistrySettings;
+use aiaas::server::{run, ServerConfig};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// AI inference as a service: serves TorchScript models over HTTP with dynamic batching.
+///
+/// Every option can also be set through the environment variable shown.
+#[derive(Debug, Parser)]
+#[command(name = "aiaas", version, about, long_about = None)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "AIAAS_HOST", default_value = "0.0.0.0")]
+    host: IpAddr,
+
+    /// Port to listen on (0 picks a free one and logs it).
+    #[arg(long, env = "AIAAS_PORT", default_value_t = 8080)]
+    port: u16,
+
+    /// Model repository: a folder with one sub-folder per model (model.toml + TorchScript file).
+    #[arg(long, env = "AIAAS_MODELS", default_value = "./models")]
+    models: PathBuf,
+
+    /// Load only this model at start-up (repeat for several); default: every model found.
+    #[arg(long = "load-model", env = "AIAAS_LOAD_MODELS", value_delimiter = ',')]
+    load_models: Vec<String>,
+
+    /// Log level or filter (error, warn, info, debug, trace, or a tracing filter such as
+    /// "aiaas=debug"). RUST_LOG, when set, wins.
+    #[arg(long, env = "AIAAS_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+
+    /// Log line format.
+    #[arg(long, env = "AIAAS_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+
+    /// Largest request body accepted, in bytes (larger bodies get 413).
+    #[arg(long, env = "AIAAS_MAX_BODY_BYTES", default_value_t = 64 << 20)]
+    max_body_bytes: usize,
+
+    /// Most instances in one /v1 predict request.
+    #[arg(long, env = "AIAAS_MAX_INSTANCES", default_value_t = 1024)]
+    max_instances: usize,
+
+    /// Largest image width or height accepted, checked before decoding.
+    #[arg(long, env = "AIAAS_MAX_IMAGE_DIM", default_value_t = 8192)]
+    max_image_dim: u32,
+
+    /// Seconds in-flight requests may take to finish after SIGTERM or Ctrl-C.
+    #[arg(long, env = "AIAAS_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
+    shutdown_timeout: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    aiaas::telemetry::init_logging(&args.log_level, matches!(args.log_format, LogFormat::Json));
+    let config = ServerConfig {
+        addr: SocketAddr::new(args.host, args.port),
+        models: args.models,
+        load_models: (!args.load_models.is_empty()).then_some(args.load_models),
+        http: HttpSettings {
+            max_body_bytes: args.max_body_bytes,
+            max_instances: args.max_instances,
+        },
+        registry: RegistrySettings {
+            image_limits: ImageLimits {
+                max_width: args.max_image_dim,
+                max_height: args.max_image_dim,
+                ..ImageLimits::default()
+            },
+        },
+        shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(config))
+}

@@ -1,0 +1,126 @@
+//! Start-up and shutdown: bind, serve, load the models, drain on SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::engine::torch;
+use crate::http::{app, AppState, HttpSettings};
+use crate::registry::{Registry, RegistrySettings};
+use crate::repository::ModelRepository;
+use crate::telemetry::{BuildInfo, Metrics};
+
+/// Everything the server needs to start.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub addr: SocketAddr,
+    pub models: PathBuf,
+    /// Load only these models at start-up (all when `None`).
+    pub load_models: Option<Vec<String>>,
+    pub http: HttpSettings,
+    pub registry: RegistrySettings,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub shutdown_timeout: Duration,
+}
+
+pub fn build_info() -> BuildInfo {
+    let rt = torch::runtime_info();
+    let mut devices = vec!["cpu".to_string()];
+    devices.extend((0..rt.cuda_devices).map(|i| format!("cuda:{i}")));
+    BuildInfo {
+        version: env!("CARGO_PKG_VERSION"),
+        revision: env!("AIAAS_GIT_REVISION"),
+        torch_version: rt.torch_version,
+        devices: devices.join(","),
+    }
+}
+
+/// Serves until SIGTERM or Ctrl-C, then drains in-flight requests and returns.
+pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
+    let build = build_info();
+    tracing::info!(
+        version = build.version,
+        revision = build.revision,
+        torch = build.torch_version,
+        devices = %build.devices,
+        models = %config.models.display(),
+        "starting aiaas"
+    );
+    let metrics = Metrics::new(&build);
+    let registry = Registry::new(
+        ModelRepository::new(&config.models),
+        config.registry.clone(),
+        metrics.clone(),
+    );
+    let state = AppState {
+        registry: registry.clone(),
+        metrics,
+        settings: Arc::new(config.http.clone()),
+    };
+    let listener = TcpListener::bind(config.addr).await?;
+    let addr = listener.local_addr()?;
+    // Liveness answers while models load; readiness waits for them.
+    tracing::info!(%addr, "listening on {addr}");
+    let loader = {
+        let registry = registry.clone();
+        let only = config.load_models.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            match registry.load_startup(only.as_deref()).await {
+                Ok(()) => {
+                    let r = registry.readiness();
+                    if r.ready {
+                        tracing::info!(took_ms = started.elapsed().as_millis() as u64, "ready");
+                    } else {
+                        tracing::warn!(waiting_for = ?r.waiting_for, "start-up loading finished; not ready");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot read the model repository"),
+            }
+        })
+    };
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+        let mut rx = shutdown_rx;
+        let _ = rx.wait_for(|v| *v).await;
+    });
+    let serving = tokio::spawn(async move { server.await });
+    shutdown_signal().await;
+    tracing::info!(
+        timeout_s = config.shutdown_timeout.as_secs_f64(),
+        "shutting down: draining requests"
+    );
+    let _ = shutdown_tx.send(true);
+    loader.abort();
+    match tokio::time::timeout(config.shutdown_timeout, serving).await {
+        Ok(Ok(Ok(()))) => tracing::info!("drained; bye"),
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "server error"),
+        Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
+        Err(_) => tracing::warn!("shutdown timeout reached with requests still in flight"),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,362 @@
+//! Prometheus metrics and logging set-up.
+//!
+//! Every metric carries the `aiaas_` prefix, HELP text, base units and, when per model, the
+//! `model` and `version` labels. Per-model label values are resolved once at load time
+//! ([`ModelMetrics`]), so the hot path touches only atomics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{
+    core::Collector, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::batcher::BatchObserver;
+
+/// Latency buckets from 100 µs to 10 s (roughly 1-2.5-5 per decade).
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Batch-size buckets: powers of two up to 256.
+pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// Outcomes of a prediction request, a small fixed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    ClientError,
+    Rejected,
+    Timeout,
+    Dropped,
+    Error,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Success,
+        Outcome::ClientError,
+        Outcome::Rejected,
+        Outcome::Timeout,
+        Outcome::Dropped,
+        Outcome::Error,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::ClientError => "client_error",
+            Outcome::Rejected => "rejected",
+            Outcome::Timeout => "timeout",
+            Outcome::Dropped => "dropped",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// Every metric family of the server.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    queue_duration: HistogramVec,
+    compute_duration: HistogramVec,
+    batch_size: HistogramVec,
+    inferences: IntCounterVec,
+    executions: IntCounterVec,
+    pub(crate) pending: IntGaugeVec,
+    pub(crate) model_state: IntGaugeVec,
+    load_duration: GaugeVec,
+    http_requests: IntCounterVec,
+    http_duration: HistogramVec,
+    pub http_in_flight: IntGauge,
+}
+
+fn histogram(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
+    HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("valid histogram definition")
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter definition")
+}
+
+const MV: &[&str] = &["model", "version"];
+
+impl Metrics {
+    /// Creates and registers every metric; `build` labels the `aiaas_build_info` series.
+    pub fn new(build: &BuildInfo) -> Arc<Self> {
+        let registry = Registry::new();
+        let m = Metrics {
+            requests: counter(
+                "aiaas_requests_total",
+                "Prediction requests by model, version and outcome (success, client_error, rejected, timeout, dropped, error).",
+                &["model", "version", "outcome"],
+            ),
+            request_duration: histogram(
+                "aiaas_request_duration_seconds",
+                "End-to-end duration of prediction requests, from the first byte read to the response, in seconds.",
+                LATENCY_BUCKETS,
+                MV,
+            ),
+            queue_duration: histogram(
+                "aiaas_queue_duration_seconds",
+                "Time items waited in the batch queue before their forward pass started, in seconds.",
+                LATENCY_BUCKETS,
+                MV,
+            ),
+            compute_duration: histogram(
+                "aiaas_compute_duration_seconds",
+                "Duration of forward passes (stacking inputs and splitting outputs included), in seconds.",
+                LATENCY_BUCKETS,
+                MV,
+            ),
+            batch_size: histogram(
+                "aiaas_batch_size",
+                "Rows per forward pass.",
+                BATCH_BUCKETS,
+                MV,
+            ),
+            inferences: counter(
+                "aiaas_inferences_total",
+                "Rows (examples) inferred successfully.",
+                MV,
+            ),
+            executions: counter(
+                "aiaas_executions_total",
+                "Forward passes executed successfully; inferences / executions is the mean batch size.",
+                MV,
+            ),
+            pending: IntGaugeVec::new(
+                Opts::new(
+                    "aiaas_pending_requests",
+                    "Rows waiting in the batch queue now: the signal to autoscale on.",
+                ),
+                MV,
+            )
+            .expect("valid gauge"),
+            model_state: IntGaugeVec::new(
+                Opts::new(
+                    "aiaas_model_state",
+                    "1 for the state each model version is in (loading, ready, unloading, unavailable, failed).",
+                ),
+                &["model", "version", "state"],
+            )
+            .expect("valid gauge"),
+            load_duration: GaugeVec::new(
+                Opts::new(
+                    "aiaas_model_load_duration_seconds",
+                    "Time the last load of a model version took, warm-up included, in seconds.",
+                ),
+                MV,
+            )
+            .expect("valid gauge"),
+            http_requests: counter(
+                "aiaas_http_requests_total",
+                "HTTP requests by route template, method and status class.",
+                &["route", "method", "status"],
+            ),
+            http_duration: histogram(
+                "aiaas_http_request_duration_seconds",
+                "HTTP request duration by route template, in seconds.",
+                LATENCY_BUCKETS,
+                &["route", "method"],
+            ),
+            http_in_flight: IntGauge::new(
+                "aiaas_http_requests_in_flight",
+                "HTTP requests being served now.",
+            )
+            .expect("valid gauge"),
+            registry,
+        };
+        let info = IntGaugeVec::new(
+            Opts::new(
+                "aiaas_build_info",
+                "Build and runtime information; the value is always 1.",
+            ),
+            &["version", "revision", "torch_version", "devices"],
+        )
+        .expect("valid gauge");
+        info.with_label_values(&[
+            build.version,
+            build.revision,
+            build.torch_version,
+            &build.devices,
+        ])
+        .set(1);
+        let collectors: Vec<Box<dyn Collector>> = vec![
+            Box::new(m.requests.clone()),
+            Box::new(m.request_duration.clone()),
+            Box::new(m.queue_duration.clone()),
+            Box::new(m.compute_duration.clone()),
+            Box::new(m.batch_size.clone()),
+            Box::new(m.inferences.clone()),
+            Box::new(m.executions.clone()),
+            Box::new(m.pending.clone()),
+            Box::new(m.model_state.clone()),
+            Box::new(m.load_duration.clone()),
+            Box::new(m.http_requests.clone()),
+            Box::new(m.http_duration.clone()),
+            Box::new(m.http_in_flight.clone()),
+            Box::new(info),
+        ];
+        for c in collectors {
+            m.registry.register(c).expect("metric registered once");
+        }
+        #[cfg(target_os = "linux")]
+        m.registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process collector registered once");
+        Arc::new(m)
+    }
+
+    /// Handles for one model version, resolved once.
+    pub fn for_model(&self, model: &str, version: u64) -> Arc<ModelMetrics> {
+        let v = version.to_string();
+        let l = [model, v.as_str()];
+        Arc::new(ModelMetrics {
+            outcomes: Outcome::ALL.map(|o| {
+                self.requests
+                    .with_label_values(&[model, v.as_str(), o.as_str()])
+            }),
+            request_duration: self.request_duration.with_label_values(&l),
+            queue_duration: self.queue_duration.with_label_values(&l),
+            compute_duration: self.compute_duration.with_label_values(&l),
+            batch_size: self.batch_size.with_label_values(&l),
+            inferences: self.inferences.with_label_values(&l),
+            executions: self.executions.with_label_values(&l),
+            load_duration: self.load_duration.with_label_values(&l),
+        })
+    }
+
+    /// Removes every series of a model version (after unload), so that dead series do not
+    /// linger; counters restart from zero if the version is loaded again, which PromQL's
+    /// `rate()` handles as a reset.
+    pub fn forget_model(&self, model: &str, version: u64) {
+        let v = version.to_string();
+        let l = [model, v.as_str()];
+        for o in Outcome::ALL {
+            let _ = self
+                .requests
+                .remove_label_values(&[model, v.as_str(), o.as_str()]);
+        }
+        for h in [
+            &self.request_duration,
+            &self.queue_duration,
+            &self.compute_duration,
+            &self.batch_size,
+        ] {
+            let _ = h.remove_label_values(&l);
+        }
+        let _ = self.inferences.remove_label_values(&l);
+        let _ = self.executions.remove_label_values(&l);
+        let _ = self.pending.remove_label_values(&l);
+        let _ = self.load_duration.remove_label_values(&l);
+    }
+
+    /// Counts one HTTP request by route template (never the raw path).
+    pub fn observe_http(&self, route: &str, method: &str, status: u16, duration: Duration) {
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.http_requests
+            .with_label_values(&[route, method, class])
+            .inc();
+        self.http_duration
+            .with_label_values(&[route, method])
+            .observe(duration.as_secs_f64());
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding of gathered metrics");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+/// One model version's metric handles.
+pub struct ModelMetrics {
+    outcomes: [IntCounter; 6],
+    request_duration: Histogram,
+    queue_duration: Histogram,
+    compute_duration: Histogram,
+    batch_size: Histogram,
+    inferences: IntCounter,
+    executions: IntCounter,
+    load_duration: Gauge,
+}
+
+impl ModelMetrics {
+    /// Records a finished request: its outcome and, for successes, its duration.
+    pub fn request(&self, outcome: Outcome, duration: Duration) {
+        let i = Outcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .expect("outcome in ALL");
+        self.outcomes[i].inc();
+        if outcome == Outcome::Success {
+            self.request_duration.observe(duration.as_secs_f64());
+        }
+    }
+
+    pub fn loaded(&self, took: Duration) {
+        self.load_duration.set(took.as_secs_f64());
+    }
+}
+
+impl BatchObserver for ModelMetrics {
+    fn dispatched(&self, queue_time: Duration) {
+        self.queue_duration.observe(queue_time.as_secs_f64());
+    }
+    fn batch_done(&self, rows: usize, _items: usize, compute_time: Duration, ok: bool) {
+        if ok {
+            self.batch_size.observe(rows as f64);
+            self.compute_duration.observe(compute_time.as_secs_f64());
+            self.inferences.inc_by(rows as u64);
+            self.executions.inc();
+        }
+    }
+}
+
+/// What the binary is and runs on.
+#[derive(Debug, Clone)]
+pub struct BuildInfo {
+    pub version: &'static str,
+    pub revision: &'static str,
+    pub torch_version: &'static str,
+    /// Devices libtorch can use, e.g. `cpu` or `cpu,cuda:0`.
+    pub devices: String,
+}
+
+/// Installs the global tracing subscriber: `RUST_LOG` wins over `level`; `json` selects JSON
+/// lines.
+pub fn init_logging(level: &str, json: bool) {
+    use tracing_subscriber::{fmt, EnvFilter};
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_target(false);
+    let result = if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init()
+    } else {
+        builder.try_init()
+    };
+    let _ = result; // already initialised (tests): keep the first subscriber
+}

@@ -1,0 +1,606 @@
+//! Core serving, end to end: the real binary on an ephemeral port, the bundled TorchScript
+//! models, real HTTP.
+
+mod common;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use futures::future::join_all;
+use rand::{rngs::StdRng, SeedableRng};
+use serde_json::{json, Value};
+
+use aiaas::demo::{self, Shape};
+use common::*;
+
+fn fresh_rng() -> StdRng {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("shape seed {nanos}");
+    StdRng::seed_from_u64(nanos)
+}
+
+fn predictions(r: &Reply) -> Vec<Value> {
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["predictions"]
+        .as_array()
+        .expect("predictions")
+        .clone()
+}
+
+fn scores(p: &Value) -> Vec<f64> {
+    let s = p["scores"].as_object().expect("scores");
+    s.values().map(|v| v.as_f64().unwrap()).collect()
+}
+
+fn assert_close(a: &[f64], b: &[f64], tol: f64) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() <= tol, "{a:?} vs {b:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn regressor_learned_three_x_plus_noise() {
+    let s = Server::bundled();
+    let c = client();
+    let url = s.url("/v1/models/regressor/predict");
+    let r = post_json(&c, &url, &json!({"instances": [[0.5]]})).await;
+    let p = predictions(&r);
+    let y = p[0].as_f64().unwrap();
+    assert!((1.8..=2.2).contains(&y), "f(0.5) = {y}");
+    assert_eq!(r.json()["model"], "regressor");
+    assert_eq!(r.json()["version"], 1);
+
+    // several instances, bare numbers allowed for a single feature
+    let r = post_json(&c, &url, &json!({"instances": [0.0, [1.0], 0.25]})).await;
+    let p: Vec<f64> = predictions(&r)
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert!((0.3..=0.7).contains(&p[0]), "{p:?}");
+    assert!((3.3..=3.7).contains(&p[1]), "{p:?}");
+    assert!(p[0] < p[2] && p[2] < p[1], "{p:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn image_cnn_classifies_freshly_drawn_shapes_as_png_jpeg_base64_and_pixels() {
+    let s = Server::bundled();
+    let c = client();
+    let url = s.url("/v1/models/image-cnn/predict");
+    let mut rng = fresh_rng();
+    let per_class = 10;
+    let mut total = 0;
+    let mut correct = [0usize; 4]; // png, jpeg, b64, pixels
+    for shape in Shape::ALL {
+        for _ in 0..per_class {
+            let img = demo::draw(shape, 64, &mut rng);
+            total += 1;
+            let png = demo::png(&img);
+            let jpeg = demo::jpeg(&img, 90);
+            let answers = [
+                send(c.post(&url).header("content-type", "image/png").body(png.clone())).await,
+                send(c.post(&url).header("content-type", "image/jpeg").body(jpeg)).await,
+                post_json(
+                    &c,
+                    &url,
+                    &json!({"instances": [{"b64": base64::engine::general_purpose::STANDARD.encode(&png)}]}),
+                )
+                .await,
+                post_json(
+                    &c,
+                    &url,
+                    &json!({"instances": [img.pixels().flat_map(|p| p.0).collect::<Vec<u8>>()]}),
+                )
+                .await,
+            ];
+            for (k, r) in answers.iter().enumerate() {
+                let p = &predictions(r)[0];
+                let sum: f64 = scores(p).iter().sum();
+                assert!((sum - 1.0).abs() < 1e-4, "scores are probabilities: {p}");
+                if p["label"] == shape.label() {
+                    correct[k] += 1;
+                }
+            }
+        }
+    }
+    for (k, name) in ["png", "jpeg", "b64", "pixels"].iter().enumerate() {
+        let acc = correct[k] as f64 / total as f64;
+        eprintln!("{name}: {}/{total}", correct[k]);
+        assert!(acc >= 0.9, "{name}: accuracy {acc} on fresh shapes");
+    }
+    // a large image is resized to the model's 64x64 input
+    let big = image::imageops::resize(
+        &demo::draw(Shape::Circle, 64, &mut rng),
+        256,
+        256,
+        image::imageops::FilterType::Nearest,
+    );
+    let r = send(
+        c.post(&url)
+            .header("content-type", "image/png")
+            .body(demo::png(&big)),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    // top_k
+    let r = send(
+        c.post(format!("{url}?top_k=2"))
+            .header("content-type", "image/png")
+            .body(demo::png(&demo::draw(Shape::Square, 64, &mut rng))),
+    )
+    .await;
+    let p = &predictions(&r)[0];
+    assert_eq!(p["top_k"].as_array().unwrap().len(), 2);
+    assert_eq!(p["top_k"][0]["label"], p["label"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn text_classifier_reads_chinese_and_english() {
+    let s = Server::bundled();
+    let c = client();
+    let url = s.url("/v1/models/text-classifier/predict");
+    let cases = [
+        ("I love this wonderful movie", "positive"),
+        ("What a great and happy day", "positive"),
+        ("我爱你", "positive"),
+        ("今天很开心，谢谢你", "positive"),
+        ("This is terrible and I hate it", "negative"),
+        ("The service was awful and rude", "negative"),
+        ("太糟糕了，我很失望", "negative"),
+        ("我讨厌这个，真让人生气", "negative"),
+    ];
+    let instances: Vec<&str> = cases.iter().map(|c| c.0).collect();
+    let r = post_json(&c, &url, &json!({"instances": instances})).await;
+    let p = predictions(&r);
+    for ((text, want), got) in cases.iter().zip(&p) {
+        assert_eq!(got["label"], *want, "{text}: {got}");
+    }
+    // unknown words and over-long text are fine: unknown tokens, truncation
+    let long = "good ".repeat(500);
+    let r = post_json(&c, &url, &json!({"instances": ["zxqv blorp", long]})).await;
+    assert_eq!(predictions(&r).len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_gets_a_json_error_and_the_server_keeps_serving() {
+    let s = Server::start(&models_dir(), &["--max-body-bytes", "200000"]);
+    s.wait_ready();
+    let c = client();
+    let img = s.url("/v1/models/image-cnn/predict");
+    let reg = s.url("/v1/models/regressor/predict");
+    let cases: Vec<(Reply, u16, &str)> = vec![
+        (
+            post_json(
+                &c,
+                &s.url("/v1/models/nope/predict"),
+                &json!({"instances": [1]}),
+            )
+            .await,
+            404,
+            "model_not_found",
+        ),
+        (
+            post_json(
+                &c,
+                &s.url("/v1/models/regressor/versions/7/predict"),
+                &json!({"instances": [1]}),
+            )
+            .await,
+            404,
+            "model_not_found",
+        ),
+        (
+            send(
+                c.post(&reg)
+                    .header("content-type", "application/json")
+                    .body("{\"instances\": [1,"),
+            )
+            .await,
+            400,
+            "malformed_body",
+        ),
+        (
+            send(
+                c.post(&reg)
+                    .header("content-type", "application/json")
+                    .body("not json"),
+            )
+            .await,
+            400,
+            "malformed_body",
+        ),
+        (
+            post_json(&c, &reg, &json!({"instances": []})).await,
+            422,
+            "invalid_input",
+        ),
+        (
+            post_json(&c, &reg, &json!({"inputs": [1]})).await,
+            422,
+            "invalid_input",
+        ),
+        (
+            post_json(&c, &reg, &json!({"instances": [[1, 2]]})).await,
+            422,
+            "invalid_input",
+        ),
+        (
+            post_json(&c, &reg, &json!({"instances": ["one"]})).await,
+            422,
+            "invalid_input",
+        ),
+        (
+            post_json(&c, &img, &json!({"instances": [[1, 2, 3]]})).await,
+            422,
+            "invalid_input",
+        ),
+        (
+            post_json(&c, &img, &json!({"instances": [{"b64": "!!!"}]})).await,
+            400,
+            "malformed_body",
+        ),
+        (
+            post_json(&c, &img, &json!({"instances": [{"b64": "aGVsbG8="}]})).await,
+            400,
+            "malformed_body",
+        ),
+        (
+            send(
+                c.post(&img)
+                    .header("content-type", "image/png")
+                    .body(&b"\x89PNG\r\n\x1a\n garbage"[..]),
+            )
+            .await,
+            400,
+            "malformed_body",
+        ),
+        (
+            send(
+                c.post(&img)
+                    .header("content-type", "text/plain")
+                    .body("hello"),
+            )
+            .await,
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            send(
+                c.post(&reg)
+                    .header("content-type", "image/png")
+                    .body(vec![0u8; 10]),
+            )
+            .await,
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            send(
+                c.post(&img)
+                    .header("content-type", "image/png")
+                    .body(vec![0u8; 300_000]),
+            )
+            .await,
+            413,
+            "payload_too_large",
+        ),
+        (
+            post_json(
+                &c,
+                &s.url("/v1/models/text-classifier/predict"),
+                &json!({"instances": [""]}),
+            )
+            .await,
+            422,
+            "invalid_input",
+        ),
+        (
+            post_json(
+                &c,
+                &s.url("/v1/models/text-classifier/predict"),
+                &json!({"instances": [42]}),
+            )
+            .await,
+            422,
+            "invalid_input",
+        ),
+        (
+            send(
+                c.post(format!("{reg}?top_k=x"))
+                    .json(&json!({"instances": [1]})),
+            )
+            .await,
+            422,
+            "invalid_input",
+        ),
+        (
+            send(
+                c.post(&reg)
+                    .header("x-request-timeout-ms", "soon")
+                    .json(&json!({"instances": [1]})),
+            )
+            .await,
+            422,
+            "invalid_input",
+        ),
+        (send(c.get(&reg)).await, 405, "method_not_allowed"),
+        (send(c.get(s.url("/no/such/route"))).await, 404, "not_found"),
+    ];
+    for (i, (r, status, code)) in cases.iter().enumerate() {
+        assert_eq!(
+            r.status,
+            *status,
+            "case {i}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.error_code(), *code, "case {i}");
+        assert!(
+            r.header("content-type")
+                .unwrap()
+                .starts_with("application/json"),
+            "case {i}"
+        );
+    }
+    // still serving
+    let r = post_json(&c, &reg, &json!({"instances": [[0.5]]})).await;
+    assert_eq!(r.status, 200);
+    assert!(s.log_text().contains("listening on"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_queue_answers_503_with_retry_after_at_once() {
+    let repo = temp_repository(&["image-cnn"]);
+    let toml = repo.path().join("image-cnn/model.toml");
+    let text = std::fs::read_to_string(&toml).unwrap().replace(
+        "max_batch_size = 32\nmax_queue_delay_ms = 2.0\nqueue_capacity = 1024",
+        "max_batch_size = 1\nmax_queue_delay_ms = 0.0\nqueue_capacity = 1",
+    );
+    std::fs::write(&toml, text).unwrap();
+    let s = Server::start(repo.path(), &[]);
+    s.wait_ready();
+    let c = client();
+    let url = s.url("/v1/models/image-cnn/predict");
+    let body = demo::png(&demo::draw(Shape::Circle, 64, &mut fresh_rng()));
+    let replies = join_all((0..64).map(|_| {
+        send(
+            c.post(&url)
+                .header("content-type", "image/png")
+                .body(body.clone()),
+        )
+    }))
+    .await;
+    let refused: Vec<&Reply> = replies.iter().filter(|r| r.status == 503).collect();
+    let ok = replies.iter().filter(|r| r.status == 200).count();
+    assert_eq!(ok + refused.len(), 64, "only 200 or 503 expected");
+    assert!(
+        !refused.is_empty(),
+        "a queue of 1 never filled under 64 concurrent requests"
+    );
+    assert!(ok >= 1);
+    for r in refused {
+        assert_eq!(r.error_code(), "overloaded");
+        assert_eq!(r.header("retry-after"), Some("1"));
+    }
+    let r = send(c.post(&url).header("content-type", "image/png").body(body)).await;
+    assert_eq!(r.status, 200, "serves again once the queue drains");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_share_forward_passes_and_get_their_own_results() {
+    let s = Server::bundled();
+    let c = client();
+    let url = s.url("/v1/models/image-cnn/predict");
+    let mut rng = fresh_rng();
+    let images: Vec<Vec<u8>> = (0..64)
+        .map(|i| demo::png(&demo::draw(Shape::ALL[i % 3], 64, &mut rng)))
+        .collect();
+    // alone, one at a time: batch size 1
+    let mut alone = Vec::new();
+    for img in &images[..16] {
+        let r = send(
+            c.post(&url)
+                .header("content-type", "image/png")
+                .body(img.clone()),
+        )
+        .await;
+        assert_eq!(r.header("x-batch-size"), Some("1"));
+        alone.push(scores(&predictions(&r)[0]));
+    }
+    let executions_before = metric(&s, "aiaas_executions_total", "image-cnn").await;
+    let replies = join_all(images.iter().map(|img| {
+        send(
+            c.post(&url)
+                .header("content-type", "image/png")
+                .body(img.clone()),
+        )
+    }))
+    .await;
+    let sizes: Vec<usize> = replies
+        .iter()
+        .map(|r| r.header("x-batch-size").unwrap().parse().unwrap())
+        .collect();
+    let passes: f64 = sizes.iter().map(|&b| 1.0 / b as f64).sum();
+    let executions = metric(&s, "aiaas_executions_total", "image-cnn").await - executions_before;
+    eprintln!("64 requests in {executions} forward passes; batch sizes {sizes:?}");
+    assert!(
+        executions < 64.0,
+        "no batching: {executions} forward passes"
+    );
+    assert!(
+        (passes - executions).abs() < 0.01,
+        "x-batch-size disagrees with the metrics"
+    );
+    assert!(
+        sizes.iter().all(|&b| b <= 32),
+        "max_batch_size exceeded: {sizes:?}"
+    );
+    for (i, r) in replies.iter().take(16).enumerate() {
+        assert_close(&scores(&predictions(r)[0]), &alone[i], 1e-5);
+    }
+    for r in &replies {
+        for h in ["x-request-id", "x-queue-time-ms", "x-inference-time-ms"] {
+            assert!(r.header(h).is_some(), "missing {h}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn padded_text_batches_equal_single_results() {
+    let s = Server::bundled();
+    let c = client();
+    let url = s.url("/v1/models/text-classifier/predict");
+    let texts = [
+        "好",
+        "I love it",
+        "The food was cold and the waiter was very rude to us",
+        "我们将一起前进",
+    ];
+    let mut alone = Vec::new();
+    for t in texts {
+        let r = post_json(&c, &url, &json!({"instances": [t]})).await;
+        alone.push(scores(&predictions(&r)[0]));
+    }
+    let r = post_json(&c, &url, &json!({"instances": texts})).await;
+    assert_eq!(
+        r.header("x-batch-size"),
+        Some("4"),
+        "one request's instances share a pass"
+    );
+    for (p, a) in predictions(&r).iter().zip(&alone) {
+        assert_close(&scores(p), a, 1e-5);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broken_models_fail_alone_with_their_reason() {
+    let repo = temp_repository(&["regressor"]);
+    let root = repo.path();
+    // a model.toml that does not parse
+    std::fs::create_dir_all(root.join("bad-toml")).unwrap();
+    std::fs::write(root.join("bad-toml/model.toml"), "kind = [oops").unwrap();
+    // a corrupt TorchScript file
+    copy_dir(&models_dir().join("regressor"), &root.join("corrupt"));
+    std::fs::write(root.join("corrupt/model.pt"), b"this is not a zip archive").unwrap();
+    // a missing TorchScript file
+    copy_dir(&models_dir().join("regressor"), &root.join("missing"));
+    std::fs::remove_file(root.join("missing/model.pt")).unwrap();
+
+    let s = Server::start(root, &[]);
+    let c = client();
+    let mut ready = None;
+    for _ in 0..300 {
+        let r = post_json(
+            &c,
+            &s.url("/v1/models/regressor/predict"),
+            &json!({"instances": [0.5]}),
+        )
+        .await;
+        if r.status == 200 {
+            ready = Some(r);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        ready.is_some(),
+        "the good model never served: {}",
+        s.log_text()
+    );
+    for (name, needle) in [
+        ("bad-toml", "model.toml"),
+        ("corrupt", "model.pt"),
+        ("missing", "file not found"),
+    ] {
+        let mut last = None;
+        for _ in 0..100 {
+            let r = post_json(
+                &c,
+                &s.url(&format!("/v1/models/{name}/predict")),
+                &json!({"instances": [0.5]}),
+            )
+            .await;
+            let msg = r.json()["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            if msg.contains("failed") {
+                last = Some((r.status, msg));
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let (status, msg) = last.unwrap_or_else(|| panic!("{name} never failed: {}", s.log_text()));
+        assert_eq!(status, 503, "{name}: {msg}");
+        assert!(
+            msg.contains(needle),
+            "{name}: reason should name {needle}: {msg}"
+        );
+    }
+    // strict readiness: the failed models keep the server out of rotation, and say why
+    let (status, body) = ureq_get(&s.url("/health/ready")).unwrap();
+    assert_eq!(status, 503);
+    assert!(
+        body.contains("corrupt") && body.contains("failed"),
+        "{body}"
+    );
+    let log = s.log_text();
+    assert!(log.contains("model failed to load"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_probes_and_request_ids() {
+    let s = Server::bundled();
+    let c = client();
+    let r = get(&c, &s.url("/health/live")).await;
+    assert_eq!(r.status, 200);
+    let r = get(&c, &s.url("/health/ready")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["status"], "ready");
+
+    let r = send(
+        c.post(s.url("/v1/models/regressor/predict"))
+            .header("x-request-id", "trace-me-42")
+            .json(&json!({"instances": [1.0]})),
+    )
+    .await;
+    assert_eq!(r.header("x-request-id"), Some("trace-me-42"));
+    let r = post_json(
+        &c,
+        &s.url("/v1/models/regressor/predict"),
+        &json!({"instances": [1.0]}),
+    )
+    .await;
+    let id = r.header("x-request-id").unwrap().to_string();
+    assert!(
+        uuid::Uuid::parse_str(&id).is_ok_and(|u| u.get_version_num() == 4),
+        "{id}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let log = s.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("trace-me-42"))
+        .unwrap_or_else(|| panic!("request id not logged:\n{log}"));
+    assert!(line.contains("regressor") && line.contains("200"), "{line}");
+    // one start-up line per model with load and warm-up times
+    for m in ["regressor", "text-classifier", "image-cnn"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!("model ready: {m} v1")) && l.contains("warm-up")),
+            "{m}: {log}"
+        );
+    }
+}
+
+/// Sum of a per-model counter in /metrics.
+async fn metric(s: &Server, name: &str, model: &str) -> f64 {
+    let text = get(&client(), &s.url("/metrics")).await.body;
+    let text = String::from_utf8_lossy(&text);
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(&format!("model=\"{model}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
