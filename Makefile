@@ -38,4 +38,4 @@ models: setup
 
 ## Benchmark image-cnn: raw forward vs served throughput; writes docs/BENCHMARKS.md
 bench: build
-	bench/run.sh
+	bench/run.py

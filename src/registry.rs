@@ -449,7 +449,8 @@ fn prepare(
     let device = resolve_device(spec.device).map_err(|e| e.to_string())?;
     let mut engines: Vec<Box<dyn Engine>> = Vec::with_capacity(spec.instances);
     for _ in 0..spec.instances {
-        let engine = TorchEngine::load(&spec.file, device, None).map_err(|e| e.to_string())?;
+        let threads = intra_op_threads(&spec);
+        let engine = TorchEngine::load(&spec.file, device, threads).map_err(|e| e.to_string())?;
         engines.push(Box::new(engine));
     }
     let load_time = started.elapsed();
@@ -480,6 +481,16 @@ fn prepare(
         engines,
         batch_config,
     })
+}
+
+/// Threads per engine instance: as configured, else the cores shared out between the instances
+/// (more threads than cores make libtorch's parallel regions wait on each other).
+fn intra_op_threads(spec: &ModelSpec) -> Option<usize> {
+    if spec.intra_op_threads > 0 {
+        return Some(spec.intra_op_threads);
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some((cores / spec.instances).max(1))
 }
 
 /// The model's outputs must match what model.toml declares: count, batch dimension, dims.

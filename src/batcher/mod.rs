@@ -16,11 +16,10 @@ mod stats;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::time::Instant;
-
-use tokio::sync::{mpsc, oneshot};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use tokio::sync::oneshot;
 
 pub use self::stats::{BatchStats, StatsSnapshot};
 use crate::engine::{Engine, EngineError};
@@ -125,7 +124,7 @@ struct Shared {
 /// finishes what was accepted, then the engine threads exit and the engines are dropped.
 #[derive(Clone)]
 pub struct ModelHandle {
-    tx: mpsc::UnboundedSender<Pending>,
+    tx: Sender<Vec<Pending>>,
     shared: Arc<Shared>,
 }
 
@@ -138,7 +137,7 @@ impl std::fmt::Debug for ModelHandle {
 }
 
 impl ModelHandle {
-    /// Starts the queue task (on the current tokio runtime) and one OS thread per engine.
+    /// Starts the queue thread and one OS thread per engine.
     pub fn spawn(
         config: BatchConfig,
         engines: Vec<Box<dyn Engine>>,
@@ -154,10 +153,10 @@ impl ModelHandle {
             stats: BatchStats::default(),
             observer,
         });
-        let (free_tx, free_rx) = mpsc::unbounded_channel();
+        let (free_tx, free_rx) = crossbeam_channel::unbounded();
         let mut instances = Vec::with_capacity(engines.len());
         for (index, engine) in engines.into_iter().enumerate() {
-            let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
+            let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
             let _ = free_tx.send(index);
             let thread_free_tx = free_tx.clone();
             let thread_shared = shared.clone();
@@ -168,8 +167,12 @@ impl ModelHandle {
             instances.push(job_tx);
         }
         drop(free_tx);
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(queue_task(rx, free_rx, instances, shared.clone()));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let queue_shared = shared.clone();
+        std::thread::Builder::new()
+            .name("batch-queue".into())
+            .spawn(move || queue_loop(rx, free_rx, instances, queue_shared))
+            .expect("cannot spawn a batch queue thread");
         ModelHandle { tx, shared }
     }
 
@@ -196,22 +199,24 @@ impl ModelHandle {
         self.shared.stats.add_requests(items.len());
         let now = Instant::now();
         let mut receivers = Vec::with_capacity(items.len());
+        let mut submission = Vec::with_capacity(items.len());
         for (item, rows) in items.into_iter().zip(rows) {
             let (reply, rx) = oneshot::channel();
-            let pending = Pending {
+            submission.push(Pending {
                 item,
                 rows,
                 enqueued: now,
                 deadline,
                 reply,
-            };
-            if self.tx.send(pending).is_err() {
-                self.shared.queued_rows.fetch_sub(rows, Ordering::AcqRel);
-                return Err(InferError::Stopped {
-                    model: cfg.model.clone(),
-                });
-            }
+            });
             receivers.push(rx);
+        }
+        // One message per request, so that its items are queued together and can share a pass.
+        if self.tx.send(submission).is_err() {
+            self.shared.queued_rows.fetch_sub(total, Ordering::AcqRel);
+            return Err(InferError::Stopped {
+                model: cfg.model.clone(),
+            });
         }
         let mut results = Vec::with_capacity(receivers.len());
         for rx in receivers {
@@ -254,11 +259,6 @@ impl ModelHandle {
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.stats.snapshot()
     }
-
-    /// True once the queue task has exited (every handle dropped and the queue drained).
-    pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
-    }
 }
 
 /// A batch on its way to an engine thread.
@@ -267,14 +267,16 @@ struct Job {
     dispatched: Instant,
 }
 
-/// The single owner of one model's queue.
-async fn queue_task(
-    mut rx: mpsc::UnboundedReceiver<Pending>,
-    mut free_rx: mpsc::UnboundedReceiver<usize>,
-    instances: Vec<std::sync::mpsc::Sender<Job>>,
+/// The single owner of one model's queue, on its own OS thread so that delays are precise to
+/// microseconds (tokio's timer resolution is a millisecond).
+fn queue_loop(
+    rx: Receiver<Vec<Pending>>,
+    free_rx: Receiver<usize>,
+    instances: Vec<Sender<Job>>,
     shared: Arc<Shared>,
 ) {
     let cfg = &shared.config;
+    let never = crossbeam_channel::never::<Vec<Pending>>();
     let mut queue: VecDeque<Pending> = VecDeque::new();
     let mut open = true;
     // An instance taken from the free list but not used yet (everything queued was dropped).
@@ -284,35 +286,39 @@ async fn queue_task(
             if !open {
                 break;
             }
-            match rx.recv().await {
-                Some(p) => queue.push_back(p),
-                None => break,
+            match rx.recv() {
+                Ok(p) => queue.extend(p),
+                Err(_) => break,
             }
         }
         let instance = match held.take() {
             Some(i) => i,
-            // Wait for a free instance; keep accepting items meanwhile so they can join.
-            None => {
-                let free = loop {
-                    tokio::select! {
-                        biased;
-                        free = free_rx.recv() => break free,
-                        p = rx.recv(), if open => match p {
-                            Some(p) => queue.push_back(p),
-                            None => open = false,
-                        },
-                    }
-                };
-                let Some(i) = free else {
-                    // Every engine thread is gone: a bug (they catch panics); fail cleanly.
-                    fail_all(&mut queue, &mut rx, &shared);
-                    return;
-                };
-                i
-            }
+            // Wait for a free instance; keep accepting items so they can join the batch, and
+            // answer items whose deadline passes meanwhile.
+            None => loop {
+                let incoming = if open { &rx } else { &never };
+                let timeout = earliest_deadline(&queue)
+                    .map(|d| d.saturating_duration_since(Instant::now()))
+                    .unwrap_or(Duration::from_secs(3600));
+                crossbeam_channel::select! {
+                    recv(free_rx) -> free => match free {
+                        Ok(i) => break i,
+                        Err(_) => {
+                            // Every engine thread is gone: a bug (they catch panics).
+                            fail_all(&mut queue, &rx, &shared);
+                            return;
+                        }
+                    },
+                    recv(incoming) -> p => match p {
+                        Ok(p) => queue.extend(p),
+                        Err(_) => open = false,
+                    },
+                    default(timeout) => purge(&mut queue, &shared),
+                }
+            },
         };
         loop {
-            drain(&mut rx, &mut queue, &mut open);
+            drain(&rx, &mut queue, &mut open);
             purge(&mut queue, &shared);
             let Some(oldest) = queue.front() else { break };
             let (_, full) = batch_extent(&queue, cfg);
@@ -320,15 +326,14 @@ async fn queue_task(
                 break;
             }
             let until = oldest.enqueued + cfg.max_queue_delay;
-            if Instant::now() >= until {
+            let now = Instant::now();
+            if now >= until {
                 break;
             }
-            tokio::select! {
-                p = rx.recv() => match p {
-                    Some(p) => queue.push_back(p),
-                    None => open = false,
-                },
-                _ = tokio::time::sleep_until(until) => break,
+            match rx.recv_timeout(until - now) {
+                Ok(p) => queue.extend(p),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => open = false,
             }
         }
         let (count, _) = batch_extent(&queue, cfg);
@@ -344,7 +349,7 @@ async fn queue_task(
         for p in &items {
             shared.observer.dispatched(dispatched - p.enqueued);
         }
-        if let Err(std::sync::mpsc::SendError(job)) =
+        if let Err(crossbeam_channel::SendError(job)) =
             instances[instance].send(Job { items, dispatched })
         {
             for p in job.items {
@@ -356,16 +361,16 @@ async fn queue_task(
     }
 }
 
-fn drain(
-    rx: &mut mpsc::UnboundedReceiver<Pending>,
-    queue: &mut VecDeque<Pending>,
-    open: &mut bool,
-) {
+fn earliest_deadline(queue: &VecDeque<Pending>) -> Option<Instant> {
+    queue.iter().filter_map(|p| p.deadline).min()
+}
+
+fn drain(rx: &Receiver<Vec<Pending>>, queue: &mut VecDeque<Pending>, open: &mut bool) {
     loop {
         match rx.try_recv() {
-            Ok(p) => queue.push_back(p),
-            Err(mpsc::error::TryRecvError::Empty) => return,
-            Err(mpsc::error::TryRecvError::Disconnected) => {
+            Ok(p) => queue.extend(p),
+            Err(TryRecvError::Empty) => return,
+            Err(TryRecvError::Disconnected) => {
                 *open = false;
                 return;
             }
@@ -417,14 +422,9 @@ fn batch_extent(queue: &VecDeque<Pending>, cfg: &BatchConfig) -> (usize, bool) {
     (queue.len(), rows >= cfg.max_batch_size)
 }
 
-fn fail_all(
-    queue: &mut VecDeque<Pending>,
-    rx: &mut mpsc::UnboundedReceiver<Pending>,
-    shared: &Shared,
-) {
-    rx.close();
+fn fail_all(queue: &mut VecDeque<Pending>, rx: &Receiver<Vec<Pending>>, shared: &Shared) {
     while let Ok(p) = rx.try_recv() {
-        queue.push_back(p);
+        queue.extend(p);
     }
     for p in queue.drain(..) {
         shared.queued_rows.fetch_sub(p.rows, Ordering::AcqRel);
@@ -438,8 +438,8 @@ fn fail_all(
 fn engine_thread(
     index: usize,
     mut engine: Box<dyn Engine>,
-    jobs: std::sync::mpsc::Receiver<Job>,
-    free_tx: mpsc::UnboundedSender<usize>,
+    jobs: Receiver<Job>,
+    free_tx: Sender<usize>,
     shared: Arc<Shared>,
 ) {
     while let Ok(job) = jobs.recv() {

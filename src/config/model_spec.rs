@@ -86,6 +86,8 @@ pub struct BatchingSpec {
     /// Largest number of rows in one forward pass; 1 turns batching off.
     pub max_batch_size: usize,
     /// How long the oldest queued request may wait for the batch to fill, in milliseconds.
+    /// 0 (the default, as in Triton) dispatches as soon as an instance is free; batches still
+    /// form under load from requests that queue while the instances compute.
     pub max_queue_delay_ms: f64,
     /// Requests (rows) that may wait; beyond this new requests are refused with 503 at once.
     pub queue_capacity: usize,
@@ -97,7 +99,7 @@ impl Default for BatchingSpec {
     fn default() -> Self {
         Self {
             max_batch_size: 32,
-            max_queue_delay_ms: 2.0,
+            max_queue_delay_ms: 0.0,
             queue_capacity: 1024,
             timeout_ms: 30_000,
         }
@@ -205,6 +207,8 @@ struct RawSpec {
     #[serde(default = "default_instances")]
     instances: usize,
     #[serde(default)]
+    intra_op_threads: usize,
+    #[serde(default)]
     description: Option<String>,
     #[serde(default)]
     batching: BatchingSpec,
@@ -241,6 +245,8 @@ pub struct ModelSpec {
     pub device: DeviceSpec,
     /// Engine instances (OS threads, each with its own copy of the module).
     pub instances: usize,
+    /// libtorch intra-op threads per instance; 0 keeps libtorch's default (one per core).
+    pub intra_op_threads: usize,
     pub batching: BatchingSpec,
     pub image: Option<ImageSpec>,
     pub text: Option<TextSpec>,
@@ -337,6 +343,7 @@ impl ModelSpec {
             file: resolve(config_dir, files_dir, &raw.file),
             device: raw.device,
             instances: raw.instances,
+            intra_op_threads: raw.intra_op_threads,
             batching: raw.batching,
             image: raw.image,
             text: text_spec,

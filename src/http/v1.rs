@@ -184,10 +184,7 @@ fn body_error(rejection: BytesRejection) -> ApiError {
 }
 
 /// The model's timeout, shortened by the client's `x-request-timeout-ms` header if given.
-fn deadline(
-    headers: &HeaderMap,
-    model_timeout: Duration,
-) -> Result<Option<tokio::time::Instant>, ApiError> {
+fn deadline(headers: &HeaderMap, model_timeout: Duration) -> Result<Option<Instant>, ApiError> {
     let mut timeout = model_timeout;
     if let Some(v) = headers.get(TIMEOUT_HEADER) {
         let ms: u64 = v
@@ -201,7 +198,7 @@ fn deadline(
             })?;
         timeout = timeout.min(Duration::from_millis(ms));
     }
-    Ok(Some(tokio::time::Instant::now() + timeout))
+    Ok(Some(Instant::now() + timeout))
 }
 
 async fn decode_json(

@@ -183,7 +183,7 @@ device = "auto"
 
 [batching]
 max_batch_size = 64
-max_queue_delay_ms = 1.0
+max_queue_delay_ms = 0.0
 queue_capacity = 4096
 
 [[inputs]]
@@ -370,10 +370,15 @@ kind = "image-classifier"
 description = "Shape classifier (circle, square, triangle) on 64x64 RGB images (seed example 4.3)"
 file = "model.pt"
 device = "auto"
+# Two single-threaded engine instances beat one two-threaded instance on a 2-core CPU by about
+# 30% under load (docs/BENCHMARKS.md); intra_op_threads defaults to cores / instances.
+instances = 2
 
+# No waiting for a batch to fill: under load, requests queue while both instances compute and
+# form batches by themselves; a lone request is not delayed (measured in docs/BENCHMARKS.md).
 [batching]
 max_batch_size = 32
-max_queue_delay_ms = 2.0
+max_queue_delay_ms = 0.0
 queue_capacity = 1024
 
 # Decoded images are converted to RGB, resized to 64x64 and scaled to 0..1 (pixel / 255).

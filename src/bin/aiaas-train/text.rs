@@ -222,7 +222,7 @@ device = "auto"
 
 [batching]
 max_batch_size = 64
-max_queue_delay_ms = 1.0
+max_queue_delay_ms = 0.0
 queue_capacity = 4096
 
 # Hugging Face tokenizer: lower-cased, CJK characters split apart, unknown words -> [UNK].

@@ -1,0 +1,159 @@
+//! Benchmark helper: raw TorchScript forward throughput through the engine (no server, no HTTP),
+//! and request bodies for the HTTP load generator. Driven by `bench/run.py`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use rand::SeedableRng;
+
+use aiaas::codec::{ImageLimits, ModelCodec};
+use aiaas::config::model_spec::{DeviceSpec, ModelSpec};
+use aiaas::demo::{self, Shape};
+use aiaas::engine::torch::{resolve_device, TorchEngine};
+use aiaas::engine::Engine;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "aiaas-bench",
+    about = "Raw forward throughput and request bodies for the benchmark"
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Forward passes straight through the engine: one JSON line per batch size.
+    Raw {
+        /// Model folder (with model.toml).
+        #[arg(long, default_value = "models/image-cnn")]
+        model: PathBuf,
+        /// Batch sizes to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        batch: Vec<usize>,
+        /// Seconds per batch size.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Engine instances running side by side, each on its own thread.
+        #[arg(long, default_value_t = 1)]
+        instances: usize,
+        /// libtorch intra-op threads per instance (0 = cores / instances, as the server does).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Each pass takes a random batch size from 1 to the given one, as served batches do.
+        #[arg(long)]
+        vary: bool,
+    },
+    /// Writes a PNG of a shape (the body the load generator posts).
+    Png {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Writes a /v1 JSON body with one image as 64x64x3 pixel values.
+    JsonPixels {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    match Args::parse().command {
+        Command::Raw {
+            model,
+            batch,
+            seconds,
+            instances,
+            threads,
+            vary,
+        } => raw(&model, &batch, seconds, instances, threads, vary),
+        Command::Png { out } => {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+            std::fs::write(&out, demo::png(&demo::draw(Shape::Triangle, 64, &mut rng)))
+                .with_context(|| format!("writing {}", out.display()))
+        }
+        Command::JsonPixels { out } => {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+            let img = demo::draw(Shape::Triangle, 64, &mut rng);
+            let pixels: Vec<u8> = img.pixels().flat_map(|p| p.0).collect();
+            let body = serde_json::json!({"instances": [pixels]});
+            std::fs::write(&out, serde_json::to_vec(&body)?)
+                .with_context(|| format!("writing {}", out.display()))
+        }
+    }
+}
+
+/// Runs `instances` engines side by side for `seconds` per batch size; prints one JSON line each.
+fn raw(
+    dir: &std::path::Path,
+    batches: &[usize],
+    seconds: f64,
+    instances: usize,
+    threads: usize,
+    vary: bool,
+) -> Result<()> {
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model");
+    let spec = ModelSpec::load(name, &dir.join("model.toml"), dir)?;
+    let codec = ModelCodec::new(&spec, ImageLimits::default()).map_err(anyhow::Error::msg)?;
+    let device = resolve_device(DeviceSpec::Cpu)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = if threads > 0 {
+        threads
+    } else {
+        (cores / instances).max(1)
+    };
+    for &b in batches {
+        let sizes: Vec<usize> = if vary { (1..=b).collect() } else { vec![b] };
+        let inputs: Vec<_> = sizes
+            .iter()
+            .map(|&n| codec.warmup_item(n, 16).inputs)
+            .collect();
+        let workers: Vec<_> = (0..instances)
+            .map(|k| {
+                let inputs = inputs.clone();
+                let file = spec.file.clone();
+                std::thread::spawn(move || -> Result<(usize, Vec<Duration>)> {
+                    let mut engine = TorchEngine::load(&file, device, Some(threads))?;
+                    for input in inputs.iter().take(3) {
+                        engine.forward(input.clone())?;
+                    }
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(k as u64);
+                    let (mut items, mut latencies) = (0, Vec::new());
+                    let started = Instant::now();
+                    while started.elapsed() < Duration::from_secs_f64(seconds) {
+                        let input = &inputs[rand::Rng::random_range(&mut rng, 0..inputs.len())];
+                        let t = Instant::now();
+                        engine.forward(input.clone())?;
+                        latencies.push(t.elapsed());
+                        items += input[0].rows();
+                    }
+                    Ok((items, latencies))
+                })
+            })
+            .collect();
+        let (mut items, mut latencies) = (0, Vec::new());
+        for w in workers {
+            let (n, l) = w.join().map_err(|_| anyhow::anyhow!("worker panicked"))??;
+            items += n;
+            latencies.extend(l);
+        }
+        latencies.sort();
+        let p50 = latencies[latencies.len() / 2].as_secs_f64() * 1e3;
+        let throughput = items as f64 / seconds;
+        println!(
+            "{}",
+            serde_json::json!({
+                "batch": b,
+                "vary": vary,
+                "instances": instances,
+                "threads": threads,
+                "iterations": latencies.len(),
+                "items_per_s": throughput,
+                "p50_ms": p50,
+            })
+        );
+    }
+    Ok(())
+}
