@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use aiaas::codec::ImageLimits;
+use aiaas::config::ModelControl;
 use aiaas::http::HttpSettings;
 use aiaas::registry::RegistrySettings;
 use aiaas::server::{run, ServerConfig};
@@ -38,6 +39,16 @@ struct Args {
     /// Load only this model at start-up (repeat for several); default: every model found.
     #[arg(long = "load-model", env = "AIAAS_LOAD_MODELS", value_delimiter = ',')]
     load_models: Vec<String>,
+
+    /// How models change at run time: none (fixed at start-up, management API read-only),
+    /// explicit (load/unload/reload through the management API), poll (follow the repository
+    /// on disk).
+    #[arg(long, env = "AIAAS_MODEL_CONTROL", value_enum, default_value = "none")]
+    model_control: ModelControl,
+
+    /// Seconds between two scans of the repository in poll mode.
+    #[arg(long, env = "AIAAS_POLL_INTERVAL", default_value_t = 5.0)]
+    poll_interval: f64,
 
     /// Log level or filter (error, warn, info, debug, trace, or a tracing filter such as
     /// "aiaas=debug"). RUST_LOG, when set, wins.
@@ -75,7 +86,10 @@ fn main() -> anyhow::Result<()> {
         http: HttpSettings {
             max_body_bytes: args.max_body_bytes,
             max_instances: args.max_instances,
+            model_control: args.model_control,
         },
+        model_control: args.model_control,
+        poll_interval: Duration::from_secs_f64(args.poll_interval.max(0.1)),
         registry: RegistrySettings {
             image_limits: ImageLimits {
                 max_width: args.max_image_dim,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::config::ModelControl;
 use crate::engine::torch;
 use crate::http::{app, AppState, HttpSettings};
 use crate::registry::{Registry, RegistrySettings};
@@ -21,6 +22,9 @@ pub struct ServerConfig {
     /// Load only these models at start-up (all when `None`).
     pub load_models: Option<Vec<String>>,
     pub http: HttpSettings,
+    pub model_control: ModelControl,
+    /// Time between two repository scans in poll mode.
+    pub poll_interval: Duration,
     pub registry: RegistrySettings,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub shutdown_timeout: Duration,
@@ -47,6 +51,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         torch = build.torch_version,
         devices = %build.devices,
         models = %config.models.display(),
+        model_control = config.model_control.as_str(),
         "starting aiaas"
     );
     let metrics = Metrics::new(&build);
@@ -67,6 +72,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let loader = {
         let registry = registry.clone();
         let only = config.load_models.clone();
+        let (mode, interval) = (config.model_control, config.poll_interval);
         tokio::spawn(async move {
             let started = std::time::Instant::now();
             match registry.load_startup(only.as_deref()).await {
@@ -79,6 +85,16 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "cannot read the model repository"),
+            }
+            if mode == ModelControl::Poll {
+                tracing::info!(
+                    interval_s = interval.as_secs_f64(),
+                    "polling the model repository"
+                );
+                loop {
+                    tokio::time::sleep(interval).await;
+                    registry.poll_once().await;
+                }
             }
         })
     };

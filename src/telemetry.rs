@@ -65,8 +65,8 @@ pub struct Metrics {
     batch_size: HistogramVec,
     inferences: IntCounterVec,
     executions: IntCounterVec,
-    pub(crate) pending: IntGaugeVec,
-    pub(crate) model_state: IntGaugeVec,
+    pending: IntGaugeVec,
+    model_state: IntGaugeVec,
     load_duration: GaugeVec,
     http_requests: IntCounterVec,
     http_duration: HistogramVec,
@@ -260,6 +260,33 @@ impl Metrics {
         let _ = self.load_duration.remove_label_values(&l);
     }
 
+    /// Marks `state` as the state of a model version (1) and every other state 0.
+    pub fn set_state(&self, model: &str, version: u64, state: &str) {
+        let v = version.to_string();
+        for s in ["loading", "ready", "unloading", "unavailable", "failed"] {
+            self.model_state
+                .with_label_values(&[model, v.as_str(), s])
+                .set((s == state) as i64);
+        }
+    }
+
+    /// Drops the state series of a model version that is gone from the repository.
+    pub fn forget_state(&self, model: &str, version: u64) {
+        let v = version.to_string();
+        for s in ["loading", "ready", "unloading", "unavailable", "failed"] {
+            let _ = self
+                .model_state
+                .remove_label_values(&[model, v.as_str(), s]);
+        }
+    }
+
+    /// Rows waiting in a model version's queue.
+    pub fn set_pending(&self, model: &str, version: u64, rows: usize) {
+        self.pending
+            .with_label_values(&[model, version.to_string().as_str()])
+            .set(rows as i64);
+    }
+
     /// Counts one HTTP request by route template (never the raw path).
     pub fn observe_http(&self, route: &str, method: &str, status: u16, duration: Duration) {
         let class = match status {
@@ -348,7 +375,11 @@ pub fn init_logging(level: &str, json: bool) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_target(false);
+    use std::io::IsTerminal;
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::stdout().is_terminal());
     let result = if json {
         builder
             .json()

@@ -118,6 +118,8 @@ struct Shared {
     queued_rows: AtomicUsize,
     stats: BatchStats,
     observer: Arc<dyn BatchObserver>,
+    /// The queue and engine threads, joined when the model is retired.
+    threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 /// A cheap, cloneable handle to one model's queue. When every handle is dropped the queue task
@@ -152,7 +154,9 @@ impl ModelHandle {
             queued_rows: AtomicUsize::new(0),
             stats: BatchStats::default(),
             observer,
+            threads: std::sync::Mutex::new(Vec::new()),
         });
+        let mut threads = Vec::with_capacity(engines.len() + 1);
         let (free_tx, free_rx) = crossbeam_channel::unbounded();
         let mut instances = Vec::with_capacity(engines.len());
         for (index, engine) in engines.into_iter().enumerate() {
@@ -160,20 +164,31 @@ impl ModelHandle {
             let _ = free_tx.send(index);
             let thread_free_tx = free_tx.clone();
             let thread_shared = shared.clone();
-            std::thread::Builder::new()
+            let thread = std::thread::Builder::new()
                 .name(format!("engine-{index}"))
                 .spawn(move || engine_thread(index, engine, job_rx, thread_free_tx, thread_shared))
                 .expect("cannot spawn an engine thread");
+            threads.push(thread);
             instances.push(job_tx);
         }
         drop(free_tx);
         let (tx, rx) = crossbeam_channel::unbounded();
         let queue_shared = shared.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("batch-queue".into())
             .spawn(move || queue_loop(rx, free_rx, instances, queue_shared))
             .expect("cannot spawn a batch queue thread");
+        threads.push(thread);
+        *shared.threads.lock().expect("threads lock") = threads;
         ModelHandle { tx, shared }
+    }
+
+    /// Gives up this handle. The returned [`Retired`] waits until every other handle is gone,
+    /// the queue has drained (accepted items are all answered) and the engine threads have
+    /// exited, dropping their engines and so the model's memory.
+    pub fn retire(self) -> Retired {
+        let threads = std::mem::take(&mut *self.shared.threads.lock().expect("threads lock"));
+        Retired(threads)
     }
 
     /// Queues `items` (all or none) and waits for their results, in order. `deadline` bounds the
@@ -258,6 +273,18 @@ impl ModelHandle {
 
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.stats.snapshot()
+    }
+}
+
+/// A model being shut down; see [`ModelHandle::retire`].
+pub struct Retired(Vec<std::thread::JoinHandle<()>>);
+
+impl Retired {
+    /// Blocks until the queue and engine threads have exited.
+    pub fn wait(self) {
+        for t in self.0 {
+            let _ = t.join();
+        }
     }
 }
 

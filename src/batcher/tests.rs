@@ -345,6 +345,32 @@ async fn items_of_different_shapes_do_not_share_a_batch_without_padding() {
     assert_eq!(rb.unwrap()[0].batch_size, 1);
 }
 
+#[tokio::test]
+async fn retiring_waits_for_queued_work_then_drops_the_engine() {
+    let h = harness(1, 0, 16, true);
+    let gate = h.gate.clone().unwrap();
+    let task = {
+        let handle = h.handle.clone();
+        tokio::spawn(async move { infer_one(&handle, 4.0).await })
+    };
+    settle().await;
+    let retired = h.handle.retire();
+    let waiter = std::thread::spawn(move || retired.wait());
+    settle().await;
+    assert!(
+        !waiter.is_finished(),
+        "retired while a request was in flight"
+    );
+    gate.send(()).unwrap();
+    assert_eq!(
+        task.await.unwrap().unwrap().outputs[0].to_f32_vec(),
+        vec![8.0]
+    );
+    waiter.join().unwrap();
+    // the engine (and its gate receiver) is gone once the threads have exited
+    assert!(gate.send(()).is_err());
+}
+
 async fn futures_join<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
     let mut out = Vec::new();
     for t in tasks {

@@ -115,6 +115,43 @@ impl BatchingSpec {
     }
 }
 
+/// Which of the versions on disk are served (Triton's `version_policy`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum VersionPolicy {
+    /// The `n` highest version numbers.
+    Latest(usize),
+    /// Exactly these versions (those present on disk).
+    Specific(Vec<u64>),
+    /// Every version on disk.
+    All(bool),
+}
+
+impl Default for VersionPolicy {
+    fn default() -> Self {
+        VersionPolicy::Latest(1)
+    }
+}
+
+impl VersionPolicy {
+    /// The versions to serve among those `available` (ascending).
+    pub fn select(&self, available: &[u64]) -> Vec<u64> {
+        match self {
+            VersionPolicy::Latest(n) => {
+                let skip = available.len().saturating_sub(*n);
+                available[skip..].to_vec()
+            }
+            VersionPolicy::Specific(wanted) => available
+                .iter()
+                .copied()
+                .filter(|v| wanted.contains(v))
+                .collect(),
+            VersionPolicy::All(true) => available.to_vec(),
+            VersionPolicy::All(false) => Vec::new(),
+        }
+    }
+}
+
 /// Image pre-processing: decoded images are converted to RGB (or grey), resized to
 /// `width` x `height`, then each channel becomes `(pixel * scale - mean) / std`, laid out CHW.
 #[derive(Debug, Clone, Deserialize)]
@@ -213,6 +250,8 @@ struct RawSpec {
     #[serde(default)]
     batching: BatchingSpec,
     #[serde(default)]
+    version_policy: VersionPolicy,
+    #[serde(default)]
     image: Option<ImageSpec>,
     #[serde(default)]
     text: Option<TextSpec>,
@@ -248,6 +287,7 @@ pub struct ModelSpec {
     /// libtorch intra-op threads per instance; 0 keeps libtorch's default (one per core).
     pub intra_op_threads: usize,
     pub batching: BatchingSpec,
+    pub version_policy: VersionPolicy,
     pub image: Option<ImageSpec>,
     pub text: Option<TextSpec>,
     pub labels: Vec<String>,
@@ -326,6 +366,9 @@ impl ModelSpec {
                 "batching.max_queue_delay_ms must be a non-negative number".into(),
             ));
         }
+        if let VersionPolicy::Latest(0) = raw.version_policy {
+            return Err(invalid("version_policy.latest must be at least 1".into()));
+        }
         if raw.instances == 0 {
             return Err(invalid("instances must be at least 1".into()));
         }
@@ -345,6 +388,7 @@ impl ModelSpec {
             instances: raw.instances,
             intra_op_threads: raw.intra_op_threads,
             batching: raw.batching,
+            version_policy: raw.version_policy,
             image: raw.image,
             text: text_spec,
             labels,
@@ -543,6 +587,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("max_batch_size"), "{e}");
+    }
+
+    #[test]
+    fn version_policies_select_versions() {
+        let s = parse("kind = \"regressor\"\n[version_policy]\nlatest = 2").unwrap();
+        assert_eq!(s.version_policy.select(&[1, 3, 7]), vec![3, 7]);
+        let s = parse("kind = \"regressor\"\n[version_policy]\nspecific = [1, 7, 9]").unwrap();
+        assert_eq!(s.version_policy.select(&[1, 3, 7]), vec![1, 7]);
+        let s = parse("kind = \"regressor\"\n[version_policy]\nall = true").unwrap();
+        assert_eq!(s.version_policy.select(&[1, 3]), vec![1, 3]);
+        assert_eq!(
+            parse("kind = \"regressor\"")
+                .unwrap()
+                .version_policy
+                .select(&[1, 3]),
+            vec![3]
+        );
+        assert!(parse("kind = \"regressor\"\n[version_policy]\nlatest = 0").is_err());
     }
 
     #[test]

@@ -7,7 +7,8 @@ use serde_json::json;
 
 use crate::batcher::InferError;
 use crate::codec::CodecError;
-use crate::registry::LookupError;
+use crate::registry::{LookupError, ManageError, ModelState};
+use crate::repository::RepositoryError;
 use crate::telemetry::Outcome;
 
 /// Everything a handler can fail with. Body: `{"error": {"code": "...", "message": "..."}}`.
@@ -17,6 +18,12 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("{0}")]
     ModelNotReady(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    LoadFailed(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     MalformedBody(String),
     #[error("{0}")]
@@ -45,6 +52,9 @@ impl ApiError {
             ApiError::ModelNotReady(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "model_not_ready", true)
             }
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", false),
+            ApiError::LoadFailed(_) => (StatusCode::UNPROCESSABLE_ENTITY, "load_failed", false),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", false),
             ApiError::MalformedBody(_) => (StatusCode::BAD_REQUEST, "malformed_body", false),
             ApiError::InvalidInput(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", false),
             ApiError::PayloadTooLarge(_) => {
@@ -118,8 +128,29 @@ impl From<LookupError> for ApiError {
             LookupError::UnknownModel(_) | LookupError::UnknownVersion(..) => {
                 ApiError::ModelNotFound(e.to_string())
             }
-            // Known but not servable now (loading, unloading, failed): the client may retry.
+            // Unloaded: gone until someone loads it again.
+            LookupError::NotReady {
+                state: ModelState::Unavailable,
+                ..
+            } => ApiError::ModelNotFound(e.to_string()),
+            // Loading, unloading or failed: the client may retry.
             LookupError::NotReady { .. } => ApiError::ModelNotReady(e.to_string()),
+        }
+    }
+}
+
+impl From<ManageError> for ApiError {
+    fn from(e: ManageError) -> Self {
+        match &e {
+            ManageError::Repository(r) => match r {
+                RepositoryError::InvalidName(_) | RepositoryError::Escapes(_) => {
+                    ApiError::BadRequest(e.to_string())
+                }
+                RepositoryError::NotFound(_) => ApiError::ModelNotFound(e.to_string()),
+                RepositoryError::Io(..) => ApiError::Internal(e.to_string()),
+            },
+            ManageError::NotLoaded(_) => ApiError::ModelNotFound(e.to_string()),
+            ManageError::LoadFailed { .. } => ApiError::LoadFailed(e.to_string()),
         }
     }
 }

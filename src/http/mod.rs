@@ -1,14 +1,17 @@
 //! The HTTP layer: router assembly, middleware (request id, logging, metrics, body limit) and
 //! one module per API surface. It knows requests, responses and the registry, never libtorch.
 
+mod admin;
 mod error;
 mod health;
 mod metrics;
+mod models;
 mod v1;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::config::ModelControl;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderName, Method};
 use axum::middleware::{self, Next};
@@ -33,6 +36,8 @@ pub struct HttpSettings {
     pub max_body_bytes: usize,
     /// Most instances in one /v1 request.
     pub max_instances: usize,
+    /// Whether the management API may change the loaded models.
+    pub model_control: ModelControl,
 }
 
 impl Default for HttpSettings {
@@ -40,6 +45,7 @@ impl Default for HttpSettings {
         Self {
             max_body_bytes: 64 << 20,
             max_instances: 1024,
+            model_control: ModelControl::None,
         }
     }
 }
@@ -69,11 +75,18 @@ pub fn app(state: AppState) -> Router {
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
         .route("/metrics", get(metrics::render))
+        .route("/v1/models", get(models::list))
+        .route("/v1/models/{name}", get(models::describe))
+        .route(
+            "/v1/models/{name}/versions/{version}",
+            get(models::describe_version),
+        )
         .route("/v1/models/{name}/predict", post(v1::predict))
         .route(
             "/v1/models/{name}/versions/{version}/predict",
             post(v1::predict_version),
         )
+        .merge(admin_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
@@ -84,6 +97,16 @@ pub fn app(state: AppState) -> Router {
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone())),
         )
         .with_state(state)
+}
+
+/// The management routes, under one router so that one layer (admin authentication) can wrap
+/// them all.
+fn admin_routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/models/{name}/load", post(admin::load))
+        .route("/v1/models/{name}/unload", post(admin::unload))
+        .route("/v1/models/{name}/reload", post(admin::reload))
+        .route("/v1/models/{name}", axum::routing::delete(admin::unload))
 }
 
 async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {

@@ -40,6 +40,10 @@ struct Args {
     /// Training images per class for image-cnn.
     #[arg(long, default_value_t = 2500)]
     images_per_class: usize,
+    /// Slope of the regressor's line (the seed uses 3; tests train other slopes to tell two
+    /// versions of the model apart).
+    #[arg(long, default_value_t = 3.0)]
+    regressor_slope: f32,
     /// Epochs for image-cnn (the learning rate steps down over the last third).
     #[arg(long, default_value_t = 9)]
     image_epochs: usize,
@@ -54,7 +58,7 @@ fn main() -> Result<()> {
         bail!("unknown model '{bad}' (known: {})", known.join(", "));
     }
     if wanted("regressor") {
-        regressor(&args.out.join("regressor"), args.seed)?;
+        regressor(&args.out.join("regressor"), args.seed, args.regressor_slope)?;
     }
     if wanted("text-classifier") {
         text::train(&args.out.join("text-classifier"), args.seed)?;
@@ -124,7 +128,7 @@ pub fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-fn regressor(dir: &Path, seed: u64) -> Result<()> {
+fn regressor(dir: &Path, seed: u64, slope: f32) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let started = Instant::now();
     // The seed's data: 100 samples of x in [0,1), y = 3x + U(0,1) noise.
@@ -132,7 +136,7 @@ fn regressor(dir: &Path, seed: u64) -> Result<()> {
     let xs: Vec<f32> = (0..100).map(|_| rng.random_range(0.0..1.0)).collect();
     let ys: Vec<f32> = xs
         .iter()
-        .map(|x| 3.0 * x + rng.random_range(0.0..1.0))
+        .map(|x| slope * x + rng.random_range(0.0..1.0))
         .collect();
     let x = Tensor::from_slice(&xs).view([-1, 1]);
     let y = Tensor::from_slice(&ys).view([-1, 1]);
@@ -170,7 +174,7 @@ fn regressor(dir: &Path, seed: u64) -> Result<()> {
     let w = dense.ws.double_value(&[0, 0]);
     let b = dense.bs.as_ref().map_or(0.0, |b| b.double_value(&[0]));
     println!(
-        "regressor: y = {w:.3}x + {b:.3} (expected about 3x + 0.5), MSE {loss_value:.4}, f(0.5) = {at_half:.3}, {:.1}s",
+        "regressor: y = {w:.3}x + {b:.3} (expected about {slope}x + 0.5), MSE {loss_value:.4}, f(0.5) = {at_half:.3}, {:.1}s",
         started.elapsed().as_secs_f64()
     );
     write(

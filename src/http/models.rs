@@ -1,0 +1,174 @@
+//! `/v1/models`: what the server knows about its models (read-only).
+//!
+//! `GET /v1/models` lists every model in the repository or loaded; `GET /v1/models/{name}`
+//! (and `/versions/{v}`) describes one: kind, signature, labels, versions with their states,
+//! device, batching and live counters.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::{ApiError, AppState};
+use crate::config::model_spec::{ModelSpec, TensorSpec};
+use crate::registry::{ModelEntry, ServingModel, VersionEntry};
+
+pub async fn list(State(state): State<AppState>) -> Json<Value> {
+    let models: Vec<Value> = state
+        .registry
+        .list()
+        .iter()
+        .map(|(name, entry)| summary(name, entry))
+        .collect();
+    Json(json!({ "models": models }))
+}
+
+pub async fn describe(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(model_json(&state, &name, None)?))
+}
+
+pub async fn describe_version(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let v: u64 = version.parse().map_err(|_| {
+        ApiError::ModelNotFound(format!("model '{name}' has no version '{version}'"))
+    })?;
+    Ok(Json(model_json(&state, &name, Some(v))?))
+}
+
+/// The JSON of one model (all versions, or just `version`).
+pub fn model_json(state: &AppState, name: &str, version: Option<u64>) -> Result<Value, ApiError> {
+    let entry = state.registry.entry(name);
+    let on_disk = state.registry.spec_on_disk(name);
+    let entry = match (entry, &on_disk) {
+        (Some(e), _) => e,
+        (None, Ok(_)) => Arc::new(ModelEntry::default()),
+        (None, Err(_)) => return Err(ApiError::ModelNotFound(format!("model '{name}' not found"))),
+    };
+    let versions: Vec<(u64, &VersionEntry)> = entry
+        .versions
+        .iter()
+        .filter(|(v, _)| version.is_none_or(|want| **v == want))
+        .map(|(v, e)| (*v, e))
+        .collect();
+    if let Some(v) = version {
+        if versions.is_empty() {
+            return Err(ApiError::ModelNotFound(format!(
+                "model '{name}' has no version {v}"
+            )));
+        }
+    }
+    // The spec of the serving copy (newest first), else the one on disk.
+    let serving: Option<&Arc<ServingModel>> =
+        versions.iter().rev().find_map(|(_, e)| e.serving.as_ref());
+    let spec: Option<&ModelSpec> = serving
+        .map(|s| s.spec.as_ref())
+        .or(on_disk.as_ref().ok().map(|(_, s)| s));
+    let mut out = summary(name, &entry);
+    let obj = out.as_object_mut().expect("summary is an object");
+    if let Some(v) = version {
+        let ve = &versions[0].1;
+        obj.insert("state".into(), json!(ve.state));
+        obj.insert("reason".into(), json!(ve.reason));
+        obj.insert("versions".into(), json!([version_json(v, ve)]));
+    }
+    if let Some(spec) = spec {
+        obj.insert("kind".into(), json!(spec.kind.to_string()));
+        obj.insert("description".into(), json!(spec.description));
+        obj.insert("inputs".into(), tensors_json(&spec.inputs));
+        obj.insert("outputs".into(), tensors_json(&spec.outputs));
+        obj.insert("labels".into(), json!(spec.labels));
+        obj.insert("instances".into(), json!(spec.instances));
+        obj.insert("batching".into(), batching_json(spec));
+        obj.insert("version_policy".into(), json!(spec.version_policy));
+    }
+    if let (Err(reason), None) = (&on_disk, serving) {
+        obj.insert("reason".into(), json!(reason));
+    }
+    Ok(out)
+}
+
+/// Name, overall state, default version and per-version states: the listing's row.
+fn summary(name: &str, entry: &ModelEntry) -> Value {
+    let default = entry.default_version();
+    json!({
+        "name": name,
+        "state": entry.state(),
+        "reason": entry.reason(),
+        "default_version": default.map(|s| s.version),
+        "device": default.map(|s| s.device.clone()),
+        "batching": default.map(|s| batching_json(&s.spec)),
+        "versions": entry
+            .versions
+            .iter()
+            .map(|(v, e)| version_json(*v, e))
+            .collect::<Vec<_>>(),
+    })
+}
+
+fn version_json(version: u64, e: &VersionEntry) -> Value {
+    let mut v = json!({
+        "version": version,
+        "state": e.state,
+        "reason": e.reason,
+    });
+    if let Some(s) = &e.serving {
+        let stats = s.handle.stats();
+        let obj = v.as_object_mut().expect("object");
+        obj.insert("device".into(), json!(s.device));
+        obj.insert("load_ms".into(), json!(s.load_time.as_millis() as u64));
+        obj.insert("warmup_ms".into(), json!(s.warmup_time.as_millis() as u64));
+        obj.insert(
+            "loaded_at".into(),
+            json!(s
+                .loaded_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)),
+        );
+        obj.insert(
+            "stats".into(),
+            json!({
+                "requests": stats.requests,
+                "rejected": stats.rejected,
+                "dropped": stats.dropped,
+                "timed_out": stats.timed_out,
+                "failed_rows": stats.failed_rows,
+                "inferred_rows": stats.inferred_rows,
+                "forward_passes": stats.forward_passes,
+                "average_batch_size": stats.average_batch_size(),
+                "queued": s.handle.queued(),
+            }),
+        );
+    }
+    v
+}
+
+fn batching_json(spec: &ModelSpec) -> Value {
+    let b = &spec.batching;
+    json!({
+        "max_batch_size": b.max_batch_size,
+        "max_queue_delay_ms": b.max_queue_delay_ms,
+        "queue_capacity": b.queue_capacity,
+        "timeout_ms": b.timeout_ms,
+    })
+}
+
+/// Tensor specs with -1 for the batch dimension.
+fn tensors_json(specs: &[TensorSpec]) -> Value {
+    Value::Array(
+        specs
+            .iter()
+            .map(|t| {
+                let mut shape = vec![-1i64];
+                shape.extend(&t.dims);
+                json!({"name": t.name, "datatype": t.datatype, "shape": shape})
+            })
+            .collect(),
+    )
+}
