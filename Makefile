@@ -9,15 +9,18 @@ PORT ?= 8080
 MODELS ?= ./models
 ARGS ?=
 
-.PHONY: run test build setup lint unit-test models bench fmt clippy
+.PHONY: run test test-tools build setup lint models bench fmt
 
 ## Build (release) and serve the bundled models on http://0.0.0.0:$(PORT)
 run: build
 	./target/release/aiaas --port $(PORT) --models $(MODELS) $(ARGS)
 
 ## Every test: formatting, lints, unit and integration tests
-test: setup lint
+test: setup test-tools lint
 	cargo test --all-targets
+
+test-tools:
+	@.ci/test-tools.sh
 
 build: setup
 	cargo build --release

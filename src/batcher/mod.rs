@@ -523,7 +523,7 @@ fn fail(p: Pending, err: EngineError, started: std::time::Instant, shared: &Shar
     shared
         .observer
         .batch_done(p.rows, 1, started.elapsed(), false);
-    tracing::error!(model = %shared.config.model, error = %err, "forward pass failed");
+    // logged once, with the request, by whoever answers the request
     let _ = p.reply.send(Err(InferError::Engine {
         model: shared.config.model.clone(),
         source: err,

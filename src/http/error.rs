@@ -11,6 +11,13 @@ use crate::registry::{LookupError, ManageError, ModelState};
 use crate::repository::RepositoryError;
 use crate::telemetry::Outcome;
 
+/// An error answer's code and message, for the request's log line (a response extension).
+#[derive(Debug, Clone)]
+pub struct ErrorLog {
+    pub code: &'static str,
+    pub message: String,
+}
+
 /// Everything a handler can fail with. Body: `{"error": {"code": "...", "message": "..."}}`.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -93,16 +100,14 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, retry) = self.parts();
-        if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
-            tracing::error!(code, error = %self, "request failed");
-        } else {
-            tracing::debug!(code, error = %self, "request refused");
-        }
+        let message = self.to_string();
         let mut response = (
             status,
-            Json(json!({"error": {"code": code, "message": self.to_string()}})),
+            Json(json!({"error": {"code": code, "message": message}})),
         )
             .into_response();
+        // logged once, on the request's log line, by the observing middleware
+        response.extensions_mut().insert(ErrorLog { code, message });
         if retry {
             response
                 .headers_mut()

@@ -22,7 +22,7 @@ use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tracing::{field::Empty, Instrument};
 
-pub use self::error::ApiError;
+pub use self::error::{ApiError, ErrorLog};
 use crate::registry::Registry;
 use crate::telemetry::Metrics;
 
@@ -166,7 +166,14 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
     span.record("status", status.as_u16());
     let total_ms = elapsed.as_secs_f64() * 1e3;
     let _enter = span.enter();
-    if let Some(log) = response.extensions().get::<InferenceLog>() {
+    if let Some(err) = response.extensions().get::<ErrorLog>() {
+        let line = format!("{} {} {}", method, route, status.as_u16());
+        if status.is_server_error() && status.as_u16() != 503 {
+            tracing::error!(total_ms, code = err.code, error = %err.message, "{line}");
+        } else {
+            tracing::info!(total_ms, code = err.code, error = %err.message, "{line}");
+        }
+    } else if let Some(log) = response.extensions().get::<InferenceLog>() {
         span.record("model", log.model.as_str());
         span.record("version", log.version);
         tracing::info!(

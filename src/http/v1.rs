@@ -94,6 +94,9 @@ async fn run(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let span = tracing::Span::current();
+    span.record("model", model.name.as_str());
+    span.record("version", model.version);
     let mut guard = OutcomeGuard {
         model: model.clone(),
         started: Instant::now(),

@@ -40,10 +40,11 @@ impl Server {
             std::thread::spawn(move || {
                 let mut tx = Some(tx);
                 for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    let addr = line
-                        .split("listening on ")
-                        .nth(1)
-                        .and_then(|rest| rest.split_whitespace().next());
+                    let addr = line.split("listening on ").nth(1).map(|rest| {
+                        rest.chars()
+                            .take_while(|c| c.is_ascii_hexdigit() || ".:[]".contains(*c))
+                            .collect::<String>()
+                    });
                     if let Some(addr) = addr {
                         if let Some(tx) = tx.take() {
                             let _ = tx.send(addr.to_string());
