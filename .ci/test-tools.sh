@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the tools the test suite drives, once; reuses what is there.
 #   Debian: prometheus (promtool and the server, started by the tests on loopback only)
+#   PyPI, in .venv-test: tritonclient[http], kserve, pytest (tests/python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,3 +18,15 @@ apt_install() {
 
 apt_install prometheus
 command -v promtool >/dev/null || { echo "promtool missing after install" >&2; exit 1; }
+
+# Python clients for the protocol tests (tritonclient, kserve, pytest) in a test-only venv,
+# reinstalled only when tests/python/requirements.txt changes.
+REQ=tests/python/requirements.txt
+STAMP=.venv-test/.requirements.sha256
+want=$(sha256sum "$REQ" | cut -d' ' -f1)
+if [ ! -x .venv-test/bin/python ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+  echo ">> installing the Python test clients into .venv-test ($REQ)"
+  [ -x .venv-test/bin/python ] || "${PYTHON:-python3}" -m venv .venv-test
+  .venv-test/bin/python -m pip install --quiet --disable-pip-version-check -r "$REQ"
+  echo "$want" > "$STAMP"
+fi

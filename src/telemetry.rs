@@ -221,6 +221,8 @@ impl Metrics {
         let v = version.to_string();
         let l = [model, v.as_str()];
         Arc::new(ModelMetrics {
+            success: RequestTotals::default(),
+            failure: RequestTotals::default(),
             outcomes: Outcome::ALL.map(|o| {
                 self.requests
                     .with_label_values(&[model, v.as_str(), o.as_str()])
@@ -314,8 +316,12 @@ impl Metrics {
     }
 }
 
-/// One model version's metric handles.
+/// One model version's metric handles, and request totals for the v2 statistics extension.
 pub struct ModelMetrics {
+    /// Successful requests and their cumulative duration (ns).
+    pub success: RequestTotals,
+    /// Failed requests and their cumulative duration (ns).
+    pub failure: RequestTotals,
     outcomes: [IntCounter; 6],
     request_duration: Histogram,
     queue_duration: Histogram,
@@ -336,6 +342,9 @@ impl ModelMetrics {
         self.outcomes[i].inc();
         if outcome == Outcome::Success {
             self.request_duration.observe(duration.as_secs_f64());
+            self.success.add(duration);
+        } else {
+            self.failure.add(duration);
         }
     }
 
@@ -355,6 +364,28 @@ impl BatchObserver for ModelMetrics {
             self.inferences.inc_by(rows as u64);
             self.executions.inc();
         }
+    }
+}
+
+/// A count of requests and their total duration.
+#[derive(Debug, Default)]
+pub struct RequestTotals {
+    count: std::sync::atomic::AtomicU64,
+    ns: std::sync::atomic::AtomicU64,
+}
+
+impl RequestTotals {
+    fn add(&self, d: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.count.fetch_add(1, Relaxed);
+        self.ns
+            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+    }
+
+    /// (count, total nanoseconds)
+    pub fn get(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.count.load(Relaxed), self.ns.load(Relaxed))
     }
 }
 

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use tokio::sync::oneshot;
 
-pub use self::stats::{BatchStats, StatsSnapshot};
+pub use self::stats::{BatchStats, Phases, StatsSnapshot};
 use crate::engine::{Engine, EngineError};
 use crate::tensor::HostTensor;
 
@@ -531,28 +531,48 @@ fn fail(p: Pending, err: EngineError, started: std::time::Instant, shared: &Shar
 }
 
 /// Stacks the items, runs the engine, and returns per item its output rows.
+/// Outputs per item, and the time spent stacking inputs, in the forward pass and splitting.
+struct Forwarded {
+    outputs: Vec<Vec<HostTensor>>,
+    phases: Phases,
+}
+
 fn forward(
     engine: &mut dyn Engine,
     items: &[Pending],
     cfg: &BatchConfig,
-) -> Result<Vec<Vec<HostTensor>>, EngineError> {
+) -> Result<Forwarded, EngineError> {
+    let t0 = std::time::Instant::now();
     let parts: Vec<&Item> = items.iter().map(|p| &p.item).collect();
     let inputs = assemble::stack(&parts, &cfg.pad_values)?;
     let total: usize = items.iter().map(|p| p.rows).sum();
+    let t1 = std::time::Instant::now();
     let outputs = engine.forward(inputs)?;
-    assemble::split(&outputs, items.iter().map(|p| p.rows), total)
+    let t2 = std::time::Instant::now();
+    let outputs = assemble::split(&outputs, items.iter().map(|p| p.rows), total)?;
+    Ok(Forwarded {
+        outputs,
+        phases: Phases {
+            input: t1 - t0,
+            infer: t2 - t1,
+            output: t2.elapsed(),
+        },
+    })
 }
 
 fn reply_all(
     items: Vec<Pending>,
-    outputs: Vec<Vec<HostTensor>>,
+    forwarded: Forwarded,
     dispatched: Instant,
     started: std::time::Instant,
     shared: &Shared,
 ) {
     let compute_time = started.elapsed();
     let rows: usize = items.iter().map(|p| p.rows).sum();
-    shared.stats.add_batch(rows, items.len(), compute_time);
+    let outputs = forwarded.outputs;
+    shared
+        .stats
+        .add_batch(rows, items.len(), compute_time, forwarded.phases);
     shared
         .observer
         .batch_done(rows, items.len(), compute_time, true);

@@ -17,6 +17,18 @@ pub struct BatchStats {
     forward_passes: AtomicU64,
     queue_ns: AtomicU64,
     compute_ns: AtomicU64,
+    input_ns: AtomicU64,
+    infer_ns: AtomicU64,
+    output_ns: AtomicU64,
+    last_inference_ms: AtomicU64,
+}
+
+/// Where a forward pass's time went: stacking inputs, the engine, splitting outputs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Phases {
+    pub input: Duration,
+    pub infer: Duration,
+    pub output: Duration,
 }
 
 /// A copy of the counters at one moment.
@@ -42,6 +54,14 @@ pub struct StatsSnapshot {
     pub queue_ns: u64,
     /// Total time of successful forward passes, in nanoseconds.
     pub compute_ns: u64,
+    /// Per item computed, the time spent stacking its batch's inputs (cumulative, ns).
+    pub input_ns: u64,
+    /// Per item computed, its batch's engine time (cumulative, ns).
+    pub infer_ns: u64,
+    /// Per item computed, the time spent splitting its batch's outputs (cumulative, ns).
+    pub output_ns: u64,
+    /// When the last forward pass finished, in milliseconds since the Unix epoch (0: never).
+    pub last_inference_ms: u64,
 }
 
 impl StatsSnapshot {
@@ -76,11 +96,19 @@ impl BatchStats {
     pub(super) fn add_failed(&self, rows: usize) {
         self.failed_rows.fetch_add(rows as u64, Relaxed);
     }
-    pub(super) fn add_batch(&self, rows: usize, items: usize, compute: Duration) {
+    pub(super) fn add_batch(&self, rows: usize, items: usize, compute: Duration, phases: Phases) {
         self.inferred_rows.fetch_add(rows as u64, Relaxed);
         self.inferred_items.fetch_add(items as u64, Relaxed);
         self.forward_passes.fetch_add(1, Relaxed);
         self.compute_ns.fetch_add(nanos(compute), Relaxed);
+        let n = items as u64;
+        self.input_ns.fetch_add(nanos(phases.input) * n, Relaxed);
+        self.infer_ns.fetch_add(nanos(phases.infer) * n, Relaxed);
+        self.output_ns.fetch_add(nanos(phases.output) * n, Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.last_inference_ms.store(now, Relaxed);
     }
     pub(super) fn add_queue_time(&self, d: Duration) {
         self.queue_ns.fetch_add(nanos(d), Relaxed);
@@ -98,6 +126,10 @@ impl BatchStats {
             forward_passes: self.forward_passes.load(Relaxed),
             queue_ns: self.queue_ns.load(Relaxed),
             compute_ns: self.compute_ns.load(Relaxed),
+            input_ns: self.input_ns.load(Relaxed),
+            infer_ns: self.infer_ns.load(Relaxed),
+            output_ns: self.output_ns.load(Relaxed),
+            last_inference_ms: self.last_inference_ms.load(Relaxed),
         }
     }
 }

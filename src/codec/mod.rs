@@ -6,6 +6,7 @@
 pub mod image;
 pub mod instance;
 pub mod text;
+pub mod v2;
 
 use serde_json::{json, Map, Value};
 
@@ -88,6 +89,18 @@ impl ModelCodec {
 
     pub fn text(&self) -> Option<&TextCodec> {
         self.text.as_ref()
+    }
+
+    pub fn is_classifier(&self) -> bool {
+        matches!(
+            self.kind,
+            ModelKind::ImageClassifier | ModelKind::TextClassifier
+        )
+    }
+
+    /// Whether classifier outputs get a softmax before they are reported.
+    pub fn softmax_enabled(&self) -> bool {
+        self.softmax
     }
 
     pub fn labels(&self) -> &[String] {

@@ -86,6 +86,14 @@ impl ApiError {
         self.parts().0
     }
 
+    /// The code and message for the request's log line.
+    pub fn log(&self) -> ErrorLog {
+        ErrorLog {
+            code: self.parts().1,
+            message: self.to_string(),
+        }
+    }
+
     /// The request outcome this error counts as in metrics.
     pub fn outcome(&self) -> Outcome {
         match self {
@@ -99,19 +107,26 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, code, retry) = self.parts();
-        let message = self.to_string();
+        let (status, _, retry) = self.parts();
+        let log = self.log();
         let mut response = (
             status,
-            Json(json!({"error": {"code": code, "message": message}})),
+            Json(json!({"error": {"code": log.code, "message": log.message}})),
         )
             .into_response();
         // logged once, on the request's log line, by the observing middleware
-        response.extensions_mut().insert(ErrorLog { code, message });
+        response.extensions_mut().insert(log);
         if retry {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The body may be left unread: the connection cannot carry another request, and a
+            // client that reused it would see its next request fail.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }

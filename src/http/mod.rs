@@ -4,9 +4,11 @@
 mod admin;
 mod error;
 mod health;
+mod inference;
 mod metrics;
 mod models;
 mod v1;
+mod v2;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +21,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use tower::ServiceBuilder;
+use tower_http::compression::CompressionLayer;
+use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tracing::{field::Empty, Instrument};
 
@@ -86,6 +90,36 @@ pub fn app(state: AppState) -> Router {
             "/v1/models/{name}/versions/{version}/predict",
             post(v1::predict_version),
         )
+        .route("/v2", get(v2::server_metadata))
+        .route("/v2/health/live", get(v2::live))
+        .route("/v2/health/ready", get(v2::ready))
+        .route("/v2/models/stats", get(v2::all_stats))
+        .route("/v2/models/{name}", get(v2::model_metadata))
+        .route("/v2/models/{name}/ready", get(v2::model_ready))
+        .route("/v2/models/{name}/config", get(v2::model_config))
+        .route("/v2/models/{name}/stats", get(v2::model_stats))
+        .route("/v2/models/{name}/infer", post(v2::infer))
+        .route(
+            "/v2/models/{name}/versions/{version}",
+            get(v2::model_version_metadata),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/ready",
+            get(v2::model_version_ready),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/config",
+            get(v2::model_version_config),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/stats",
+            get(v2::model_version_stats),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/infer",
+            post(v2::infer_version),
+        )
+        .route("/v2/repository/index", post(v2::repository_index))
         .merge(admin_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -94,7 +128,11 @@ pub fn app(state: AppState) -> Router {
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
                 .layer(middleware::from_fn_with_state(state.clone(), observe))
-                .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone())),
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
+                // gzip / deflate bodies both ways; the body limit applies to the decompressed
+                // bytes, so a compression bomb is refused like any large body
+                .layer(CompressionLayer::new())
+                .layer(RequestDecompressionLayer::new()),
         )
         .with_state(state)
 }
@@ -107,6 +145,14 @@ fn admin_routes() -> Router<AppState> {
         .route("/v1/models/{name}/unload", post(admin::unload))
         .route("/v1/models/{name}/reload", post(admin::reload))
         .route("/v1/models/{name}", axum::routing::delete(admin::unload))
+        .route(
+            "/v2/repository/models/{name}/load",
+            post(v2::repository_load),
+        )
+        .route(
+            "/v2/repository/models/{name}/unload",
+            post(v2::repository_unload),
+        )
 }
 
 async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {

@@ -5,28 +5,24 @@
 //! `{"model", "version", "predictions": [...]}`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{ApiError, AppState, InferenceLog};
+use super::inference::{counted, deadline, with_timing};
+use super::{ApiError, AppState};
 use crate::batcher::{Inferred, Item};
 use crate::codec::OutputOptions;
 use crate::registry::ServingModel;
-use crate::telemetry::Outcome;
 
 /// Above this body size, decoding moves off the async workers.
 const INLINE_DECODE_BYTES: usize = 32 << 10;
-
-/// Header with which a client may shorten (never lengthen) a request's deadline.
-pub const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
 
 #[derive(Debug, Default, Deserialize)]
 pub struct PredictQuery {
@@ -73,20 +69,6 @@ pub async fn predict_version(
     run(state, model, query, headers, body).await
 }
 
-/// Counts the request's outcome once, also when the client leaves and the future is dropped.
-struct OutcomeGuard {
-    model: Arc<ServingModel>,
-    started: Instant,
-    outcome: Option<Outcome>,
-}
-
-impl Drop for OutcomeGuard {
-    fn drop(&mut self) {
-        let outcome = self.outcome.unwrap_or(Outcome::Dropped);
-        self.model.metrics.request(outcome, self.started.elapsed());
-    }
-}
-
 async fn run(
     state: AppState,
     model: Arc<ServingModel>,
@@ -94,20 +76,7 @@ async fn run(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let span = tracing::Span::current();
-    span.record("model", model.name.as_str());
-    span.record("version", model.version);
-    let mut guard = OutcomeGuard {
-        model: model.clone(),
-        started: Instant::now(),
-        outcome: None,
-    };
-    let result = predict_inner(&state, &model, query, &headers, body).await;
-    guard.outcome = Some(match &result {
-        Ok(_) => Outcome::Success,
-        Err(e) => e.outcome(),
-    });
-    result
+    counted(&model, predict_inner(&state, &model, query, &headers, body)).await
 }
 
 async fn predict_inner(
@@ -118,7 +87,7 @@ async fn predict_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(body_error)?;
-    let deadline = deadline(headers, model.spec.batching.timeout())?;
+    let deadline = deadline(headers, model.spec.batching.timeout(), None)?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -184,24 +153,6 @@ fn body_error(rejection: BytesRejection) -> ApiError {
             rejection.body_text()
         ))
     }
-}
-
-/// The model's timeout, shortened by the client's `x-request-timeout-ms` header if given.
-fn deadline(headers: &HeaderMap, model_timeout: Duration) -> Result<Option<Instant>, ApiError> {
-    let mut timeout = model_timeout;
-    if let Some(v) = headers.get(TIMEOUT_HEADER) {
-        let ms: u64 = v
-            .to_str()
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| {
-                ApiError::InvalidInput(format!(
-                    "{TIMEOUT_HEADER} must be a whole number of milliseconds"
-                ))
-            })?;
-        timeout = timeout.min(Duration::from_millis(ms));
-    }
-    Ok(Some(Instant::now() + timeout))
 }
 
 async fn decode_json(
@@ -276,41 +227,10 @@ async fn decode_off_thread<T: Send + 'static>(
 }
 
 fn respond(model: &ServingModel, results: &[Inferred], predictions: Vec<Value>) -> Response {
-    let batch_size = results.iter().map(|r| r.batch_size).max().unwrap_or(0);
-    let queue_time = results
-        .iter()
-        .map(|r| r.queue_time)
-        .max()
-        .unwrap_or_default();
-    let compute_time = results
-        .iter()
-        .map(|r| r.compute_time)
-        .max()
-        .unwrap_or_default();
     let body = json!({
         "model": model.name,
         "version": model.version,
         "predictions": predictions,
     });
-    let mut response = (StatusCode::OK, Json(body)).into_response();
-    let h = response.headers_mut();
-    let num = |v: String| HeaderValue::from_str(&v).expect("numeric header value");
-    h.insert("x-model-version", num(model.version.to_string()));
-    h.insert("x-batch-size", num(batch_size.to_string()));
-    h.insert(
-        "x-queue-time-ms",
-        num(format!("{:.3}", queue_time.as_secs_f64() * 1e3)),
-    );
-    h.insert(
-        "x-inference-time-ms",
-        num(format!("{:.3}", compute_time.as_secs_f64() * 1e3)),
-    );
-    response.extensions_mut().insert(InferenceLog {
-        model: model.name.clone(),
-        version: model.version,
-        batch_size,
-        queue_time,
-        compute_time,
-    });
-    response
+    with_timing((StatusCode::OK, Json(body)).into_response(), model, results)
 }

@@ -1,0 +1,818 @@
+//! KServe Open Inference Protocol (v2) tensors: parsing requests (JSON data and the binary
+//! tensor extension), mapping them to model inputs per model kind, and encoding responses.
+//!
+//! Every length read from a request is checked against what is really there before it is
+//! used: a malformed request is an error value, never a panic or an out-of-bounds read.
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::{check_dims, CodecError, ModelCodec};
+use crate::batcher::{Inferred, Item};
+use crate::config::model_spec::{ModelKind, TensorSpec};
+use crate::tensor::{byte_len, scalar_bytes, DType, HostTensor};
+
+/// A v2 datatype: a numeric tensor type, or BYTES (strings, encoded images).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum V2Type {
+    Tensor(DType),
+    Bytes,
+}
+
+impl V2Type {
+    pub fn parse(name: &str) -> Result<Self, CodecError> {
+        if name == "BYTES" {
+            return Ok(V2Type::Bytes);
+        }
+        DType::from_v2_name(name).map(V2Type::Tensor).ok_or_else(|| {
+            CodecError::Invalid(format!(
+                "datatype '{name}' is not supported; use BOOL, UINT8, INT8, INT16, INT32, INT64, FP16, BF16, FP32, FP64 or BYTES"
+            ))
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            V2Type::Tensor(d) => d.v2_name(),
+            V2Type::Bytes => "BYTES",
+        }
+    }
+
+    /// The Triton model-configuration name (`TYPE_FP32`, `TYPE_STRING`, ...).
+    pub fn config_name(self) -> String {
+        match self {
+            V2Type::Tensor(DType::Bool) => "TYPE_BOOL".into(),
+            V2Type::Tensor(d) => format!("TYPE_{}", d.v2_name()),
+            V2Type::Bytes => "TYPE_STRING".into(),
+        }
+    }
+}
+
+/// One input's data.
+#[derive(Debug, Clone, PartialEq)]
+pub enum V2Data {
+    Tensor(HostTensor),
+    Bytes(Vec<Vec<u8>>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct V2Input {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: V2Data,
+}
+
+impl V2Input {
+    fn datatype(&self) -> V2Type {
+        match &self.data {
+            V2Data::Tensor(t) => V2Type::Tensor(t.dtype),
+            V2Data::Bytes(_) => V2Type::Bytes,
+        }
+    }
+}
+
+/// An output the client asked for, and whether as binary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestedOutput {
+    pub name: String,
+    pub binary: Option<bool>,
+}
+
+/// A parsed inference request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct V2Request {
+    pub id: Option<String>,
+    pub inputs: Vec<V2Input>,
+    /// `None`: every output.
+    pub outputs: Option<Vec<RequestedOutput>>,
+    /// `parameters.binary_data_output`: outputs in binary unless one says otherwise.
+    pub binary_output: bool,
+    /// `parameters.timeout`, in microseconds (Triton's unit).
+    pub timeout_us: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct RawRequest {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+    inputs: Vec<RawInput>,
+    #[serde(default)]
+    outputs: Option<Vec<RawOutput>>,
+}
+
+#[derive(Deserialize)]
+struct RawInput {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+    #[serde(default)]
+    data: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct RawOutput {
+    name: String,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+}
+
+fn invalid(m: impl Into<String>) -> CodecError {
+    CodecError::Invalid(m.into())
+}
+
+/// Parses a request body. `header_len` is the `Inference-Header-Content-Length` value when
+/// present: the JSON header is the first `header_len` bytes and binary tensor data follows.
+pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<V2Request, CodecError> {
+    let (json_part, mut binary) = match header_len {
+        None => (body, &[][..]),
+        Some(n) if n <= body.len() => body.split_at(n),
+        Some(n) => {
+            return Err(invalid(format!(
+                "Inference-Header-Content-Length {n} is larger than the body ({} bytes)",
+                body.len()
+            )))
+        }
+    };
+    let raw: RawRequest = serde_json::from_slice(json_part).map_err(|e| {
+        invalid(format!(
+            "invalid inference request JSON: {e} (expected {{\"inputs\": [{{\"name\", \"shape\", \"datatype\", \"data\"}}]}})"
+        ))
+    })?;
+    let params = raw.parameters.unwrap_or_default();
+    let binary_output = params
+        .get("binary_data_output")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let timeout_us = match params.get("timeout") {
+        None => None,
+        Some(v) => Some(
+            v.as_u64()
+                .ok_or_else(|| invalid("parameters.timeout is a whole number of microseconds"))?,
+        ),
+    };
+    let mut inputs = Vec::with_capacity(raw.inputs.len());
+    for input in raw.inputs {
+        inputs.push(parse_input(input, &mut binary)?);
+    }
+    if !binary.is_empty() {
+        return Err(invalid(format!(
+            "{} bytes of binary data are not claimed by any input's binary_data_size",
+            binary.len()
+        )));
+    }
+    let outputs = raw
+        .outputs
+        .map(|outs| {
+            outs.into_iter()
+                .map(|o| {
+                    let binary = match o.parameters.as_ref().and_then(|p| p.get("binary_data")) {
+                        None => None,
+                        Some(Value::Bool(b)) => Some(*b),
+                        Some(_) => {
+                            return Err(invalid("output parameter binary_data is a boolean"))
+                        }
+                    };
+                    Ok(RequestedOutput {
+                        name: o.name,
+                        binary,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
+    Ok(V2Request {
+        id: raw.id,
+        inputs,
+        outputs,
+        binary_output,
+        timeout_us,
+    })
+}
+
+fn parse_input(input: RawInput, binary: &mut &[u8]) -> Result<V2Input, CodecError> {
+    let name = input.name;
+    let datatype =
+        V2Type::parse(&input.datatype).map_err(|e| invalid(format!("input '{name}': {e}")))?;
+    let shape: Vec<usize> = input
+        .shape
+        .iter()
+        .map(|&d| {
+            usize::try_from(d).map_err(|_| {
+                invalid(format!(
+                    "input '{name}': shape {:?} has a negative dimension",
+                    input.shape
+                ))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let count = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| invalid(format!("input '{name}': shape {shape:?} is too large")))?;
+    let binary_size =
+        match input
+            .parameters
+            .as_ref()
+            .and_then(|p| p.get("binary_data_size"))
+        {
+            None => None,
+            Some(v) => Some(v.as_u64().ok_or_else(|| {
+                invalid(format!("input '{name}': binary_data_size is a byte count"))
+            })? as usize),
+        };
+    let data = match (binary_size, input.data) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(format!(
+                "input '{name}' has both data and binary_data_size"
+            )))
+        }
+        (None, None) => {
+            return Err(invalid(format!(
+                "input '{name}' has neither data nor parameters.binary_data_size"
+            )))
+        }
+        (Some(size), None) => {
+            if size > binary.len() {
+                return Err(invalid(format!(
+                    "input '{name}': binary_data_size {size} exceeds the {} bytes of binary data left",
+                    binary.len()
+                )));
+            }
+            let (mine, rest) = binary.split_at(size);
+            *binary = rest;
+            match datatype {
+                V2Type::Tensor(dtype) => {
+                    let expected = byte_len(dtype, &shape).unwrap_or(usize::MAX);
+                    if expected != size {
+                        return Err(invalid(format!(
+                            "input '{name}': shape {shape:?} of {} needs {expected} bytes, binary_data_size is {size}",
+                            dtype
+                        )));
+                    }
+                    V2Data::Tensor(
+                        HostTensor::new(dtype, shape.clone(), mine.to_vec())
+                            .map_err(|e| invalid(e.to_string()))?,
+                    )
+                }
+                V2Type::Bytes => {
+                    let elements = parse_bytes_elements(mine)
+                        .map_err(|e| invalid(format!("input '{name}': {e}")))?;
+                    if elements.len() != count {
+                        return Err(invalid(format!(
+                            "input '{name}': shape {shape:?} has {count} elements, the binary data {}",
+                            elements.len()
+                        )));
+                    }
+                    V2Data::Bytes(elements)
+                }
+            }
+        }
+        (None, Some(data)) => {
+            let mut leaves = Vec::with_capacity(count.min(1 << 20));
+            collect_leaves(&data, &mut leaves, count)
+                .map_err(|e| invalid(format!("input '{name}': {e}")))?;
+            if leaves.len() != count {
+                return Err(invalid(format!(
+                    "input '{name}': shape {shape:?} has {count} elements, data has {}",
+                    leaves.len()
+                )));
+            }
+            match datatype {
+                V2Type::Bytes => V2Data::Bytes(
+                    leaves
+                        .into_iter()
+                        .map(|v| match v {
+                            Value::String(s) => Ok(s.clone().into_bytes()),
+                            other => Err(invalid(format!(
+                                "input '{name}': BYTES data are strings, got {other}"
+                            ))),
+                        })
+                        .collect::<Result<_, _>>()?,
+                ),
+                V2Type::Tensor(dtype) => {
+                    let mut bytes = Vec::with_capacity(count * dtype.size());
+                    for v in leaves {
+                        let x = match v {
+                            Value::Number(n) => n.as_f64().ok_or_else(|| {
+                                invalid(format!("input '{name}': {n} is not a number"))
+                            })?,
+                            Value::Bool(b) => *b as u8 as f64,
+                            other => {
+                                return Err(invalid(format!(
+                                    "input '{name}': {dtype} data are numbers, got {other}"
+                                )))
+                            }
+                        };
+                        bytes.extend_from_slice(&scalar_bytes(dtype, x));
+                    }
+                    V2Data::Tensor(
+                        HostTensor::new(dtype, shape.clone(), bytes)
+                            .map_err(|e| invalid(e.to_string()))?,
+                    )
+                }
+            }
+        }
+    };
+    Ok(V2Input { name, shape, data })
+}
+
+/// Leaves of a (possibly nested) JSON array, row-major; refuses more than `max`.
+fn collect_leaves<'a>(v: &'a Value, out: &mut Vec<&'a Value>, max: usize) -> Result<(), String> {
+    match v {
+        Value::Array(items) => {
+            for i in items {
+                collect_leaves(i, out, max)?;
+            }
+            Ok(())
+        }
+        other => {
+            if out.len() >= max {
+                return Err(format!(
+                    "data has more than the {max} elements its shape holds"
+                ));
+            }
+            out.push(other);
+            Ok(())
+        }
+    }
+}
+
+/// BYTES elements in binary: each is a little-endian u32 length followed by that many bytes.
+pub fn parse_bytes_elements(mut data: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    let mut out = Vec::new();
+    while !data.is_empty() {
+        if data.len() < 4 {
+            return Err(format!(
+                "{} trailing bytes are too few for a BYTES length prefix",
+                data.len()
+            ));
+        }
+        let len = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize;
+        data = &data[4..];
+        if len > data.len() {
+            return Err(format!(
+                "a BYTES element claims {len} bytes, only {} are left",
+                data.len()
+            ));
+        }
+        out.push(data[..len].to_vec());
+        data = &data[len..];
+    }
+    Ok(out)
+}
+
+/// BYTES elements in the binary layout.
+pub fn encode_bytes_elements(elements: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(elements.iter().map(|e| e.len() + 4).sum());
+    for e in elements {
+        out.extend_from_slice(&(e.len() as u32).to_le_bytes());
+        out.extend_from_slice(e);
+    }
+    out
+}
+
+/// One output of a response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct V2Output {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: V2Data,
+}
+
+/// Encodes a response: JSON only, or (when any output is binary) the JSON header followed by
+/// the binary outputs. Returns the body and, for binary responses, the header's length.
+pub fn encode_response(
+    model: &str,
+    version: u64,
+    id: &str,
+    outputs: Vec<V2Output>,
+    requested: Option<&[RequestedOutput]>,
+    binary_default: bool,
+) -> (Vec<u8>, Option<usize>) {
+    let mut json_outputs = Vec::with_capacity(outputs.len());
+    let mut binary = Vec::new();
+    for out in outputs {
+        let asked = requested.and_then(|r| r.iter().find(|o| o.name == out.name));
+        let as_binary = asked.and_then(|o| o.binary).unwrap_or(binary_default);
+        let datatype = match &out.data {
+            V2Data::Tensor(t) => V2Type::Tensor(t.dtype),
+            V2Data::Bytes(_) => V2Type::Bytes,
+        };
+        let mut o = json!({"name": out.name, "datatype": datatype.name(), "shape": out.shape});
+        if as_binary {
+            let bytes = match out.data {
+                V2Data::Tensor(t) => t.data,
+                V2Data::Bytes(b) => encode_bytes_elements(&b),
+            };
+            o["parameters"] = json!({"binary_data_size": bytes.len()});
+            binary.extend_from_slice(&bytes);
+        } else {
+            // no "parameters" on JSON outputs: perf_analyzer's parser rejects an empty one
+            o["data"] = match out.data {
+                // f32 printed as f32 (0.1, not 0.10000000149011612)
+                V2Data::Tensor(t) if t.dtype == DType::Fp32 => json!(t.to_f32_vec()),
+                V2Data::Tensor(t) => json!(t.to_f64_vec()),
+                V2Data::Bytes(b) => Value::Array(
+                    b.iter()
+                        .map(|e| Value::String(String::from_utf8_lossy(e).into_owned()))
+                        .collect(),
+                ),
+            };
+        }
+        json_outputs.push(o);
+    }
+    let header = json!({
+        "model_name": model,
+        "model_version": version.to_string(),
+        "id": id,
+        "outputs": json_outputs,
+    });
+    let mut body = serde_json::to_vec(&header).expect("response JSON");
+    if binary.is_empty() {
+        (body, None)
+    } else {
+        let header_len = body.len();
+        body.extend_from_slice(&binary);
+        (body, Some(header_len))
+    }
+}
+
+/// A tensor's v2 metadata: name, datatype, shape with a leading -1 batch dimension.
+#[derive(Debug, Clone, PartialEq)]
+pub struct V2TensorMeta {
+    pub name: String,
+    pub datatype: V2Type,
+    /// Dimensions after the batch dimension (-1 variable).
+    pub dims: Vec<i64>,
+}
+
+impl V2TensorMeta {
+    fn tensor(spec: &TensorSpec) -> Self {
+        Self {
+            name: spec.name.clone(),
+            datatype: V2Type::Tensor(spec.datatype),
+            dims: spec.dims.clone(),
+        }
+    }
+
+    pub fn metadata_json(&self) -> Value {
+        let mut shape = vec![-1i64];
+        shape.extend(&self.dims);
+        json!({"name": self.name, "datatype": self.datatype.name(), "shape": shape})
+    }
+
+    pub fn config_json(&self) -> Value {
+        json!({"name": self.name, "data_type": self.datatype.config_name(), "dims": self.dims})
+    }
+}
+
+/// The output of classifiers that holds each row's best label.
+pub const LABELS_OUTPUT: &str = "labels";
+/// The input of text classifiers in v2.
+pub const TEXT_INPUT: &str = "text";
+
+impl ModelCodec {
+    /// The model's v2 inputs. Image classifiers also take BYTES (encoded images) under the
+    /// same name; text classifiers take BYTES strings.
+    pub fn v2_inputs(&self) -> Vec<V2TensorMeta> {
+        match self.kind() {
+            ModelKind::TextClassifier => vec![V2TensorMeta {
+                name: TEXT_INPUT.into(),
+                datatype: V2Type::Bytes,
+                dims: vec![1],
+            }],
+            _ => self.inputs().iter().map(V2TensorMeta::tensor).collect(),
+        }
+    }
+
+    /// The model's v2 outputs: its tensors, plus the best label per row for classifiers.
+    pub fn v2_outputs(&self) -> Vec<V2TensorMeta> {
+        let mut outs: Vec<V2TensorMeta> = self.outputs().iter().map(V2TensorMeta::tensor).collect();
+        if self.kind() == ModelKind::ImageClassifier || self.kind() == ModelKind::TextClassifier {
+            outs.push(V2TensorMeta {
+                name: LABELS_OUTPUT.into(),
+                datatype: V2Type::Bytes,
+                dims: vec![1],
+            });
+        }
+        outs
+    }
+
+    /// Turns a request's inputs into items: one item for tensor inputs (its rows share the
+    /// batch dimension), one item per element for BYTES inputs (images, texts).
+    pub fn decode_v2(&self, inputs: Vec<V2Input>) -> Result<(Vec<Item>, usize), CodecError> {
+        let declared = self.v2_inputs();
+        for i in &inputs {
+            if !declared.iter().any(|d| d.name == i.name) {
+                let names: Vec<&str> = declared.iter().map(|d| d.name.as_str()).collect();
+                return Err(invalid(format!(
+                    "unknown input '{}'; this model's inputs are {names:?}",
+                    i.name
+                )));
+            }
+        }
+        for (k, i) in inputs.iter().enumerate() {
+            if inputs[..k].iter().any(|o| o.name == i.name) {
+                return Err(invalid(format!("input '{}' is given twice", i.name)));
+            }
+        }
+        let mut by_name: Vec<V2Input> = Vec::with_capacity(declared.len());
+        let mut inputs = inputs;
+        for d in &declared {
+            let pos = inputs
+                .iter()
+                .position(|i| i.name == d.name)
+                .ok_or_else(|| invalid(format!("missing input '{}'", d.name)))?;
+            by_name.push(inputs.swap_remove(pos));
+        }
+        match self.kind() {
+            ModelKind::TextClassifier => {
+                let input = by_name.pop().expect("one declared input");
+                let texts = bytes_rows(&input, "strings")?;
+                let codec = self.text().expect("text codec for text model");
+                let rows = texts.len();
+                let items = texts
+                    .iter()
+                    .map(|t| {
+                        let s = std::str::from_utf8(t).map_err(|_| {
+                            invalid(format!("input '{}': text is not UTF-8", input.name))
+                        })?;
+                        Ok(Item::new(vec![codec.encode(s)?]))
+                    })
+                    .collect::<Result<Vec<_>, CodecError>>()?;
+                Ok((items, rows))
+            }
+            ModelKind::ImageClassifier if matches!(by_name[0].data, V2Data::Bytes(_)) => {
+                let input = by_name.pop().expect("one declared input");
+                let images = bytes_rows(&input, "encoded images")?;
+                let rows = images.len();
+                let items = images
+                    .iter()
+                    .map(|b| self.decode_image_bytes(b))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((items, rows))
+            }
+            _ => {
+                let mut rows = None;
+                let mut tensors = Vec::with_capacity(by_name.len());
+                for (input, spec) in by_name.into_iter().zip(self.inputs()) {
+                    if input.datatype() != V2Type::Tensor(spec.datatype) {
+                        return Err(invalid(format!(
+                            "input '{}' is {}, the model takes {}",
+                            input.name,
+                            input.datatype().name(),
+                            spec.datatype
+                        )));
+                    }
+                    let Some((&n, per_row)) = input.shape.split_first() else {
+                        return Err(invalid(format!(
+                            "input '{}' needs a batch dimension: shape [-1] + {:?}",
+                            input.name, spec.dims
+                        )));
+                    };
+                    check_dims(spec, per_row).map_err(|_| {
+                        invalid(format!(
+                            "input '{}' has shape {:?}; the model takes [-1] + {:?}",
+                            input.name, input.shape, spec.dims
+                        ))
+                    })?;
+                    if *rows.get_or_insert(n) != n {
+                        return Err(invalid("inputs disagree on the batch dimension"));
+                    }
+                    if let V2Data::Tensor(t) = input.data {
+                        tensors.push(t);
+                    }
+                }
+                let rows = rows.unwrap_or(0);
+                if rows == 0 {
+                    return Err(invalid("the batch is empty"));
+                }
+                Ok((vec![Item::new(tensors)], rows))
+            }
+        }
+    }
+
+    /// The requested outputs of all items, rows in request order.
+    pub fn encode_v2(
+        &self,
+        results: &[Inferred],
+        requested: Option<&[RequestedOutput]>,
+    ) -> Result<Vec<V2Output>, CodecError> {
+        let declared = self.v2_outputs();
+        if let Some(req) = requested {
+            for r in req {
+                if !declared.iter().any(|d| d.name == r.name) {
+                    let names: Vec<&str> = declared.iter().map(|d| d.name.as_str()).collect();
+                    return Err(invalid(format!(
+                        "unknown output '{}'; this model's outputs are {names:?}",
+                        r.name
+                    )));
+                }
+            }
+        }
+        let wanted = |name: &str| requested.is_none_or(|r| r.iter().any(|o| o.name == name));
+        let mut out = Vec::new();
+        for (k, spec) in self.outputs().iter().enumerate() {
+            if !wanted(&spec.name) {
+                continue;
+            }
+            let parts: Vec<&HostTensor> = results.iter().map(|r| &r.outputs[k]).collect();
+            let mut t = concat_rows(&parts);
+            if k == 0 && self.is_classifier() && self.softmax_enabled() {
+                let rows = t.rows();
+                let mut probs = Vec::with_capacity(t.numel());
+                for r in 0..rows {
+                    probs.extend(
+                        self.scores(&t.slice_rows(r, 1))
+                            .into_iter()
+                            .map(|v| v as f32),
+                    );
+                }
+                t = HostTensor::from_f32(t.shape.clone(), &probs).expect("same shape");
+            }
+            out.push(V2Output {
+                name: spec.name.clone(),
+                shape: t.shape.clone(),
+                data: V2Data::Tensor(t),
+            });
+        }
+        if self.is_classifier() && wanted(LABELS_OUTPUT) {
+            let mut labels = Vec::new();
+            for r in results {
+                let scores = &r.outputs[0];
+                for row in 0..scores.rows() {
+                    let s = self.scores(&scores.slice_rows(row, 1));
+                    let best = (0..s.len())
+                        .max_by(|&a, &b| s[a].total_cmp(&s[b]))
+                        .unwrap_or(0);
+                    let label = self
+                        .labels()
+                        .get(best)
+                        .cloned()
+                        .unwrap_or_else(|| best.to_string());
+                    labels.push(label.into_bytes());
+                }
+            }
+            out.push(V2Output {
+                name: LABELS_OUTPUT.into(),
+                shape: vec![labels.len(), 1],
+                data: V2Data::Bytes(labels),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The elements of a BYTES input shaped `[n]` or `[n, 1]`.
+fn bytes_rows<'a>(input: &'a V2Input, what: &str) -> Result<&'a [Vec<u8>], CodecError> {
+    let V2Data::Bytes(elements) = &input.data else {
+        return Err(invalid(format!(
+            "input '{}' takes BYTES ({what})",
+            input.name
+        )));
+    };
+    match input.shape.as_slice() {
+        [n] | [n, 1] if *n > 0 => Ok(elements),
+        _ => Err(invalid(format!(
+            "input '{}' has shape {:?}; it takes [n] or [n, 1] {what}",
+            input.name, input.shape
+        ))),
+    }
+}
+
+/// Rows of several tensors of equal trailing shape, one after the other.
+fn concat_rows(parts: &[&HostTensor]) -> HostTensor {
+    let first = parts[0];
+    if parts.len() == 1 {
+        return first.clone();
+    }
+    let mut shape = first.shape.clone();
+    shape[0] = parts.iter().map(|t| t.rows()).sum();
+    let mut data = Vec::with_capacity(parts.iter().map(|t| t.data.len()).sum());
+    for p in parts {
+        data.extend_from_slice(&p.data);
+    }
+    HostTensor {
+        dtype: first.dtype,
+        shape,
+        data,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32_le(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn json_data_flat_or_nested() {
+        let body =
+            br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2],[3,4]]}]}"#;
+        let r = parse_request(body, None).unwrap();
+        let V2Data::Tensor(t) = &r.inputs[0].data else {
+            panic!()
+        };
+        assert_eq!(t.to_f32_vec(), vec![1., 2., 3., 4.]);
+        let flat = br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3,4]}]}"#;
+        assert_eq!(parse_request(flat, None).unwrap().inputs, r.inputs);
+    }
+
+    #[test]
+    fn binary_inputs_follow_the_header() {
+        let header = br#"{"inputs":[{"name":"a","shape":[1,2],"datatype":"FP32","parameters":{"binary_data_size":8}},{"name":"s","shape":[2],"datatype":"BYTES","parameters":{"binary_data_size":13}}],"parameters":{"binary_data_output":true}}"#;
+        let mut body = header.to_vec();
+        body.extend(f32_le(&[1.5, -2.0]));
+        body.extend(encode_bytes_elements(&[b"hi".to_vec(), b"you".to_vec()]));
+        let r = parse_request(&body, Some(header.len())).unwrap();
+        assert!(r.binary_output);
+        let V2Data::Tensor(t) = &r.inputs[0].data else {
+            panic!()
+        };
+        assert_eq!(t.to_f32_vec(), vec![1.5, -2.0]);
+        assert_eq!(
+            r.inputs[1].data,
+            V2Data::Bytes(vec![b"hi".to_vec(), b"you".to_vec()])
+        );
+    }
+
+    #[test]
+    fn malformed_requests_are_errors_not_panics() {
+        let ok = br#"{"inputs":[{"name":"a","shape":[1,2],"datatype":"FP32","parameters":{"binary_data_size":8}}]}"#;
+        let mut body = ok.to_vec();
+        body.extend(f32_le(&[1.0, 2.0]));
+        // header length past the body
+        assert!(parse_request(&body, Some(body.len() + 1)).is_err());
+        // binary data shorter than claimed
+        assert!(parse_request(&body[..body.len() - 1], Some(ok.len())).is_err());
+        // binary data left over
+        let mut extra = body.clone();
+        extra.push(0);
+        assert!(parse_request(&extra, Some(ok.len())).is_err());
+        // shape x datatype size disagrees with binary_data_size
+        let wrong = br#"{"inputs":[{"name":"a","shape":[1,3],"datatype":"FP32","parameters":{"binary_data_size":8}}]}"#;
+        let mut b = wrong.to_vec();
+        b.extend(f32_le(&[1.0, 2.0]));
+        assert!(parse_request(&b, Some(wrong.len())).is_err());
+        // huge shapes do not allocate
+        let huge = br#"{"inputs":[{"name":"a","shape":[4294967296,4294967296,16],"datatype":"FP64","data":[1]}]}"#;
+        assert!(parse_request(huge, None).is_err());
+        // unsupported types, negative dims, wrong element counts, bad BYTES prefixes
+        for bad in [
+            &br#"{"inputs":[{"name":"a","shape":[1],"datatype":"UINT32","data":[1]}]}"#[..],
+            br#"{"inputs":[{"name":"a","shape":[-1],"datatype":"FP32","data":[1]}]}"#,
+            br#"{"inputs":[{"name":"a","shape":[3],"datatype":"FP32","data":[1,2]}]}"#,
+            br#"{"inputs":[{"name":"a","shape":[1],"datatype":"FP32","data":["x"]}]}"#,
+            br#"{"inputs":[{"name":"a","shape":[1],"datatype":"FP32"}]}"#,
+            br#"{"inputs":[{"name":"a","shape":[1],"datatype":"BYTES","data":[1]}]}"#,
+            br#"not json"#,
+        ] {
+            assert!(
+                parse_request(bad, None).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert!(parse_bytes_elements(&[5, 0, 0, 0, b'a']).is_err());
+        assert!(parse_bytes_elements(&[1, 0]).is_err());
+    }
+
+    #[test]
+    fn responses_are_json_or_header_plus_binary() {
+        let t = HostTensor::from_f32(vec![1, 2], &[0.25, 0.75]).unwrap();
+        let outs = vec![
+            V2Output {
+                name: "scores".into(),
+                shape: vec![1, 2],
+                data: V2Data::Tensor(t),
+            },
+            V2Output {
+                name: "labels".into(),
+                shape: vec![1, 1],
+                data: V2Data::Bytes(vec![b"b".to_vec()]),
+            },
+        ];
+        let (body, header) = encode_response("m", 1, "id-1", outs.clone(), None, false);
+        assert!(header.is_none());
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["outputs"][0]["data"], json!([0.25, 0.75]));
+        assert!(v["outputs"][0].get("parameters").is_none());
+        assert_eq!(v["outputs"][1]["data"], json!(["b"]));
+        assert_eq!(v["model_version"], "1");
+        let req = [RequestedOutput {
+            name: "scores".into(),
+            binary: Some(true),
+        }];
+        let (body, header) = encode_response("m", 1, "id-1", outs, Some(&req), false);
+        let n = header.unwrap();
+        let v: Value = serde_json::from_slice(&body[..n]).unwrap();
+        assert_eq!(v["outputs"][0]["parameters"]["binary_data_size"], 8);
+        assert_eq!(&body[n..], &f32_le(&[0.25, 0.75])[..]);
+    }
+}

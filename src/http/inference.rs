@@ -1,0 +1,126 @@
+//! What every prediction route shares, /v1 and /v2 alike: outcome counting, deadlines, and the
+//! timing headers and log fields of an answered request.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::Response;
+
+use super::{ApiError, InferenceLog};
+use crate::batcher::Inferred;
+use crate::registry::ServingModel;
+use crate::telemetry::Outcome;
+
+/// Header with which a client may shorten (never lengthen) a request's deadline.
+pub const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
+
+/// Counts the request's outcome once, also when the client leaves and the future is dropped.
+struct OutcomeGuard {
+    model: Arc<ServingModel>,
+    started: Instant,
+    outcome: Option<Outcome>,
+}
+
+impl Drop for OutcomeGuard {
+    fn drop(&mut self) {
+        let outcome = self.outcome.unwrap_or(Outcome::Dropped);
+        self.model.metrics.request(outcome, self.started.elapsed());
+    }
+}
+
+/// An error that knows which request outcome it counts as.
+pub trait HasOutcome {
+    fn outcome(&self) -> Outcome;
+}
+
+impl HasOutcome for ApiError {
+    fn outcome(&self) -> Outcome {
+        ApiError::outcome(self)
+    }
+}
+
+/// Runs a prediction for `model`, tagging the request's span with the model and counting its
+/// outcome (success, client error, rejected, timeout, error, or dropped if the client leaves).
+pub async fn counted<T, E: HasOutcome>(
+    model: &Arc<ServingModel>,
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let span = tracing::Span::current();
+    span.record("model", model.name.as_str());
+    span.record("version", model.version);
+    let mut guard = OutcomeGuard {
+        model: model.clone(),
+        started: Instant::now(),
+        outcome: None,
+    };
+    let result = work.await;
+    guard.outcome = Some(match &result {
+        Ok(_) => Outcome::Success,
+        Err(e) => e.outcome(),
+    });
+    result
+}
+
+/// The model's timeout, shortened by the client's `x-request-timeout-ms` header and by
+/// `extra` (e.g. the v2 `timeout` parameter) when given.
+pub fn deadline(
+    headers: &HeaderMap,
+    model_timeout: Duration,
+    extra: Option<Duration>,
+) -> Result<Option<Instant>, ApiError> {
+    let mut timeout = model_timeout;
+    if let Some(v) = headers.get(TIMEOUT_HEADER) {
+        let ms: u64 = v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| {
+                ApiError::InvalidInput(format!(
+                    "{TIMEOUT_HEADER} must be a whole number of milliseconds"
+                ))
+            })?;
+        timeout = timeout.min(Duration::from_millis(ms));
+    }
+    if let Some(extra) = extra {
+        timeout = timeout.min(extra);
+    }
+    Ok(Some(Instant::now() + timeout))
+}
+
+/// Adds `x-model-version`, `x-batch-size`, `x-queue-time-ms` and `x-inference-time-ms`, and the
+/// log fields, to a successful prediction response. With several items, the largest values.
+pub fn with_timing(mut response: Response, model: &ServingModel, results: &[Inferred]) -> Response {
+    let batch_size = results.iter().map(|r| r.batch_size).max().unwrap_or(0);
+    let queue_time = results
+        .iter()
+        .map(|r| r.queue_time)
+        .max()
+        .unwrap_or_default();
+    let compute_time = results
+        .iter()
+        .map(|r| r.compute_time)
+        .max()
+        .unwrap_or_default();
+    let h = response.headers_mut();
+    let num = |v: String| HeaderValue::from_str(&v).expect("numeric header value");
+    h.insert("x-model-version", num(model.version.to_string()));
+    h.insert("x-batch-size", num(batch_size.to_string()));
+    h.insert(
+        "x-queue-time-ms",
+        num(format!("{:.3}", queue_time.as_secs_f64() * 1e3)),
+    );
+    h.insert(
+        "x-inference-time-ms",
+        num(format!("{:.3}", compute_time.as_secs_f64() * 1e3)),
+    );
+    response.extensions_mut().insert(InferenceLog {
+        model: model.name.clone(),
+        version: model.version,
+        batch_size,
+        queue_time,
+        compute_time,
+    });
+    response
+}
