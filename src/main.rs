@@ -8,6 +8,7 @@ use clap::{Parser, ValueEnum};
 
 use aiaas::codec::ImageLimits;
 use aiaas::config::ModelControl;
+use aiaas::http::ApiKeys;
 use aiaas::http::HttpSettings;
 use aiaas::registry::RegistrySettings;
 use aiaas::server::{run, ServerConfig};
@@ -71,14 +72,64 @@ struct Args {
     #[arg(long, env = "AIAAS_MAX_IMAGE_DIM", default_value_t = 8192)]
     max_image_dim: u32,
 
+    /// Longest text accepted in one text instance, in bytes (longer texts get 413).
+    #[arg(long, env = "AIAAS_MAX_TEXT_BYTES", default_value_t = 65536)]
+    max_text_bytes: usize,
+
+    /// Requests served at once; beyond this new requests get 503 with Retry-After at once.
+    #[arg(long, env = "AIAAS_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
+    max_concurrent_requests: usize,
+
+    /// File of API keys, one "<scope> <key>" per line (scope: infer or admin). With keys,
+    /// every route but /health/* needs "Authorization: Bearer <key>". Keys may also come from
+    /// AIAAS_API_KEYS as comma-separated "<scope>:<key>".
+    #[arg(long, env = "AIAAS_API_KEYS_FILE")]
+    api_keys_file: Option<PathBuf>,
+
+    /// With API keys configured, /metrics needs a key too (default: open).
+    #[arg(long, env = "AIAAS_METRICS_AUTH")]
+    metrics_auth: bool,
+
+    /// Without API keys, allow model management from any address (default: loopback only).
+    #[arg(long, env = "AIAAS_ALLOW_UNAUTHENTICATED_ADMIN")]
+    allow_unauthenticated_admin: bool,
+
     /// Seconds in-flight requests may take to finish after SIGTERM or Ctrl-C.
     #[arg(long, env = "AIAAS_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
     shutdown_timeout: f64,
+
+    /// Seconds to keep accepting requests after SIGTERM, with readiness already failing, so
+    /// that load balancers stop routing here first (0: stop accepting at once).
+    #[arg(long, env = "AIAAS_SHUTDOWN_DELAY", default_value_t = 0.0)]
+    shutdown_delay: f64,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     aiaas::telemetry::init_logging(&args.log_level, matches!(args.log_format, LogFormat::Json));
+    let mut api_keys = match &args.api_keys_file {
+        Some(path) => ApiKeys::from_file(path).map_err(anyhow::Error::msg)?,
+        None => ApiKeys::default(),
+    };
+    if let Ok(list) = std::env::var("AIAAS_API_KEYS") {
+        api_keys.add_list(&list).map_err(anyhow::Error::msg)?;
+    }
+    if api_keys.is_empty() {
+        tracing::warn!(
+            admin = if args.allow_unauthenticated_admin {
+                "open to any address"
+            } else {
+                "loopback only"
+            },
+            "no API keys configured: predictions are open"
+        );
+    } else {
+        tracing::info!(
+            keys = api_keys.len(),
+            metrics_auth = args.metrics_auth,
+            "API keys loaded"
+        );
+    }
     let config = ServerConfig {
         addr: SocketAddr::new(args.host, args.port),
         models: args.models,
@@ -87,6 +138,10 @@ fn main() -> anyhow::Result<()> {
             max_body_bytes: args.max_body_bytes,
             max_instances: args.max_instances,
             model_control: args.model_control,
+            api_keys,
+            metrics_auth: args.metrics_auth,
+            allow_unauthenticated_admin: args.allow_unauthenticated_admin,
+            max_concurrent_requests: args.max_concurrent_requests,
         },
         model_control: args.model_control,
         poll_interval: Duration::from_secs_f64(args.poll_interval.max(0.1)),
@@ -96,11 +151,17 @@ fn main() -> anyhow::Result<()> {
                 max_height: args.max_image_dim,
                 ..ImageLimits::default()
             },
+            max_text_bytes: args.max_text_bytes,
         },
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
+        shutdown_delay: Duration::from_secs_f64(args.shutdown_delay.max(0.0)),
     };
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(run(config))
+        .build()?;
+    let result = runtime.block_on(run(config));
+    // do not wait on engine threads or blocking tasks still finishing: accepted requests are
+    // answered by now
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
 }

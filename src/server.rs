@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -28,6 +27,8 @@ pub struct ServerConfig {
     pub registry: RegistrySettings,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub shutdown_timeout: Duration,
+    /// How long to keep accepting (with readiness failing) after SIGTERM before draining.
+    pub shutdown_delay: Duration,
 }
 
 pub fn build_info() -> BuildInfo {
@@ -60,11 +61,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         config.registry.clone(),
         metrics.clone(),
     );
-    let state = AppState {
-        registry: registry.clone(),
-        metrics,
-        settings: Arc::new(config.http.clone()),
-    };
+    let state = AppState::new(registry.clone(), metrics, config.http.clone());
+    let shutting_down = state.shutting_down.clone();
     let listener = TcpListener::bind(config.addr).await?;
     let addr = listener.local_addr()?;
     // Liveness answers while models load; readiness waits for them.
@@ -99,18 +97,27 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         })
     };
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+    let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
+    let server = axum::serve(listener, service).with_graceful_shutdown(async move {
         let mut rx = shutdown_rx;
         let _ = rx.wait_for(|v| *v).await;
     });
     let serving = tokio::spawn(async move { server.await });
     shutdown_signal().await;
-    tracing::info!(
-        timeout_s = config.shutdown_timeout.as_secs_f64(),
-        "shutting down: draining requests"
-    );
-    let _ = shutdown_tx.send(true);
+    // Readiness fails at once, so load balancers stop sending; the listener stays open for
+    // --shutdown-delay, then closes, and every accepted request is answered.
+    shutting_down.store(true, std::sync::atomic::Ordering::Release);
     loader.abort();
+    tracing::info!(
+        delay_s = config.shutdown_delay.as_secs_f64(),
+        timeout_s = config.shutdown_timeout.as_secs_f64(),
+        "shutting down: readiness is now 503"
+    );
+    if !config.shutdown_delay.is_zero() {
+        tokio::time::sleep(config.shutdown_delay).await;
+    }
+    tracing::info!("no longer accepting connections; draining accepted requests");
+    let _ = shutdown_tx.send(true);
     match tokio::time::timeout(config.shutdown_timeout, serving).await {
         Ok(Ok(Ok(()))) => tracing::info!("drained; bye"),
         Ok(Ok(Err(e))) => tracing::error!(error = %e, "server error"),

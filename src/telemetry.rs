@@ -71,6 +71,7 @@ pub struct Metrics {
     http_requests: IntCounterVec,
     http_duration: HistogramVec,
     pub http_in_flight: IntGauge,
+    rejected: IntCounterVec,
 }
 
 fn histogram(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
@@ -171,6 +172,11 @@ impl Metrics {
                 "HTTP requests being served now.",
             )
             .expect("valid gauge"),
+            rejected: counter(
+                "aiaas_rejected_requests_total",
+                "Requests refused before reaching a model: concurrency_limit, unauthenticated, forbidden.",
+                &["reason"],
+            ),
             registry,
         };
         let info = IntGaugeVec::new(
@@ -202,8 +208,12 @@ impl Metrics {
             Box::new(m.http_requests.clone()),
             Box::new(m.http_duration.clone()),
             Box::new(m.http_in_flight.clone()),
+            Box::new(m.rejected.clone()),
             Box::new(info),
         ];
+        for reason in ["concurrency_limit", "unauthenticated", "forbidden"] {
+            m.rejected.with_label_values(&[reason]);
+        }
         for c in collectors {
             m.registry.register(c).expect("metric registered once");
         }
@@ -287,6 +297,11 @@ impl Metrics {
         self.pending
             .with_label_values(&[model, version.to_string().as_str()])
             .set(rows as i64);
+    }
+
+    /// Counts a request refused before reaching a model.
+    pub fn reject(&self, reason: &str) {
+        self.rejected.with_label_values(&[reason]).inc();
     }
 
     /// Counts one HTTP request by route template (never the raw path).

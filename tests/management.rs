@@ -377,7 +377,8 @@ async fn unloading_lets_queued_requests_complete() {
     let c = client();
     let png = demo::png(&demo::draw(Shape::Square, 64, &mut rand::rng()));
     let url = s.url("/v1/models/image-cnn/predict");
-    let requests: Vec<_> = (0..24)
+    const N: u64 = 64;
+    let requests: Vec<_> = (0..N)
         .map(|_| {
             let req = c
                 .post(&url)
@@ -386,13 +387,20 @@ async fn unloading_lets_queued_requests_complete() {
             tokio::spawn(send(req))
         })
         .collect();
-    // wait until all 24 are accepted and some are still queued
-    wait_for("24 accepted requests", async || {
+    // as soon as all are accepted, while some are still queued, unload
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
         let m = model(&c, &s, "image-cnn").await;
         let stats = &m["versions"][0]["stats"];
-        stats["requests"] == 24 && stats["queued"].as_u64().unwrap() > 0
-    })
-    .await;
+        if stats["requests"] == N && stats["queued"].as_u64().unwrap() > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "requests were never all accepted and queued: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let r = send(c.post(s.url("/v1/models/image-cnn/unload"))).await;
     assert_eq!(r.status, 200);
     for t in requests {

@@ -58,14 +58,21 @@ impl std::fmt::Debug for ModelCodec {
 }
 
 impl ModelCodec {
-    /// Builds the codec of `spec`; fails when its tokenizer cannot be loaded.
-    pub fn new(spec: &ModelSpec, image_limits: ImageLimits) -> Result<Self, String> {
+    /// Builds the codec of `spec`; fails when its tokenizer cannot be loaded. Texts longer than
+    /// `max_text_bytes` are refused (0: no limit).
+    pub fn new(
+        spec: &ModelSpec,
+        image_limits: ImageLimits,
+        max_text_bytes: usize,
+    ) -> Result<Self, String> {
         let image = spec
             .image
             .as_ref()
             .map(|i| ImageCodec::new(i.clone(), image_limits));
         let text = match &spec.text {
-            Some(t) if spec.kind == ModelKind::TextClassifier => Some(TextCodec::load(t)?),
+            Some(t) if spec.kind == ModelKind::TextClassifier => {
+                Some(TextCodec::load(t, max_text_bytes)?)
+            }
             _ => None,
         };
         Ok(Self {

@@ -11,17 +11,19 @@ pub struct TextCodec {
     tokenizer: Tokenizer,
     max_length: usize,
     pad_id: i64,
+    max_bytes: usize,
 }
 
 impl TextCodec {
-    /// Loads the model's `tokenizer.json`.
-    pub fn load(spec: &TextSpec) -> Result<Self, String> {
+    /// Loads the model's `tokenizer.json`. Texts over `max_bytes` are refused (0: no limit).
+    pub fn load(spec: &TextSpec, max_bytes: usize) -> Result<Self, String> {
         let tokenizer = Tokenizer::from_file(&spec.tokenizer)
             .map_err(|e| format!("cannot load tokenizer {}: {e}", spec.tokenizer.display()))?;
         Ok(Self {
             tokenizer,
             max_length: spec.max_length,
             pad_id: spec.pad_id,
+            max_bytes,
         })
     }
 
@@ -41,6 +43,13 @@ impl TextCodec {
 
     /// Token ids of `text`, truncated to `max_length`.
     pub fn ids(&self, text: &str) -> Result<Vec<i64>, CodecError> {
+        if self.max_bytes > 0 && text.len() > self.max_bytes {
+            return Err(CodecError::TooLarge(format!(
+                "text of {} bytes; at most {} are accepted",
+                text.len(),
+                self.max_bytes
+            )));
+        }
         let encoding = self
             .tokenizer
             .encode(text, true)

@@ -32,6 +32,8 @@ pub enum ApiError {
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
     MalformedBody(String),
     #[error("{0}")]
     InvalidInput(String),
@@ -62,6 +64,7 @@ impl ApiError {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", false),
             ApiError::LoadFailed(_) => (StatusCode::UNPROCESSABLE_ENTITY, "load_failed", false),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", false),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", false),
             ApiError::MalformedBody(_) => (StatusCode::BAD_REQUEST, "malformed_body", false),
             ApiError::InvalidInput(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", false),
             ApiError::PayloadTooLarge(_) => {

@@ -15,6 +15,12 @@ pub async fn live() -> Response {
 /// `GET /health/ready`: 200 once every model required at start-up is loaded and warm, else
 /// 503 with the models still awaited.
 pub async fn ready(State(state): State<AppState>) -> Response {
+    if state.is_shutting_down() {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "shutting_down"}),
+        );
+    }
     let r = state.registry.readiness();
     if r.ready {
         json_response(StatusCode::OK, json!({"status": "ready"}))

@@ -2,6 +2,7 @@
 //! one module per API surface. It knows requests, responses and the registry, never libtorch.
 
 mod admin;
+pub mod auth;
 mod error;
 mod health;
 mod inference;
@@ -18,7 +19,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderName, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, MethodRouter};
 use axum::Router;
 use tower::ServiceBuilder;
 use tower_http::compression::CompressionLayer;
@@ -26,6 +27,7 @@ use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tracing::{field::Empty, Instrument};
 
+pub use self::auth::{Access, ApiKeys};
 pub use self::error::{ApiError, ErrorLog};
 use crate::registry::Registry;
 use crate::telemetry::Metrics;
@@ -42,6 +44,14 @@ pub struct HttpSettings {
     pub max_instances: usize,
     /// Whether the management API may change the loaded models.
     pub model_control: ModelControl,
+    /// API keys; empty: no authentication (see [`Access`]).
+    pub api_keys: ApiKeys,
+    /// Whether `/metrics` needs a key (when keys are configured).
+    pub metrics_auth: bool,
+    /// Whether management is open to any address when no keys are configured.
+    pub allow_unauthenticated_admin: bool,
+    /// Requests served at once beyond which new ones get 503.
+    pub max_concurrent_requests: usize,
 }
 
 impl Default for HttpSettings {
@@ -50,6 +60,10 @@ impl Default for HttpSettings {
             max_body_bytes: 64 << 20,
             max_instances: 1024,
             model_control: ModelControl::None,
+            api_keys: ApiKeys::default(),
+            metrics_auth: false,
+            allow_unauthenticated_admin: false,
+            max_concurrent_requests: 1024,
         }
     }
 }
@@ -60,6 +74,28 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub settings: Arc<HttpSettings>,
+    /// Set at SIGTERM: readiness answers 503 from then on.
+    pub shutting_down: Arc<std::sync::atomic::AtomicBool>,
+    concurrency: Arc<tokio::sync::Semaphore>,
+}
+
+impl AppState {
+    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, settings: HttpSettings) -> Self {
+        let permits = settings.max_concurrent_requests.max(1);
+        Self {
+            registry,
+            metrics,
+            settings: Arc::new(settings),
+            shutting_down: Arc::default(),
+            concurrency: Arc::new(tokio::sync::Semaphore::new(permits)),
+        }
+    }
+
+    /// Whether a shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// What a prediction handler tells the logging middleware (a response extension).
@@ -72,55 +108,176 @@ pub struct InferenceLog {
     pub compute_time: Duration,
 }
 
-/// The whole application.
+/// One route of the API: method, path template and who may call it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteInfo {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub access: Access,
+}
+
+/// Every route with its handler. The router is built from this table, and the tests check
+/// the table against openapi.yaml, so the spec cannot miss a route.
+fn table() -> Vec<(RouteInfo, MethodRouter<AppState>)> {
+    use Access::*;
+    let r = |method, path, access, handler| {
+        (
+            RouteInfo {
+                method,
+                path,
+                access,
+            },
+            handler,
+        )
+    };
+    vec![
+        r("GET", "/health/live", Public, get(health::live)),
+        r("GET", "/health/ready", Public, get(health::ready)),
+        r("GET", "/metrics", Metrics, get(metrics::render)),
+        r("GET", "/v1/models", Infer, get(models::list)),
+        r("GET", "/v1/models/{name}", Infer, get(models::describe)),
+        r(
+            "GET",
+            "/v1/models/{name}/versions/{version}",
+            Infer,
+            get(models::describe_version),
+        ),
+        r(
+            "POST",
+            "/v1/models/{name}/predict",
+            Infer,
+            post(v1::predict),
+        ),
+        r(
+            "POST",
+            "/v1/models/{name}/versions/{version}/predict",
+            Infer,
+            post(v1::predict_version),
+        ),
+        r("POST", "/v1/models/{name}/load", Admin, post(admin::load)),
+        r(
+            "POST",
+            "/v1/models/{name}/unload",
+            Admin,
+            post(admin::unload),
+        ),
+        r(
+            "POST",
+            "/v1/models/{name}/reload",
+            Admin,
+            post(admin::reload),
+        ),
+        r("DELETE", "/v1/models/{name}", Admin, delete(admin::unload)),
+        r("GET", "/v2", Infer, get(v2::server_metadata)),
+        r("GET", "/v2/health/live", Public, get(v2::live)),
+        r("GET", "/v2/health/ready", Public, get(v2::ready)),
+        r("GET", "/v2/models/stats", Infer, get(v2::all_stats)),
+        r("GET", "/v2/models/{name}", Infer, get(v2::model_metadata)),
+        r(
+            "GET",
+            "/v2/models/{name}/ready",
+            Infer,
+            get(v2::model_ready),
+        ),
+        r(
+            "GET",
+            "/v2/models/{name}/config",
+            Infer,
+            get(v2::model_config),
+        ),
+        r(
+            "GET",
+            "/v2/models/{name}/stats",
+            Infer,
+            get(v2::model_stats),
+        ),
+        r("POST", "/v2/models/{name}/infer", Infer, post(v2::infer)),
+        r(
+            "GET",
+            "/v2/models/{name}/versions/{version}",
+            Infer,
+            get(v2::model_version_metadata),
+        ),
+        r(
+            "GET",
+            "/v2/models/{name}/versions/{version}/ready",
+            Infer,
+            get(v2::model_version_ready),
+        ),
+        r(
+            "GET",
+            "/v2/models/{name}/versions/{version}/config",
+            Infer,
+            get(v2::model_version_config),
+        ),
+        r(
+            "GET",
+            "/v2/models/{name}/versions/{version}/stats",
+            Infer,
+            get(v2::model_version_stats),
+        ),
+        r(
+            "POST",
+            "/v2/models/{name}/versions/{version}/infer",
+            Infer,
+            post(v2::infer_version),
+        ),
+        r(
+            "POST",
+            "/v2/repository/index",
+            Admin,
+            post(v2::repository_index),
+        ),
+        r(
+            "POST",
+            "/v2/repository/models/{name}/load",
+            Admin,
+            post(v2::repository_load),
+        ),
+        r(
+            "POST",
+            "/v2/repository/models/{name}/unload",
+            Admin,
+            post(v2::repository_unload),
+        ),
+    ]
+}
+
+/// Every route the server answers (method, path template, access).
+pub fn routes() -> Vec<RouteInfo> {
+    table().into_iter().map(|(info, _)| info).collect()
+}
+
+/// The whole application: one router per access level, each behind its authorisation layer
+/// (the admin routes all behind one), and a server-wide concurrency limit on everything but
+/// the health probes and metrics.
 pub fn app(state: AppState) -> Router {
     let max_body = state.settings.max_body_bytes;
-    Router::new()
-        .route("/health/live", get(health::live))
-        .route("/health/ready", get(health::ready))
-        .route("/metrics", get(metrics::render))
-        .route("/v1/models", get(models::list))
-        .route("/v1/models/{name}", get(models::describe))
-        .route(
-            "/v1/models/{name}/versions/{version}",
-            get(models::describe_version),
-        )
-        .route("/v1/models/{name}/predict", post(v1::predict))
-        .route(
-            "/v1/models/{name}/versions/{version}/predict",
-            post(v1::predict_version),
-        )
-        .route("/v2", get(v2::server_metadata))
-        .route("/v2/health/live", get(v2::live))
-        .route("/v2/health/ready", get(v2::ready))
-        .route("/v2/models/stats", get(v2::all_stats))
-        .route("/v2/models/{name}", get(v2::model_metadata))
-        .route("/v2/models/{name}/ready", get(v2::model_ready))
-        .route("/v2/models/{name}/config", get(v2::model_config))
-        .route("/v2/models/{name}/stats", get(v2::model_stats))
-        .route("/v2/models/{name}/infer", post(v2::infer))
-        .route(
-            "/v2/models/{name}/versions/{version}",
-            get(v2::model_version_metadata),
-        )
-        .route(
-            "/v2/models/{name}/versions/{version}/ready",
-            get(v2::model_version_ready),
-        )
-        .route(
-            "/v2/models/{name}/versions/{version}/config",
-            get(v2::model_version_config),
-        )
-        .route(
-            "/v2/models/{name}/versions/{version}/stats",
-            get(v2::model_version_stats),
-        )
-        .route(
-            "/v2/models/{name}/versions/{version}/infer",
-            post(v2::infer_version),
-        )
-        .route("/v2/repository/index", post(v2::repository_index))
-        .merge(admin_routes())
+    let levels = [
+        Access::Public,
+        Access::Metrics,
+        Access::Infer,
+        Access::Admin,
+    ];
+    let mut router = Router::new();
+    for access in levels {
+        let mut group = Router::new();
+        for (info, handler) in table().into_iter().filter(|(i, _)| i.access == access) {
+            group = group.route(info.path, handler);
+        }
+        group = group.route_layer(middleware::from_fn_with_state(
+            (state.clone(), access),
+            auth::authorize,
+        ));
+        if matches!(access, Access::Infer | Access::Admin) {
+            group = group.route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                limit_concurrency,
+            ));
+        }
+        router = router.merge(group);
+    }
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
@@ -137,22 +294,24 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The management routes, under one router so that one layer (admin authentication) can wrap
-/// them all.
-fn admin_routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/models/{name}/load", post(admin::load))
-        .route("/v1/models/{name}/unload", post(admin::unload))
-        .route("/v1/models/{name}/reload", post(admin::reload))
-        .route("/v1/models/{name}", axum::routing::delete(admin::unload))
-        .route(
-            "/v2/repository/models/{name}/load",
-            post(v2::repository_load),
-        )
-        .route(
-            "/v2/repository/models/{name}/unload",
-            post(v2::repository_unload),
-        )
+/// Refuses a request at once (503 + Retry-After) while `--max-concurrent-requests` are being
+/// served; it never queues.
+async fn limit_concurrency(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    match state.concurrency.clone().try_acquire_owned() {
+        Ok(_permit) => next.run(req).await,
+        Err(_) => {
+            state.metrics.reject("concurrency_limit");
+            let err = ApiError::Overloaded(format!(
+                "the server is serving its limit of {} concurrent requests; retry later",
+                state.settings.max_concurrent_requests
+            ));
+            if req.uri().path().starts_with("/v2") {
+                v2::V2Error::from(err).into_response()
+            } else {
+                err.into_response()
+            }
+        }
+    }
 }
 
 async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {

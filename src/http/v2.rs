@@ -119,7 +119,7 @@ pub async fn live() -> Json<Value> {
 /// `GET /v2/health/ready`: 200 `{"ready": true}` when every model required at start-up is
 /// ready, else 503 `{"ready": false}`.
 pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let ready = state.registry.readiness().ready;
+    let ready = state.registry.readiness().ready && !state.is_shutting_down();
     let status = if ready {
         StatusCode::OK
     } else {

@@ -166,6 +166,8 @@ pub enum ManageError {
 #[derive(Debug, Clone, Default)]
 pub struct RegistrySettings {
     pub image_limits: ImageLimits,
+    /// Longest text instance accepted, in bytes (0: no limit).
+    pub max_text_bytes: usize,
 }
 
 /// What `/health/ready` reports.

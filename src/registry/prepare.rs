@@ -31,7 +31,7 @@ pub(super) fn prepare(
 ) -> Result<Prepared, String> {
     let started = Instant::now();
     let spec = ModelSpec::load(name, config, &v.dir).map_err(|e| e.to_string())?;
-    let codec = ModelCodec::new(&spec, settings.image_limits)?;
+    let codec = ModelCodec::new(&spec, settings.image_limits, settings.max_text_bytes)?;
     let device = resolve_device(spec.device).map_err(|e| e.to_string())?;
     let mut engines: Vec<Box<dyn Engine>> = Vec::with_capacity(spec.instances);
     for _ in 0..spec.instances {

@@ -22,11 +22,17 @@ pub struct Server {
 impl Server {
     /// Starts `aiaas` on 127.0.0.1:0 with `args` and waits until it listens.
     pub fn start(models: &Path, args: &[&str]) -> Server {
+        Server::start_with_env(models, args, &[])
+    }
+
+    /// As [`Server::start`], with extra environment variables for the server only.
+    pub fn start_with_env(models: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_aiaas"))
             .args(["--host", "127.0.0.1", "--port", "0", "--models"])
             .arg(models)
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
