@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the tools the test suite drives, once; reuses what is there.
-#   Debian: prometheus (promtool and the server, started by the tests on loopback only)
+#   Debian: prometheus (promtool and the server), nginx (the failover test's load balancer);
+#           both are started by the tests themselves, on loopback only
 #   PyPI, in .venv-test: tritonclient[http], kserve, pytest (tests/python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,17 +17,18 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-apt_install prometheus
+apt_install prometheus nginx
 command -v promtool >/dev/null || { echo "promtool missing after install" >&2; exit 1; }
 
-# Python clients for the protocol tests (tritonclient, kserve, pytest) in a test-only venv,
-# reinstalled only when tests/python/requirements.txt changes.
-REQ=tests/python/requirements.txt
+# Python clients and tools for tests/python (tritonclient, kserve, schemathesis, hadolint,
+# check-jsonschema, kubernetes-validate, kubectl) in a test-only venv, reinstalled only when a
+# requirements file changes.
+REQS=(tests/python/requirements.txt tests/python/requirements-deploy.txt)
 STAMP=.venv-test/.requirements.sha256
-want=$(sha256sum "$REQ" | cut -d' ' -f1)
+want=$(cat "${REQS[@]}" | sha256sum | cut -d' ' -f1)
 if [ ! -x .venv-test/bin/python ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
-  echo ">> installing the Python test clients into .venv-test ($REQ)"
+  echo ">> installing the Python test tools into .venv-test (${REQS[*]})"
   [ -x .venv-test/bin/python ] || "${PYTHON:-python3}" -m venv .venv-test
-  .venv-test/bin/python -m pip install --quiet --disable-pip-version-check -r "$REQ"
+  .venv-test/bin/python -m pip install --quiet --disable-pip-version-check "${REQS[@]/#/-r}"
   echo "$want" > "$STAMP"
 fi

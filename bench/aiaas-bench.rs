@@ -96,7 +96,7 @@ fn raw(
 ) -> Result<()> {
     let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model");
     let spec = ModelSpec::load(name, &dir.join("model.toml"), dir)?;
-    let codec = ModelCodec::new(&spec, ImageLimits::default()).map_err(anyhow::Error::msg)?;
+    let codec = ModelCodec::new(&spec, ImageLimits::default(), 0).map_err(anyhow::Error::msg)?;
     let device = resolve_device(DeviceSpec::Cpu)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = if threads > 0 {
