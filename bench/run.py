@@ -145,17 +145,18 @@ def served(repo, body, ctype, concurrency, duration, label):
 
 # ---------------------------------------------------------------- plots (plain SVG, no deps)
 
-def svg_chart(series, x_label, y_label, title, width=420, height=300, hlines=()):
-    """series: [(name, colour, [(x, y), ...])]; x on a log2 axis."""
+def svg_chart(series, x_label, y_label, title, width=420, height=300, hlines=(), log_x=True, x_ticks=None):
+    """series: [(name, colour, [(x, y), ...])]; x on a log2 axis unless log_x is False."""
     import math
     pad_l, pad_r, pad_t, pad_b = 60, 15, 30, 45
     xs = sorted({x for _, _, pts in series for x, _ in pts})
     ymax = max([y for _, _, pts in series for _, y in pts] + [h[2] for h in hlines]) * 1.1 or 1
-    lx = [math.log2(x) for x in xs]
+    fx = math.log2 if log_x else float
+    lx = [fx(x) for x in xs]
     x0, x1 = min(lx), max(lx) if max(lx) > min(lx) else min(lx) + 1
 
     def px(x):
-        return pad_l + (math.log2(x) - x0) / (x1 - x0) * (width - pad_l - pad_r)
+        return pad_l + (fx(x) - x0) / (x1 - x0) * (width - pad_l - pad_r)
 
     def py(y):
         return height - pad_b - y / ymax * (height - pad_t - pad_b)
@@ -164,8 +165,8 @@ def svg_chart(series, x_label, y_label, title, width=420, height=300, hlines=())
            f'font-weight="bold">{title}</text>']
     out.append(f'<line x1="{pad_l}" y1="{height-pad_b}" x2="{width-pad_r}" y2="{height-pad_b}" stroke="#333"/>')
     out.append(f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{height-pad_b}" stroke="#333"/>')
-    for x in xs:
-        out.append(f'<text x="{px(x):.1f}" y="{height-pad_b+16}" text-anchor="middle" font-size="11">{x}</text>')
+    for x in (x_ticks if x_ticks is not None else xs):
+        out.append(f'<text x="{px(x):.1f}" y="{height-pad_b+16}" text-anchor="middle" font-size="11">{x:g}</text>')
     for i in range(5):
         y = ymax * i / 4
         out.append(f'<line x1="{pad_l}" y1="{py(y):.1f}" x2="{width-pad_r}" y2="{py(y):.1f}" stroke="#ddd"/>')

@@ -9,6 +9,8 @@ pub mod codec;
 pub mod config;
 pub mod demo;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod registry;
 pub mod repository;

@@ -345,3 +345,36 @@ mod tests {
         assert_eq!(DType::from_v2_name("UINT32"), None);
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn every_half_float_survives_f32_and_back() {
+        for h in 0..=u16::MAX {
+            let f = f16_to_f32(h);
+            if f.is_nan() {
+                continue;
+            }
+            assert_eq!(f32_to_f16(f), h, "{h:#06x} -> {f}");
+        }
+    }
+
+    proptest! {
+        /// Slicing rows and putting them back together gives the tensor back.
+        #[test]
+        fn rows_slice_and_rejoin(rows in 1usize..8, cols in 1usize..5, cut in 0usize..8) {
+            let cut = cut.min(rows);
+            let values: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let t = HostTensor::from_f32(vec![rows, cols], &values).unwrap();
+            let (a, b) = (t.slice_rows(0, cut), t.slice_rows(cut, rows - cut));
+            let mut joined = a.data.clone();
+            joined.extend(&b.data);
+            prop_assert_eq!(joined, t.data);
+            prop_assert_eq!(a.shape[0] + b.shape[0], rows);
+        }
+    }
+}

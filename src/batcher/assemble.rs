@@ -190,3 +190,37 @@ mod tests {
         assert!(split(&[out], [1usize].into_iter(), 1).is_err());
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Stacking items (padding variable lengths) and splitting the result gives each item
+        /// its own rows, padding included only past its own length.
+        #[test]
+        fn stack_then_split_round_trips(lengths in prop::collection::vec((1usize..4, 1usize..6), 1..6)) {
+            let items: Vec<Item> = lengths.iter().enumerate().map(|(k, &(rows, len))| {
+                let values: Vec<i64> = (0..rows * len).map(|i| (k * 100 + i + 1) as i64).collect();
+                Item::new(vec![HostTensor::from_i64(vec![rows, len], &values).unwrap()])
+            }).collect();
+            let refs: Vec<&Item> = items.iter().collect();
+            let stacked = stack(&refs, &[Some(0.0)]).unwrap();
+            let total: usize = items.iter().map(Item::rows).sum();
+            let width = lengths.iter().map(|l| l.1).max().unwrap();
+            prop_assert_eq!(&stacked[0].shape, &vec![total, width]);
+            let parts = split(&stacked, items.iter().map(Item::rows), total).unwrap();
+            for (item, part) in items.iter().zip(&parts) {
+                let (rows, len) = (item.inputs[0].shape[0], item.inputs[0].shape[1]);
+                let got = part[0].to_f64_vec();
+                let want = item.inputs[0].to_f64_vec();
+                for r in 0..rows {
+                    prop_assert_eq!(&got[r * width..r * width + len], &want[r * len..(r + 1) * len]);
+                    prop_assert!(got[r * width + len..(r + 1) * width].iter().all(|&v| v == 0.0));
+                }
+            }
+        }
+    }
+}

@@ -2,13 +2,11 @@
 
 use std::io::Cursor;
 
-use base64::Engine as _;
-use image::{imageops::FilterType, DynamicImage, ImageReader};
-use serde_json::Value;
-
-use super::{instance, CodecError};
+use super::CodecError;
 use crate::config::model_spec::ImageSpec;
 use crate::tensor::{f32_bytes, DType, HostTensor};
+use base64::Engine as _;
+use image::{imageops::FilterType, DynamicImage, ImageReader};
 
 /// Bounds on images accepted for decoding, checked from the header before any pixel is decoded.
 #[derive(Debug, Clone, Copy)]
@@ -119,21 +117,15 @@ impl ImageCodec {
         self.normalise_hwc(&pixels)
     }
 
-    /// Pixel values 0..255 as a JSON array `[H][W][C]` (or flat, HWC order).
-    pub fn decode_pixels(&self, value: &Value) -> Result<HostTensor, CodecError> {
+    /// Pixel values 0..255 shaped `[H][W][C]` (or flat, HWC order), as parsed from JSON.
+    pub fn decode_pixels(&self, values: &[f64], shape: &[usize]) -> Result<HostTensor, CodecError> {
         let (w, h, c) = (
             self.spec.width as usize,
             self.spec.height as usize,
             self.spec.channels,
         );
-        let (values, shape) = instance::flatten_numbers(value, w * h * c).map_err(|e| match e {
-            CodecError::TooLarge(_) => CodecError::Invalid(format!(
-                "an image instance is {{\"b64\": ...}} or {h}x{w}x{c} pixel values"
-            )),
-            e => e,
-        })?;
         let ok = shape == [h, w, c] || shape == [h * w * c] || (c == 1 && shape == [h, w]);
-        if !ok {
+        if !ok || values.len() != h * w * c {
             return Err(CodecError::Invalid(format!(
                 "an image instance is {{\"b64\": \"<base64 PNG or JPEG>\"}} or pixel values shaped [{h}][{w}][{c}] (or flat, {} numbers); got shape {shape:?}",
                 h * w * c
@@ -144,7 +136,7 @@ impl ImageCodec {
                 "pixel values are 0..255, got {bad}"
             )));
         }
-        let pixels: Vec<f32> = values.into_iter().map(|v| v as f32).collect();
+        let pixels: Vec<f32> = values.iter().map(|&v| v as f32).collect();
         Ok(self.normalise_hwc_f32(&pixels))
     }
 
@@ -238,12 +230,15 @@ mod tests {
     fn pixel_arrays_match_decoded_images() {
         let c = codec();
         let from_png = c.decode(&png(4, 2, [10, 20, 30])).unwrap();
-        let pixels = serde_json::json!(vec![vec![vec![10, 20, 30]; 4]; 2]);
-        assert_eq!(c.decode_pixels(&pixels).unwrap(), from_png);
-        let flat = serde_json::json!([10, 20, 30].repeat(8));
-        assert_eq!(c.decode_pixels(&flat).unwrap(), from_png);
-        assert!(c.decode_pixels(&serde_json::json!([1, 2, 3])).is_err());
-        assert!(c.decode_pixels(&serde_json::json!(vec![300; 24])).is_err());
+        let px = |v: serde_json::Value| crate::codec::instance::flatten_numbers(&v, 1000).unwrap();
+        let (values, shape) = px(serde_json::json!(vec![vec![vec![10, 20, 30]; 4]; 2]));
+        assert_eq!(c.decode_pixels(&values, &shape).unwrap(), from_png);
+        let (values, shape) = px(serde_json::json!([10, 20, 30].repeat(8)));
+        assert_eq!(c.decode_pixels(&values, &shape).unwrap(), from_png);
+        let (values, shape) = px(serde_json::json!([1, 2, 3]));
+        assert!(c.decode_pixels(&values, &shape).is_err());
+        let (values, shape) = px(serde_json::json!(vec![300; 24]));
+        assert!(c.decode_pixels(&values, &shape).is_err());
     }
 
     #[test]

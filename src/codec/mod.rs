@@ -15,6 +15,7 @@ use crate::config::model_spec::{ModelKind, ModelSpec, TensorSpec};
 use crate::tensor::{DType, HostTensor};
 
 pub use self::image::{ImageCodec, ImageLimits};
+pub use self::instance::Instance;
 pub use self::text::TextCodec;
 
 /// Why a payload cannot become a model input.
@@ -123,41 +124,47 @@ impl ModelCodec {
     }
 
     /// One /v1 JSON instance as an item of one row.
-    pub fn decode_instance(&self, value: &Value) -> Result<Item, CodecError> {
+    pub fn decode_instance(&self, instance: &Instance) -> Result<Item, CodecError> {
         match self.kind {
             ModelKind::ImageClassifier => {
                 let codec = self.image.as_ref().expect("image codec for image model");
-                let pixels = match value {
-                    Value::Object(o) if o.contains_key("b64") => {
+                let pixels = match instance {
+                    Instance::Object(o) if o.contains_key("b64") => {
                         let b64 = o["b64"].as_str().ok_or_else(|| {
                             CodecError::Invalid("\"b64\" must be a base64 string".into())
                         })?;
                         codec.decode_base64(b64)?
                     }
-                    _ => codec.decode_pixels(value)?,
+                    Instance::Array { values, shape } => codec.decode_pixels(values, shape)?,
+                    other => {
+                        return Err(CodecError::Invalid(format!(
+                            "an image instance is {{\"b64\": \"<base64 PNG or JPEG>\"}} or an array of pixel values, got {}",
+                            other.json_type()
+                        )))
+                    }
                 };
                 Ok(Item::new(vec![pixels]))
             }
             ModelKind::TextClassifier => {
-                let text = value.as_str().ok_or_else(|| {
-                    CodecError::Invalid(format!(
+                let Instance::Text(text) = instance else {
+                    return Err(CodecError::Invalid(format!(
                         "a text-classifier instance is a string, got {}",
-                        instance::json_type(value)
-                    ))
-                })?;
+                        instance.json_type()
+                    )));
+                };
                 let codec = self.text.as_ref().expect("text codec for text model");
                 Ok(Item::new(vec![codec.encode(text)?]))
             }
             ModelKind::Regressor => {
                 let spec = &self.inputs[0];
                 let features = spec.dims[0] as usize;
-                let values = match value {
-                    Value::Number(_) => vec![instance::number(value)?],
-                    Value::Array(_) => instance::flatten_numbers(value, 1_000_000)?.0,
-                    _ => {
+                let values: &[f64] = match instance {
+                    Instance::Number(v) => std::slice::from_ref(v),
+                    Instance::Array { values, .. } => values,
+                    other => {
                         return Err(CodecError::Invalid(format!(
                             "a regressor instance is a number or an array of {features} numbers, got {}",
-                            instance::json_type(value)
+                            other.json_type()
                         )))
                     }
                 };
@@ -167,30 +174,38 @@ impl ModelCodec {
                         values.len()
                     )));
                 }
-                let values: Vec<f32> = values.into_iter().map(|v| v as f32).collect();
+                let values: Vec<f32> = values.iter().map(|&v| v as f32).collect();
                 Ok(Item::new(vec![HostTensor::from_f32(
                     vec![1, features],
                     &values,
                 )
                 .expect("shape checked")]))
             }
-            ModelKind::Tensor => self.decode_tensor_instance(value),
+            ModelKind::Tensor => self.decode_tensor_instance(instance),
         }
     }
 
     /// A `tensor` model's instance: the single input's nested array, or an object naming each.
-    fn decode_tensor_instance(&self, value: &Value) -> Result<Item, CodecError> {
-        let per_input: Vec<&Value> = match (value, self.inputs.len()) {
-            (Value::Object(map), _) => self
+    fn decode_tensor_instance(&self, instance: &Instance) -> Result<Item, CodecError> {
+        let per_input: Vec<(Vec<f64>, Vec<usize>)> = match (instance, self.inputs.len()) {
+            (Instance::Object(map), _) => self
                 .inputs
                 .iter()
                 .map(|s| {
-                    map.get(&s.name).ok_or_else(|| {
+                    let v = map.get(&s.name).ok_or_else(|| {
                         CodecError::Invalid(format!("instance lacks input '{}'", s.name))
-                    })
+                    })?;
+                    instance::flatten_numbers(v, 64 << 20)
                 })
                 .collect::<Result<_, _>>()?,
-            (_, 1) => vec![value],
+            (Instance::Array { values, shape }, 1) => vec![(values.clone(), shape.clone())],
+            (Instance::Number(v), 1) => vec![(vec![*v], vec![])],
+            (_, 1) => {
+                return Err(CodecError::Invalid(format!(
+                    "an instance of this model is a (nested) array of numbers, got {}",
+                    instance.json_type()
+                )))
+            }
             _ => {
                 return Err(CodecError::Invalid(format!(
                     "this model has {} inputs: give each instance as an object keyed by input name",
@@ -202,8 +217,7 @@ impl ModelCodec {
             .inputs
             .iter()
             .zip(per_input)
-            .map(|(spec, v)| {
-                let (values, shape) = instance::flatten_numbers(v, 64 << 20)?;
+            .map(|(spec, (values, shape))| {
                 check_dims(spec, &shape)?;
                 let mut full = vec![1];
                 full.extend(shape);

@@ -816,3 +816,78 @@ mod tests {
         assert_eq!(&body[n..], &f32_le(&[0.25, 0.75])[..]);
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn dtype() -> impl Strategy<Value = DType> {
+        prop::sample::select(DType::ALL.to_vec())
+    }
+
+    proptest! {
+        /// Any tensor sent as binary data comes back out of the parser byte for byte.
+        #[test]
+        fn binary_tensors_round_trip(dtype in dtype(), shape in prop::collection::vec(0usize..5, 1..4), seed in any::<u64>()) {
+            let len = byte_len(dtype, &shape).unwrap();
+            let data: Vec<u8> = (0..len).map(|i| (seed.wrapping_mul(31).wrapping_add(i as u64 * 7) >> 3) as u8).collect();
+            let header = serde_json::to_vec(&json!({"inputs": [{"name": "t", "shape": shape, "datatype": dtype.v2_name(),
+                "parameters": {"binary_data_size": len}}]})).unwrap();
+            let mut body = header.clone();
+            body.extend(&data);
+            let r = parse_request(&body, Some(header.len())).unwrap();
+            prop_assert_eq!(&r.inputs[0].data, &V2Data::Tensor(HostTensor::new(dtype, shape.clone(), data).unwrap()));
+        }
+
+        /// Integer tensors sent as JSON numbers parse to the same values.
+        #[test]
+        fn json_integers_round_trip(values in prop::collection::vec(-30000i64..30000, 1..40)) {
+            for dtype in [DType::Int16, DType::Int32, DType::Int64, DType::Fp32, DType::Fp64] {
+                let body = serde_json::to_vec(&json!({"inputs": [{"name": "t", "shape": [values.len()],
+                    "datatype": dtype.v2_name(), "data": values}]})).unwrap();
+                let r = parse_request(&body, None).unwrap();
+                let V2Data::Tensor(t) = &r.inputs[0].data else { unreachable!() };
+                prop_assert_eq!(t.to_f64_vec(), values.iter().map(|&v| v as f64).collect::<Vec<_>>());
+            }
+        }
+
+        /// BYTES elements survive the length-prefixed layout, and a truncated one is an error.
+        #[test]
+        fn bytes_elements_round_trip(elements in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..20), 0..10)) {
+            let encoded = encode_bytes_elements(&elements);
+            prop_assert_eq!(parse_bytes_elements(&encoded).unwrap(), elements.clone());
+            if !encoded.is_empty() {
+                let cut = &encoded[..encoded.len() - 1];
+                let reparsed = parse_bytes_elements(cut);
+                prop_assert!(reparsed.is_err() || reparsed.unwrap() != elements);
+            }
+        }
+
+        /// Responses carry the outputs' values, in JSON or in binary after the header.
+        #[test]
+        fn responses_round_trip(values in prop::collection::vec(-1e6f32..1e6, 1..30), binary in any::<bool>()) {
+            let t = HostTensor::from_f32(vec![values.len()], &values).unwrap();
+            let out = vec![V2Output { name: "o".into(), shape: vec![values.len()], data: V2Data::Tensor(t.clone()) }];
+            let (body, header) = encode_response("m", 1, "id", out, None, binary);
+            match header {
+                Some(n) => {
+                    prop_assert!(binary);
+                    prop_assert_eq!(&body[n..], &t.data[..]);
+                }
+                None => {
+                    let v: Value = serde_json::from_slice(&body).unwrap();
+                    let got: Vec<f32> = v["outputs"][0]["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+                    prop_assert_eq!(got, values);
+                }
+            }
+        }
+
+        /// No input, however malformed, panics the parser.
+        #[test]
+        fn arbitrary_bodies_never_panic(body in prop::collection::vec(any::<u8>(), 0..200), header in prop::option::of(0usize..250)) {
+            let _ = parse_request(&body, header);
+        }
+    }
+}

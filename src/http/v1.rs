@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use super::inference::{counted, deadline, with_timing};
 use super::{ApiError, AppState};
 use crate::batcher::{Inferred, Item};
-use crate::codec::OutputOptions;
+use crate::codec::{Instance, OutputOptions};
 use crate::registry::ServingModel;
 
 /// Above this body size, decoding moves off the async workers.
@@ -32,7 +32,7 @@ pub struct PredictQuery {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PredictRequest {
-    instances: Vec<Value>,
+    instances: Vec<Instance>,
     #[serde(default)]
     parameters: Option<Parameters>,
 }
