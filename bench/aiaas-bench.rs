@@ -11,7 +11,7 @@ use rand::SeedableRng;
 use aiaas::codec::{ImageLimits, ModelCodec};
 use aiaas::config::model_spec::{DeviceSpec, ModelSpec};
 use aiaas::demo::{self, Shape};
-use aiaas::engine::torch::{resolve_device, TorchEngine};
+use aiaas::engine::torch::{resolve_device, EngineOptions, TorchEngine};
 use aiaas::engine::Engine;
 
 #[derive(Debug, Parser)]
@@ -104,6 +104,8 @@ fn raw(
     } else {
         (cores / instances).max(1)
     };
+    // as the server runs it
+    let channels_last = spec.channels_last;
     for &b in batches {
         let sizes: Vec<usize> = if vary { (1..=b).collect() } else { vec![b] };
         let inputs: Vec<_> = sizes
@@ -115,7 +117,11 @@ fn raw(
                 let inputs = inputs.clone();
                 let file = spec.file.clone();
                 std::thread::spawn(move || -> Result<(usize, Vec<Duration>)> {
-                    let mut engine = TorchEngine::load(&file, device, Some(threads))?;
+                    let options = EngineOptions {
+                        intra_op_threads: Some(threads),
+                        channels_last,
+                    };
+                    let mut engine = TorchEngine::load(&file, device, options)?;
                     for input in inputs.iter().take(3) {
                         engine.forward(input.clone())?;
                     }

@@ -45,10 +45,10 @@ def ensure_wrk():
                    stdout=subprocess.DEVNULL)
 
 
-def raw_forward(model_dir, batches, seconds, instances=1):
+def raw_forward(model_dir, batches, seconds, instances=1, threads=None):
     out = subprocess.run([str(BENCH), "raw", "--model", str(model_dir), "--batch",
                           ",".join(map(str, batches)), "--seconds", str(seconds),
-                          "--instances", str(instances)],
+                          "--instances", str(instances), "--threads", str(threads or 0)],
                          check=True, capture_output=True, text=True).stdout
     return [json.loads(l) for l in out.splitlines() if l.startswith("{")]
 
@@ -112,22 +112,28 @@ def metric_sum(base, name, model):
     return total
 
 
-def model_repo(tmp, name, max_batch):
-    """A repository with one copy of the bundled image-cnn whose max_batch_size is `max_batch`."""
+def model_repo(tmp, name, max_batch=32, edits=(), idle_copies=0):
+    """A repository with the bundled image-cnn (max_batch_size `max_batch`, further regex
+    `edits` of its model.toml) and `idle_copies` more copies of it under other names."""
     repo = Path(tmp) / name
     dst = repo / "image-cnn"
     shutil.copytree(ROOT / "models/image-cnn", dst)
     toml = dst / "model.toml"
     text = re.sub(r"max_batch_size = \d+", f"max_batch_size = {max_batch}", toml.read_text())
+    for pattern, repl in edits:
+        text = re.sub(pattern, repl, text)
     toml.write_text(text)
+    for k in range(idle_copies):
+        shutil.copytree(dst, repo / f"image-cnn-idle-{k + 1:02}")
     return repo
 
 
-def served(repo, body, ctype, concurrency, duration, label):
+def served(repo, body, ctype, concurrency, duration, label, warm=True):
     rows = []
     with server(repo) as (base, _):
         url = base + "/v1/models/image-cnn/predict"
-        wrk(url, body, ctype, 4, 2)  # warm the connection pool and allocator
+        if warm:
+            wrk(url, body, ctype, 4, 2)  # warm the connection pool and allocator
         for c in concurrency:
             before = (metric_sum(base, "aiaas_inferences_total", "image-cnn"),
                       metric_sum(base, "aiaas_executions_total", "image-cnn"))
@@ -220,6 +226,140 @@ def machine():
     return f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.machine()}"
 
 
+def best_raw(raw, batches=(8, 32)):
+    return max((r for r in raw if r["batch"] in batches), key=lambda r: r["items_per_s"])
+
+
+def scenario_json(tmp, args):
+    """JSON pixel arrays (12,288 numbers per image) at concurrency 32 vs the best raw forward."""
+    body = Path(tmp) / "pixels.json"
+    subprocess.run([str(BENCH), "json-pixels", "--out", str(body)], check=True)
+    before = best_raw(raw_forward(ROOT / "models/image-cnn", [8, 32], args.raw_seconds, 2))
+    log(f"served, POST JSON pixel arrays ({body.stat().st_size} bytes) with wrk:")
+    r = served(model_repo(tmp, "json", 32), body, "application/json", [32], args.duration, "json")[0]
+    after = best_raw(raw_forward(ROOT / "models/image-cnn", [8, 32], args.raw_seconds, 2))
+    ref = (before["items_per_s"] + after["items_per_s"]) / 2
+    log(f"JSON at c=32: {r['rps']:.0f} req/s = {r['rps'] / ref:.1%} of the best raw forward ({ref:.0f} images/s)")
+    return {"row": r, "reference": ref, "body_bytes": body.stat().st_size}
+
+
+def scenario_latency(tmp, args, png):
+    """Concurrency 1: served p50 minus the raw batch-1 forward of the same engine layout."""
+    out = []
+    for instances in (2, 1):
+        raw1 = raw_forward(ROOT / "models/image-cnn", [1], args.raw_seconds, 1,
+                           threads=None if instances == 1 else 1)[0]
+        repo = model_repo(tmp, f"latency-{instances}", 32, edits=[(r"instances = \d+", f"instances = {instances}")])
+        r = served(repo, png, "image/png", [1], args.duration, f"{instances} instance(s)")[0]
+        raw2 = raw_forward(ROOT / "models/image-cnn", [1], args.raw_seconds, 1,
+                           threads=None if instances == 1 else 1)[0]
+        raw_p50 = (raw1["p50_ms"] + raw2["p50_ms"]) / 2
+        overhead = r["p50_us"] / 1e3 - raw_p50
+        log(f"c=1, {instances} instance(s) x {raw1['threads']} thread(s): served p50 {r['p50_us']/1e3:.3f} ms, "
+            f"raw batch-1 forward p50 {raw_p50:.3f} ms: overhead {overhead*1e3:.0f} us")
+        out.append({"instances": instances, "threads": raw1["threads"], "served_p50_ms": r["p50_us"] / 1e3,
+                    "raw_p50_ms": raw_p50, "overhead_us": overhead * 1e3, "rps": r["rps"]})
+    return out
+
+
+def scenario_idle(tmp, args, png):
+    """Throughput with 19 more copies of image-cnn loaded and idle, vs image-cnn alone."""
+    alone = served(model_repo(tmp, "alone", 32), png, "image/png", [32], args.duration, "1 model")[0]
+    crowd = served(model_repo(tmp, "crowd", 32, idle_copies=19), png, "image/png", [32], args.duration,
+                   "20 models")[0]
+    log(f"c=32 with 20 models loaded: {crowd['rps']:.0f} req/s vs {alone['rps']:.0f} alone "
+        f"({crowd['rps'] / alone['rps']:.0%})")
+    return {"alone": alone, "crowd": crowd}
+
+
+def load_step(repo, png, duration, levels):
+    """One server, wrk at each concurrency level in turn (the load step)."""
+    rows = []
+    with server(repo) as (base, _):
+        url = base + "/v1/models/image-cnn/predict"
+        wrk(url, png, "image/png", 4, 2)
+        for c in levels:
+            before = (metric_sum(base, "aiaas_inferences_total", "image-cnn"),
+                      metric_sum(base, "aiaas_executions_total", "image-cnn"))
+            r = wrk(url, png, "image/png", c, duration)
+            inf = metric_sum(base, "aiaas_inferences_total", "image-cnn") - before[0]
+            exe = metric_sum(base, "aiaas_executions_total", "image-cnn") - before[1]
+            r["mean_batch"] = inf / exe if exe else 0.0
+            r["concurrency"] = c
+            r["cap"] = metric_sum(base, "aiaas_batch_cap", "image-cnn")
+            r["delay_ms"] = metric_sum(base, "aiaas_queue_delay_seconds", "image-cnn") * 1e3
+            rows.append(r)
+    return rows
+
+
+def scenario_adaptive(tmp, args, png):
+    """Load step 4 -> 64 -> 4: fixed max_queue_delay vs a latency target."""
+    levels = [4, 64, 4]
+    fixed = load_step(model_repo(tmp, "fixed", 32, edits=[(r"max_queue_delay_ms = [\d.]+", "max_queue_delay_ms = 10.0")]),
+                      png, args.duration, levels)
+    adaptive = load_step(model_repo(tmp, "adaptive", 32, edits=[
+        (r"max_queue_delay_ms = [\d.]+", f"max_queue_delay_ms = 10.0\nlatency_target_ms = {args.latency_target:g}")]),
+        png, args.duration, levels)
+    for name, rows in [("fixed 10 ms delay", fixed), (f"adaptive, target {args.latency_target:g} ms", adaptive)]:
+        for i, r in enumerate(rows):
+            log(f"  {name:<24} phase {i + 1} c={r['concurrency']:<3} {r['rps']:7.0f} req/s  p50 {r['p50_us']/1e3:6.1f} ms  "
+                f"p99 {r['p99_us']/1e3:6.1f} ms  mean batch {r['mean_batch']:5.1f}  cap {r['cap']:.0f}  delay {r['delay_ms']:.2f} ms")
+    return {"levels": levels, "fixed": fixed, "adaptive": adaptive}
+
+
+def write_performance(args, json_r, latency, idle, adaptive):
+    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {machine()}, in the same run as the core section "
+             f"(`bench/run.py`, {args.duration:g} s per load level).", ""]
+    if json_r:
+        r = json_r["row"]
+        lines += ["**JSON pixel arrays** (`{\"instances\": [[64][64][3] numbers]}`, "
+                  f"{json_r['body_bytes']} bytes per request), concurrency 32:", "",
+                  "| req/s | p50 | p99 | mean batch | best raw forward (images/s) | ratio |", "|---:|---:|---:|---:|---:|---:|",
+                  f"| {r['rps']:.0f} | {r['p50_us']/1e3:.2f} ms | {r['p99_us']/1e3:.2f} ms | {r['mean_batch']:.1f} | "
+                  f"{json_r['reference']:.0f} | **{r['rps'] / json_r['reference']:.0%}** |", ""]
+    if latency:
+        lines += ["**Latency at concurrency 1** (PNG body): served p50 minus the raw batch-1 forward p50 of the same "
+                  "engine layout (raw measured before and after, averaged):", "",
+                  "| engine layout | served p50 | raw batch-1 p50 | overhead | req/s |", "|---|---:|---:|---:|---:|"]
+        for l in latency:
+            lines.append(f"| {l['instances']} instance(s) x {l['threads']} thread(s) | {l['served_p50_ms']:.3f} ms | "
+                         f"{l['raw_p50_ms']:.3f} ms | **{l['overhead_us']:.0f} µs** | {l['rps']:.0f} |")
+        lines.append("")
+    if idle:
+        a, c = idle["alone"], idle["crowd"]
+        lines += ["**Idle models**: image-cnn driven at concurrency 32 alone, and with 19 more copies of it "
+                  "loaded and idle (20 queues, 40 engine threads):", "",
+                  "| models loaded | req/s | p50 | p99 |", "|---:|---:|---:|---:|",
+                  f"| 1 | {a['rps']:.0f} | {a['p50_us']/1e3:.2f} ms | {a['p99_us']/1e3:.2f} ms |",
+                  f"| 20 | {c['rps']:.0f} | {c['p50_us']/1e3:.2f} ms | {c['p99_us']/1e3:.2f} ms |", ""]
+    replace_section(DOC, "performance", "\n".join(lines))
+    if adaptive:
+        lv = adaptive["levels"]
+        rows = ["**Load step** 4 → 64 → 4 clients, " f"{args.duration:g} s each, image-cnn (2 instances, max_batch_size 32): "
+                "a fixed `max_queue_delay_ms = 10` against `latency_target_ms = "
+                f"{args.latency_target:g}` (same max_queue_delay_ms as its upper bound). Cap and delay are the adaptive "
+                "queue's values at the end of each phase.", "",
+                "| batching | phase | clients | req/s | p50 | p99 | mean batch | cap | delay |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, rs in [("fixed delay 10 ms", adaptive["fixed"]), (f"adaptive, target {args.latency_target:g} ms", adaptive["adaptive"])]:
+            for i, r in enumerate(rs):
+                rows.append(f"| {name} | {i + 1} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_us']/1e3:.1f} ms | "
+                            f"{r['p99_us']/1e3:.1f} ms | {r['mean_batch']:.1f} | {r['cap']:.0f} | {r['delay_ms']:.2f} ms |")
+        rows += ["", "![load step: p99 and throughput, fixed vs adaptive](bench-adaptive.svg)"]
+        replace_section(DOC, "adaptive", "\n".join(rows))
+        phases = [1, 2, 3]
+        write_svg(ROOT / "docs/bench-adaptive.svg", [
+            svg_chart([("fixed 10 ms", "#d62728", [(p, r["p99_us"] / 1e3) for p, r in zip(phases, adaptive["fixed"])]),
+                       ("adaptive", "#1f77b4", [(p, r["p99_us"] / 1e3) for p, r in zip(phases, adaptive["adaptive"])])],
+                      "phase (clients " + " / ".join(map(str, lv)) + ")", "p99 latency (ms)", "p99 per phase",
+                      log_x=False, x_ticks=phases, hlines=[("target", "#2ca02c", args.latency_target)]),
+            svg_chart([("fixed 10 ms", "#d62728", [(p, r["rps"]) for p, r in zip(phases, adaptive["fixed"])]),
+                       ("adaptive", "#1f77b4", [(p, r["rps"]) for p, r in zip(phases, adaptive["adaptive"])])],
+                      "phase (clients " + " / ".join(map(str, lv)) + ")", "requests/s", "throughput per phase",
+                      log_x=False, x_ticks=phases),
+        ])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=10, help="seconds per load level")
@@ -227,7 +367,11 @@ def main():
     ap.add_argument("--raw-seconds", type=float, default=5)
     ap.add_argument("--quick", action="store_true", help="3 s per level (a smoke run)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    ap.add_argument("--scenarios", default="core,json,latency,idle,adaptive",
+                    help="which measurements to run (core,json,latency,idle,adaptive)")
+    ap.add_argument("--latency-target", type=float, default=40.0, help="ms, for the adaptive scenario")
     args = ap.parse_args()
+    scenarios = set(args.scenarios.split(","))
     if args.quick:
         args.duration, args.raw_seconds = 3, 2
     conc = [int(c) for c in args.concurrency.split(",")]
@@ -236,6 +380,24 @@ def main():
             sys.exit(f"{b} missing: run `make build` first")
     ensure_wrk()
     log(f"machine: {machine()}")
+
+    json_r = latency = idle = adaptive = None
+    if scenarios - {"core"}:
+        with tempfile.TemporaryDirectory(prefix="aiaas-bench-") as tmp:
+            png = Path(tmp) / "body.png"
+            subprocess.run([str(BENCH), "png", "--out", str(png)], check=True)
+            if "json" in scenarios:
+                json_r = scenario_json(tmp, args)
+            if "latency" in scenarios:
+                latency = scenario_latency(tmp, args, png)
+            if "idle" in scenarios:
+                idle = scenario_idle(tmp, args, png)
+            if "adaptive" in scenarios:
+                adaptive = scenario_adaptive(tmp, args, png)
+        if not args.no_write:
+            write_performance(args, json_r, latency, idle, adaptive)
+    if "core" not in scenarios:
+        return
 
     log("raw TorchScript forward (engine only, no HTTP):")
     raw = []

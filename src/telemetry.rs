@@ -68,6 +68,8 @@ pub struct Metrics {
     pending: IntGaugeVec,
     model_state: IntGaugeVec,
     load_duration: GaugeVec,
+    batch_cap: IntGaugeVec,
+    queue_delay: GaugeVec,
     http_requests: IntCounterVec,
     http_duration: HistogramVec,
     pub http_in_flight: IntGauge,
@@ -156,6 +158,22 @@ impl Metrics {
                 MV,
             )
             .expect("valid gauge"),
+            batch_cap: IntGaugeVec::new(
+                Opts::new(
+                    "aiaas_batch_cap",
+                    "Largest batch the queue forms now: max_batch_size, or the adaptive cap under a latency target.",
+                ),
+                MV,
+            )
+            .expect("valid gauge"),
+            queue_delay: GaugeVec::new(
+                Opts::new(
+                    "aiaas_queue_delay_seconds",
+                    "How long the oldest request may wait for a batch to fill now: max_queue_delay, or the adaptive delay.",
+                ),
+                MV,
+            )
+            .expect("valid gauge"),
             http_requests: counter(
                 "aiaas_http_requests_total",
                 "HTTP requests by route template, method and status class.",
@@ -205,6 +223,8 @@ impl Metrics {
             Box::new(m.pending.clone()),
             Box::new(m.model_state.clone()),
             Box::new(m.load_duration.clone()),
+            Box::new(m.batch_cap.clone()),
+            Box::new(m.queue_delay.clone()),
             Box::new(m.http_requests.clone()),
             Box::new(m.http_duration.clone()),
             Box::new(m.http_in_flight.clone()),
@@ -244,6 +264,8 @@ impl Metrics {
             inferences: self.inferences.with_label_values(&l),
             executions: self.executions.with_label_values(&l),
             load_duration: self.load_duration.with_label_values(&l),
+            batch_cap: self.batch_cap.with_label_values(&l),
+            queue_delay: self.queue_delay.with_label_values(&l),
         })
     }
 
@@ -270,6 +292,8 @@ impl Metrics {
         let _ = self.executions.remove_label_values(&l);
         let _ = self.pending.remove_label_values(&l);
         let _ = self.load_duration.remove_label_values(&l);
+        let _ = self.batch_cap.remove_label_values(&l);
+        let _ = self.queue_delay.remove_label_values(&l);
     }
 
     /// Marks `state` as the state of a model version (1) and every other state 0.
@@ -345,6 +369,8 @@ pub struct ModelMetrics {
     inferences: IntCounter,
     executions: IntCounter,
     load_duration: Gauge,
+    batch_cap: IntGauge,
+    queue_delay: Gauge,
 }
 
 impl ModelMetrics {
@@ -371,6 +397,10 @@ impl ModelMetrics {
 impl BatchObserver for ModelMetrics {
     fn dispatched(&self, queue_time: Duration) {
         self.queue_duration.observe(queue_time.as_secs_f64());
+    }
+    fn tuned(&self, cap: usize, delay: Duration) {
+        self.batch_cap.set(cap as i64);
+        self.queue_delay.set(delay.as_secs_f64());
     }
     fn batch_done(&self, rows: usize, _items: usize, compute_time: Duration, ok: bool) {
         if ok {

@@ -10,6 +10,7 @@
 //! items into one tensor per input (padding variable dimensions), runs the forward pass and
 //! splits the outputs back into each item's rows.
 
+mod adaptive;
 mod assemble;
 mod stats;
 
@@ -86,6 +87,9 @@ pub struct BatchConfig {
     /// Per input: the value that pads variable dimensions, or `None` if the input never pads
     /// (then only items of equal shape share a batch).
     pub pad_values: Vec<Option<f64>>,
+    /// A p99 latency budget: when set, the batch cap and queue delay are tuned at run time
+    /// (see [`adaptive`]), bounded by `max_batch_size` and `max_queue_delay`.
+    pub latency_target: Option<Duration>,
 }
 
 /// Receives batch events, e.g. to feed histograms. Every method has a no-op default.
@@ -98,6 +102,8 @@ pub trait BatchObserver: Send + Sync + 'static {
     /// An item was dropped before compute: its client left (`timed_out` false) or its deadline
     /// passed (`timed_out` true).
     fn dropped(&self, _timed_out: bool) {}
+    /// Adaptive batching moved its batch cap or queue delay.
+    fn tuned(&self, _cap: usize, _delay: Duration) {}
 }
 
 /// A no-op observer.
@@ -157,11 +163,11 @@ impl ModelHandle {
             threads: std::sync::Mutex::new(Vec::new()),
         });
         let mut threads = Vec::with_capacity(engines.len() + 1);
-        let (free_tx, free_rx) = crossbeam_channel::unbounded();
+        let (free_tx, free_rx) = crossbeam_channel::unbounded::<(usize, Duration)>();
         let mut instances = Vec::with_capacity(engines.len());
         for (index, engine) in engines.into_iter().enumerate() {
             let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
-            let _ = free_tx.send(index);
+            let _ = free_tx.send((index, Duration::ZERO));
             let thread_free_tx = free_tx.clone();
             let thread_shared = shared.clone();
             let thread = std::thread::Builder::new()
@@ -298,16 +304,22 @@ struct Job {
 /// microseconds (tokio's timer resolution is a millisecond).
 fn queue_loop(
     rx: Receiver<Vec<Pending>>,
-    free_rx: Receiver<usize>,
+    free_rx: Receiver<(usize, Duration)>,
     instances: Vec<Sender<Job>>,
     shared: Arc<Shared>,
 ) {
     let cfg = &shared.config;
+    let mut tuner = cfg
+        .latency_target
+        .map(|t| adaptive::Tuner::new(t, cfg.max_batch_size, cfg.max_queue_delay));
+    if let Some(t) = &tuner {
+        shared.observer.tuned(t.cap(), t.delay());
+    }
     let never = crossbeam_channel::never::<Vec<Pending>>();
     let mut queue: VecDeque<Pending> = VecDeque::new();
     let mut open = true;
-    // An instance taken from the free list but not used yet (everything queued was dropped).
-    let mut held: Option<usize> = None;
+    // Free engine instances, most recently used last.
+    let mut idle: Vec<usize> = Vec::with_capacity(instances.len());
     loop {
         if queue.is_empty() {
             if !open {
@@ -318,7 +330,20 @@ fn queue_loop(
                 Err(_) => break,
             }
         }
-        let instance = match held.take() {
+        // Instances that came back, most recent last: the one that finished last has the
+        // warmest caches (its own copy of the weights), so it takes the next batch.
+        let mut came_back = |(i, compute): (usize, Duration), idle: &mut Vec<usize>| {
+            // its pass's time steers an adaptive batch cap
+            if let (Some(t), false) = (&mut tuner, compute.is_zero()) {
+                t.on_compute(compute);
+                shared.observer.tuned(t.cap(), t.delay());
+            }
+            idle.push(i);
+        };
+        while let Ok(back) = free_rx.try_recv() {
+            came_back(back, &mut idle);
+        }
+        let instance = match idle.pop() {
             Some(i) => i,
             // Wait for a free instance; keep accepting items so they can join the batch, and
             // answer items whose deadline passes meanwhile.
@@ -329,7 +354,10 @@ fn queue_loop(
                     .unwrap_or(Duration::from_secs(3600));
                 crossbeam_channel::select! {
                     recv(free_rx) -> free => match free {
-                        Ok(i) => break i,
+                        Ok(back) => {
+                            came_back(back, &mut idle);
+                            break idle.pop().expect("just pushed");
+                        }
                         Err(_) => {
                             // Every engine thread is gone: a bug (they catch panics).
                             fail_all(&mut queue, &rx, &shared);
@@ -344,29 +372,43 @@ fn queue_loop(
                 }
             },
         };
+        let cap = tuner
+            .as_ref()
+            .map_or(cfg.max_batch_size, adaptive::Tuner::cap);
+        let delay = tuner
+            .as_ref()
+            .map_or(cfg.max_queue_delay, adaptive::Tuner::delay);
+        let mut waited = false;
         loop {
             drain(&rx, &mut queue, &mut open);
             purge(&mut queue, &shared);
             let Some(oldest) = queue.front() else { break };
-            let (_, full) = batch_extent(&queue, cfg);
+            let (_, full) = batch_extent(&queue, cap, cfg);
             if full || !open {
                 break;
             }
-            let until = oldest.enqueued + cfg.max_queue_delay;
+            let until = oldest.enqueued + delay;
             let now = Instant::now();
             if now >= until {
                 break;
             }
+            waited = true;
             match rx.recv_timeout(until - now) {
                 Ok(p) => queue.extend(p),
                 Err(RecvTimeoutError::Timeout) => break,
                 Err(RecvTimeoutError::Disconnected) => open = false,
             }
         }
-        let (count, _) = batch_extent(&queue, cfg);
+        let (count, filled) = batch_extent(&queue, cap, cfg);
+        if let Some(t) = &mut tuner {
+            if count > 0 {
+                t.on_dispatch(filled, waited);
+                shared.observer.tuned(t.cap(), t.delay());
+            }
+        }
         if count == 0 {
-            // Everything queued was dropped; keep the instance for the next batch.
-            held = Some(instance);
+            // Everything queued was dropped; the instance stays free.
+            idle.push(instance);
             continue;
         }
         let items: Vec<Pending> = queue.drain(..count).collect();
@@ -431,22 +473,23 @@ fn purge(queue: &mut VecDeque<Pending>, shared: &Shared) {
     *queue = kept;
 }
 
-/// How many items from the front form the next batch, and whether that batch is closed (full,
-/// or the next item cannot join it).
-fn batch_extent(queue: &VecDeque<Pending>, cfg: &BatchConfig) -> (usize, bool) {
+/// How many items from the front form the next batch of at most `cap` rows, and whether that
+/// batch is closed (full, or the next item cannot join it). The first item always goes, even
+/// when it alone has more rows than an adaptive cap (never more than `max_batch_size`).
+fn batch_extent(queue: &VecDeque<Pending>, cap: usize, cfg: &BatchConfig) -> (usize, bool) {
     let Some(first) = queue.front() else {
         return (0, false);
     };
     let mut rows = 0;
     for (i, p) in queue.iter().enumerate() {
-        if rows + p.rows > cfg.max_batch_size
-            || !assemble::compatible(&first.item, &p.item, &cfg.pad_values)
+        if i > 0
+            && (rows + p.rows > cap || !assemble::compatible(&first.item, &p.item, &cfg.pad_values))
         {
             return (i, true);
         }
         rows += p.rows;
     }
-    (queue.len(), rows >= cfg.max_batch_size)
+    (queue.len(), rows >= cap)
 }
 
 fn fail_all(queue: &mut VecDeque<Pending>, rx: &Receiver<Vec<Pending>>, shared: &Shared) {
@@ -466,12 +509,13 @@ fn engine_thread(
     index: usize,
     mut engine: Box<dyn Engine>,
     jobs: Receiver<Job>,
-    free_tx: Sender<usize>,
+    free_tx: Sender<(usize, Duration)>,
     shared: Arc<Shared>,
 ) {
     while let Ok(job) = jobs.recv() {
+        let started = std::time::Instant::now();
         run_job(engine.as_mut(), job, &shared);
-        if free_tx.send(index).is_err() {
+        if free_tx.send((index, started.elapsed())).is_err() {
             break;
         }
     }

@@ -12,6 +12,8 @@ use crate::tensor::DType;
 struct FakeEngine {
     batches: Arc<Mutex<Vec<usize>>>,
     gate: Option<std_mpsc::Receiver<()>>,
+    /// Simulated compute time per row.
+    per_row: Duration,
 }
 
 impl Engine for FakeEngine {
@@ -22,6 +24,7 @@ impl Engine for FakeEngine {
         }
         let x = &inputs[0];
         self.batches.lock().unwrap().push(x.rows());
+        std::thread::sleep(self.per_row * x.rows() as u32);
         let values: Vec<f32> = x.to_f32_vec();
         if values.contains(&666.0) {
             return Err(EngineError::Forward("poisoned input".into()));
@@ -45,6 +48,7 @@ fn harness(max_batch: usize, delay_ms: u64, capacity: usize, gated: bool) -> Har
     let engine = FakeEngine {
         batches: batches.clone(),
         gate: gated.then_some(gate_rx),
+        per_row: Duration::ZERO,
     };
     let config = BatchConfig {
         model: "fake".into(),
@@ -52,6 +56,7 @@ fn harness(max_batch: usize, delay_ms: u64, capacity: usize, gated: bool) -> Har
         max_queue_delay: Duration::from_millis(delay_ms),
         queue_capacity: capacity,
         pad_values: vec![None],
+        latency_target: None,
     };
     Harness {
         handle: ModelHandle::spawn(config, vec![Box::new(engine)], Arc::new(NoObserver)),
@@ -369,6 +374,57 @@ async fn retiring_waits_for_queued_work_then_drops_the_engine() {
     waiter.join().unwrap();
     // the engine (and its gate receiver) is gone once the threads have exited
     assert!(gate.send(()).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn adaptive_batching_keeps_passes_within_half_the_latency_target() {
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let engine = FakeEngine {
+        batches: batches.clone(),
+        gate: None,
+        per_row: Duration::from_millis(2),
+    };
+    let config = BatchConfig {
+        model: "adaptive".into(),
+        max_batch_size: 64,
+        max_queue_delay: Duration::from_millis(5),
+        queue_capacity: 4096,
+        pad_values: vec![None],
+        // a pass may take 10 ms: 5 rows at 2 ms each
+        latency_target: Some(Duration::from_millis(20)),
+    };
+    let handle = ModelHandle::spawn(config, vec![Box::new(engine)], Arc::new(NoObserver));
+    // 32 clients in a closed loop
+    let clients: Vec<_> = (0..32)
+        .map(|_| {
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                for _ in 0..12 {
+                    infer_one(&handle, 1.0).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.unwrap();
+    }
+    let sizes = batches.lock().unwrap().clone();
+    let settled = &sizes[sizes.len() / 2..];
+    let largest = settled.iter().copied().max().unwrap();
+    assert!(
+        (3..=6).contains(&largest),
+        "batch cap did not settle near 5 rows: {settled:?}"
+    );
+    // alone again: the delay halves at every batch that did not fill, to nothing
+    let mut waits = Vec::new();
+    for _ in 0..12 {
+        waits.push(infer_one(&handle, 2.0).await.unwrap().queue_time);
+    }
+    eprintln!("{waits:?}");
+    assert!(
+        waits.last().unwrap() < &Duration::from_millis(1),
+        "{waits:?}"
+    );
 }
 
 async fn futures_join<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {

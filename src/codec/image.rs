@@ -107,12 +107,11 @@ impl ImageCodec {
     fn preprocess(&self, img: DynamicImage) -> HostTensor {
         let (w, h) = (self.spec.width, self.spec.height);
         let c = self.spec.channels;
+        // into_*: no copy when the decoder already produced that pixel format
         let pixels: Vec<u8> = if c == 1 {
-            let g = img.to_luma8();
-            resize_if_needed(g, w, h).into_raw()
+            resize_if_needed(img.into_luma8(), w, h).into_raw()
         } else {
-            let rgb = img.to_rgb8();
-            resize_if_needed(rgb, w, h).into_raw()
+            resize_if_needed(img.into_rgb8(), w, h).into_raw()
         };
         self.normalise_hwc(&pixels)
     }
@@ -141,14 +140,25 @@ impl ImageCodec {
     }
 
     fn normalise_hwc(&self, hwc: &[u8]) -> HostTensor {
-        let table: Vec<Vec<f32>> = (0..self.spec.channels)
-            .map(|ch| {
-                (0..=255u8)
-                    .map(|p| (p as f32 * self.spec.scale - self.mean[ch]) / self.std[ch])
-                    .collect()
+        // one table lookup per byte, written straight as little-endian f32 in CHW order
+        let c = self.spec.channels;
+        let table: Vec<[u8; 4]> = (0..c)
+            .flat_map(|ch| {
+                (0..=255u8).map(move |p| {
+                    ((p as f32 * self.spec.scale - self.mean[ch]) / self.std[ch]).to_le_bytes()
+                })
             })
             .collect();
-        self.to_chw(hwc.len(), |i, ch| table[ch][hwc[i] as usize])
+        let (w, h) = (self.spec.width as usize, self.spec.height as usize);
+        let plane = w * h;
+        let mut out = vec![0u8; plane * c * 4];
+        for (ch, dst) in out.chunks_exact_mut(plane * 4).enumerate() {
+            let lut = &table[ch * 256..(ch + 1) * 256];
+            for (d, px) in dst.chunks_exact_mut(4).zip(hwc.iter().skip(ch).step_by(c)) {
+                d.copy_from_slice(&lut[*px as usize]);
+            }
+        }
+        HostTensor::new(DType::Fp32, vec![1, c, h, w], out).expect("CHW shape")
     }
 
     fn normalise_hwc_f32(&self, hwc: &[f32]) -> HostTensor {

@@ -93,6 +93,9 @@ pub struct BatchingSpec {
     pub queue_capacity: usize,
     /// Default deadline of one request, queueing and compute, in milliseconds.
     pub timeout_ms: u64,
+    /// A p99 latency budget in milliseconds: when set, the batch cap and the queue delay are
+    /// tuned at run time to stay within it (bounded by max_batch_size and max_queue_delay_ms).
+    pub latency_target_ms: Option<f64>,
 }
 
 impl Default for BatchingSpec {
@@ -102,6 +105,7 @@ impl Default for BatchingSpec {
             max_queue_delay_ms: 0.0,
             queue_capacity: 1024,
             timeout_ms: 30_000,
+            latency_target_ms: None,
         }
     }
 }
@@ -112,6 +116,10 @@ impl BatchingSpec {
     }
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
+    }
+    pub fn latency_target(&self) -> Option<Duration> {
+        self.latency_target_ms
+            .map(|ms| Duration::from_secs_f64(ms / 1000.0))
     }
 }
 
@@ -246,6 +254,8 @@ struct RawSpec {
     #[serde(default)]
     intra_op_threads: usize,
     #[serde(default)]
+    channels_last: Option<bool>,
+    #[serde(default)]
     description: Option<String>,
     #[serde(default)]
     batching: BatchingSpec,
@@ -284,8 +294,10 @@ pub struct ModelSpec {
     pub device: DeviceSpec,
     /// Engine instances (OS threads, each with its own copy of the module).
     pub instances: usize,
-    /// libtorch intra-op threads per instance; 0 keeps libtorch's default (one per core).
+    /// libtorch intra-op threads per instance; 0: the cores shared out between the instances.
     pub intra_op_threads: usize,
+    /// Feed 4-D inputs in channels-last memory format (default: yes for image classifiers).
+    pub channels_last: bool,
     pub batching: BatchingSpec,
     pub version_policy: VersionPolicy,
     pub image: Option<ImageSpec>,
@@ -369,6 +381,13 @@ impl ModelSpec {
         if let VersionPolicy::Latest(0) = raw.version_policy {
             return Err(invalid("version_policy.latest must be at least 1".into()));
         }
+        if let Some(t) = b.latency_target_ms {
+            if !(t.is_finite() && t > 0.0) {
+                return Err(invalid(
+                    "batching.latency_target_ms must be a positive number".into(),
+                ));
+            }
+        }
         if raw.instances == 0 {
             return Err(invalid("instances must be at least 1".into()));
         }
@@ -387,6 +406,9 @@ impl ModelSpec {
             device: raw.device,
             instances: raw.instances,
             intra_op_threads: raw.intra_op_threads,
+            channels_last: raw
+                .channels_last
+                .unwrap_or(raw.kind == ModelKind::ImageClassifier),
             batching: raw.batching,
             version_policy: raw.version_policy,
             image: raw.image,

@@ -401,6 +401,14 @@ impl Registry {
         };
         let metrics = self.metrics.for_model(name, version);
         metrics.loaded(started.elapsed());
+        {
+            use crate::batcher::BatchObserver;
+            // fixed batching settings; an adaptive queue overwrites them as it tunes
+            metrics.tuned(
+                p.spec.batching.max_batch_size,
+                p.spec.batching.max_queue_delay(),
+            );
+        }
         let handle = ModelHandle::spawn(p.batch_config, p.engines, metrics.clone());
         tracing::info!(
             model = name,

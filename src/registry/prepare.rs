@@ -7,7 +7,7 @@ use super::RegistrySettings;
 use crate::batcher::BatchConfig;
 use crate::codec::ModelCodec;
 use crate::config::model_spec::ModelSpec;
-use crate::engine::torch::{resolve_device, TorchEngine};
+use crate::engine::torch::{resolve_device, EngineOptions, TorchEngine};
 use crate::engine::{Engine, EngineError};
 use crate::repository::VersionSource;
 
@@ -35,8 +35,11 @@ pub(super) fn prepare(
     let device = resolve_device(spec.device).map_err(|e| e.to_string())?;
     let mut engines: Vec<Box<dyn Engine>> = Vec::with_capacity(spec.instances);
     for _ in 0..spec.instances {
-        let threads = intra_op_threads(&spec);
-        let engine = TorchEngine::load(&spec.file, device, threads).map_err(|e| e.to_string())?;
+        let options = EngineOptions {
+            intra_op_threads: intra_op_threads(&spec),
+            channels_last: spec.channels_last,
+        };
+        let engine = TorchEngine::load(&spec.file, device, options).map_err(|e| e.to_string())?;
         engines.push(Box::new(engine));
     }
     let load_time = started.elapsed();
@@ -57,6 +60,7 @@ pub(super) fn prepare(
         max_queue_delay: spec.batching.max_queue_delay(),
         queue_capacity: spec.batching.queue_capacity,
         pad_values: spec.inputs.iter().map(|i| i.pad_value).collect(),
+        latency_target: spec.batching.latency_target(),
     };
     Ok(Prepared {
         device: device.to_string(),
