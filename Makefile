@@ -17,9 +17,7 @@ run: build
 
 ## Every test: formatting, lints, unit and integration tests
 test: setup test-tools lint
-	cargo test --all-targets
-	cargo build --bin aiaas
-	.venv-test/bin/python -m pytest tests/python -q
+	.ci/test-all.sh
 
 test-tools:
 	@.ci/test-tools.sh

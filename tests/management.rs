@@ -365,13 +365,7 @@ async fn reload_under_load_fails_no_request_and_switches_weights() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unloading_lets_queued_requests_complete() {
-    let repo = temp_repository(&["image-cnn"]);
-    let toml = repo.path().join("image-cnn/model.toml");
-    let text = std::fs::read_to_string(&toml)
-        .unwrap()
-        .replace("instances = 2", "instances = 1")
-        .replace("max_batch_size = 32", "max_batch_size = 1");
-    std::fs::write(&toml, text).unwrap();
+    let repo = slow_image_repo();
     let s = Server::start(repo.path(), &["--model-control", "explicit"]);
     s.wait_ready();
     let c = client();

@@ -313,18 +313,6 @@ async fn size_limits_refuse_before_work() {
     );
 }
 
-/// A repository with image-cnn on one instance and no batching: a queue builds quickly.
-fn slow_image_repo() -> TempDir {
-    let repo = temp_repository(&["image-cnn"]);
-    let toml = repo.path().join("image-cnn/model.toml");
-    let text = std::fs::read_to_string(&toml)
-        .unwrap()
-        .replace("instances = 2", "instances = 1")
-        .replace("max_batch_size = 32", "max_batch_size = 1");
-    std::fs::write(&toml, text).unwrap();
-    repo
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deadlines_drop_requests_that_cannot_start_in_time() {
     let repo = slow_image_repo();

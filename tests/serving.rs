@@ -352,17 +352,16 @@ async fn bad_input_gets_a_json_error_and_the_server_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_queue_answers_503_with_retry_after_at_once() {
-    let repo = temp_repository(&["image-cnn"]);
+    let repo = slow_image_repo();
     let toml = repo.path().join("image-cnn/model.toml");
-    let text = std::fs::read_to_string(&toml).unwrap().replace(
-        "max_batch_size = 32\nmax_queue_delay_ms = 0.0\nqueue_capacity = 1024",
-        "max_batch_size = 1\nmax_queue_delay_ms = 0.0\nqueue_capacity = 1",
-    );
+    let text = std::fs::read_to_string(&toml)
+        .unwrap()
+        .replace("queue_capacity = 1024", "queue_capacity = 1");
     assert!(
         text.contains("queue_capacity = 1\n"),
         "model.toml layout changed"
     );
-    std::fs::write(&toml, text.replace("instances = 2", "instances = 1")).unwrap();
+    std::fs::write(&toml, text).unwrap();
     let s = Server::start(repo.path(), &[]);
     s.wait_ready();
     let c = client();

@@ -167,6 +167,22 @@ pub fn temp_repository(models: &[&str]) -> TempDir {
     dir
 }
 
+/// A repository with image-cnn on one instance and no batching: a queue builds quickly.
+pub fn slow_image_repo() -> TempDir {
+    let repo = temp_repository(&["image-cnn"]);
+    let toml = repo.path().join("image-cnn/model.toml");
+    let text = std::fs::read_to_string(&toml)
+        .unwrap()
+        .replace("instances = 2", "instances = 1")
+        .replace("max_batch_size = 32", "max_batch_size = 1");
+    assert!(
+        text.contains("instances = 1") && text.contains("max_batch_size = 1"),
+        "model.toml layout changed"
+    );
+    std::fs::write(&toml, text).unwrap();
+    repo
+}
+
 pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
