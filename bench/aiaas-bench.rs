@@ -57,6 +57,16 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Times decoding a request body through a model's codec (no HTTP, no forward): a PNG or
+    /// JPEG body as the image route decodes it, anything else as a /v1 JSON body.
+    Decode {
+        #[arg(long, default_value = "models/image-cnn")]
+        model: PathBuf,
+        #[arg(long)]
+        body: PathBuf,
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -82,7 +92,45 @@ fn main() -> Result<()> {
             std::fs::write(&out, serde_json::to_vec(&body)?)
                 .with_context(|| format!("writing {}", out.display()))
         }
+        Command::Decode {
+            model,
+            body,
+            seconds,
+        } => decode(&model, &body, seconds),
     }
+}
+
+/// Decodes `body` through the model's codec for `seconds`; prints one JSON line.
+fn decode(dir: &std::path::Path, body: &std::path::Path, seconds: f64) -> Result<()> {
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model");
+    let spec = ModelSpec::load(name, &dir.join("model.toml"), dir)?;
+    let codec = ModelCodec::new(&spec, ImageLimits::default(), 0).map_err(anyhow::Error::msg)?;
+    let bytes = std::fs::read(body).with_context(|| format!("reading {}", body.display()))?;
+    let image = bytes.starts_with(b"\x89PNG") || bytes.starts_with(&[0xff, 0xd8]);
+    let once = || -> Result<usize> {
+        if image {
+            Ok(codec.decode_image_bytes(&bytes)?.rows())
+        } else {
+            let req = aiaas::codec::v1::parse_request(&bytes)?;
+            let mut rows = 0;
+            for i in &req.instances {
+                rows += codec.decode_instance(i)?.rows();
+            }
+            Ok(rows)
+        }
+    };
+    let (mut n, started) = (0u64, Instant::now());
+    while started.elapsed() < Duration::from_secs_f64(seconds) {
+        std::hint::black_box(once()?);
+        n += 1;
+    }
+    let per = started.elapsed().as_secs_f64() / n as f64;
+    println!(
+        "{}",
+        serde_json::json!({"body": body.display().to_string(), "bytes": bytes.len(),
+                           "iterations": n, "us_per_decode": per * 1e6})
+    );
+    Ok(())
 }
 
 /// Runs `instances` engines side by side for `seconds` per batch size; prints one JSON line each.

@@ -76,13 +76,16 @@ def main():
             shares["other"] += pct
             if args.show_other and pct > 0.3:
                 print(f"other: {pct:.2f}% {key}")
+    total = sum(shares.values())
+    if abs(total - 100) > 2:
+        print(f"(samples add up to {total:.1f}%; shares below are of that total)")
     rps = re.search(r'"requests": (\d+), "duration_us": (\d+)', out)
     rate = int(rps.group(1)) / (int(rps.group(2)) / 1e6) if rps else float("nan")
     print(f"image-cnn, POST {args.body}, concurrency {args.concurrency}: {rate:.0f} req/s; share of the server's CPU samples:")
     print("| stage | share |")
     print("|---|---:|")
     for name, pct in sorted(shares.items(), key=lambda kv: -kv[1]):
-        print(f"| {name} | {pct:.1f}% |")
+        print(f"| {name} | {100 * pct / total:.1f}% |")
 
 
 if __name__ == "__main__":

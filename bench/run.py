@@ -90,9 +90,9 @@ def server(repo, *extra):
 
 
 def wrk(url, body_file, content_type, concurrency, duration):
-    env = {**os.environ, "BODY_FILE": str(body_file), "CONTENT_TYPE": content_type}
+    env = {**os.environ, "BODY_FILE": str(body_file or ""), "CONTENT_TYPE": content_type or ""}
     threads = min(2, concurrency)
-    out = subprocess.run(["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{duration}s",
+    out = subprocess.run(["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{max(1, round(duration))}s",
                           "--timeout", "10s", "-s", str(ROOT / "bench/wrk_post.lua"), url],
                          check=True, capture_output=True, text=True, env=env).stdout
     line = next(l for l in out.splitlines() if l.startswith("WRK_JSON "))
@@ -259,7 +259,33 @@ def scenario_latency(tmp, args, png):
             f"raw batch-1 forward p50 {raw_p50:.3f} ms: overhead {overhead*1e3:.0f} us")
         out.append({"instances": instances, "threads": raw1["threads"], "served_p50_ms": r["p50_us"] / 1e3,
                     "raw_p50_ms": raw_p50, "overhead_us": overhead * 1e3, "rps": r["rps"]})
-    return out
+    return {"rows": out, "parts": latency_parts(tmp, args, png)}
+
+
+def latency_parts(tmp, args, png):
+    """What the c=1 overhead is made of: an empty HTTP round trip on this machine (wrk GET
+    /health/live), the PNG decode alone, and the server's own queue and compute time."""
+    with server(model_repo(tmp, "floor", 32)) as (base, _):
+        wrk(base + "/health/live", None, None, 1, 2)
+        floor = wrk(base + "/health/live", None, None, 1, args.duration)
+        url = base + "/v1/models/image-cnn/predict"
+        wrk(url, png, "image/png", 1, 2)
+        sums = lambda: {k: metric_sum(base, f"aiaas_{k}_duration_seconds_sum", "image-cnn")
+                        for k in ("queue", "compute", "request")}
+        before = sums()
+        r = wrk(url, png, "image/png", 1, args.duration)
+        after = sums()
+    n = r["requests"]
+    mean_us = {k: (after[k] - before[k]) / n * 1e6 for k in after}
+    out = subprocess.run([str(BENCH), "decode", "--model", str(ROOT / "models/image-cnn"), "--body", str(png),
+                          "--seconds", "2"], check=True, capture_output=True, text=True).stdout
+    decode_us = json.loads(out.splitlines()[-1])["us_per_decode"]
+    parts = {"floor_p50_us": floor["p50_us"], "decode_us": decode_us, "queue_us": mean_us["queue"],
+             "compute_us": mean_us["compute"], "request_us": mean_us["request"], "wrk_mean_us": r["mean_us"]}
+    log(f"c=1 parts: HTTP round trip floor p50 {floor['p50_us']} us; PNG decode {decode_us:.0f} us; "
+        f"in the server (means): request {mean_us['request']:.0f} us = queue {mean_us['queue']:.0f} us "
+        f"+ compute {mean_us['compute']:.0f} us + the rest; client-side mean {r['mean_us']:.0f} us")
+    return parts
 
 
 def scenario_idle(tmp, args, png):
@@ -321,10 +347,19 @@ def write_performance(args, json_r, latency, idle, adaptive):
         lines += ["**Latency at concurrency 1** (PNG body): served p50 minus the raw batch-1 forward p50 of the same "
                   "engine layout (raw measured before and after, averaged):", "",
                   "| engine layout | served p50 | raw batch-1 p50 | overhead | req/s |", "|---|---:|---:|---:|---:|"]
-        for l in latency:
+        for l in latency["rows"]:
             lines.append(f"| {l['instances']} instance(s) x {l['threads']} thread(s) | {l['served_p50_ms']:.3f} ms | "
                          f"{l['raw_p50_ms']:.3f} ms | **{l['overhead_us']:.0f} µs** | {l['rps']:.0f} |")
-        lines.append("")
+        p = latency["parts"]
+        rest = p["request_us"] - p["queue_us"] - p["compute_us"]
+        lines += ["", "What the overhead at concurrency 1 is made of (2 instances x 1 thread, a separate run):", "",
+                  "| part | time |", "|---|---:|",
+                  f"| empty HTTP round trip on this machine (wrk `GET /health/live`, p50) | {p['floor_p50_us']:.0f} µs |",
+                  f"| PNG decode + pre-processing alone (`aiaas-bench decode`, mean) | {p['decode_us']:.0f} µs |",
+                  f"| in the server, mean: queue (HTTP task → queue thread → engine thread) | {p['queue_us']:.0f} µs |",
+                  f"| in the server, mean: compute (stack, forward, split) | {p['compute_us']:.0f} µs |",
+                  f"| in the server, mean: the rest of the request (body, decode, encode, reply hand-off) | {rest:.0f} µs |",
+                  ""]
     if idle:
         a, c = idle["alone"], idle["crowd"]
         lines += ["**Idle models**: image-cnn driven at concurrency 32 alone, and with 19 more copies of it "

@@ -1,9 +1,13 @@
 -- Posts the file named by BODY_FILE with CONTENT_TYPE; prints one JSON summary line at the end.
-local f = assert(io.open(os.getenv("BODY_FILE"), "rb"))
-wrk.method = "POST"
-wrk.body = f:read("*all")
-f:close()
-wrk.headers["Content-Type"] = os.getenv("CONTENT_TYPE") or "image/png"
+-- Without BODY_FILE it sends GETs (the benchmark's HTTP round-trip floor).
+local path = os.getenv("BODY_FILE")
+if path and path ~= "" then
+  local f = assert(io.open(path, "rb"))
+  wrk.method = "POST"
+  wrk.body = f:read("*all")
+  f:close()
+  wrk.headers["Content-Type"] = os.getenv("CONTENT_TYPE") or "image/png"
+end
 
 done = function(summary, latency, requests)
   local e = summary.errors

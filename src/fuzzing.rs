@@ -85,6 +85,17 @@ pub fn json_instances(data: &[u8]) {
             Err(_) => Vec::new(),
         },
     };
+    // the fast numeric scanner must agree with serde wherever it answers
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Some(fast) = crate::codec::numeric_instances(text) {
+            let slow = serde_json::from_str::<Vec<Instance>>(text);
+            assert_eq!(
+                Ok(&fast),
+                slow.as_ref().map_err(|_| ()),
+                "fast scanner disagrees"
+            );
+        }
+    }
     // ...and must agree with parsing through a JSON value first
     if let Ok(value) = serde_json::from_slice::<Value>(data) {
         if let Ok(via_value) = Instance::from_value(&value) {

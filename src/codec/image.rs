@@ -4,7 +4,7 @@ use std::io::Cursor;
 
 use super::CodecError;
 use crate::config::model_spec::ImageSpec;
-use crate::tensor::{f32_bytes, DType, HostTensor};
+use crate::tensor::{DType, HostTensor};
 use base64::Engine as _;
 use image::{imageops::FilterType, DynamicImage, ImageReader};
 
@@ -33,14 +33,24 @@ pub struct ImageCodec {
     spec: ImageSpec,
     mean: Vec<f32>,
     std: Vec<f32>,
+    /// Each channel's 256 byte values, normalised, as little-endian f32 bytes.
+    lut: Vec<[u8; 4]>,
     limits: ImageLimits,
 }
 
 impl ImageCodec {
     pub fn new(spec: ImageSpec, limits: ImageLimits) -> Self {
+        let (mean, std) = (spec.mean(), spec.std());
+        let lut = (0..spec.channels)
+            .flat_map(|ch| {
+                let (scale, m, s) = (spec.scale, mean[ch], std[ch]);
+                (0..=255u8).map(move |p| ((p as f32 * scale - m) / s).to_le_bytes())
+            })
+            .collect();
         Self {
-            mean: spec.mean(),
-            std: spec.std(),
+            mean,
+            std,
+            lut,
             spec,
             limits,
         }
@@ -80,28 +90,26 @@ impl ImageCodec {
                 "cannot decode image: unknown format (PNG and JPEG are accepted)".into(),
             ));
         }
-        let (w, h) = ImageReader::new(Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|e| undecodable(&e))?
-            .into_dimensions()
-            .map_err(|e| undecodable(&e))?;
         let l = self.limits;
+        // dimensions are checked below with a plainer message than the decoder's
+        let mut limits = image::Limits::default();
+        limits.max_alloc = Some(l.max_alloc);
+        let mut reader = reader;
+        reader.limits(limits);
+        let too_large = |e: image::ImageError| match e {
+            image::ImageError::Limits(e) => CodecError::TooLarge(format!("image too large: {e}")),
+            e => undecodable(&e),
+        };
+        // the header is read once; its dimensions are checked before any pixel is decoded
+        let decoder = reader.into_decoder().map_err(too_large)?;
+        let (w, h) = image::ImageDecoder::dimensions(&decoder);
         if w > l.max_width || h > l.max_height {
             return Err(CodecError::TooLarge(format!(
                 "image is {w}x{h} pixels; at most {}x{} is accepted",
                 l.max_width, l.max_height
             )));
         }
-        let mut reader = reader;
-        let mut limits = image::Limits::default();
-        limits.max_image_width = Some(l.max_width);
-        limits.max_image_height = Some(l.max_height);
-        limits.max_alloc = Some(l.max_alloc);
-        reader.limits(limits);
-        reader.decode().map_err(|e| match e {
-            image::ImageError::Limits(e) => CodecError::TooLarge(format!("image too large: {e}")),
-            e => undecodable(&e),
-        })
+        DynamicImage::from_decoder(decoder).map_err(too_large)
     }
 
     fn preprocess(&self, img: DynamicImage) -> HostTensor {
@@ -135,20 +143,32 @@ impl ImageCodec {
                 "pixel values are 0..255, got {bad}"
             )));
         }
-        let pixels: Vec<f32> = values.iter().map(|&v| v as f32).collect();
-        Ok(self.normalise_hwc_f32(&pixels))
+        // one pass, HWC numbers straight to little-endian f32 bytes in CHW order
+        let plane = w * h;
+        let mut out = vec![0u8; plane * c * 4];
+        for (ch, dst) in out.chunks_exact_mut(plane * 4).enumerate() {
+            let (scale, mean, std) = (self.spec.scale, self.mean[ch], self.std[ch]);
+            let lut = &self.lut[ch * 256..(ch + 1) * 256];
+            for (d, &v) in dst
+                .chunks_exact_mut(4)
+                .zip(values.iter().skip(ch).step_by(c))
+            {
+                // whole numbers (the usual case) from the table the PNG path uses
+                let byte = v as u8;
+                if byte as f64 == v {
+                    d.copy_from_slice(&lut[byte as usize]);
+                } else {
+                    d.copy_from_slice(&((v as f32 * scale - mean) / std).to_le_bytes());
+                }
+            }
+        }
+        Ok(HostTensor::new(DType::Fp32, vec![1, c, h, w], out).expect("CHW shape"))
     }
 
     fn normalise_hwc(&self, hwc: &[u8]) -> HostTensor {
         // one table lookup per byte, written straight as little-endian f32 in CHW order
         let c = self.spec.channels;
-        let table: Vec<[u8; 4]> = (0..c)
-            .flat_map(|ch| {
-                (0..=255u8).map(move |p| {
-                    ((p as f32 * self.spec.scale - self.mean[ch]) / self.std[ch]).to_le_bytes()
-                })
-            })
-            .collect();
+        let table = &self.lut;
         let (w, h) = (self.spec.width as usize, self.spec.height as usize);
         let plane = w * h;
         let mut out = vec![0u8; plane * c * 4];
@@ -159,29 +179,6 @@ impl ImageCodec {
             }
         }
         HostTensor::new(DType::Fp32, vec![1, c, h, w], out).expect("CHW shape")
-    }
-
-    fn normalise_hwc_f32(&self, hwc: &[f32]) -> HostTensor {
-        self.to_chw(hwc.len(), |i, ch| {
-            (hwc[i] * self.spec.scale - self.mean[ch]) / self.std[ch]
-        })
-    }
-
-    fn to_chw(&self, len: usize, value: impl Fn(usize, usize) -> f32) -> HostTensor {
-        let (w, h, c) = (
-            self.spec.width as usize,
-            self.spec.height as usize,
-            self.spec.channels,
-        );
-        debug_assert_eq!(len, w * h * c);
-        let plane = w * h;
-        let mut out = vec![0f32; len];
-        for p in 0..plane {
-            for ch in 0..c {
-                out[ch * plane + p] = value(p * c + ch, ch);
-            }
-        }
-        HostTensor::new(DType::Fp32, vec![1, c, h, w], f32_bytes(&out)).expect("CHW shape")
     }
 }
 
@@ -245,6 +242,10 @@ mod tests {
         assert_eq!(c.decode_pixels(&values, &shape).unwrap(), from_png);
         let (values, shape) = px(serde_json::json!([10, 20, 30].repeat(8)));
         assert_eq!(c.decode_pixels(&values, &shape).unwrap(), from_png);
+        // fractional values are normalised too, not only whole ones
+        let (values, shape) = px(serde_json::json!([127.5, 0.25, 255.0].repeat(8)));
+        let v = c.decode_pixels(&values, &shape).unwrap().to_f32_vec();
+        assert_eq!((v[0], v[8], v[16]), (127.5 / 255.0, 0.25 / 255.0, 1.0));
         let (values, shape) = px(serde_json::json!([1, 2, 3]));
         assert!(c.decode_pixels(&values, &shape).is_err());
         let (values, shape) = px(serde_json::json!(vec![300; 24]));
@@ -262,7 +263,7 @@ mod tests {
         small.limits.max_width = 4;
         assert!(matches!(
             small.decode(&png(5, 1, [0, 0, 0])),
-            Err(CodecError::TooLarge(_))
+            Err(CodecError::TooLarge(m)) if m == "image is 5x1 pixels; at most 4x8192 is accepted"
         ));
         let truncated = &png(8, 8, [1, 2, 3])[..40];
         assert!(c.decode(truncated).is_err());

@@ -6,6 +6,7 @@
 pub mod image;
 pub mod instance;
 pub mod text;
+pub mod v1;
 pub mod v2;
 
 use serde_json::{json, Map, Value};
@@ -15,7 +16,7 @@ use crate::config::model_spec::{ModelKind, ModelSpec, TensorSpec};
 use crate::tensor::{DType, HostTensor};
 
 pub use self::image::{ImageCodec, ImageLimits};
-pub use self::instance::Instance;
+pub use self::instance::{numeric_instances, Instance};
 pub use self::text::TextCodec;
 
 /// Why a payload cannot become a model input.

@@ -18,7 +18,8 @@ use serde_json::{json, Value};
 use super::inference::{counted, deadline, with_timing};
 use super::{ApiError, AppState};
 use crate::batcher::{Inferred, Item};
-use crate::codec::{Instance, OutputOptions};
+use crate::codec::v1::parse_request;
+use crate::codec::OutputOptions;
 use crate::registry::ServingModel;
 
 /// Above this body size, decoding moves off the async workers.
@@ -26,21 +27,6 @@ const INLINE_DECODE_BYTES: usize = 32 << 10;
 
 #[derive(Debug, Default, Deserialize)]
 pub struct PredictQuery {
-    top_k: Option<usize>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PredictRequest {
-    instances: Vec<Instance>,
-    #[serde(default)]
-    parameters: Option<Parameters>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Parameters {
-    #[serde(default)]
     top_k: Option<usize>,
 }
 
@@ -162,7 +148,7 @@ async fn decode_json(
 ) -> Result<(Vec<Item>, Option<usize>), ApiError> {
     let max = state.settings.max_instances;
     decode_off_thread(model, body, move |m, b| {
-        let req: PredictRequest = serde_json::from_slice(&b).map_err(json_error)?;
+        let req = parse_request(&b).map_err(json_error)?;
         if req.instances.is_empty() {
             return Err(ApiError::InvalidInput(
                 "\"instances\" is empty: send at least one instance".into(),
