@@ -94,6 +94,12 @@ struct Args {
     #[arg(long, env = "AIAAS_ALLOW_UNAUTHENTICATED_ADMIN")]
     allow_unauthenticated_admin: bool,
 
+    /// libtorch's inter-op thread pool, shared by every model (TorchScript `fork`; traced
+    /// models do not use it). 0 keeps libtorch's default, one per core. Per-model threading
+    /// is `instances` and `intra_op_threads` in model.toml.
+    #[arg(long, env = "AIAAS_INTEROP_THREADS", default_value_t = 0)]
+    interop_threads: usize,
+
     /// Seconds in-flight requests may take to finish after SIGTERM or Ctrl-C.
     #[arg(long, env = "AIAAS_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
     shutdown_timeout: f64,
@@ -155,6 +161,7 @@ fn main() -> anyhow::Result<()> {
         },
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
         shutdown_delay: Duration::from_secs_f64(args.shutdown_delay.max(0.0)),
+        interop_threads: args.interop_threads,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -29,6 +29,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// How long to keep accepting (with readiness failing) after SIGTERM before draining.
     pub shutdown_delay: Duration,
+    /// libtorch's process-wide inter-op pool size (0: libtorch's default).
+    pub interop_threads: usize,
 }
 
 pub fn build_info() -> BuildInfo {
@@ -45,12 +47,14 @@ pub fn build_info() -> BuildInfo {
 
 /// Serves until SIGTERM or Ctrl-C, then drains in-flight requests and returns.
 pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
+    torch::set_interop_threads(config.interop_threads);
     let build = build_info();
     tracing::info!(
         version = build.version,
         revision = build.revision,
         torch = build.torch_version,
         devices = %build.devices,
+        interop_threads = torch::interop_threads(),
         models = %config.models.display(),
         model_control = config.model_control.as_str(),
         "starting aiaas"

@@ -607,3 +607,70 @@ async fn metric(s: &Server, name: &str, model: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn json_bodies_answer_alike_whichever_parser_reads_them() {
+    // `{"instances": [numbers]}` exactly takes the fast scanner; any other key order or extra
+    // key takes serde: the answers must not depend on which one read the body
+    let s = Server::start(&models_dir(), &["--interop-threads", "3"]);
+    s.wait_ready();
+    let c = client();
+    let url = s.url("/v1/models/image-cnn/predict");
+    let img = demo::draw(Shape::Square, 64, &mut fresh_rng());
+    let rows: Vec<Vec<[u8; 3]>> = (0..64)
+        .map(|y| (0..64).map(|x| img.get_pixel(x, y).0).collect())
+        .collect();
+    let fast = post_json(&c, &url, &json!({"instances": [rows]})).await;
+    let slow = send(
+        c.post(&url)
+            .header("content-type", "application/json")
+            .body(format!(
+                r#"{{"parameters": {{"top_k": 3}}, "instances": [{}]}}"#,
+                serde_json::to_string(&rows).unwrap()
+            )),
+    )
+    .await;
+    let (fast, slow) = (&predictions(&fast)[0], &predictions(&slow)[0]);
+    assert_eq!(fast["label"], "square", "{fast}");
+    assert_close(&scores(fast), &scores(slow), 0.0);
+
+    // the regressor: bare numbers and one-element rows, integers and decimals
+    let reg = s.url("/v1/models/regressor/predict");
+    let r = post_json(&c, &reg, &json!({"instances": [0.5, [0.5], 5e-1]})).await;
+    let p = predictions(&r);
+    assert_eq!(p.len(), 3);
+    assert!(p.iter().all(|v| v == &p[0]), "{p:?}");
+
+    // what neither path takes is refused with serde's message and the right status
+    for (body, status, needle) in [
+        (r#"{"instances": [[[1, 2], [3]]]}"#, 422, "rectangular"),
+        (r#"{"instances": [1, 2,]}"#, 400, "invalid JSON"),
+        (r#"{"instances": [1e400]}"#, 400, "number out of range"),
+        (r#"{"instances": [1], "extra": 0}"#, 422, "unknown field"),
+    ] {
+        let r = send(
+            c.post(&reg)
+                .header("content-type", "application/json")
+                .body(body),
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            status,
+            "{body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let msg = r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        assert!(msg.contains(needle), "{body}: {msg}");
+    }
+
+    // --interop-threads sized libtorch's process-wide pool before any model loaded
+    assert!(
+        s.log_text().contains("interop_threads=3"),
+        "{}",
+        s.log_text()
+    );
+}

@@ -20,6 +20,21 @@ pub fn runtime_info() -> RuntimeInfo {
     }
 }
 
+/// Sizes libtorch's inter-op thread pool. The pool is process-wide (one per server, not per
+/// model) and runs TorchScript `fork`ed work, which traced models do not use; each instance's
+/// intra-op threads are set per model instead. Call once at start-up, before any model loads;
+/// `0` keeps libtorch's default (one thread per core, started only when first needed).
+pub fn set_interop_threads(n: usize) {
+    if n > 0 {
+        tch::set_num_interop_threads(n.min(i32::MAX as usize) as i32);
+    }
+}
+
+/// libtorch's inter-op pool size as configured.
+pub fn interop_threads() -> usize {
+    tch::get_num_interop_threads().max(0) as usize
+}
+
 /// A resolved device: what the model runs on and its display name (`cpu`, `cuda:0`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResolvedDevice(Device);
