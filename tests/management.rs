@@ -457,6 +457,15 @@ async fn unsafe_names_escapes_and_corrupt_files_are_refused() {
             "{path}"
         );
     }
+    // unload refuses the same names, on /v1 and on v2 (in v2's own error format)
+    let r = send(c.post(s.url("/v1/models/..%2F..%2Fetc/unload"))).await;
+    assert_eq!(r.status, 400);
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("invalid model name"), "{msg}");
+    let r = send(c.post(s.url("/v2/repository/models/.hidden/unload"))).await;
+    assert_eq!(r.status, 400);
+    let msg = r.json()["error"].as_str().unwrap().to_string();
+    assert!(msg.contains("invalid model name"), "{msg}");
     let r = send(c.post(s.url("/v1/models/corrupt/load"))).await;
     assert_eq!(r.status, 422);
     assert_eq!(r.error_code(), "load_failed");

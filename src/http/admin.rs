@@ -53,9 +53,6 @@ pub async fn unload(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     allowed(&state)?;
-    if !crate::repository::valid_name(&name) {
-        return Err(ApiError::BadRequest(format!("invalid model name '{name}'")));
-    }
     state.registry.unload(&name).await?;
     Ok(Json(model_json(&state, &name, None)?))
 }

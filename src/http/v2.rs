@@ -590,9 +590,6 @@ pub async fn repository_unload(
     _body: Bytes,
 ) -> V2Result<Json<Value>> {
     control_allowed(&state)?;
-    if !crate::repository::valid_name(&name) {
-        return Err(ApiError::BadRequest(format!("invalid model name '{name}'")).into());
-    }
     state.registry.unload(&name).await.map_err(ApiError::from)?;
     Ok(Json(json!({})))
 }

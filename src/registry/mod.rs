@@ -448,6 +448,10 @@ impl Registry {
     /// Unloads every version of `name`: new requests are refused at once, accepted ones
     /// complete, then the engines are dropped. Returns once all of that is done.
     pub async fn unload(self: &Arc<Self>, name: &str) -> Result<(), ManageError> {
+        // as load and reload refuse it through the repository
+        if !crate::repository::valid_name(name) {
+            return Err(RepositoryError::InvalidName(name.to_string()).into());
+        }
         let lock = self.op_lock(name);
         let _op = lock.lock().await;
         let versions: Vec<u64> = self
