@@ -160,7 +160,7 @@ async fn list_describe_load_unload_and_reload() {
     )));
     let r = send(c.post(s.url("/v1/models/regressor/reload"))).await;
     assert_eq!(r.status, 200);
-    assert!(s.log_text().contains("swapped in"));
+    assert!(s.wait_log("swapped in"), "{}", s.log_text());
 
     // unknown models
     assert_eq!(

@@ -99,6 +99,21 @@ impl Server {
         self.log.lock().unwrap().join("\n")
     }
 
+    /// Whether the log comes to hold `needle` within 10 s: lines reach it through a reader
+    /// thread, a moment after the server wrote them (an HTTP answer can arrive first).
+    pub fn wait_log(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.log_text().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
