@@ -2,7 +2,7 @@
 //!
 //! Layers, each knowing only the one below: [`http`] → [`codec`] / [`registry`] → [`batcher`] →
 //! [`engine`]. [`tensor`] is the plain-data currency between them; [`engine::torch`] is the only
-//! module that touches libtorch.
+//! module that touches libtorch. [`idle_poll`] is the optional `--idle-poll-us` CPU polling.
 
 pub mod batcher;
 pub mod codec;
@@ -12,6 +12,7 @@ pub mod engine;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod idle_poll;
 pub mod registry;
 pub mod repository;
 pub mod server;

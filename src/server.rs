@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use crate::config::ModelControl;
 use crate::engine::torch;
 use crate::http::{app, AppState, HttpSettings};
+use crate::idle_poll::IdlePoll;
 use crate::registry::{Registry, RegistrySettings};
 use crate::repository::ModelRepository;
 use crate::telemetry::{BuildInfo, Metrics};
@@ -31,6 +32,9 @@ pub struct ServerConfig {
     pub shutdown_delay: Duration,
     /// libtorch's process-wide inter-op pool size (0: libtorch's default).
     pub interop_threads: usize,
+    /// Keep the CPUs polling this long after the last request ends (zero: off); see
+    /// [`crate::idle_poll`].
+    pub idle_poll: Duration,
 }
 
 pub fn build_info() -> BuildInfo {
@@ -65,7 +69,11 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         config.registry.clone(),
         metrics.clone(),
     );
-    let state = AppState::new(registry.clone(), metrics, config.http.clone());
+    let mut state = AppState::new(registry.clone(), metrics, config.http.clone());
+    let idle_poll = start_idle_poll(config.idle_poll);
+    if let Some(p) = &idle_poll {
+        state = state.with_idle_poll(p.clone());
+    }
     let shutting_down = state.shutting_down.clone();
     let listener = TcpListener::bind(config.addr).await?;
     let addr = listener.local_addr()?;
@@ -128,7 +136,33 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
         Err(_) => tracing::warn!("shutdown timeout reached with requests still in flight"),
     }
+    if let Some(p) = idle_poll {
+        p.stop();
+    }
     Ok(())
+}
+
+/// Starts one idle poller per CPU this process may use, when `window` is not zero.
+fn start_idle_poll(window: Duration) -> Option<std::sync::Arc<IdlePoll>> {
+    if window.is_zero() {
+        return None;
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let poll = IdlePoll::new(window);
+    match poll.start(threads) {
+        Ok(()) => {
+            tracing::info!(
+                threads,
+                window_us = window.as_micros() as u64,
+                "idle polling on: CPUs kept from idling while requests are in flight (SCHED_IDLE)"
+            );
+            Some(poll)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "idle polling unavailable; running without it");
+            None
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -674,3 +674,123 @@ async fn json_bodies_answer_alike_whichever_parser_reads_them() {
         s.log_text()
     );
 }
+
+/// One of the server's threads, as /proc shows it.
+#[derive(Debug, Clone, PartialEq)]
+struct ThreadInfo {
+    state: char,
+    /// Scheduling policy (5: SCHED_IDLE).
+    policy: u32,
+    /// User plus system CPU time, in clock ticks.
+    cpu_ticks: u64,
+    /// Times it blocked (a poller blocks only when it goes to sleep).
+    voluntary_switches: u64,
+}
+
+/// The server's threads whose name starts with `prefix`, by thread id.
+fn threads_named(pid: u32, prefix: &str) -> Vec<(String, ThreadInfo)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc") {
+        let dir = task.expect("task").path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).expect("stat");
+        // fields after the parenthesised name: state is field 3, utime 14, stime 15, policy 41
+        let rest: Vec<&str> = stat
+            .rsplit_once(')')
+            .expect("stat")
+            .1
+            .split_whitespace()
+            .collect();
+        let field = |n: usize| rest[n - 3];
+        let status = std::fs::read_to_string(dir.join("status")).expect("status");
+        let voluntary = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .expect("voluntary_ctxt_switches")
+            .trim()
+            .parse()
+            .expect("count");
+        out.push((
+            dir.file_name().unwrap().to_string_lossy().into_owned(),
+            ThreadInfo {
+                state: field(3).chars().next().unwrap(),
+                policy: field(41).parse().unwrap(),
+                cpu_ticks: field(14).parse::<u64>().unwrap() + field(15).parse::<u64>().unwrap(),
+                voluntary_switches: voluntary,
+            },
+        ));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Waits (up to 20 s: a SCHED_IDLE thread on a busy machine runs rarely) until every poller
+/// sleeps and, when `after` is given, has slept again since then.
+fn wait_pollers_asleep(
+    pid: u32,
+    after: Option<&[(String, ThreadInfo)]>,
+) -> Vec<(String, ThreadInfo)> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let now = threads_named(pid, "idle-poll");
+        let asleep = now.iter().all(|(_, t)| t.state == 'S');
+        let slept_again = after.is_none_or(|before| {
+            before
+                .iter()
+                .zip(&now)
+                .all(|((a, b), (c, d))| a == c && d.voluntary_switches > b.voluntary_switches)
+        });
+        if asleep && slept_again {
+            return now;
+        }
+        assert!(std::time::Instant::now() < deadline, "pollers: {now:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_polling_runs_at_the_lowest_priority_and_sleeps_when_idle() {
+    let s = Server::start(
+        &models_dir(),
+        &["--idle-poll-us", "2000", "--load-model", "regressor"],
+    );
+    s.wait_ready();
+    assert!(s.wait_log("idle polling on"), "{}", s.log_text());
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let pollers = threads_named(s.pid(), "idle-poll");
+    assert_eq!(pollers.len(), cpus, "one poller per CPU: {pollers:?}");
+    assert!(
+        pollers.iter().all(|(_, t)| t.policy == 5),
+        "SCHED_IDLE: {pollers:?}"
+    );
+
+    // idle: the pollers sleep and burn nothing
+    let idle = wait_pollers_asleep(s.pid(), None);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        threads_named(s.pid(), "idle-poll"),
+        idle,
+        "an idle server's pollers must not run"
+    );
+
+    // requests wake them; after the window they sleep again; answers are unchanged
+    let c = client();
+    let url = s.url("/v1/models/regressor/predict");
+    for _ in 0..20 {
+        let r = post_json(&c, &url, &json!({"instances": [0.5]})).await;
+        let y = predictions(&r)[0].as_f64().expect("number");
+        assert!((y - 1.5).abs() < 1.0, "f(0.5) = {y}");
+    }
+    wait_pollers_asleep(s.pid(), Some(&idle));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_idle_polling_there_are_no_pollers() {
+    let s = Server::start(&models_dir(), &["--load-model", "regressor"]);
+    s.wait_ready();
+    assert!(threads_named(s.pid(), "idle-poll").is_empty());
+    assert!(!s.log_text().contains("idle polling"), "{}", s.log_text());
+}

@@ -29,6 +29,7 @@ use tracing::{field::Empty, Instrument};
 
 pub use self::auth::{Access, ApiKeys};
 pub use self::error::{ApiError, ErrorLog};
+use crate::idle_poll::{Busy, IdlePoll};
 use crate::registry::Registry;
 use crate::telemetry::Metrics;
 
@@ -77,6 +78,8 @@ pub struct AppState {
     /// Set at SIGTERM: readiness answers 503 from then on.
     pub shutting_down: Arc<std::sync::atomic::AtomicBool>,
     concurrency: Arc<tokio::sync::Semaphore>,
+    /// `--idle-poll-us`: every request in flight keeps the CPUs polling.
+    idle_poll: Option<Arc<IdlePoll>>,
 }
 
 impl AppState {
@@ -88,7 +91,14 @@ impl AppState {
             settings: Arc::new(settings),
             shutting_down: Arc::default(),
             concurrency: Arc::new(tokio::sync::Semaphore::new(permits)),
+            idle_poll: None,
         }
+    }
+
+    /// Marks the server busy for idle polling while each request is in flight.
+    pub fn with_idle_poll(mut self, idle_poll: Arc<IdlePoll>) -> Self {
+        self.idle_poll = Some(idle_poll);
+        self
     }
 
     /// Whether a shutdown has begun.
@@ -322,17 +332,24 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
-/// Keeps the in-flight gauge right even when the client leaves mid-request.
-struct InFlight(Arc<Metrics>);
+/// Keeps the in-flight gauge right even when the client leaves mid-request, and the CPUs
+/// polling meanwhile when idle polling is on.
+struct InFlight {
+    metrics: Arc<Metrics>,
+    _polling: Option<Busy>,
+}
 impl InFlight {
-    fn new(m: &Arc<Metrics>) -> Self {
-        m.http_in_flight.inc();
-        Self(m.clone())
+    fn new(state: &AppState) -> Self {
+        state.metrics.http_in_flight.inc();
+        Self {
+            metrics: state.metrics.clone(),
+            _polling: state.idle_poll.as_ref().map(IdlePoll::busy),
+        }
     }
 }
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.http_in_flight.dec();
+        self.metrics.http_in_flight.dec();
     }
 }
 
@@ -340,7 +357,7 @@ impl Drop for InFlight {
 /// template (never by raw path).
 async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let _in_flight = InFlight::new(&state.metrics);
+    let _in_flight = InFlight::new(&state);
     let route = req
         .extensions()
         .get::<MatchedPath>()
