@@ -94,7 +94,8 @@ pub struct BatchConfig {
 
 /// Receives batch events, e.g. to feed histograms. Every method has a no-op default.
 pub trait BatchObserver: Send + Sync + 'static {
-    /// An item left the queue for compute after waiting `queue_time`.
+    /// An engine took an item up after `queue_time`: queueing, batch forming and the engine
+    /// thread's wake-up.
     fn dispatched(&self, _queue_time: Duration) {}
     /// A forward pass of `rows` rows from `items` items took `compute_time`; `ok` tells whether
     /// it succeeded.
@@ -297,7 +298,6 @@ impl Retired {
 /// A batch on its way to an engine thread.
 struct Job {
     items: Vec<Pending>,
-    dispatched: Instant,
 }
 
 /// The single owner of one model's queue, on its own OS thread so that delays are precise to
@@ -414,13 +414,7 @@ fn queue_loop(
         let items: Vec<Pending> = queue.drain(..count).collect();
         let rows: usize = items.iter().map(|p| p.rows).sum();
         shared.queued_rows.fetch_sub(rows, Ordering::AcqRel);
-        let dispatched = Instant::now();
-        for p in &items {
-            shared.observer.dispatched(dispatched - p.enqueued);
-        }
-        if let Err(crossbeam_channel::SendError(job)) =
-            instances[instance].send(Job { items, dispatched })
-        {
+        if let Err(crossbeam_channel::SendError(job)) = instances[instance].send(Job { items }) {
             for p in job.items {
                 let _ = p.reply.send(Err(InferError::Stopped {
                     model: cfg.model.clone(),
@@ -524,6 +518,9 @@ fn engine_thread(
 
 fn run_job(engine: &mut dyn Engine, job: Job, shared: &Shared) {
     let cfg = &shared.config;
+    // Queue time ends here, when an engine takes the items up (as in Triton's queue
+    // duration), so the engine thread's wake-up counts as queueing, not as nothing.
+    let picked = Instant::now();
     // A client may have left while the job waited for this thread.
     let (items, gone): (Vec<Pending>, Vec<Pending>) =
         job.items.into_iter().partition(|p| !p.reply.is_closed());
@@ -534,10 +531,13 @@ fn run_job(engine: &mut dyn Engine, job: Job, shared: &Shared) {
     if items.is_empty() {
         return;
     }
+    for p in &items {
+        shared.observer.dispatched(picked - p.enqueued);
+    }
     let started = std::time::Instant::now();
     let result = forward(engine, &items, cfg);
     match result {
-        Ok(outputs) => reply_all(items, outputs, job.dispatched, started, shared),
+        Ok(outputs) => reply_all(items, outputs, picked, started, shared),
         Err(err) if items.len() > 1 => {
             // One bad item must not fail its neighbours: run each alone to find it.
             tracing::warn!(model = %cfg.model, error = %err, items = items.len(),
@@ -548,9 +548,7 @@ fn run_job(engine: &mut dyn Engine, job: Job, shared: &Shared) {
             for p in items {
                 let single_start = std::time::Instant::now();
                 match forward(engine, std::slice::from_ref(&p), cfg) {
-                    Ok(outputs) => {
-                        reply_all(vec![p], outputs, job.dispatched, single_start, shared)
-                    }
+                    Ok(outputs) => reply_all(vec![p], outputs, picked, single_start, shared),
                     Err(err) => fail(p, err, single_start, shared),
                 }
             }
@@ -607,7 +605,7 @@ fn forward(
 fn reply_all(
     items: Vec<Pending>,
     forwarded: Forwarded,
-    dispatched: Instant,
+    picked: Instant,
     started: std::time::Instant,
     shared: &Shared,
 ) {
@@ -621,7 +619,7 @@ fn reply_all(
         .observer
         .batch_done(rows, items.len(), compute_time, true);
     for (p, outputs) in items.into_iter().zip(outputs) {
-        let queue_time = dispatched - p.enqueued;
+        let queue_time = picked - p.enqueued;
         shared.stats.add_queue_time(queue_time);
         let _ = p.reply.send(Ok(Inferred {
             outputs,
