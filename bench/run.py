@@ -134,9 +134,9 @@ def model_repo(tmp, name, max_batch=32, edits=(), idle_copies=0):
     return repo
 
 
-def served(repo, body, ctype, concurrency, duration, label, warm=True):
+def served(repo, body, ctype, concurrency, duration, label, warm=True, server_args=()):
     rows = []
-    with server(repo) as (base, _):
+    with server(repo, *server_args) as (base, _):
         url = base + "/v1/models/image-cnn/predict"
         if warm:
             wrk(url, body, ctype, 4, 2)  # warm the connection pool and allocator
@@ -236,13 +236,18 @@ def best_raw(raw, batches=(8, 32)):
     return max((r for r in raw if r["batch"] in batches), key=lambda r: r["items_per_s"])
 
 
-def paired_ratio(tmp, name, body, ctype, args, rounds=3):
+IDLE_POLL = ("--idle-poll-us", "1000")
+LABELS = (("png", "PNG bytes"), ("json", "JSON pixel arrays"), ("png-poll", "PNG bytes"),
+          ("json-poll", "JSON pixel arrays"))
+
+
+def paired_ratio(tmp, name, body, ctype, args, rounds=3, server_args=()):
     """Served throughput at concurrency 32 over the best raw forward (2 single-threaded engines,
     batch 8 or 32) measured right before and right after it, `rounds` times on one server: the
     machine's speed drifts by tens of percent over minutes, so each round is its own ratio."""
     out = []
     raw = lambda: best_raw(raw_forward(ROOT / "models/image-cnn", [8, 32], args.raw_seconds, 2))["items_per_s"]
-    with server(model_repo(tmp, name, 32)) as (base, _):
+    with server(model_repo(tmp, name, 32), *server_args) as (base, _):
         url = base + "/v1/models/image-cnn/predict"
         wrk(url, body, ctype, 4, 2)  # warm the connection pool and allocator
         before = raw()
@@ -260,42 +265,61 @@ def paired_ratio(tmp, name, body, ctype, args, rounds=3):
 
 
 def scenario_ratio(tmp, args, png):
-    """PNG bytes and JSON pixel arrays at concurrency 32, each as paired rounds against raw."""
+    """PNG bytes and JSON pixel arrays at concurrency 32, each as paired rounds against raw;
+    both again with idle polling on."""
     pixels = Path(tmp) / "pixels.json"
     subprocess.run([str(BENCH), "json-pixels", "--out", str(pixels)], check=True)
     out = {}
-    for name, body, ctype in (("png", png, "image/png"), ("json", pixels, "application/json")):
-        log(f"served vs raw, POST {ctype} ({body.stat().st_size} bytes) at c=32, paired rounds:")
-        rounds = paired_ratio(tmp, name, body, ctype, args)
+    for name, body, ctype, extra in (("png", png, "image/png", ()), ("json", pixels, "application/json", ()),
+                                     ("png-poll", png, "image/png", IDLE_POLL),
+                                     ("json-poll", pixels, "application/json", IDLE_POLL)):
+        log(f"served vs raw, POST {ctype} ({body.stat().st_size} bytes) at c=32, {' '.join(extra) or 'defaults'}, "
+            "paired rounds:")
+        rounds = paired_ratio(tmp, name, body, ctype, args, server_args=extra)
         ratios = sorted(r["ratio"] for r in rounds)
         log(f"{name}: median {ratios[len(ratios) // 2]:.1%} (range {ratios[0]:.1%}..{ratios[-1]:.1%})")
-        out[name] = {"rounds": rounds, "bytes": body.stat().st_size}
+        out[name] = {"rounds": rounds, "bytes": body.stat().st_size, "flags": " ".join(extra) or "defaults"}
     return out
 
 
-def scenario_latency(tmp, args, png):
-    """Concurrency 1: served p50 minus the raw batch-1 forward of the same engine layout."""
+def scenario_latency(tmp, args, png, rounds=3):
+    """Concurrency 1: served p50 minus the raw batch-1 forward of the same engine layout, for
+    both layouts, with and without idle polling. The variants take turns for `rounds`
+    rounds, each served run between a raw measurement right before and right after it (the raw
+    batch-1 forward alone drifts by 20% from minute to minute here); the median is reported."""
+    variants = ((2, ()), (1, ()), (2, IDLE_POLL), (1, IDLE_POLL))
+    runs = {v: [] for v in variants}
+    for k in range(rounds):
+        for instances, extra in variants:
+            threads = None if instances == 1 else 1
+            raw = lambda: raw_forward(ROOT / "models/image-cnn", [1], args.raw_seconds, 1, threads=threads)[0]
+            raw1 = raw()
+            repo = model_repo(tmp, f"latency-{instances}-{len(extra)}-{k}", 32,
+                              edits=[(r"instances = \d+", f"instances = {instances}")])
+            r = served(repo, png, "image/png", [1], args.duration, f"{instances} instance(s)", server_args=extra)[0]
+            raw2 = raw()
+            raw_p50 = (raw1["p50_ms"] + raw2["p50_ms"]) / 2
+            overhead = r["p50_us"] / 1e3 - raw_p50
+            flags = " ".join(extra) or "defaults"
+            log(f"round {k + 1}: c=1, {instances} instance(s) x {raw1['threads']} thread(s), {flags}: served p50 "
+                f"{r['p50_us']/1e3:.3f} ms, raw batch-1 forward p50 {raw_p50:.3f} ms: overhead {overhead*1e3:.0f} us")
+            runs[(instances, extra)].append({"threads": raw1["threads"], "served_p50_ms": r["p50_us"] / 1e3,
+                                             "raw_p50_ms": raw_p50, "overhead_us": overhead * 1e3, "rps": r["rps"]})
     out = []
-    for instances in (2, 1):
-        raw1 = raw_forward(ROOT / "models/image-cnn", [1], args.raw_seconds, 1,
-                           threads=None if instances == 1 else 1)[0]
-        repo = model_repo(tmp, f"latency-{instances}", 32, edits=[(r"instances = \d+", f"instances = {instances}")])
-        r = served(repo, png, "image/png", [1], args.duration, f"{instances} instance(s)")[0]
-        raw2 = raw_forward(ROOT / "models/image-cnn", [1], args.raw_seconds, 1,
-                           threads=None if instances == 1 else 1)[0]
-        raw_p50 = (raw1["p50_ms"] + raw2["p50_ms"]) / 2
-        overhead = r["p50_us"] / 1e3 - raw_p50
-        log(f"c=1, {instances} instance(s) x {raw1['threads']} thread(s): served p50 {r['p50_us']/1e3:.3f} ms, "
-            f"raw batch-1 forward p50 {raw_p50:.3f} ms: overhead {overhead*1e3:.0f} us")
-        out.append({"instances": instances, "threads": raw1["threads"], "served_p50_ms": r["p50_us"] / 1e3,
-                    "raw_p50_ms": raw_p50, "overhead_us": overhead * 1e3, "rps": r["rps"]})
-    return {"rows": out, "parts": latency_parts(tmp, args, png)}
+    for (instances, extra), rs in runs.items():
+        rs = sorted(rs, key=lambda r: r["overhead_us"])
+        mid = rs[len(rs) // 2]
+        out.append({"instances": instances, "flags": " ".join(extra) or "defaults", **mid,
+                    "overhead_range": (rs[0]["overhead_us"], rs[-1]["overhead_us"])})
+        log(f"c=1, {instances} instance(s), {out[-1]['flags']}: median overhead {mid['overhead_us']:.0f} us "
+            f"(rounds {rs[0]['overhead_us']:.0f}..{rs[-1]['overhead_us']:.0f} us)")
+    return {"rows": out, "parts": [latency_parts(tmp, args, png, ()), latency_parts(tmp, args, png, IDLE_POLL)]}
 
 
-def latency_parts(tmp, args, png):
+def latency_parts(tmp, args, png, extra):
     """What the c=1 overhead is made of: an empty HTTP round trip on this machine (wrk GET
     /health/live), the PNG decode alone, and the server's own queue and compute time."""
-    with server(model_repo(tmp, "floor", 32)) as (base, _):
+    with server(model_repo(tmp, f"floor-{len(extra)}", 32), *extra) as (base, _):
         wrk(base + "/health/live", None, None, 1, 2)
         floor = wrk(base + "/health/live", None, None, 1, args.duration)
         url = base + "/v1/models/image-cnn/predict"
@@ -310,9 +334,9 @@ def latency_parts(tmp, args, png):
     out = subprocess.run([str(BENCH), "decode", "--model", str(ROOT / "models/image-cnn"), "--body", str(png),
                           "--seconds", "2"], check=True, capture_output=True, text=True).stdout
     decode_us = json.loads(out.splitlines()[-1])["us_per_decode"]
-    parts = {"floor_p50_us": floor["p50_us"], "decode_us": decode_us, "queue_us": mean_us["queue"],
+    parts = {"flags": " ".join(extra) or "defaults", "floor_p50_us": floor["p50_us"], "decode_us": decode_us, "queue_us": mean_us["queue"],
              "compute_us": mean_us["compute"], "request_us": mean_us["request"], "wrk_mean_us": r["mean_us"]}
-    log(f"c=1 parts: HTTP round trip floor p50 {floor['p50_us']} us; PNG decode {decode_us:.0f} us; "
+    log(f"c=1 parts ({parts['flags']}): HTTP round trip floor p50 {floor['p50_us']} us; PNG decode {decode_us:.0f} us; "
         f"in the server (means): request {mean_us['request']:.0f} us = queue {mean_us['queue']:.0f} us "
         f"+ compute {mean_us['compute']:.0f} us + the rest; client-side mean {r['mean_us']:.0f} us")
     return parts
@@ -364,42 +388,49 @@ def scenario_adaptive(tmp, args, png):
 
 
 def write_performance(args, json_r, latency, idle, adaptive):
-    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {machine()}, in the same run as the core section "
-             f"(`bench/run.py`, {args.duration:g} s per load level).", ""]
+    lines = [f"Measured {time.strftime('%Y-%m-%d')} {time.strftime('%H:%M')} UTC on {machine()} "
+             f"(`bench/run.py --scenarios {args.scenarios}`, {args.duration:g} s per load level).", ""]
     if json_r:
         lines += ["**Ratio to the raw forward at concurrency 32**, in paired rounds: each round serves for "
                   f"{args.duration:g} s and divides by the best raw forward (2 single-threaded engines, batch 8 or "
                   "32, no HTTP) measured right before and right after it, so that the machine's drift cancels:", "",
                   "| body | round | req/s | p50 | p99 | errors | raw before / after (images/s) | ratio |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for name, label in (("png", "PNG bytes"), ("json", "JSON pixel arrays")):
+        for name, label in LABELS:
             d = json_r[name]
             for k, r in enumerate(d["rounds"]):
-                lines.append(f"| {label} ({d['bytes']} B) | {k + 1} | {r['rps']:.0f} | {r['p50_us']/1e3:.2f} ms | "
+                lines.append(f"| {label} ({d['bytes']} B), `{d['flags']}` | {k + 1} | {r['rps']:.0f} | {r['p50_us']/1e3:.2f} ms | "
                              f"{r['p99_us']/1e3:.2f} ms | {r['errors']} | {r['raw_before']:.0f} / {r['raw_after']:.0f} | "
                              f"{r['ratio']:.0%} |")
         summary = []
-        for name, label in (("png", "PNG"), ("json", "JSON pixel arrays")):
+        for name, label in LABELS:
             ratios = sorted(r["ratio"] for r in json_r[name]["rounds"])
-            summary.append(f"{label} **{ratios[len(ratios) // 2]:.0%}** (rounds {ratios[0]:.0%} to {ratios[-1]:.0%})")
+            summary.append(f"{label}, `{json_r[name]['flags']}` **{ratios[len(ratios) // 2]:.0%}** (rounds {ratios[0]:.0%} to {ratios[-1]:.0%})")
         lines += ["", "Median ratio: " + "; ".join(summary) + ".", ""]
     if latency:
         lines += ["**Latency at concurrency 1** (PNG body): served p50 minus the raw batch-1 forward p50 of the same "
-                  "engine layout (raw measured before and after, averaged):", "",
-                  "| engine layout | served p50 | raw batch-1 p50 | overhead | req/s |", "|---|---:|---:|---:|---:|"]
+                  "engine layout, measured right before and after each served run and averaged. The variants take "
+                  "turns for three rounds; the table shows the median round and the range over all three:", "",
+                  "| engine layout | server flags | served p50 | raw batch-1 p50 | overhead (median) | overhead, rounds "
+                  "| req/s |", "|---|---|---:|---:|---:|---:|---:|"]
         for l in latency["rows"]:
-            lines.append(f"| {l['instances']} instance(s) x {l['threads']} thread(s) | {l['served_p50_ms']:.3f} ms | "
-                         f"{l['raw_p50_ms']:.3f} ms | **{l['overhead_us']:.0f} µs** | {l['rps']:.0f} |")
-        p = latency["parts"]
-        rest = p["request_us"] - p["queue_us"] - p["compute_us"]
-        lines += ["", "What the overhead at concurrency 1 is made of (2 instances x 1 thread, a separate run):", "",
-                  "| part | time |", "|---|---:|",
-                  f"| empty HTTP round trip on this machine (wrk `GET /health/live`, p50) | {p['floor_p50_us']:.0f} µs |",
-                  f"| PNG decode + pre-processing alone (`aiaas-bench decode`, mean) | {p['decode_us']:.0f} µs |",
-                  f"| in the server, mean: queue (HTTP task → queue thread → engine thread) | {p['queue_us']:.0f} µs |",
-                  f"| in the server, mean: compute (stack, forward, split) | {p['compute_us']:.0f} µs |",
-                  f"| in the server, mean: the rest of the request (body, decode, encode, reply hand-off) | {rest:.0f} µs |",
-                  ""]
+            lo, hi = l["overhead_range"]
+            lines.append(f"| {l['instances']} instance(s) x {l['threads']} thread(s) | `{l['flags']}` | "
+                         f"{l['served_p50_ms']:.3f} ms | {l['raw_p50_ms']:.3f} ms | **{l['overhead_us']:.0f} µs** | "
+                         f"{lo:.0f} to {hi:.0f} µs | {l['rps']:.0f} |")
+        parts = latency["parts"]
+        cols = " | ".join(f"`{p['flags']}`" for p in parts)
+        lines += ["", "What the overhead at concurrency 1 is made of (2 instances x 1 thread, separate runs):", "",
+                  f"| part | {cols} |", "|---|" + "---:|" * len(parts)]
+        row = lambda name, f: lines.append(f"| {name} | " + " | ".join(f"{f(p):.0f} µs" for p in parts) + " |")
+        row("empty HTTP round trip on this machine (wrk `GET /health/live`, p50)", lambda p: p["floor_p50_us"])
+        row("PNG decode + pre-processing alone (`aiaas-bench decode`, mean)", lambda p: p["decode_us"])
+        row("in the server, mean: queue (HTTP task → queue thread → engine thread picks it up)", lambda p: p["queue_us"])
+        row("in the server, mean: compute (stack, forward, split)", lambda p: p["compute_us"])
+        row("in the server, mean: the rest of the request (body, decode, encode, reply hand-off)",
+            lambda p: p["request_us"] - p["queue_us"] - p["compute_us"])
+        row("client-side mean latency (wrk)", lambda p: p["wrk_mean_us"])
+        lines.append("")
     if idle:
         a, c = idle["alone"], idle["crowd"]
         lines += ["**Idle models**: image-cnn driven at concurrency 32 alone, and with 19 more copies of it "
