@@ -288,7 +288,7 @@ async fn json_logs_tell_one_requests_story() {
     )
     .await;
     assert_eq!(r.status, 422);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(s.wait_log("story-0043"), "{}", s.log_text());
     let log = s.log_text();
     let line = |id: &str| -> Value {
         let lines: Vec<&str> = log.lines().filter(|l| l.contains(id)).collect();

@@ -17,6 +17,8 @@ pub struct Server {
     child: Child,
     pub base: String,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// Copies the server's output into `log`; joined once the process has exited.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
@@ -41,7 +43,7 @@ impl Server {
         let stdout = child.stdout.take().expect("piped stdout");
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
-        {
+        let reader = {
             let log = log.clone();
             std::thread::spawn(move || {
                 let mut tx = Some(tx);
@@ -58,8 +60,8 @@ impl Server {
                     }
                     log.lock().unwrap().push(line);
                 }
-            });
-        }
+            })
+        };
         let addr = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("server did not report its address");
@@ -67,6 +69,7 @@ impl Server {
             child,
             base: format!("http://{addr}"),
             log,
+            reader: Some(reader),
         }
     }
 
@@ -125,11 +128,15 @@ impl Server {
             .status();
     }
 
-    /// Waits for the process to exit and returns its status code.
+    /// Waits for the process to exit and returns its status code; by then its whole log has
+    /// been read.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
+                }
                 return status.code();
             }
             std::thread::sleep(Duration::from_millis(50));
