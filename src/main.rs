@@ -103,7 +103,8 @@ struct Args {
     /// Idle polling: keep the CPUs from going idle while requests are in flight and for this
     /// many microseconds after the last one, with one lowest-priority (SCHED_IDLE) thread per
     /// CPU, so that hand-offs between threads do not wait for a halted CPU to wake (tens of
-    /// microseconds each on many VMs). Trades CPU time, accounted as used, for latency at low
+    /// microseconds each on many VMs); each model's queue and engine threads also poll for work
+    /// within the window instead of blocking. Trades CPU time, accounted as used, for latency at low
     /// load; not for CPU-quota-limited containers. 0: off.
     #[arg(long, env = "AIAAS_IDLE_POLL_US", default_value_t = 0)]
     idle_poll_us: u64,
@@ -166,6 +167,8 @@ fn main() -> anyhow::Result<()> {
                 ..ImageLimits::default()
             },
             max_text_bytes: args.max_text_bytes,
+            // set by the server when idle polling starts
+            poll_window: Duration::ZERO,
         },
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
         shutdown_delay: Duration::from_secs_f64(args.shutdown_delay.max(0.0)),

@@ -64,13 +64,18 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         "starting aiaas"
     );
     let metrics = Metrics::new(&build);
+    let idle_poll = start_idle_poll(config.idle_poll);
+    let mut registry_settings = config.registry.clone();
+    if idle_poll.is_some() {
+        // the models' own threads poll for work within the same window
+        registry_settings.poll_window = config.idle_poll;
+    }
     let registry = Registry::new(
         ModelRepository::new(&config.models),
-        config.registry.clone(),
+        registry_settings,
         metrics.clone(),
     );
     let mut state = AppState::new(registry.clone(), metrics, config.http.clone());
-    let idle_poll = start_idle_poll(config.idle_poll);
     if let Some(p) = &idle_poll {
         state = state.with_idle_poll(p.clone());
     }
@@ -154,7 +159,7 @@ fn start_idle_poll(window: Duration) -> Option<std::sync::Arc<IdlePoll>> {
             tracing::info!(
                 threads,
                 window_us = window.as_micros() as u64,
-                "idle polling on: CPUs kept from idling while requests are in flight (SCHED_IDLE)"
+                "idle polling on: CPUs kept from idling while requests are in flight (SCHED_IDLE pollers; model threads poll for work)"
             );
             Some(poll)
         }

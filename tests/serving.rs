@@ -549,8 +549,7 @@ async fn broken_models_fail_alone_with_their_reason() {
         body.contains("corrupt") && body.contains("failed"),
         "{body}"
     );
-    let log = s.log_text();
-    assert!(log.contains("model failed to load"), "{log}");
+    assert!(s.wait_log("model failed to load"), "{}", s.log_text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -581,7 +580,7 @@ async fn health_probes_and_request_ids() {
         uuid::Uuid::parse_str(&id).is_ok_and(|u| u.get_version_num() == 4),
         "{id}"
     );
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    s.wait_log(&id); // the later request's line: both are in by then
     let log = s.log_text();
     let line = log
         .lines()
@@ -727,26 +726,34 @@ fn threads_named(pid: u32, prefix: &str) -> Vec<(String, ThreadInfo)> {
     out
 }
 
-/// Waits (up to 20 s: a SCHED_IDLE thread on a busy machine runs rarely) until every poller
-/// sleeps and, when `after` is given, has slept again since then.
-fn wait_pollers_asleep(
+/// Waits (up to 20 s: a SCHED_IDLE thread on a busy machine runs rarely) until every thread
+/// named `prefix...` sleeps and, when `after` is given, has slept again since then (all of
+/// them, or with `any`, at least one: an engine instance may have had no work).
+fn wait_asleep(
     pid: u32,
+    prefix: &str,
     after: Option<&[(String, ThreadInfo)]>,
+    any: bool,
 ) -> Vec<(String, ThreadInfo)> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        let now = threads_named(pid, "idle-poll");
+        let now = threads_named(pid, prefix);
         let asleep = now.iter().all(|(_, t)| t.state == 'S');
         let slept_again = after.is_none_or(|before| {
-            before
+            let mut again = before
                 .iter()
                 .zip(&now)
-                .all(|((a, b), (c, d))| a == c && d.voluntary_switches > b.voluntary_switches)
+                .map(|((a, b), (c, d))| a == c && d.voluntary_switches > b.voluntary_switches);
+            if any {
+                again.any(|x| x)
+            } else {
+                again.all(|x| x)
+            }
         });
         if asleep && slept_again {
             return now;
         }
-        assert!(std::time::Instant::now() < deadline, "pollers: {now:?}");
+        assert!(std::time::Instant::now() < deadline, "{prefix}: {now:?}");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
@@ -767,13 +774,27 @@ async fn idle_polling_runs_at_the_lowest_priority_and_sleeps_when_idle() {
         "SCHED_IDLE: {pollers:?}"
     );
 
-    // idle: the pollers sleep and burn nothing
-    let idle = wait_pollers_asleep(s.pid(), None);
+    // idle: the pollers, and the model's queue and engine threads (which poll for work too),
+    // sleep and burn nothing
+    let idle = wait_asleep(s.pid(), "idle-poll", None, false);
+    let model_threads = [
+        wait_asleep(s.pid(), "engine-", None, false),
+        wait_asleep(s.pid(), "batch-queue", None, false),
+    ];
+    assert!(model_threads.iter().all(|t| !t.is_empty()));
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(
         threads_named(s.pid(), "idle-poll"),
         idle,
         "an idle server's pollers must not run"
+    );
+    assert_eq!(
+        [
+            threads_named(s.pid(), "engine-"),
+            threads_named(s.pid(), "batch-queue")
+        ],
+        model_threads,
+        "an idle model's threads must not run"
     );
 
     // requests wake them; after the window they sleep again; answers are unchanged
@@ -784,7 +805,9 @@ async fn idle_polling_runs_at_the_lowest_priority_and_sleeps_when_idle() {
         let y = predictions(&r)[0].as_f64().expect("number");
         assert!((y - 1.5).abs() < 1.0, "f(0.5) = {y}");
     }
-    wait_pollers_asleep(s.pid(), Some(&idle));
+    wait_asleep(s.pid(), "idle-poll", Some(&idle), false);
+    wait_asleep(s.pid(), "engine-", Some(&model_threads[0]), true);
+    wait_asleep(s.pid(), "batch-queue", Some(&model_threads[1]), false);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

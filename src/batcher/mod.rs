@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, RecvError, RecvTimeoutError, Sender, TryRecvError};
 use tokio::sync::oneshot;
 
 pub use self::stats::{BatchStats, Phases, StatsSnapshot};
@@ -90,6 +90,11 @@ pub struct BatchConfig {
     /// A p99 latency budget: when set, the batch cap and queue delay are tuned at run time
     /// (see [`adaptive`]), bounded by `max_batch_size` and `max_queue_delay`.
     pub latency_target: Option<Duration>,
+    /// After its last item, how long the queue thread and each engine thread keep polling their
+    /// channel, yielding the CPU between tries, before they block. Zero blocks at once. A
+    /// blocked thread is woken through the kernel, tens of microseconds on a VM whose idle
+    /// vCPU has halted; the server sets this with `--idle-poll-us`.
+    pub poll_window: Duration,
 }
 
 /// Receives batch events, e.g. to feed histograms. Every method has a no-op default.
@@ -325,7 +330,7 @@ fn queue_loop(
             if !open {
                 break;
             }
-            match rx.recv() {
+            match recv_polling(&rx, cfg.poll_window) {
                 Ok(p) => queue.extend(p),
                 Err(_) => break,
             }
@@ -424,6 +429,23 @@ fn queue_loop(
     }
 }
 
+/// Receives from `rx`, first polling it for `window` (yielding the CPU between tries to any
+/// thread that wants it), then blocking.
+fn recv_polling<T>(rx: &Receiver<T>, window: Duration) -> Result<T, RecvError> {
+    if !window.is_zero() {
+        let until = Instant::now() + window;
+        loop {
+            match rx.try_recv() {
+                Ok(v) => return Ok(v),
+                Err(TryRecvError::Disconnected) => return Err(RecvError),
+                Err(TryRecvError::Empty) if Instant::now() < until => std::thread::yield_now(),
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+    }
+    rx.recv()
+}
+
 fn earliest_deadline(queue: &VecDeque<Pending>) -> Option<Instant> {
     queue.iter().filter_map(|p| p.deadline).min()
 }
@@ -506,7 +528,7 @@ fn engine_thread(
     free_tx: Sender<(usize, Duration)>,
     shared: Arc<Shared>,
 ) {
-    while let Ok(job) = jobs.recv() {
+    while let Ok(job) = recv_polling(&jobs, shared.config.poll_window) {
         let started = std::time::Instant::now();
         run_job(engine.as_mut(), job, &shared);
         if free_tx.send((index, started.elapsed())).is_err() {

@@ -43,6 +43,17 @@ struct Harness {
 }
 
 fn harness(max_batch: usize, delay_ms: u64, capacity: usize, gated: bool) -> Harness {
+    harness_polling(max_batch, delay_ms, capacity, gated, Duration::ZERO)
+}
+
+/// [`harness`] whose threads poll for work for `poll_window` before blocking.
+fn harness_polling(
+    max_batch: usize,
+    delay_ms: u64,
+    capacity: usize,
+    gated: bool,
+    poll_window: Duration,
+) -> Harness {
     let batches = Arc::new(Mutex::new(Vec::new()));
     let (gate_tx, gate_rx) = std_mpsc::channel();
     let engine = FakeEngine {
@@ -57,6 +68,7 @@ fn harness(max_batch: usize, delay_ms: u64, capacity: usize, gated: bool) -> Har
         queue_capacity: capacity,
         pad_values: vec![None],
         latency_target: None,
+        poll_window,
     };
     Harness {
         handle: ModelHandle::spawn(config, vec![Box::new(engine)], Arc::new(NoObserver)),
@@ -392,6 +404,7 @@ async fn adaptive_batching_keeps_passes_within_half_the_latency_target() {
         pad_values: vec![None],
         // a pass may take 10 ms: 5 rows at 2 ms each
         latency_target: Some(Duration::from_millis(20)),
+        poll_window: Duration::ZERO,
     };
     let handle = ModelHandle::spawn(config, vec![Box::new(engine)], Arc::new(NoObserver));
     // 32 clients in a closed loop
@@ -425,6 +438,39 @@ async fn adaptive_batching_keeps_passes_within_half_the_latency_target() {
         waits.last().unwrap() < &Duration::from_millis(1),
         "{waits:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_threads_batch_answer_and_retire_like_blocking_ones() {
+    let h = harness_polling(8, 5, 1024, false, Duration::from_millis(30));
+    // concurrent requests are grouped and each gets its own row
+    let tasks: Vec<_> = (0..24)
+        .map(|i| {
+            let handle = h.handle.clone();
+            tokio::spawn(async move { infer_one(&handle, i as f32).await })
+        })
+        .collect();
+    for (i, r) in futures_join(tasks).await.into_iter().enumerate() {
+        assert_eq!(r.unwrap().outputs[0].to_f32_vec(), vec![2.0 * i as f32]);
+    }
+    let batches = h.batches.lock().unwrap().clone();
+    assert!(batches.len() < 24, "no batching happened: {batches:?}");
+    // requests arriving within the window (found by polling) and after it (the threads have
+    // blocked by then) are both answered
+    for (k, gap) in [1u64, 60, 2, 80].into_iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(gap)).await;
+        let r = infer_one(&h.handle, k as f32).await.unwrap();
+        assert_eq!(r.outputs[0].to_f32_vec(), vec![2.0 * k as f32]);
+    }
+    // retired while its threads are still polling: they notice and exit
+    let retired = h.handle.retire();
+    let waiter = std::thread::spawn(move || retired.wait());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !waiter.is_finished() {
+        assert!(Instant::now() < deadline, "polling threads did not exit");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    waiter.join().unwrap();
 }
 
 async fn futures_join<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {

@@ -168,6 +168,9 @@ pub struct RegistrySettings {
     pub image_limits: ImageLimits,
     /// Longest text instance accepted, in bytes (0: no limit).
     pub max_text_bytes: usize,
+    /// With idle polling on: how long each model's queue and engine threads poll for work
+    /// after their last item before they block ([`BatchConfig::poll_window`]).
+    pub poll_window: std::time::Duration,
 }
 
 /// What `/health/ready` reports.
