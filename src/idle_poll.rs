@@ -11,11 +11,17 @@
 //! The pollers are one thread per CPU under `SCHED_IDLE`, Linux's lowest scheduling class, each
 //! calling `sched_yield` in a loop: they run only when nothing else wants the CPU and give it up
 //! at once when anything does, so they take CPU time only from the idle state, not from the
-//! server or anything else running.
-//! Outside the window they sleep. The price is CPU time that is accounted as used (power, and
-//! CPU quotas: do not combine with a CFS CPU limit, where polling would be throttled and spend
-//! the quota; use it with dedicated cores). Seastar's `--idle-poll-time-us` and the kernel's
-//! `busy_poll` make the same trade.
+//! server or anything else running. Outside the window they sleep.
+//!
+//! The pollers keep the CPUs awake; the hand-offs between a model's own threads are cut out
+//! altogether: with idle polling on, each model's queue and engine threads poll their channel
+//! for the same window before they block ([`crate::batcher::BatchConfig::poll_window`]), so an
+//! item handed to them is found without a kernel wake-up (measured at concurrency 1: the queue
+//! hand-off ~85 µs → ~9 µs).
+//!
+//! The price is CPU time that is accounted as used (power, and CPU quotas: do not combine with
+//! a CFS CPU limit, where polling would be throttled and spend the quota; use it with dedicated
+//! cores). Seastar's `--idle-poll-time-us` and the kernel's `busy_poll` make the same trade.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
