@@ -237,6 +237,13 @@ def best_raw(raw, batches=(8, 32)):
 
 
 IDLE_POLL = ("--idle-poll-us", "1000")
+
+
+def flags_label(extra):
+    """How a run's extra server flags are shown: the flags, or `defaults`."""
+    return " ".join(extra) or "defaults"
+
+
 LABELS = (("png", "PNG bytes"), ("json", "JSON pixel arrays"), ("png-poll", "PNG bytes"),
           ("json-poll", "JSON pixel arrays"))
 
@@ -273,12 +280,12 @@ def scenario_ratio(tmp, args, png):
     for name, body, ctype, extra in (("png", png, "image/png", ()), ("json", pixels, "application/json", ()),
                                      ("png-poll", png, "image/png", IDLE_POLL),
                                      ("json-poll", pixels, "application/json", IDLE_POLL)):
-        log(f"served vs raw, POST {ctype} ({body.stat().st_size} bytes) at c=32, {' '.join(extra) or 'defaults'}, "
+        log(f"served vs raw, POST {ctype} ({body.stat().st_size} bytes) at c=32, {flags_label(extra)}, "
             "paired rounds:")
         rounds = paired_ratio(tmp, name, body, ctype, args, server_args=extra)
         ratios = sorted(r["ratio"] for r in rounds)
         log(f"{name}: median {ratios[len(ratios) // 2]:.1%} (range {ratios[0]:.1%}..{ratios[-1]:.1%})")
-        out[name] = {"rounds": rounds, "bytes": body.stat().st_size, "flags": " ".join(extra) or "defaults"}
+        out[name] = {"rounds": rounds, "bytes": body.stat().st_size, "flags": flags_label(extra)}
     return out
 
 
@@ -300,7 +307,7 @@ def scenario_latency(tmp, args, png, rounds=5):
             raw2 = raw()
             raw_p50 = (raw1["p50_ms"] + raw2["p50_ms"]) / 2
             overhead = r["p50_us"] / 1e3 - raw_p50
-            flags = " ".join(extra) or "defaults"
+            flags = flags_label(extra)
             log(f"round {k + 1}: c=1, {instances} instance(s) x {raw1['threads']} thread(s), {flags}: served p50 "
                 f"{r['p50_us']/1e3:.3f} ms, raw batch-1 forward p50 {raw_p50:.3f} ms: overhead {overhead*1e3:.0f} us")
             runs[(instances, extra)].append({"threads": raw1["threads"], "served_p50_ms": r["p50_us"] / 1e3,
@@ -309,7 +316,7 @@ def scenario_latency(tmp, args, png, rounds=5):
     for (instances, extra), rs in runs.items():
         rs = sorted(rs, key=lambda r: r["overhead_us"])
         mid = rs[len(rs) // 2]
-        out.append({"instances": instances, "flags": " ".join(extra) or "defaults", **mid,
+        out.append({"instances": instances, "flags": flags_label(extra), **mid,
                     "overhead_range": (rs[0]["overhead_us"], rs[-1]["overhead_us"])})
         log(f"c=1, {instances} instance(s), {out[-1]['flags']}: median overhead {mid['overhead_us']:.0f} us "
             f"(rounds {rs[0]['overhead_us']:.0f}..{rs[-1]['overhead_us']:.0f} us)")
@@ -334,7 +341,7 @@ def latency_parts(tmp, args, png, extra):
     out = subprocess.run([str(BENCH), "decode", "--model", str(ROOT / "models/image-cnn"), "--body", str(png),
                           "--seconds", "2"], check=True, capture_output=True, text=True).stdout
     decode_us = json.loads(out.splitlines()[-1])["us_per_decode"]
-    parts = {"flags": " ".join(extra) or "defaults", "floor_p50_us": floor["p50_us"], "decode_us": decode_us, "queue_us": mean_us["queue"],
+    parts = {"flags": flags_label(extra), "floor_p50_us": floor["p50_us"], "decode_us": decode_us, "queue_us": mean_us["queue"],
              "compute_us": mean_us["compute"], "request_us": mean_us["request"], "wrk_mean_us": r["mean_us"]}
     log(f"c=1 parts ({parts['flags']}): HTTP round trip floor p50 {floor['p50_us']} us; PNG decode {decode_us:.0f} us; "
         f"in the server (means): request {mean_us['request']:.0f} us = queue {mean_us['queue']:.0f} us "

@@ -121,7 +121,7 @@ impl IdlePoll {
             if self.active() {
                 // Enter the kernel on every turn rather than spin in user space: measured on a
                 // 2-vCPU VM, a plain spin loop (even under SCHED_IDLE) left threads woken onto
-                // its CPU waiting up to a scheduler tick (client p99 13 ms), while yielding
+                // its CPU waiting up to a scheduler tick (client max 13 ms), while yielding
                 // hands the CPU over at once.
                 std::thread::yield_now(); // sched_yield(2)
                 continue;

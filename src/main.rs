@@ -167,7 +167,7 @@ fn main() -> anyhow::Result<()> {
                 ..ImageLimits::default()
             },
             max_text_bytes: args.max_text_bytes,
-            // set by the server when idle polling starts
+            // derived by the server from --idle-poll-us
             poll_window: Duration::ZERO,
         },
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),

@@ -65,14 +65,16 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     );
     let metrics = Metrics::new(&build);
     let idle_poll = start_idle_poll(config.idle_poll);
-    let mut registry_settings = config.registry.clone();
-    if idle_poll.is_some() {
-        // the models' own threads poll for work within the same window
-        registry_settings.poll_window = config.idle_poll;
-    }
     let registry = Registry::new(
         ModelRepository::new(&config.models),
-        registry_settings,
+        RegistrySettings {
+            // the models' own threads poll for work within the same window, only when the
+            // pollers run
+            poll_window: idle_poll
+                .as_ref()
+                .map_or(Duration::ZERO, |_| config.idle_poll),
+            ..config.registry.clone()
+        },
         metrics.clone(),
     );
     let mut state = AppState::new(registry.clone(), metrics, config.http.clone());

@@ -580,7 +580,8 @@ async fn health_probes_and_request_ids() {
         uuid::Uuid::parse_str(&id).is_ok_and(|u| u.get_version_num() == 4),
         "{id}"
     );
-    s.wait_log(&id); // the later request's line: both are in by then
+    // the later request's line: both are in by then
+    assert!(s.wait_log(&id), "{}", s.log_text());
     let log = s.log_text();
     let line = log
         .lines()
