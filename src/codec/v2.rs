@@ -149,10 +149,11 @@ pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<V2Request
         .unwrap_or(false);
     let timeout_us = match params.get("timeout") {
         None => None,
-        Some(v) => Some(
-            v.as_u64()
-                .ok_or_else(|| invalid("parameters.timeout is a whole number of microseconds"))?,
-        ),
+        Some(v) => Some(v.as_u64().filter(|&us| us > 0).ok_or_else(|| {
+            invalid(format!(
+                "parameters.timeout must be a positive whole number of microseconds, not {v}"
+            ))
+        })?),
     };
     let mut inputs = Vec::with_capacity(raw.inputs.len());
     for input in raw.inputs {

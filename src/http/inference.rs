@@ -43,7 +43,7 @@ impl HasOutcome for ApiError {
 
 /// Runs a prediction for `model`, tagging the request's span with the model and counting its
 /// outcome (success, client error, rejected, timeout, error, or dropped if the client leaves).
-pub async fn counted<T, E: HasOutcome>(
+pub async fn count_outcome<T, E: HasOutcome>(
     model: &Arc<ServingModel>,
     work: impl Future<Output = Result<T, E>>,
 ) -> Result<T, E> {
@@ -76,9 +76,10 @@ pub fn deadline(
             .to_str()
             .ok()
             .and_then(|s| s.trim().parse().ok())
+            .filter(|&ms| ms > 0)
             .ok_or_else(|| {
-                ApiError::InvalidInput(format!(
-                    "{TIMEOUT_HEADER} must be a whole number of milliseconds"
+                ApiError::BadRequest(format!(
+                    "{TIMEOUT_HEADER} must be a positive whole number of milliseconds"
                 ))
             })?;
         timeout = timeout.min(Duration::from_millis(ms));

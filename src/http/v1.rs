@@ -15,12 +15,15 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::inference::{counted, deadline, with_timing};
+use super::inference::{count_outcome, deadline, with_timing};
 use super::{ApiError, AppState};
 use crate::batcher::{Inferred, Item};
 use crate::codec::v1::parse_request;
 use crate::codec::OutputOptions;
 use crate::registry::ServingModel;
+
+/// curl's `-d` default Content-Type.
+const FORM_URLENCODED: &str = "application/x-www-form-urlencoded";
 
 /// Above this body size, decoding moves off the async workers.
 const INLINE_DECODE_BYTES: usize = 32 << 10;
@@ -38,7 +41,7 @@ pub async fn predict(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let model = state.registry.serving(&name, None)?;
-    run(state, model, query, headers, body).await
+    serve_prediction(state, model, query, headers, body).await
 }
 
 pub async fn predict_version(
@@ -52,20 +55,25 @@ pub async fn predict_version(
         ApiError::ModelNotFound(format!("model '{name}' has no version '{version}'"))
     })?;
     let model = state.registry.serving(&name, Some(version))?;
-    run(state, model, query, headers, body).await
+    serve_prediction(state, model, query, headers, body).await
 }
 
-async fn run(
+/// Answers one prediction on `model`, counting its outcome.
+async fn serve_prediction(
     state: AppState,
     model: Arc<ServingModel>,
     query: Result<Query<PredictQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    counted(&model, predict_inner(&state, &model, query, &headers, body)).await
+    count_outcome(
+        &model,
+        answer_prediction(&state, &model, query, &headers, body),
+    )
+    .await
 }
 
-async fn predict_inner(
+async fn answer_prediction(
     state: &AppState,
     model: &Arc<ServingModel>,
     query: Result<Query<PredictQuery>, QueryRejection>,
@@ -90,13 +98,16 @@ async fn predict_inner(
         .top_k;
 
     let items = match content_type.as_deref() {
-        None | Some("application/json") => {
-            let (items, params_top_k) = decode_json(state, model, body).await?;
+        // no type, JSON, or curl -d's form default (taken when it is JSON, as TF Serving and
+        // TorchServe do)
+        ct @ (None | Some("application/json" | FORM_URLENCODED)) => {
+            let form = ct == Some(FORM_URLENCODED);
+            let (items, params_top_k) = decode_json(state, model, body, form).await?;
             top_k = top_k.or(params_top_k);
             items
         }
         Some(ct) if ct.ends_with("+json") => {
-            let (items, params_top_k) = decode_json(state, model, body).await?;
+            let (items, params_top_k) = decode_json(state, model, body, false).await?;
             top_k = top_k.or(params_top_k);
             items
         }
@@ -108,7 +119,7 @@ async fn predict_inner(
                     model.codec.kind()
                 )));
             }
-            let item = decode_off_thread(model, body, |m, b| {
+            let item = decode_inline_or_blocking(model, body, |m, b| {
                 m.codec.decode_image_bytes(&b).map_err(ApiError::from)
             })
             .await?;
@@ -141,14 +152,23 @@ fn body_error(rejection: BytesRejection) -> ApiError {
     }
 }
 
+/// Decodes a JSON body; `form` says it came as `application/x-www-form-urlencoded`, which is
+/// refused as 415 unless it is JSON.
 async fn decode_json(
     state: &AppState,
     model: &Arc<ServingModel>,
     body: Bytes,
+    form: bool,
 ) -> Result<(Vec<Item>, Option<usize>), ApiError> {
     let max = state.settings.max_instances;
-    decode_off_thread(model, body, move |m, b| {
-        let req = parse_request(&b).map_err(json_error)?;
+    decode_inline_or_blocking(model, body, move |m, b| {
+        let req = parse_request(&b).map_err(|e| match json_error(e) {
+            ApiError::MalformedBody(msg) if form => ApiError::UnsupportedMediaType(format!(
+                "a body sent as {FORM_URLENCODED} is taken only when it is JSON ({msg}); \
+                 send {{\"instances\": [...]}} as application/json"
+            )),
+            other => other,
+        })?;
         if req.instances.is_empty() {
             return Err(ApiError::InvalidInput(
                 "\"instances\" is empty: send at least one instance".into(),
@@ -197,8 +217,8 @@ fn json_error(e: serde_json::Error) -> ApiError {
     }
 }
 
-/// Runs `decode` inline for small bodies and on the blocking pool for large ones.
-async fn decode_off_thread<T: Send + 'static>(
+/// Runs `decode` inline for bodies up to [`INLINE_DECODE_BYTES`] and on the blocking pool above.
+async fn decode_inline_or_blocking<T: Send + 'static>(
     model: &Arc<ServingModel>,
     body: Bytes,
     decode: impl FnOnce(&ServingModel, Bytes) -> Result<T, ApiError> + Send + 'static,

@@ -1,5 +1,5 @@
-"""The OpenAPI contract, tested by schemathesis against the live server: no 5xx, and every
-response's status, content type and body conform to openapi.yaml."""
+"""The OpenAPI contract, tested by schemathesis against the live server: no 5xx (but the 504 or 503
+of a passed deadline), and every response's status, content type and body conform to openapi.yaml."""
 
 import re
 import shutil
@@ -10,15 +10,19 @@ from pathlib import Path
 from conftest import ROOT, Server
 
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
+CONFIG = Path(__file__).with_name("schemathesis.toml")
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 
 
 def schemathesis(server, *extra):
-    cmd = [str(SCHEMATHESIS), "run", str(ROOT / "openapi.yaml"), "--url", server.url,
+    # the config file allows a passed deadline's 504 (/v1) and 503 (/v2) on prediction routes:
+    # generated x-request-timeout-ms headers include 1 ms
+    # one worker: with two, hypothesis's ast.parse in threads trips CPython 3.11's "AST
+    # constructor recursion depth mismatch" SystemError now and then (cf. python/cpython#106905)
+    cmd = [str(SCHEMATHESIS), "--config-file", str(CONFIG), "run", str(ROOT / "openapi.yaml"),
+           "--url", server.url,
            "--checks", CHECKS, "--phases", "examples,coverage,fuzzing", "--max-examples", "10",
-           "--workers", "2", "--seed", "20261130",
-           # deadlines are tested on their own; a generated 0 ms deadline is a 504 by design
-           "-H", "x-request-timeout-ms: 60000", *extra]
+           "--workers", "1", "--seed", "20261130", *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     text = out.stdout + out.stderr
     m = re.search(r"(\d+) generated", text)

@@ -132,6 +132,23 @@ def test_what_perf_analyzer_reads(server):
                 assert isinstance(s["inference_stats"][k]["ns"], int), (model, k)
 
 
+def test_timeouts_that_are_not_positive_are_400(server):
+    x = {"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [0.5]}
+    for timeout in [0, -1, 1.5, "soon"]:
+        body = json.dumps({"inputs": [x], "parameters": {"timeout": timeout}}).encode()
+        assert_error(call(server, "POST", "/v2/models/regressor/infer", body),
+                     needle="parameters.timeout must be a positive whole number")
+    body = json.dumps({"inputs": [x]}).encode()
+    for header in ["0", "-3", "soon"]:
+        assert_error(call(server, "POST", "/v2/models/regressor/infer", body,
+                          {"x-request-timeout-ms": header}), needle="x-request-timeout-ms")
+    # a positive deadline is taken as before
+    code, _, out = call(server, "POST", "/v2/models/regressor/infer",
+                        json.dumps({"inputs": [x], "parameters": {"timeout": 5_000_000}}).encode(),
+                        {"x-request-timeout-ms": "5000"})
+    assert code == 200, out
+
+
 def test_raw_single_input_mode(server):
     img = draw_shape("circle", 3)
     code, _, body = call(server, "POST", "/v2/models/image-cnn/infer", png_bytes(img),
