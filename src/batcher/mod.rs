@@ -62,7 +62,7 @@ pub enum InferError {
     #[error("the queue of model '{model}' is full ({capacity} waiting); retry later")]
     QueueFull { model: String, capacity: usize },
     #[error("a request of {rows} rows exceeds max_batch_size {max} of model '{model}'")]
-    TooLarge {
+    MoreRowsThanMaxBatch {
         model: String,
         rows: usize,
         max: usize,
@@ -215,7 +215,7 @@ impl ModelHandle {
         let cfg = &self.shared.config;
         let rows: Vec<usize> = items.iter().map(Item::rows).collect();
         if let Some(&big) = rows.iter().find(|&&r| r > cfg.max_batch_size) {
-            return Err(InferError::TooLarge {
+            return Err(InferError::MoreRowsThanMaxBatch {
                 model: cfg.model.clone(),
                 rows: big,
                 max: cfg.max_batch_size,
@@ -279,10 +279,6 @@ impl ModelHandle {
         self.shared.queued_rows.load(Ordering::Acquire)
     }
 
-    pub fn config(&self) -> &BatchConfig {
-        &self.shared.config
-    }
-
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.stats.snapshot()
     }
@@ -306,123 +302,200 @@ struct Job {
 }
 
 /// The single owner of one model's queue, on its own OS thread so that delays are precise to
-/// microseconds (tokio's timer resolution is a millisecond).
+/// microseconds (tokio's timer resolution is a millisecond). Each round has three steps: wait
+/// for an item, wait for a free engine instance (still taking items meanwhile), fill the batch
+/// up to its cap or its delay, then dispatch it.
 fn queue_loop(
     rx: Receiver<Vec<Pending>>,
     free_rx: Receiver<(usize, Duration)>,
     instances: Vec<Sender<Job>>,
     shared: Arc<Shared>,
 ) {
-    let cfg = &shared.config;
-    let mut tuner = cfg
-        .latency_target
-        .map(|t| adaptive::Tuner::new(t, cfg.max_batch_size, cfg.max_queue_delay));
-    if let Some(t) = &tuner {
-        shared.observer.tuned(t.cap(), t.delay());
+    let mut q = BatchQueue::new(rx, free_rx, instances, shared);
+    while q.wait_for_items() {
+        let Some(instance) = q.wait_for_instance() else {
+            return;
+        };
+        let waited = q.fill();
+        q.dispatch(instance, waited);
     }
-    let never = crossbeam_channel::never::<Vec<Pending>>();
-    let mut queue: VecDeque<Pending> = VecDeque::new();
-    let mut open = true;
-    // Free engine instances, most recently used last.
-    let mut idle: Vec<usize> = Vec::with_capacity(instances.len());
-    loop {
-        if queue.is_empty() {
-            if !open {
-                break;
-            }
-            match recv_polling(&rx, cfg.poll_window) {
-                Ok(p) => queue.extend(p),
-                Err(_) => break,
-            }
+}
+
+/// The queue thread's state: queued items, free engine instances, and the batch cap and delay
+/// (fixed, or tuned at run time by adaptive batching).
+struct BatchQueue {
+    rx: Receiver<Vec<Pending>>,
+    /// False once every handle is gone: what is queued is still answered, nothing new comes.
+    open: bool,
+    queue: VecDeque<Pending>,
+    /// Instances report here when they finish a batch, with its compute time.
+    free_rx: Receiver<(usize, Duration)>,
+    /// Free instances, most recently used last.
+    idle: Vec<usize>,
+    instances: Vec<Sender<Job>>,
+    tuner: Option<adaptive::Tuner>,
+    shared: Arc<Shared>,
+}
+
+/// What woke the queue thread while it waited for a free instance.
+enum Wake {
+    Free(Result<(usize, Duration), RecvError>),
+    Items(Result<Vec<Pending>, RecvError>),
+    /// The earliest deadline in the queue may have passed.
+    Deadline,
+}
+
+impl BatchQueue {
+    fn new(
+        rx: Receiver<Vec<Pending>>,
+        free_rx: Receiver<(usize, Duration)>,
+        instances: Vec<Sender<Job>>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        let cfg = &shared.config;
+        let tuner = cfg
+            .latency_target
+            .map(|t| adaptive::Tuner::new(t, cfg.max_batch_size, cfg.max_queue_delay));
+        if let Some(t) = &tuner {
+            shared.observer.tuned(t.cap(), t.delay());
         }
-        // Instances that came back, most recent last: the one that finished last has the
-        // warmest caches (its own copy of the weights), so it takes the next batch.
-        let mut came_back = |(i, compute): (usize, Duration), idle: &mut Vec<usize>| {
-            // its pass's time steers an adaptive batch cap
-            if let (Some(t), false) = (&mut tuner, compute.is_zero()) {
-                t.on_compute(compute);
-                shared.observer.tuned(t.cap(), t.delay());
-            }
-            idle.push(i);
-        };
-        while let Ok(back) = free_rx.try_recv() {
-            came_back(back, &mut idle);
+        Self {
+            rx,
+            open: true,
+            queue: VecDeque::new(),
+            free_rx,
+            idle: Vec::with_capacity(instances.len()),
+            instances,
+            tuner,
+            shared,
         }
-        let instance = match idle.pop() {
-            Some(i) => i,
-            // Wait for a free instance; keep accepting items so they can join the batch, and
-            // answer items whose deadline passes meanwhile.
-            None => loop {
-                let incoming = if open { &rx } else { &never };
-                let timeout = earliest_deadline(&queue)
-                    .map(|d| d.saturating_duration_since(Instant::now()))
-                    .unwrap_or(Duration::from_secs(3600));
-                crossbeam_channel::select! {
-                    recv(free_rx) -> free => match free {
-                        Ok(back) => {
-                            came_back(back, &mut idle);
-                            break idle.pop().expect("just pushed");
-                        }
-                        Err(_) => {
-                            // Every engine thread is gone: a bug (they catch panics).
-                            fail_all(&mut queue, &rx, &shared);
-                            return;
-                        }
-                    },
-                    recv(incoming) -> p => match p {
-                        Ok(p) => queue.extend(p),
-                        Err(_) => open = false,
-                    },
-                    default(timeout) => purge(&mut queue, &shared),
+    }
+
+    /// Blocks until something is queued; false when the queue is empty and closed for good.
+    fn wait_for_items(&mut self) -> bool {
+        if !self.queue.is_empty() {
+            return true;
+        }
+        if !self.open {
+            return false;
+        }
+        match recv_polling(&self.rx, self.shared.config.poll_window) {
+            Ok(p) => {
+                self.queue.extend(p);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// A free engine instance, the one that finished last first (its caches, and its copy of
+    /// the weights, are the warmest). While none is free, items keep joining the queue and
+    /// items whose deadline passes are answered. `None` when every engine thread is gone.
+    fn wait_for_instance(&mut self) -> Option<usize> {
+        while let Ok(back) = self.free_rx.try_recv() {
+            self.came_back(back);
+        }
+        if let Some(i) = self.idle.pop() {
+            return Some(i);
+        }
+        let never = crossbeam_channel::never::<Vec<Pending>>();
+        loop {
+            let timeout = earliest_deadline(&self.queue)
+                .map(|d| d.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_secs(3600));
+            let incoming = if self.open { &self.rx } else { &never };
+            let wake = crossbeam_channel::select! {
+                recv(self.free_rx) -> free => Wake::Free(free),
+                recv(incoming) -> p => Wake::Items(p),
+                default(timeout) => Wake::Deadline,
+            };
+            match wake {
+                Wake::Free(Ok(back)) => {
+                    self.came_back(back);
+                    return self.idle.pop();
                 }
-            },
-        };
-        let cap = tuner
+                Wake::Free(Err(_)) => {
+                    // Every engine thread is gone: a bug (they catch panics).
+                    fail_all(&mut self.queue, &self.rx, &self.shared);
+                    return None;
+                }
+                Wake::Items(Ok(p)) => self.queue.extend(p),
+                Wake::Items(Err(_)) => self.open = false,
+                Wake::Deadline => purge(&mut self.queue, &self.shared),
+            }
+        }
+    }
+
+    /// An instance finished a batch; its compute time steers an adaptive batch cap.
+    fn came_back(&mut self, (instance, compute): (usize, Duration)) {
+        if let (Some(t), false) = (&mut self.tuner, compute.is_zero()) {
+            t.on_compute(compute);
+            self.shared.observer.tuned(t.cap(), t.delay());
+        }
+        self.idle.push(instance);
+    }
+
+    fn cap(&self) -> usize {
+        self.tuner
             .as_ref()
-            .map_or(cfg.max_batch_size, adaptive::Tuner::cap);
-        let delay = tuner
+            .map_or(self.shared.config.max_batch_size, adaptive::Tuner::cap)
+    }
+
+    fn delay(&self) -> Duration {
+        self.tuner
             .as_ref()
-            .map_or(cfg.max_queue_delay, adaptive::Tuner::delay);
+            .map_or(self.shared.config.max_queue_delay, adaptive::Tuner::delay)
+    }
+
+    /// Lets the batch grow until it is full, the queue closes, or the delay from the oldest
+    /// item's arrival runs out. Returns whether it waited at all.
+    fn fill(&mut self) -> bool {
+        let (cap, delay) = (self.cap(), self.delay());
         let mut waited = false;
         loop {
-            drain(&rx, &mut queue, &mut open);
-            purge(&mut queue, &shared);
-            let Some(oldest) = queue.front() else { break };
-            let (_, full) = batch_extent(&queue, cap, cfg);
-            if full || !open {
-                break;
+            drain(&self.rx, &mut self.queue, &mut self.open);
+            purge(&mut self.queue, &self.shared);
+            let Some(oldest) = self.queue.front() else {
+                return waited;
+            };
+            let (_, full) = batch_extent(&self.queue, cap, &self.shared.config);
+            if full || !self.open {
+                return waited;
             }
             let until = oldest.enqueued + delay;
             let now = Instant::now();
             if now >= until {
-                break;
+                return waited;
             }
             waited = true;
-            match rx.recv_timeout(until - now) {
-                Ok(p) => queue.extend(p),
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => open = false,
+            match self.rx.recv_timeout(until - now) {
+                Ok(p) => self.queue.extend(p),
+                Err(RecvTimeoutError::Timeout) => return waited,
+                Err(RecvTimeoutError::Disconnected) => self.open = false,
             }
         }
-        let (count, filled) = batch_extent(&queue, cap, cfg);
-        if let Some(t) = &mut tuner {
-            if count > 0 {
-                t.on_dispatch(filled, waited);
-                shared.observer.tuned(t.cap(), t.delay());
-            }
-        }
+    }
+
+    /// Sends the batch at the front of the queue to `instance`; when everything queued was
+    /// dropped meanwhile, the instance stays free.
+    fn dispatch(&mut self, instance: usize, waited: bool) {
+        let (count, filled) = batch_extent(&self.queue, self.cap(), &self.shared.config);
         if count == 0 {
-            // Everything queued was dropped; the instance stays free.
-            idle.push(instance);
-            continue;
+            self.idle.push(instance);
+            return;
         }
-        let items: Vec<Pending> = queue.drain(..count).collect();
+        if let Some(t) = &mut self.tuner {
+            t.on_dispatch(filled, waited);
+            self.shared.observer.tuned(t.cap(), t.delay());
+        }
+        let items: Vec<Pending> = self.queue.drain(..count).collect();
         let rows: usize = items.iter().map(|p| p.rows).sum();
-        shared.queued_rows.fetch_sub(rows, Ordering::AcqRel);
-        if let Err(crossbeam_channel::SendError(job)) = instances[instance].send(Job { items }) {
+        self.shared.queued_rows.fetch_sub(rows, Ordering::AcqRel);
+        if let Err(crossbeam_channel::SendError(job)) = self.instances[instance].send(Job { items })
+        {
             for p in job.items {
                 let _ = p.reply.send(Err(InferError::Stopped {
-                    model: cfg.model.clone(),
+                    model: self.shared.config.model.clone(),
                 }));
             }
         }
@@ -594,13 +667,13 @@ fn fail(p: Pending, err: EngineError, started: std::time::Instant, shared: &Shar
     }));
 }
 
-/// Stacks the items, runs the engine, and returns per item its output rows.
 /// Outputs per item, and the time spent stacking inputs, in the forward pass and splitting.
 struct Forwarded {
     outputs: Vec<Vec<HostTensor>>,
     phases: Phases,
 }
 
+/// Stacks the items, runs the engine, and returns per item its output rows.
 fn forward(
     engine: &mut dyn Engine,
     items: &[Pending],

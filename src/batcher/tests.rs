@@ -42,18 +42,37 @@ struct Harness {
     gate: Option<std_mpsc::Sender<()>>,
 }
 
-fn harness(max_batch: usize, delay_ms: u64, capacity: usize, gated: bool) -> Harness {
-    harness_polling(max_batch, delay_ms, capacity, gated, Duration::ZERO)
-}
-
-/// [`harness`] whose threads poll for work for `poll_window` before blocking.
-fn harness_polling(
+/// The fake model's batching: what each test sets, the rest as [`Setup::default`].
+#[derive(Debug, Clone, Copy)]
+struct Setup {
     max_batch: usize,
     delay_ms: u64,
     capacity: usize,
+    /// Each forward pass waits for a permit sent through [`Harness::gate`].
     gated: bool,
     poll_window: Duration,
-) -> Harness {
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            max_batch: 8,
+            delay_ms: 0,
+            capacity: 1024,
+            gated: false,
+            poll_window: Duration::ZERO,
+        }
+    }
+}
+
+fn harness(setup: Setup) -> Harness {
+    let Setup {
+        max_batch,
+        delay_ms,
+        capacity,
+        gated,
+        poll_window,
+    } = setup;
     let batches = Arc::new(Mutex::new(Vec::new()));
     let (gate_tx, gate_rx) = std_mpsc::channel();
     let engine = FakeEngine {
@@ -100,7 +119,11 @@ async fn settle() {
 
 #[tokio::test]
 async fn max_batch_size_is_respected_and_requests_are_grouped() {
-    let h = harness(8, 5, 1024, false);
+    let h = harness(Setup {
+        max_batch: 8,
+        delay_ms: 5,
+        ..Setup::default()
+    });
     let tasks: Vec<_> = (0..50)
         .map(|i| {
             let handle = h.handle.clone();
@@ -127,7 +150,11 @@ async fn max_batch_size_is_respected_and_requests_are_grouped() {
 
 #[tokio::test]
 async fn a_lone_request_waits_the_max_queue_delay_then_goes() {
-    let h = harness(8, 40, 1024, false);
+    let h = harness(Setup {
+        max_batch: 8,
+        delay_ms: 40,
+        ..Setup::default()
+    });
     let r = infer_one(&h.handle, 1.0).await.unwrap();
     assert_eq!(r.batch_size, 1);
     assert!(
@@ -144,7 +171,11 @@ async fn a_lone_request_waits_the_max_queue_delay_then_goes() {
 
 #[tokio::test]
 async fn a_request_arriving_within_the_delay_joins_the_batch() {
-    let h = harness(8, 400, 1024, false);
+    let h = harness(Setup {
+        max_batch: 8,
+        delay_ms: 400,
+        ..Setup::default()
+    });
     let first = {
         let handle = h.handle.clone();
         tokio::spawn(async move { infer_one(&handle, 1.0).await })
@@ -165,7 +196,11 @@ async fn a_request_arriving_within_the_delay_joins_the_batch() {
 
 #[tokio::test]
 async fn a_full_batch_is_dispatched_without_waiting() {
-    let h = harness(4, 1000, 1024, false);
+    let h = harness(Setup {
+        max_batch: 4,
+        delay_ms: 1000,
+        ..Setup::default()
+    });
     let results = h
         .handle
         .infer((0..4).map(|i| item(&[i as f32])).collect(), None)
@@ -179,14 +214,22 @@ async fn a_full_batch_is_dispatched_without_waiting() {
 
 #[tokio::test]
 async fn zero_delay_dispatches_at_once() {
-    let h = harness(8, 0, 1024, false);
+    let h = harness(Setup {
+        max_batch: 8,
+        ..Setup::default()
+    });
     let r = infer_one(&h.handle, 3.0).await.unwrap();
     assert!(r.queue_time < Duration::from_millis(500));
 }
 
 #[tokio::test]
 async fn a_full_queue_refuses_at_once() {
-    let h = harness(1, 0, 3, true);
+    let h = harness(Setup {
+        max_batch: 1,
+        capacity: 3,
+        gated: true,
+        ..Setup::default()
+    });
     let gate = h.gate.as_ref().unwrap();
     // one in the engine (blocked on the gate), three queued
     let mut tasks = Vec::new();
@@ -218,7 +261,12 @@ async fn a_full_queue_refuses_at_once() {
 
 #[tokio::test]
 async fn requests_whose_client_left_are_not_computed() {
-    let h = harness(1, 0, 16, true);
+    let h = harness(Setup {
+        max_batch: 1,
+        capacity: 16,
+        gated: true,
+        ..Setup::default()
+    });
     let gate = h.gate.as_ref().unwrap();
     let busy = {
         let handle = h.handle.clone();
@@ -257,7 +305,12 @@ async fn requests_whose_client_left_are_not_computed() {
 
 #[tokio::test]
 async fn requests_past_their_deadline_are_answered_timeout_and_not_computed() {
-    let h = harness(1, 0, 16, true);
+    let h = harness(Setup {
+        max_batch: 1,
+        capacity: 16,
+        gated: true,
+        ..Setup::default()
+    });
     let gate = h.gate.as_ref().unwrap();
     let busy = {
         let handle = h.handle.clone();
@@ -282,7 +335,12 @@ async fn requests_past_their_deadline_are_answered_timeout_and_not_computed() {
 
 #[tokio::test]
 async fn one_failing_item_does_not_fail_its_batch_neighbours() {
-    let h = harness(8, 10, 64, false);
+    let h = harness(Setup {
+        max_batch: 8,
+        delay_ms: 10,
+        capacity: 64,
+        ..Setup::default()
+    });
     let results: Vec<_> = futures_join(
         [1.0, 666.0, 3.0]
             .into_iter()
@@ -307,7 +365,12 @@ async fn one_failing_item_does_not_fail_its_batch_neighbours() {
 
 #[tokio::test]
 async fn multi_row_items_get_exactly_their_rows() {
-    let h = harness(16, 5, 64, false);
+    let h = harness(Setup {
+        max_batch: 16,
+        delay_ms: 5,
+        capacity: 64,
+        ..Setup::default()
+    });
     let a = h.handle.clone();
     let b = h.handle.clone();
     let (ra, rb) = tokio::join!(
@@ -321,7 +384,7 @@ async fn multi_row_items_get_exactly_their_rows() {
     let too_big = h.handle.infer(vec![item(&[0.0; 17])], None).await;
     assert!(matches!(
         too_big,
-        Err(InferError::TooLarge {
+        Err(InferError::MoreRowsThanMaxBatch {
             rows: 17,
             max: 16,
             ..
@@ -331,7 +394,12 @@ async fn multi_row_items_get_exactly_their_rows() {
 
 #[tokio::test]
 async fn dropping_the_registry_handle_lets_queued_requests_complete() {
-    let h = harness(1, 0, 16, true);
+    let h = harness(Setup {
+        max_batch: 1,
+        capacity: 16,
+        gated: true,
+        ..Setup::default()
+    });
     let gate = h.gate.clone().unwrap();
     let tasks: Vec<_> = (0..3)
         .map(|i| {
@@ -351,7 +419,12 @@ async fn dropping_the_registry_handle_lets_queued_requests_complete() {
 
 #[tokio::test]
 async fn items_of_different_shapes_do_not_share_a_batch_without_padding() {
-    let h = harness(8, 5, 64, false);
+    let h = harness(Setup {
+        max_batch: 8,
+        delay_ms: 5,
+        capacity: 64,
+        ..Setup::default()
+    });
     let wide = Item::new(vec![HostTensor::zeros(DType::Fp32, vec![1, 2])]);
     let a = h.handle.clone();
     let b = h.handle.clone();
@@ -364,7 +437,12 @@ async fn items_of_different_shapes_do_not_share_a_batch_without_padding() {
 
 #[tokio::test]
 async fn retiring_waits_for_queued_work_then_drops_the_engine() {
-    let h = harness(1, 0, 16, true);
+    let h = harness(Setup {
+        max_batch: 1,
+        capacity: 16,
+        gated: true,
+        ..Setup::default()
+    });
     let gate = h.gate.clone().unwrap();
     let task = {
         let handle = h.handle.clone();
@@ -442,7 +520,12 @@ async fn adaptive_batching_keeps_passes_within_half_the_latency_target() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn polling_threads_batch_answer_and_retire_like_blocking_ones() {
-    let h = harness_polling(8, 5, 1024, false, Duration::from_millis(30));
+    let h = harness(Setup {
+        max_batch: 8,
+        delay_ms: 5,
+        poll_window: Duration::from_millis(30),
+        ..Setup::default()
+    });
     // concurrent requests are grouped and each gets its own row
     let tasks: Vec<_> = (0..24)
         .map(|i| {
