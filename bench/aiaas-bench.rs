@@ -1,6 +1,10 @@
 //! Benchmark helper: raw TorchScript forward throughput through the engine (no server, no HTTP),
 //! and request bodies for the HTTP load generator. Driven by `bench/run.py`.
 
+#[allow(dead_code)] // the benchmark draws shapes, it does not train on them
+#[path = "../src/bin/aiaas-train/demo.rs"]
+mod demo;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -10,9 +14,9 @@ use rand::SeedableRng;
 
 use aiaas::codec::{ImageLimits, ModelCodec};
 use aiaas::config::model_spec::{DeviceSpec, ModelSpec};
-use aiaas::demo::{self, Shape};
 use aiaas::engine::torch::{resolve_device, EngineOptions, TorchEngine};
 use aiaas::engine::Engine;
+use demo::Shape;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -7,7 +7,6 @@
 pub mod batcher;
 pub mod codec;
 pub mod config;
-pub mod demo;
 pub mod engine;
 #[doc(hidden)]
 pub mod fuzzing;

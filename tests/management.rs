@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use serde_json::{json, Value};
 
-use aiaas::demo::{self, Shape};
+use common::demo::{self, Shape};
 use common::*;
 
 /// Trains a regressor y = slope·x + 0.5 (the project's own trainer) and returns its folder.

@@ -14,7 +14,7 @@ use futures::future::join_all;
 use serde_json::json;
 use tower::ServiceExt;
 
-use aiaas::demo::{self, Shape};
+use common::demo::{self, Shape};
 use common::*;
 
 const ADMIN_KEY: &str = "admin-key-0123456789abcdef";
@@ -88,8 +88,9 @@ async fn api_keys_and_scopes() {
         "{text}"
     );
     assert!(text.contains(r#"aiaas_rejected_requests_total{reason="forbidden"} 2"#));
-    // keys never reach the logs, not even at debug level
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // keys never reach the logs, not even at debug level; the last request's line (debug for
+    // /metrics) comes after every earlier one
+    assert!(s.wait_log("GET /metrics 200"), "{}", s.log_text());
     let log = s.log_text();
     assert!(log.contains("API keys loaded"));
     assert!(
@@ -475,7 +476,9 @@ async fn sigterm_drains_every_accepted_request() {
     s.signal("TERM");
     // during --shutdown-delay, readiness already fails while predictions are still served
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let ready = ureq_get(&s.url("/health/ready")).map(|r| r.0).unwrap_or(0);
+    let ready = blocking_get(&s.url("/health/ready"))
+        .map(|r| r.0)
+        .unwrap_or(0);
     assert_eq!(ready, 503, "readiness must fail at once after SIGTERM");
     let code = s.wait_exit(Duration::from_secs(30));
     stop.store(true, Ordering::Relaxed);

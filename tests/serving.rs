@@ -10,7 +10,7 @@ use futures::future::join_all;
 use rand::{rngs::StdRng, SeedableRng};
 use serde_json::{json, Value};
 
-use aiaas::demo::{self, Shape};
+use common::demo::{self, Shape};
 use common::*;
 
 fn fresh_rng() -> StdRng {
@@ -171,177 +171,191 @@ async fn bad_input_gets_a_json_error_and_the_server_keeps_serving() {
     let c = client();
     let img = s.url("/v1/models/image-cnn/predict");
     let reg = s.url("/v1/models/regressor/predict");
-    let cases: Vec<(Reply, u16, &str)> = vec![
+    let text = s.url("/v1/models/text-classifier/predict");
+    let typed = |url: &str, content_type: &str, body: Vec<u8>| {
+        c.post(url).header("content-type", content_type).body(body)
+    };
+    let with_timeout = |ms: &str| {
+        c.post(&reg)
+            .header("x-request-timeout-ms", ms)
+            .json(&json!({"instances": [1]}))
+    };
+    let one = json!({"instances": [1]});
+    // (what is wrong, answer, status, code)
+    let cases: Vec<(&str, Reply, u16, &str)> = vec![
         (
-            post_json(
-                &c,
-                &s.url("/v1/models/nope/predict"),
-                &json!({"instances": [1]}),
-            )
-            .await,
+            "unknown model",
+            post_json(&c, &s.url("/v1/models/nope/predict"), &one).await,
             404,
             "model_not_found",
         ),
         (
-            post_json(
-                &c,
-                &s.url("/v1/models/regressor/versions/7/predict"),
-                &json!({"instances": [1]}),
-            )
-            .await,
+            "unknown version",
+            post_json(&c, &s.url("/v1/models/regressor/versions/7/predict"), &one).await,
             404,
             "model_not_found",
         ),
         (
-            send(
-                c.post(&reg)
-                    .header("content-type", "application/json")
-                    .body("{\"instances\": [1,"),
-            )
+            "truncated JSON",
+            send(typed(
+                &reg,
+                "application/json",
+                b"{\"instances\": [1,".to_vec(),
+            ))
             .await,
             400,
             "malformed_body",
         ),
         (
-            send(
-                c.post(&reg)
-                    .header("content-type", "application/json")
-                    .body("not json"),
-            )
-            .await,
+            "not JSON",
+            send(typed(&reg, "application/json", b"not json".to_vec())).await,
             400,
             "malformed_body",
         ),
         (
+            "empty instances",
             post_json(&c, &reg, &json!({"instances": []})).await,
             422,
             "invalid_input",
         ),
         (
+            "no instances key",
             post_json(&c, &reg, &json!({"inputs": [1]})).await,
             422,
             "invalid_input",
         ),
         (
+            "regressor instance of the wrong width",
             post_json(&c, &reg, &json!({"instances": [[1, 2]]})).await,
             422,
             "invalid_input",
         ),
         (
+            "string for the regressor",
             post_json(&c, &reg, &json!({"instances": ["one"]})).await,
             422,
             "invalid_input",
         ),
         (
+            "image pixels of the wrong shape",
             post_json(&c, &img, &json!({"instances": [[1, 2, 3]]})).await,
             422,
             "invalid_input",
         ),
         (
+            "bad base64",
             post_json(&c, &img, &json!({"instances": [{"b64": "!!!"}]})).await,
             400,
             "malformed_body",
         ),
         (
+            "base64 of no image",
             post_json(&c, &img, &json!({"instances": [{"b64": "aGVsbG8="}]})).await,
             400,
             "malformed_body",
         ),
         (
-            send(
-                c.post(&img)
-                    .header("content-type", "image/png")
-                    .body(&b"\x89PNG\r\n\x1a\n garbage"[..]),
-            )
+            "corrupt PNG",
+            send(typed(
+                &img,
+                "image/png",
+                b"\x89PNG\r\n\x1a\n garbage".to_vec(),
+            ))
             .await,
             400,
             "malformed_body",
         ),
         (
-            send(
-                c.post(&img)
-                    .header("content-type", "text/plain")
-                    .body("hello"),
-            )
+            "text/plain body",
+            send(typed(&img, "text/plain", b"hello".to_vec())).await,
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "form body that is not JSON",
+            send(typed(
+                &reg,
+                "application/x-www-form-urlencoded",
+                b"instances=1".to_vec(),
+            ))
             .await,
             415,
             "unsupported_media_type",
         ),
         (
-            send(
-                c.post(&reg)
-                    .header("content-type", "image/png")
-                    .body(vec![0u8; 10]),
-            )
-            .await,
+            "image for a non-image model",
+            send(typed(&reg, "image/png", vec![0u8; 10])).await,
             415,
             "unsupported_media_type",
         ),
         (
-            send(
-                c.post(&img)
-                    .header("content-type", "image/png")
-                    .body(vec![0u8; 300_000]),
-            )
-            .await,
+            "image body above --max-body-bytes",
+            send(typed(&img, "image/png", vec![0u8; 300_000])).await,
             413,
             "payload_too_large",
         ),
         (
-            post_json(
-                &c,
-                &s.url("/v1/models/text-classifier/predict"),
-                &json!({"instances": [""]}),
-            )
-            .await,
+            "empty text",
+            post_json(&c, &text, &json!({"instances": [""]})).await,
             422,
             "invalid_input",
         ),
         (
-            post_json(
-                &c,
-                &s.url("/v1/models/text-classifier/predict"),
-                &json!({"instances": [42]}),
-            )
-            .await,
+            "number for the text classifier",
+            post_json(&c, &text, &json!({"instances": [42]})).await,
             422,
             "invalid_input",
         ),
         (
-            send(
-                c.post(format!("{reg}?top_k=x"))
-                    .json(&json!({"instances": [1]})),
-            )
-            .await,
+            "top_k not a number",
+            send(c.post(format!("{reg}?top_k=x")).json(&one)).await,
             422,
             "invalid_input",
         ),
         (
-            send(
-                c.post(&reg)
-                    .header("x-request-timeout-ms", "soon")
-                    .json(&json!({"instances": [1]})),
-            )
-            .await,
-            422,
-            "invalid_input",
+            "x-request-timeout-ms not a number",
+            send(with_timeout("soon")).await,
+            400,
+            "bad_request",
         ),
-        (send(c.get(&reg)).await, 405, "method_not_allowed"),
-        (send(c.get(s.url("/no/such/route"))).await, 404, "not_found"),
+        (
+            "x-request-timeout-ms zero",
+            send(with_timeout("0")).await,
+            400,
+            "bad_request",
+        ),
+        (
+            "x-request-timeout-ms negative",
+            send(with_timeout("-5")).await,
+            400,
+            "bad_request",
+        ),
+        (
+            "wrong method",
+            send(c.get(&reg)).await,
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "unknown route",
+            send(c.get(s.url("/no/such/route"))).await,
+            404,
+            "not_found",
+        ),
     ];
-    for (i, (r, status, code)) in cases.iter().enumerate() {
+    for (what, r, status, code) in &cases {
         assert_eq!(
             r.status,
             *status,
-            "case {i}: {}",
+            "{what}: {}",
             String::from_utf8_lossy(&r.body)
         );
-        assert_eq!(r.error_code(), *code, "case {i}");
+        assert_eq!(r.error_code(), *code, "{what}");
         assert!(
             r.header("content-type")
                 .unwrap()
                 .starts_with("application/json"),
-            "case {i}"
+            "{what}"
         );
     }
     // still serving
@@ -351,17 +365,46 @@ async fn bad_input_gets_a_json_error_and_the_server_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn curl_form_bodies_that_are_json_are_taken_as_json() {
+    // curl -d sends application/x-www-form-urlencoded; TF Serving and TorchServe read it as JSON
+    let s = Server::bundled();
+    let c = client();
+    let form = |model: &str, body: &str| {
+        c.post(s.url(&format!("/v1/models/{model}/predict")))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body.to_string())
+    };
+    let as_form = send(form("regressor", r#"{"instances": [[0.5]]}"#)).await;
+    let as_json = post_json(
+        &c,
+        &s.url("/v1/models/regressor/predict"),
+        &json!({"instances": [[0.5]]}),
+    )
+    .await;
+    assert_eq!(
+        as_form.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&as_form.body)
+    );
+    assert_eq!(as_form.json()["predictions"], as_json.json()["predictions"]);
+    let text = send(form("text-classifier", r#"{"instances": ["我爱你"]}"#)).await;
+    assert_eq!(text.status, 200, "{}", String::from_utf8_lossy(&text.body));
+    assert_eq!(text.json()["predictions"][0]["label"], "positive");
+    // well-formed JSON of the wrong shape is still 422, as for application/json
+    let shape = send(form("regressor", r#"{"instances": []}"#)).await;
+    assert_eq!(
+        (shape.status, shape.error_code().as_str()),
+        (422, "invalid_input")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_queue_answers_503_with_retry_after_at_once() {
     let repo = slow_image_repo();
-    let toml = repo.path().join("image-cnn/model.toml");
-    let text = std::fs::read_to_string(&toml)
-        .unwrap()
-        .replace("queue_capacity = 1024", "queue_capacity = 1");
-    assert!(
-        text.contains("queue_capacity = 1\n"),
-        "model.toml layout changed"
-    );
-    std::fs::write(&toml, text).unwrap();
+    edit_model_toml(&repo.path().join("image-cnn"), |t| {
+        t["batching"]["queue_capacity"] = 1.into();
+    });
     let s = Server::start(repo.path(), &[]);
     s.wait_ready();
     let c = client();
@@ -543,7 +586,7 @@ async fn broken_models_fail_alone_with_their_reason() {
         );
     }
     // strict readiness: the failed models keep the server out of rotation, and say why
-    let (status, body) = ureq_get(&s.url("/health/ready")).unwrap();
+    let (status, body) = blocking_get(&s.url("/health/ready")).unwrap();
     assert_eq!(status, 503);
     assert!(
         body.contains("corrupt") && body.contains("failed"),

@@ -1,5 +1,11 @@
-//! Test support: a real `aiaas` process on an ephemeral port, and a tiny HTTP client.
+//! Test support: a real `aiaas` process on an ephemeral port, temporary repositories, and
+//! reqwest helpers.
+// each test binary uses its own subset of these helpers
 #![allow(dead_code)]
+
+/// The demo shapes generator the trainer uses, for fresh images to classify.
+#[path = "../../src/bin/aiaas-train/demo.rs"]
+pub mod demo;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -88,10 +94,8 @@ impl Server {
     pub fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
-            if let Ok(r) = ureq_get(&self.url("/health/ready")) {
-                if r.0 == 200 {
-                    return;
-                }
+            if blocking_get(&self.url("/health/ready")).is_ok_and(|(status, _)| status == 200) {
+                return;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -152,32 +156,21 @@ impl Drop for Server {
     }
 }
 
-/// A blocking GET over a plain TCP stream (usable inside or outside a tokio runtime).
-pub fn ureq_get(url: &str) -> Result<(u16, String), String> {
-    use std::io::{Read, Write};
-    let rest = url.strip_prefix("http://").ok_or("http only")?;
-    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let mut stream = std::net::TcpStream::connect(host).map_err(|e| e.to_string())?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut text = String::new();
-    stream
-        .read_to_string(&mut text)
-        .map_err(|e| e.to_string())?;
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or("no status line")?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+/// A blocking GET (status, body), usable inside or outside a tokio runtime: reqwest's blocking
+/// client runs on a thread of its own.
+pub fn blocking_get(url: &str) -> Result<(u16, String), String> {
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        let r = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .and_then(|c| c.get(url).send())
+            .map_err(|e| e.to_string())?;
+        let status = r.status().as_u16();
+        Ok((status, r.text().map_err(|e| e.to_string())?))
+    })
+    .join()
+    .map_err(|_| "GET thread panicked".to_string())?
 }
 
 /// Copies the bundled model repository (or some models of it) into a fresh temporary folder.
@@ -192,17 +185,22 @@ pub fn temp_repository(models: &[&str]) -> TempDir {
 /// A repository with image-cnn on one instance and no batching: a queue builds quickly.
 pub fn slow_image_repo() -> TempDir {
     let repo = temp_repository(&["image-cnn"]);
-    let toml = repo.path().join("image-cnn/model.toml");
-    let text = std::fs::read_to_string(&toml)
-        .unwrap()
-        .replace("instances = 2", "instances = 1")
-        .replace("max_batch_size = 32", "max_batch_size = 1");
-    assert!(
-        text.contains("instances = 1") && text.contains("max_batch_size = 1"),
-        "model.toml layout changed"
-    );
-    std::fs::write(&toml, text).unwrap();
+    edit_model_toml(&repo.path().join("image-cnn"), |t| {
+        t["instances"] = 1.into();
+        t["batching"]["max_batch_size"] = 1.into();
+    });
     repo
+}
+
+/// Rewrites `<model>/model.toml` through `edit` (as parsed TOML; comments are not kept).
+pub fn edit_model_toml(model: &Path, edit: impl FnOnce(&mut toml::Table)) {
+    let path = model.join("model.toml");
+    let mut table: toml::Table = std::fs::read_to_string(&path)
+        .unwrap()
+        .parse()
+        .expect("model.toml parses");
+    edit(&mut table);
+    std::fs::write(&path, toml::to_string(&table).unwrap()).unwrap();
 }
 
 pub fn copy_dir(from: &Path, to: &Path) {

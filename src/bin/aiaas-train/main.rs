@@ -9,6 +9,8 @@
 //! `cargo run --release --bin aiaas-train -- --out models` rebuilds every artifact in `models/`
 //! (model.pt, model.toml, tokenizer.json) from a fixed seed.
 
+#[allow(dead_code)] // its PNG and JPEG encoders serve the tests and the benchmark, which include it
+mod demo;
 mod text;
 
 use std::path::{Path, PathBuf};
@@ -22,7 +24,7 @@ use rand::{Rng, SeedableRng};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{CModule, Device, Kind, Reduction, Tensor};
 
-use aiaas::demo::{self, Shape};
+use demo::Shape;
 
 /// Trains the demo models and writes them, traced to TorchScript, into a model repository.
 #[derive(Debug, Parser)]
@@ -397,4 +399,21 @@ labels = ["circle", "square", "triangle"]
 softmax = false  # the model already returns probabilities
 "#,
     )
+}
+
+#[cfg(test)]
+mod demo_tests {
+    use super::demo::{draw, jpeg, png, Shape};
+    use rand::SeedableRng;
+
+    #[test]
+    fn shapes_cover_a_plausible_share_of_the_image() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        for shape in Shape::ALL {
+            let img = draw(shape, 64, &mut rng);
+            assert_eq!(img.dimensions(), (64, 64));
+            assert!(!png(&img).is_empty());
+            assert!(!jpeg(&img, 90).is_empty());
+        }
+    }
 }

@@ -1,7 +1,8 @@
 //! Generated data for the demo image model: circles, squares and triangles on noisy backgrounds.
 //!
-//! Used by the trainer (training and held-out sets), by the tests (fresh shapes to classify) and
-//! by the benchmark (PNG bodies to post). Plain image code: no model, no HTTP.
+//! Used by the trainer (training and held-out sets), and included by path into the tests
+//! (`tests/common`: fresh shapes to classify) and the benchmark (PNG bodies to post). Plain
+//! image code: no model, no HTTP, not part of the server library.
 
 use image::{Rgb, RgbImage};
 use rand::Rng;
@@ -129,21 +130,4 @@ pub fn jpeg(img: &RgbImage, quality: u8) -> Vec<u8> {
         .encode_image(img)
         .expect("JPEG encoding to memory");
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::SeedableRng;
-
-    #[test]
-    fn shapes_cover_a_plausible_share_of_the_image() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        for shape in Shape::ALL {
-            let img = draw(shape, 64, &mut rng);
-            assert_eq!(img.dimensions(), (64, 64));
-            assert!(!png(&img).is_empty());
-            assert!(!jpeg(&img, 90).is_empty());
-        }
-    }
 }
