@@ -27,6 +27,61 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+/// `--idle-poll-us` as the rest of the server sees it: off, or pollers running with their
+/// window. Built once at start-up ([`IdlePolling::start`]); cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct IdlePolling(Option<Arc<IdlePoll>>);
+
+impl IdlePolling {
+    /// Off: nothing polls, model threads block at once.
+    pub fn off() -> Self {
+        Self(None)
+    }
+
+    /// Starts one poller per CPU this process may use when `window` is not zero. Where the
+    /// platform cannot run them at the lowest priority, logs why and stays off.
+    pub fn start(window: Duration) -> Self {
+        if window.is_zero() {
+            return Self::off();
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let poll = IdlePoll::new(window);
+        match poll.start(threads) {
+            Ok(()) => {
+                tracing::info!(
+                    threads,
+                    window_us = window.as_micros() as u64,
+                    "idle polling on: CPUs kept from idling while requests are in flight (SCHED_IDLE pollers; model threads poll for work)"
+                );
+                Self(Some(poll))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "idle polling unavailable; running without it");
+                Self::off()
+            }
+        }
+    }
+
+    /// How long each model's queue and engine threads poll their channel before blocking
+    /// ([`crate::batcher::BatchConfig::poll_window`]): the window while the pollers run, else
+    /// zero.
+    pub fn window(&self) -> Duration {
+        self.0.as_ref().map_or(Duration::ZERO, |p| p.window)
+    }
+
+    /// Marks a request in flight (nothing when off).
+    pub fn busy(&self) -> Option<Busy> {
+        self.0.as_ref().map(IdlePoll::busy)
+    }
+
+    /// Stops the pollers, if any.
+    pub fn stop(&self) {
+        if let Some(p) = &self.0 {
+            p.stop();
+        }
+    }
+}
+
 /// The shared state: requests in flight, when the last one ended, and the pollers' bed.
 #[derive(Debug)]
 pub struct IdlePoll {

@@ -1,4 +1,4 @@
-//! The `aiaas` server binary: command line, logging, then [`aiaas::server::run`].
+//! The `aiaas` server binary: command line, logging, then [`aiaas::server::serve`].
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -10,8 +10,9 @@ use aiaas::codec::ImageLimits;
 use aiaas::config::ModelControl;
 use aiaas::http::ApiKeys;
 use aiaas::http::HttpSettings;
+use aiaas::idle_poll::IdlePolling;
 use aiaas::registry::RegistrySettings;
-use aiaas::server::{run, ServerConfig};
+use aiaas::server::{serve, ServerConfig};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
@@ -145,6 +146,9 @@ fn main() -> anyhow::Result<()> {
             "API keys loaded"
         );
     }
+    // one value, shared by the HTTP layer (requests keep the CPUs polling) and the models'
+    // threads (they poll for work within its window)
+    let idle_polling = IdlePolling::start(Duration::from_micros(args.idle_poll_us));
     let config = ServerConfig {
         addr: SocketAddr::new(args.host, args.port),
         models: args.models,
@@ -157,8 +161,8 @@ fn main() -> anyhow::Result<()> {
             metrics_auth: args.metrics_auth,
             allow_unauthenticated_admin: args.allow_unauthenticated_admin,
             max_concurrent_requests: args.max_concurrent_requests,
+            idle_polling: idle_polling.clone(),
         },
-        model_control: args.model_control,
         poll_interval: Duration::from_secs_f64(args.poll_interval.max(0.1)),
         registry: RegistrySettings {
             image_limits: ImageLimits {
@@ -167,18 +171,16 @@ fn main() -> anyhow::Result<()> {
                 ..ImageLimits::default()
             },
             max_text_bytes: args.max_text_bytes,
-            // derived by the server from --idle-poll-us
-            poll_window: Duration::ZERO,
+            idle_polling,
         },
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
         shutdown_delay: Duration::from_secs_f64(args.shutdown_delay.max(0.0)),
         interop_threads: args.interop_threads,
-        idle_poll: Duration::from_micros(args.idle_poll_us),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let result = runtime.block_on(run(config));
+    let result = runtime.block_on(serve(config));
     // do not wait on engine threads or blocking tasks still finishing: accepted requests are
     // answered by now
     runtime.shutdown_timeout(Duration::from_secs(1));

@@ -9,7 +9,6 @@ use tokio::net::TcpListener;
 use crate::config::ModelControl;
 use crate::engine::torch;
 use crate::http::{app, AppState, HttpSettings};
-use crate::idle_poll::IdlePoll;
 use crate::registry::{Registry, RegistrySettings};
 use crate::repository::ModelRepository;
 use crate::telemetry::{BuildInfo, Metrics};
@@ -22,7 +21,6 @@ pub struct ServerConfig {
     /// Load only these models at start-up (all when `None`).
     pub load_models: Option<Vec<String>>,
     pub http: HttpSettings,
-    pub model_control: ModelControl,
     /// Time between two repository scans in poll mode.
     pub poll_interval: Duration,
     pub registry: RegistrySettings,
@@ -32,9 +30,6 @@ pub struct ServerConfig {
     pub shutdown_delay: Duration,
     /// libtorch's process-wide inter-op pool size (0: libtorch's default).
     pub interop_threads: usize,
-    /// Keep the CPUs polling this long after the last request ends (zero: off); see
-    /// [`crate::idle_poll`].
-    pub idle_poll: Duration,
 }
 
 pub fn build_info() -> BuildInfo {
@@ -50,7 +45,7 @@ pub fn build_info() -> BuildInfo {
 }
 
 /// Serves until SIGTERM or Ctrl-C, then drains in-flight requests and returns.
-pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
+pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     torch::set_interop_threads(config.interop_threads);
     let build = build_info();
     tracing::info!(
@@ -60,27 +55,16 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         devices = %build.devices,
         interop_threads = torch::interop_threads(),
         models = %config.models.display(),
-        model_control = config.model_control.as_str(),
+        model_control = config.http.model_control.as_str(),
         "starting aiaas"
     );
     let metrics = Metrics::new(&build);
-    let idle_poll = start_idle_poll(config.idle_poll);
     let registry = Registry::new(
         ModelRepository::new(&config.models),
-        RegistrySettings {
-            // the models' own threads poll for work within the same window, only when the
-            // pollers run
-            poll_window: idle_poll
-                .as_ref()
-                .map_or(Duration::ZERO, |_| config.idle_poll),
-            ..config.registry.clone()
-        },
+        config.registry.clone(),
         metrics.clone(),
     );
-    let mut state = AppState::new(registry.clone(), metrics, config.http.clone());
-    if let Some(p) = &idle_poll {
-        state = state.with_idle_poll(p.clone());
-    }
+    let state = AppState::new(registry.clone(), metrics, config.http.clone());
     let shutting_down = state.shutting_down.clone();
     let listener = TcpListener::bind(config.addr).await?;
     let addr = listener.local_addr()?;
@@ -89,7 +73,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let loader = {
         let registry = registry.clone();
         let only = config.load_models.clone();
-        let (mode, interval) = (config.model_control, config.poll_interval);
+        let (mode, interval) = (config.http.model_control, config.poll_interval);
         tokio::spawn(async move {
             let started = std::time::Instant::now();
             match registry.load_startup(only.as_deref()).await {
@@ -143,33 +127,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
         Err(_) => tracing::warn!("shutdown timeout reached with requests still in flight"),
     }
-    if let Some(p) = idle_poll {
-        p.stop();
-    }
+    config.http.idle_polling.stop();
     Ok(())
-}
-
-/// Starts one idle poller per CPU this process may use, when `window` is not zero.
-fn start_idle_poll(window: Duration) -> Option<std::sync::Arc<IdlePoll>> {
-    if window.is_zero() {
-        return None;
-    }
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let poll = IdlePoll::new(window);
-    match poll.start(threads) {
-        Ok(()) => {
-            tracing::info!(
-                threads,
-                window_us = window.as_micros() as u64,
-                "idle polling on: CPUs kept from idling while requests are in flight (SCHED_IDLE pollers; model threads poll for work)"
-            );
-            Some(poll)
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "idle polling unavailable; running without it");
-            None
-        }
-    }
 }
 
 async fn shutdown_signal() {

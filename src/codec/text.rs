@@ -10,7 +10,6 @@ use crate::tensor::HostTensor;
 pub struct TextCodec {
     tokenizer: Tokenizer,
     max_length: usize,
-    pad_id: i64,
     max_bytes: usize,
 }
 
@@ -22,17 +21,8 @@ impl TextCodec {
         Ok(Self {
             tokenizer,
             max_length: spec.max_length,
-            pad_id: spec.pad_id,
             max_bytes,
         })
-    }
-
-    pub fn max_length(&self) -> usize {
-        self.max_length
-    }
-
-    pub fn pad_id(&self) -> i64 {
-        self.pad_id
     }
 
     /// Token ids of `text`, truncated to `max_length`, as a `[1, len]` INT64 tensor.

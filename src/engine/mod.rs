@@ -31,6 +31,5 @@ pub enum EngineError {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RuntimeInfo {
     pub torch_version: &'static str,
-    pub cuda_available: bool,
     pub cuda_devices: usize,
 }

@@ -15,7 +15,6 @@ pub const TORCH_VERSION: &str = env!("AIAAS_TORCH_VERSION");
 pub fn runtime_info() -> RuntimeInfo {
     RuntimeInfo {
         torch_version: TORCH_VERSION,
-        cuda_available: tch::Cuda::is_available(),
         cuda_devices: tch::Cuda::device_count().max(0) as usize,
     }
 }
@@ -114,7 +113,11 @@ impl TorchEngine {
         })
     }
 
-    fn run(&mut self, inputs: Vec<HostTensor>) -> Result<Vec<HostTensor>, EngineError> {
+    /// The forward pass; [`Engine::forward`] wraps it so that a libtorch panic is an error.
+    fn forward_unguarded(
+        &mut self,
+        inputs: Vec<HostTensor>,
+    ) -> Result<Vec<HostTensor>, EngineError> {
         if !self.thread_configured {
             if let Some(n) = self.options.intra_op_threads {
                 tch::set_num_threads(n as i32);
@@ -144,7 +147,7 @@ impl TorchEngine {
 
 impl Engine for TorchEngine {
     fn forward(&mut self, inputs: Vec<HostTensor>) -> Result<Vec<HostTensor>, EngineError> {
-        catch_unwind(AssertUnwindSafe(|| self.run(inputs)))
+        catch_unwind(AssertUnwindSafe(|| self.forward_unguarded(inputs)))
             .unwrap_or_else(|_| Err(EngineError::Forward("libtorch panicked".into())))
     }
 }

@@ -1,7 +1,7 @@
 //! Model management (admin): load, unload and reload without a restart.
 //!
-//! Every route here sits behind one router layer ([`super::admin_routes`]) so that admin-only
-//! authentication wraps them all. They answer with the model's description after the change.
+//! Every route here is in the route table as `Access::Admin`, so one authorisation layer wraps
+//! them all (see [`super::app`]). They answer with the model's description after the change.
 //! Operations on one model are serialised: a second one waits for the first to finish.
 
 use axum::extract::{Path, State};

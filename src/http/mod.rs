@@ -29,7 +29,7 @@ use tracing::{field::Empty, Instrument};
 
 pub use self::auth::{Access, ApiKeys};
 pub use self::error::{ApiError, ErrorLog};
-use crate::idle_poll::{Busy, IdlePoll};
+use crate::idle_poll::{Busy, IdlePolling};
 use crate::registry::Registry;
 use crate::telemetry::Metrics;
 
@@ -53,6 +53,8 @@ pub struct HttpSettings {
     pub allow_unauthenticated_admin: bool,
     /// Requests served at once beyond which new ones get 503.
     pub max_concurrent_requests: usize,
+    /// `--idle-poll-us`: every request in flight keeps the CPUs polling.
+    pub idle_polling: IdlePolling,
 }
 
 impl Default for HttpSettings {
@@ -65,6 +67,7 @@ impl Default for HttpSettings {
             metrics_auth: false,
             allow_unauthenticated_admin: false,
             max_concurrent_requests: 1024,
+            idle_polling: IdlePolling::off(),
         }
     }
 }
@@ -78,8 +81,6 @@ pub struct AppState {
     /// Set at SIGTERM: readiness answers 503 from then on.
     pub shutting_down: Arc<std::sync::atomic::AtomicBool>,
     concurrency: Arc<tokio::sync::Semaphore>,
-    /// `--idle-poll-us`: every request in flight keeps the CPUs polling.
-    idle_poll: Option<Arc<IdlePoll>>,
 }
 
 impl AppState {
@@ -91,14 +92,7 @@ impl AppState {
             settings: Arc::new(settings),
             shutting_down: Arc::default(),
             concurrency: Arc::new(tokio::sync::Semaphore::new(permits)),
-            idle_poll: None,
         }
-    }
-
-    /// Marks the server busy for idle polling while each request is in flight.
-    pub fn with_idle_poll(mut self, idle_poll: Arc<IdlePoll>) -> Self {
-        self.idle_poll = Some(idle_poll);
-        self
     }
 
     /// Whether a shutdown has begun.
@@ -343,7 +337,7 @@ impl InFlight {
         state.metrics.http_in_flight.inc();
         Self {
             metrics: state.metrics.clone(),
-            _polling: state.idle_poll.as_ref().map(IdlePoll::busy),
+            _polling: state.settings.idle_polling.busy(),
         }
     }
 }

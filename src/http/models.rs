@@ -41,14 +41,16 @@ pub async fn describe_version(
     Ok(Json(model_json(&state, &name, Some(v))?))
 }
 
-/// The JSON of one model (all versions, or just `version`).
+/// The JSON of one model (all versions, or just `version`). A loaded copy describes it from
+/// memory; model.toml is read from disk only for a model (or version) that has none.
 pub fn model_json(state: &AppState, name: &str, version: Option<u64>) -> Result<Value, ApiError> {
-    let entry = state.registry.entry(name);
-    let on_disk = state.registry.spec_on_disk(name);
-    let entry = match (entry, &on_disk) {
-        (Some(e), _) => e,
-        (None, Ok(_)) => Arc::new(ModelEntry::default()),
-        (None, Err(_)) => return Err(ApiError::ModelNotFound(format!("model '{name}' not found"))),
+    let spec_on_disk = || state.registry.spec_on_disk(name);
+    let (entry, mut on_disk) = match state.registry.entry(name) {
+        Some(e) => (e, None),
+        None => match spec_on_disk() {
+            Ok(found) => (Arc::new(ModelEntry::default()), Some(Ok(found))),
+            Err(_) => return Err(ApiError::ModelNotFound(format!("model '{name}' not found"))),
+        },
     };
     let versions: Vec<(u64, &VersionEntry)> = entry
         .versions
@@ -66,9 +68,13 @@ pub fn model_json(state: &AppState, name: &str, version: Option<u64>) -> Result<
     // The spec of the serving copy (newest first), else the one on disk.
     let serving: Option<&Arc<ServingModel>> =
         versions.iter().rev().find_map(|(_, e)| e.serving.as_ref());
-    let spec: Option<&ModelSpec> = serving
-        .map(|s| s.spec.as_ref())
-        .or(on_disk.as_ref().ok().map(|(_, s)| s));
+    if serving.is_none() && on_disk.is_none() {
+        on_disk = Some(spec_on_disk());
+    }
+    let spec: Option<&ModelSpec> = serving.map(|s| s.spec.as_ref()).or(on_disk
+        .as_ref()
+        .and_then(|d| d.as_ref().ok())
+        .map(|(_, s)| s));
     let mut out = summary(name, &entry);
     let obj = out.as_object_mut().expect("summary is an object");
     if let Some(v) = version {
@@ -87,7 +93,7 @@ pub fn model_json(state: &AppState, name: &str, version: Option<u64>) -> Result<
         obj.insert("batching".into(), batching_json(spec));
         obj.insert("version_policy".into(), json!(spec.version_policy));
     }
-    if let (Err(reason), None) = (&on_disk, serving) {
+    if let (Some(Err(reason)), None) = (&on_disk, serving) {
         obj.insert("reason".into(), json!(reason));
     }
     Ok(out)

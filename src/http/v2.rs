@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::inference::{counted, deadline, with_timing, HasOutcome};
+use super::inference::{count_outcome, deadline, with_timing, HasOutcome};
 use super::{ApiError, AppState, REQUEST_ID};
 use crate::codec::v2::{self, V2Input};
 use crate::codec::CodecError;
@@ -349,10 +349,10 @@ async fn run_infer(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> V2Result<Response> {
-    counted(&model, infer_inner(model.clone(), headers, body)).await
+    count_outcome(&model, answer_inference(model.clone(), headers, body)).await
 }
 
-async fn infer_inner(
+async fn answer_inference(
     model: Arc<ServingModel>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,

@@ -25,6 +25,7 @@ use self::prepare::prepare;
 use crate::batcher::ModelHandle;
 use crate::codec::{ImageLimits, ModelCodec};
 use crate::config::model_spec::ModelSpec;
+use crate::idle_poll::IdlePolling;
 use crate::repository::{ModelRepository, ModelSource, RepositoryError, VersionSource};
 use crate::telemetry::{Metrics, ModelMetrics};
 
@@ -40,13 +41,6 @@ pub enum ModelState {
 }
 
 impl ModelState {
-    pub const ALL: [ModelState; 5] = [
-        ModelState::Loading,
-        ModelState::Ready,
-        ModelState::Unloading,
-        ModelState::Unavailable,
-        ModelState::Failed,
-    ];
     pub fn as_str(self) -> &'static str {
         match self {
             ModelState::Loading => "loading",
@@ -168,9 +162,9 @@ pub struct RegistrySettings {
     pub image_limits: ImageLimits,
     /// Longest text instance accepted, in bytes (0: no limit).
     pub max_text_bytes: usize,
-    /// With idle polling on: how long each model's queue and engine threads poll for work
-    /// after their last item before they block ([`BatchConfig::poll_window`]).
-    pub poll_window: std::time::Duration,
+    /// `--idle-poll-us`: each model's queue and engine threads poll for work within its window
+    /// before they block.
+    pub idle_polling: IdlePolling,
 }
 
 /// What `/health/ready` reports.
@@ -193,7 +187,13 @@ pub struct Registry {
     /// Models that must be ready for `/health/ready`, once start-up loading has finished.
     required: Mutex<Option<HashSet<String>>>,
     fingerprints: Fingerprints,
+    /// The model folders of the last repository scan and when it ran: listings reuse it for
+    /// [`SCAN_REUSE`] instead of reading the disk on every request.
+    scanned: Mutex<Option<(Instant, Vec<String>)>>,
 }
+
+/// How long a repository scan answers listings of models that are not loaded.
+const SCAN_REUSE: Duration = Duration::from_secs(1);
 
 impl Registry {
     pub fn new(
@@ -210,11 +210,8 @@ impl Registry {
             ops: Mutex::new(HashMap::new()),
             required: Mutex::new(None),
             fingerprints: Fingerprints::default(),
+            scanned: Mutex::new(None),
         })
-    }
-
-    pub fn repository(&self) -> &ModelRepository {
-        &self.repo
     }
 
     /// Loads the given models (every model in the repository when `only` is `None`),
@@ -629,14 +626,29 @@ impl Registry {
 
     /// Every model in the table, and every model in the repository not loaded yet (as an
     /// empty entry), sorted by name.
+    /// The loaded ones come from memory; the repository is scanned at most once per
+    /// [`SCAN_REUSE`] for the others.
     pub fn list(&self) -> Vec<(String, Arc<ModelEntry>)> {
         let table = self.table.load();
         let mut all: BTreeMap<String, Arc<ModelEntry>> =
             table.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        for name in self.repo.model_names().unwrap_or_default() {
+        for name in self.model_names_recent() {
             all.entry(name).or_default();
         }
         all.into_iter().collect()
+    }
+
+    /// The repository's model names from a scan at most [`SCAN_REUSE`] old.
+    fn model_names_recent(&self) -> Vec<String> {
+        let mut scanned = self.scanned.lock().expect("scan lock");
+        if let Some((at, names)) = scanned.as_ref() {
+            if at.elapsed() < SCAN_REUSE {
+                return names.clone();
+            }
+        }
+        let names = self.repo.model_names().unwrap_or_default();
+        *scanned = Some((Instant::now(), names.clone()));
+        names
     }
 
     pub fn entry(&self, name: &str) -> Option<Arc<ModelEntry>> {

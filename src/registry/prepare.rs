@@ -61,7 +61,7 @@ pub(super) fn prepare(
         queue_capacity: spec.batching.queue_capacity,
         pad_values: spec.inputs.iter().map(|i| i.pad_value).collect(),
         latency_target: spec.batching.latency_target(),
-        poll_window: settings.poll_window,
+        poll_window: settings.idle_polling.window(),
     };
     Ok(Prepared {
         device: device.to_string(),
