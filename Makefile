@@ -28,9 +28,11 @@ build: setup
 setup:
 	@.ci/setup-torch.sh
 
+# Everything builds in the release profile, so `make test` and `make run` share one build of
+# the dependencies (and of libtorch's C++ glue in torch-sys) instead of building them twice.
 lint: setup
 	cargo fmt --all -- --check
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --release --all-targets -- -D warnings
 
 fmt:
 	cargo fmt --all

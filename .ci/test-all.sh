@@ -7,10 +7,12 @@ cd "$(dirname "$0")/.."
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 
-cargo test --all-targets 2>&1 | tee "$logs/cargo.log"
+# the release profile, as `make run` builds it: the tests run the binary users run, and the
+# dependencies are built once for both
+cargo test --release --all-targets 2>&1 | tee "$logs/cargo.log"
 cargo_status=${PIPESTATUS[0]}
 py_status=1
-if cargo build --bin aiaas 2>&1 | tail -n 1; then
+if cargo build --release --bin aiaas 2>&1 | tail -n 1; then
   .venv-test/bin/python -m pytest tests/python -q 2>&1 | tee "$logs/pytest.log"
   py_status=${PIPESTATUS[0]}
 fi

@@ -16,13 +16,13 @@ import pytest
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[2]
-BINARY = Path(os.environ.get("AIAAS_BIN", ROOT / "target" / "debug" / "aiaas"))
+BINARY = Path(os.environ.get("AIAAS_BIN", ROOT / "target" / "release" / "aiaas"))
 
 
 class Server:
     def __init__(self, models, *args):
         if not BINARY.exists():
-            raise RuntimeError(f"{BINARY} missing: run `cargo build` (make test does)")
+            raise RuntimeError(f"{BINARY} missing: run `cargo build --release` (make test does)")
         self.proc = subprocess.Popen(
             [str(BINARY), "--host", "127.0.0.1", "--port", "0", "--models", str(models), *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

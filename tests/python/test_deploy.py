@@ -378,7 +378,7 @@ def test_kserve_manifests():
 def test_failover_quick():
     """Two replicas behind nginx: SIGTERM one mid-load (no request may fail), restart it, then
     kill -9 the other (requests after the kill must succeed)."""
-    binary = Path(os.environ.get("AIAAS_BIN", ROOT / "target" / "debug" / "aiaas"))
+    binary = Path(os.environ.get("AIAAS_BIN", ROOT / "target" / "release" / "aiaas"))
     assert binary.exists(), f"{binary} missing: cargo build --bin aiaas"
     tool("nginx")
     with tempfile.TemporaryDirectory(prefix="aiaas-failover-test-") as tmp:
