@@ -113,7 +113,7 @@ fn decode(dir: &std::path::Path, body: &std::path::Path, seconds: f64) -> Result
     let image = bytes.starts_with(b"\x89PNG") || bytes.starts_with(&[0xff, 0xd8]);
     let once = || -> Result<usize> {
         if image {
-            Ok(codec.decode_image_bytes(&bytes)?.rows())
+            Ok(codec.decode_encoded(&bytes)?.rows())
         } else {
             let req = aiaas::codec::v1::parse_request(&bytes)?;
             let mut rows = 0;

@@ -29,6 +29,10 @@ pub fn image_decode(data: &[u8]) {
                 scale: 1.0 / 255.0,
                 mean: None,
                 std: None,
+                resize: Default::default(),
+                resize_to: None,
+                crop: Default::default(),
+                interpolation: Default::default(),
             },
             limits(),
         )
@@ -121,7 +125,7 @@ pub fn tokenize(data: &[u8]) {
             &TextSpec {
                 tokenizer,
                 max_length: 64,
-                pad_id: 0,
+                pad_id: Some(0),
             },
             4096,
         )

@@ -62,6 +62,7 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let registry = Registry::new(
         ModelRepository::new(&config.models),
         config.registry.clone(),
+        std::sync::Arc::new(torch::TorchEngines),
         metrics.clone(),
     );
     let state = AppState::new(registry.clone(), metrics, config.http.clone());

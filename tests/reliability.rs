@@ -133,6 +133,7 @@ async fn without_keys_management_is_for_loopback_only() {
     let registry = aiaas::registry::Registry::new(
         aiaas::repository::ModelRepository::new(repo.path()),
         Default::default(),
+        std::sync::Arc::new(aiaas::engine::torch::TorchEngines),
         metrics.clone(),
     );
     let settings = aiaas::http::HttpSettings {

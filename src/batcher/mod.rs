@@ -30,11 +30,19 @@ use crate::tensor::HostTensor;
 #[derive(Debug, Clone)]
 pub struct Item {
     pub inputs: Vec<HostTensor>,
+    /// A text item's real (unpadded) tokens, 0 for other items. The batcher does not read it;
+    /// it comes back in [`Inferred::tokens`], so the answer can pool and count them.
+    pub tokens: usize,
 }
 
 impl Item {
     pub fn new(inputs: Vec<HostTensor>) -> Self {
-        Self { inputs }
+        Self { inputs, tokens: 0 }
+    }
+
+    /// A text item of `tokens` real tokens.
+    pub fn with_tokens(inputs: Vec<HostTensor>, tokens: usize) -> Self {
+        Self { inputs, tokens }
     }
 
     /// Rows (examples) in this item.
@@ -46,8 +54,11 @@ impl Item {
 /// One item's result.
 #[derive(Debug)]
 pub struct Inferred {
-    /// The item's rows of every model output.
+    /// The item's rows of every model output (padded along variable dimensions when its batch
+    /// was).
     pub outputs: Vec<HostTensor>,
+    /// The item's [`Item::tokens`].
+    pub tokens: usize,
     /// Rows in the forward pass that computed this item.
     pub batch_size: usize,
     /// Time from admission to dispatch.
@@ -718,6 +729,7 @@ fn reply_all(
         shared.stats.add_queue_time(queue_time);
         let _ = p.reply.send(Ok(Inferred {
             outputs,
+            tokens: p.item.tokens,
             batch_size: rows,
             queue_time,
             compute_time,

@@ -3,7 +3,7 @@
 use std::io::Cursor;
 
 use super::CodecError;
-use crate::config::model_spec::ImageSpec;
+use crate::config::model_spec::{ImageSpec, Interpolation, Resize};
 use crate::tensor::{DType, HostTensor};
 use base64::Engine as _;
 use image::{imageops::FilterType, DynamicImage, ImageReader};
@@ -113,15 +113,39 @@ impl ImageCodec {
     }
 
     fn preprocess(&self, img: DynamicImage) -> HostTensor {
-        let (w, h) = (self.spec.width, self.spec.height);
         let c = self.spec.channels;
         // into_*: no copy when the decoder already produced that pixel format
         let pixels: Vec<u8> = if c == 1 {
-            resize_if_needed(img.into_luma8(), w, h).into_raw()
+            self.fit(img.into_luma8()).into_raw()
         } else {
-            resize_if_needed(img.into_rgb8(), w, h).into_raw()
+            self.fit(img.into_rgb8()).into_raw()
         };
         self.normalise_hwc(&pixels)
+    }
+
+    /// The image at the model's `width` x `height`: stretched, or its shorter side scaled to
+    /// `resize_to` and the centre cut out (torchvision's `Resize(n)` + `CenterCrop`).
+    fn fit<P: image::Pixel + 'static>(
+        &self,
+        img: image::ImageBuffer<P, Vec<P::Subpixel>>,
+    ) -> image::ImageBuffer<P, Vec<P::Subpixel>>
+    where
+        P::Subpixel: 'static,
+    {
+        let (w, h) = (self.spec.width, self.spec.height);
+        let filter = match self.spec.interpolation {
+            Interpolation::Bilinear => FilterType::Triangle,
+            Interpolation::Nearest => FilterType::Nearest,
+            Interpolation::Bicubic => FilterType::CatmullRom,
+        };
+        if self.spec.resize == Resize::Stretch {
+            return resize_if_needed(img, w, h, filter);
+        }
+        let to = self.spec.resize_to.unwrap_or(w.max(h));
+        let (rw, rh) = shorter_side(img.width(), img.height(), to);
+        let resized = resize_if_needed(img, rw, rh, filter);
+        let (x, y) = centre_offset(rw, w, rh, h);
+        image::imageops::crop_imm(&resized, x, y, w, h).to_image()
     }
 
     /// Pixel values 0..255 shaped `[H][W][C]` (or flat, HWC order), as parsed from JSON.
@@ -186,6 +210,7 @@ fn resize_if_needed<P: image::Pixel + 'static>(
     img: image::ImageBuffer<P, Vec<P::Subpixel>>,
     w: u32,
     h: u32,
+    filter: FilterType,
 ) -> image::ImageBuffer<P, Vec<P::Subpixel>>
 where
     P::Subpixel: 'static,
@@ -193,8 +218,28 @@ where
     if img.width() == w && img.height() == h {
         img
     } else {
-        image::imageops::resize(&img, w, h, FilterType::Triangle)
+        image::imageops::resize(&img, w, h, filter)
     }
+}
+
+/// The size with the shorter side scaled to `to` and the longer one in proportion, rounded
+/// down (torchvision's `Resize(int)`).
+fn shorter_side(w: u32, h: u32, to: u32) -> (u32, u32) {
+    let long = |long: u32, short: u32| ((to as u64 * long as u64) / short.max(1) as u64) as u32;
+    if w <= h {
+        (to, long(h, w).max(1))
+    } else {
+        (long(w, h).max(1), to)
+    }
+}
+
+/// Where the centre `w` x `h` of an `rw` x `rh` image starts: torchvision's `CenterCrop`, which
+/// rounds half offsets to even (Python's `round`).
+fn centre_offset(rw: u32, w: u32, rh: u32, h: u32) -> (u32, u32) {
+    let half = |outer: u32, inner: u32| {
+        ((outer.saturating_sub(inner)) as f64 / 2.0).round_ties_even() as u32
+    };
+    (half(rw, w), half(rh, h))
 }
 
 #[cfg(test)]
@@ -210,9 +255,25 @@ mod tests {
                 scale: 1.0 / 255.0,
                 mean: None,
                 std: None,
+                resize: Default::default(),
+                resize_to: None,
+                crop: Default::default(),
+                interpolation: Default::default(),
             },
             ImageLimits::default(),
         )
+    }
+
+    #[test]
+    fn shorter_side_and_centre_crop_follow_torchvision() {
+        // Resize(256): the long side is int(256 * long / short)
+        assert_eq!(shorter_side(320, 240, 256), (341, 256));
+        assert_eq!(shorter_side(240, 320, 256), (256, 341));
+        assert_eq!(shorter_side(500, 500, 256), (256, 256));
+        // CenterCrop(224): offsets round half to even, as Python's round does
+        assert_eq!(centre_offset(341, 224, 256, 224), (58, 16));
+        assert_eq!(centre_offset(227, 224, 225, 224), (2, 0));
+        assert_eq!(centre_offset(224, 224, 224, 224), (0, 0));
     }
 
     fn png(w: u32, h: u32, rgb: [u8; 3]) -> Vec<u8> {
@@ -237,7 +298,10 @@ mod tests {
     fn pixel_arrays_match_decoded_images() {
         let c = codec();
         let from_png = c.decode(&png(4, 2, [10, 20, 30])).unwrap();
-        let px = |v: serde_json::Value| crate::codec::instance::flatten_numbers(&v, 1000).unwrap();
+        let px = |v: serde_json::Value| {
+            let g = crate::codec::instance::Grid::from_value(&v, 1000).unwrap();
+            (g.values, g.shape)
+        };
         let (values, shape) = px(serde_json::json!(vec![vec![vec![10, 20, 30]; 4]; 2]));
         assert_eq!(c.decode_pixels(&values, &shape).unwrap(), from_png);
         let (values, shape) = px(serde_json::json!([10, 20, 30].repeat(8)));

@@ -31,55 +31,85 @@ pub fn number(v: &Value) -> Result<f64, CodecError> {
     }
 }
 
-/// Flattens a (possibly nested) rectangular array of numbers, row-major, and returns its shape.
-/// A bare number has shape `[]`. Refuses more than `max_elements` values.
-pub fn flatten_numbers(
-    v: &Value,
-    max_elements: usize,
-) -> Result<(Vec<f64>, Vec<usize>), CodecError> {
-    let mut shape = Vec::new();
-    let mut cursor = v;
-    while let Value::Array(a) = cursor {
-        shape.push(a.len());
-        match a.first() {
-            Some(first) => cursor = first,
-            None => break,
-        }
-    }
-    let total = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-    match total {
-        Some(t) if t <= max_elements => {}
-        _ => {
-            return Err(CodecError::TooLarge(format!(
-                "an instance may hold at most {max_elements} numbers"
-            )))
-        }
-    }
-    let mut out = Vec::with_capacity(total.unwrap_or(0));
-    walk(v, &shape, 0, &mut out)?;
-    Ok((out, shape))
+/// A rectangular (possibly nested) array of numbers, row-major, with its shape; a bare number
+/// has shape `[]`. The one flattener of JSON numbers: /v1 instances, their object members and
+/// v2 `data` all go through it (the fast scanner first, serde for anything else), with one
+/// error for arrays that are not rectangular.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grid {
+    pub values: Vec<f64>,
+    pub shape: Vec<usize>,
 }
 
-fn walk(v: &Value, shape: &[usize], depth: usize, out: &mut Vec<f64>) -> Result<(), CodecError> {
-    match v {
-        Value::Array(a) => {
-            if depth >= shape.len() || a.len() != shape[depth] {
-                return Err(CodecError::Invalid(
-                    "nested arrays must be rectangular (every row the same length)".into(),
-                ));
-            }
-            for x in a {
-                walk(x, shape, depth + 1, out)?;
-            }
-            Ok(())
+impl Grid {
+    /// Parses JSON text holding at most `max` numbers.
+    pub fn parse(raw: &str, max: usize) -> Result<Grid, CodecError> {
+        if let Some(grid) = Scanner::grid(raw, max) {
+            return Ok(grid);
         }
-        _ if depth != shape.len() => Err(CodecError::Invalid(
-            "nested arrays must be rectangular (every row the same length)".into(),
-        )),
-        _ => {
-            out.push(number(v)?);
-            Ok(())
+        let mut de = serde_json::Deserializer::from_str(raw);
+        let grid = serde::de::DeserializeSeed::deserialize(GridSeed { max }, &mut de)
+            .and_then(|g| de.end().map(|()| g))
+            .map_err(|e| CodecError::Invalid(e.to_string()))?;
+        Ok(grid)
+    }
+
+    /// From an already-parsed JSON value; more than `max` numbers is [`CodecError::TooLarge`].
+    pub fn from_value(v: &Value, max: usize) -> Result<Grid, CodecError> {
+        // the size its first elements imply, before anything is copied
+        let mut total = 1usize;
+        let mut cursor = v;
+        while let Value::Array(a) = cursor {
+            total = total.saturating_mul(a.len());
+            match a.first() {
+                Some(first) => cursor = first,
+                None => break,
+            }
         }
+        if total > max {
+            return Err(CodecError::TooLarge(format!(
+                "an instance may hold at most {max} numbers"
+            )));
+        }
+        serde::de::DeserializeSeed::deserialize(GridSeed { max }, v)
+            .map_err(|e| CodecError::Invalid(e.to_string()))
+    }
+}
+
+/// Deserializes a [`Grid`] of at most `max` numbers from any serde source.
+struct GridSeed {
+    max: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for GridSeed {
+    type Value = Grid;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Grid, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for GridSeed {
+    type Value = Grid;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a number or a rectangular array of numbers")
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Grid, E> {
+        Ok(Grid {
+            values: vec![v],
+            shape: vec![],
+        })
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Grid, E> {
+        self.visit_f64(v as f64)
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Grid, E> {
+        self.visit_f64(v as f64)
+    }
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Grid, E> {
+        self.visit_f64(v as u8 as f64)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Grid, A::Error> {
+        Nested::new(self.max).grid(seq)
     }
 }
 
@@ -103,23 +133,37 @@ mod tests {
 
     #[test]
     fn flattens_nested_arrays() {
-        let (v, s) = flatten_numbers(&json!([[1, 2, 3], [4, 5, 6]]), 100).unwrap();
-        assert_eq!(s, vec![2, 3]);
-        assert_eq!(v, vec![1., 2., 3., 4., 5., 6.]);
-        let (v, s) = flatten_numbers(&json!(7.5), 100).unwrap();
-        assert!(s.is_empty());
-        assert_eq!(v, vec![7.5]);
+        let g = Grid::from_value(&json!([[1, 2, 3], [4, 5, 6]]), 100).unwrap();
+        assert_eq!(g.shape, vec![2, 3]);
+        assert_eq!(g.values, vec![1., 2., 3., 4., 5., 6.]);
+        let g = Grid::from_value(&json!(7.5), 100).unwrap();
+        assert!(g.shape.is_empty());
+        assert_eq!(g.values, vec![7.5]);
+        // text goes through the fast scanner, or serde where it cannot
+        for text in ["[[1, 2, 3], [4, 5, 6]]", "[[1, 2, 3], [4, 5, true]]"] {
+            let g = Grid::parse(text, 100).unwrap();
+            assert_eq!(g.shape, vec![2, 3], "{text}");
+        }
+        assert_eq!(Grid::parse("[]", 100).unwrap().shape, vec![0]);
     }
 
     #[test]
-    fn refuses_ragged_and_non_numeric_arrays() {
-        assert!(flatten_numbers(&json!([[1, 2], [3]]), 100).is_err());
-        assert!(flatten_numbers(&json!([[1, 2], 3]), 100).is_err());
-        assert!(flatten_numbers(&json!([1, "x"]), 100).is_err());
+    fn refuses_ragged_and_non_numeric_arrays_alike() {
+        // the same message from a value and from text (which adds where it stopped)
+        let message = |e: CodecError| e.to_string().split(" at line").next().unwrap().to_string();
+        for bad in [json!([[1, 2], [3]]), json!([[1, 2], 3]), json!([1, "x"])] {
+            let from_value = message(Grid::from_value(&bad, 100).unwrap_err());
+            let from_text = message(Grid::parse(&bad.to_string(), 100).unwrap_err());
+            assert_eq!(from_value, from_text, "{bad}");
+        }
+        let ragged = Grid::parse("[[1, 2], [3]]", 100).unwrap_err().to_string();
+        assert!(ragged.contains(RAGGED), "{ragged}");
         assert!(matches!(
-            flatten_numbers(&json!([1, 2, 3]), 2),
+            Grid::from_value(&json!([1, 2, 3]), 2),
             Err(CodecError::TooLarge(_))
         ));
+        assert!(Grid::parse("[1, 2, 3]", 2).is_err());
+        assert!(Grid::parse("[1, 2] 3", 100).is_err());
     }
 }
 
@@ -157,7 +201,7 @@ impl Instance {
             Value::Number(_) | Value::Bool(_) => Instance::Number(number(v)?),
             Value::String(s) => Instance::Text(s.clone()),
             Value::Array(_) => {
-                let (values, shape) = flatten_numbers(v, usize::MAX)?;
+                let Grid { values, shape } = Grid::from_value(v, usize::MAX)?;
                 Instance::Array { values, shape }
             }
             Value::Object(o) => Instance::Object(o.clone()),
@@ -202,16 +246,8 @@ impl<'de> serde::de::Visitor<'de> for InstanceVisitor {
         Ok(Instance::Other("null"))
     }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Instance, A::Error> {
-        let mut state = Nested {
-            values: Vec::new(),
-            shape: Vec::new(),
-            leaf_depth: None,
-        };
-        state.visit_level(seq, 0)?;
-        Ok(Instance::Array {
-            values: state.values,
-            shape: state.shape.into_iter().map(|d| d.unwrap_or(0)).collect(),
-        })
+        let Grid { values, shape } = Nested::new(usize::MAX).grid(seq)?;
+        Ok(Instance::Array { values, shape })
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Instance, A::Error> {
         let m = serde_json::Map::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
@@ -227,12 +263,33 @@ struct Nested {
     /// The length seen at each depth (inner levels finish before outer ones).
     shape: Vec<Option<usize>>,
     leaf_depth: Option<usize>,
+    /// Most numbers taken.
+    max: usize,
 }
 
-const RAGGED: &str =
+/// The one error for arrays that are not rectangular, wherever numbers are flattened.
+pub const RAGGED: &str =
     "nested arrays must be rectangular (every row the same length) and hold numbers only";
 
 impl Nested {
+    fn new(max: usize) -> Self {
+        Self {
+            values: Vec::new(),
+            shape: Vec::new(),
+            leaf_depth: None,
+            max,
+        }
+    }
+
+    /// The whole array `seq` as a grid.
+    fn grid<'de, A: serde::de::SeqAccess<'de>>(mut self, seq: A) -> Result<Grid, A::Error> {
+        self.visit_level(seq, 0)?;
+        Ok(Grid {
+            values: self.values,
+            shape: self.shape.into_iter().map(|d| d.unwrap_or(0)).collect(),
+        })
+    }
+
     fn visit_level<'de, A: serde::de::SeqAccess<'de>>(
         &mut self,
         mut seq: A,
@@ -270,6 +327,12 @@ impl Nested {
             Some(d) if d != depth => return Err(E::custom(RAGGED)),
             None => self.leaf_depth = Some(depth),
             _ => {}
+        }
+        if self.values.len() >= self.max {
+            return Err(E::custom(format!(
+                "more than the {} numbers the shape holds",
+                self.max
+            )));
         }
         self.values.push(v);
         Ok(())
@@ -358,6 +421,28 @@ struct Scanner<'a> {
 }
 
 impl Scanner<'_> {
+    /// The whole of `raw` as a number or a nested array of at most `max` numbers; `None` for
+    /// anything the fast path does not take (the caller then asks serde).
+    fn grid(raw: &str, max: usize) -> Option<Grid> {
+        let mut s = Scanner {
+            b: raw.as_bytes(),
+            i: 0,
+        };
+        s.ws();
+        let grid = if s.peek()? == b'[' {
+            let Instance::Array { values, shape } = s.array()? else {
+                return None;
+            };
+            Grid { values, shape }
+        } else {
+            Grid {
+                values: vec![s.number()?],
+                shape: vec![],
+            }
+        };
+        (s.end() && grid.values.len() <= max).then_some(grid)
+    }
+
     /// `[instance, ...]`, each a number or a nested array of numbers.
     fn instances(&mut self) -> Option<Vec<Instance>> {
         self.ws();

@@ -1,15 +1,18 @@
 //! KServe Open Inference Protocol (v2) tensors: parsing requests (JSON data and the binary
-//! tensor extension), mapping them to model inputs per model kind, and encoding responses.
+//! tensor extension), checking them against the model's v2 inputs (its adapter maps them to
+//! model inputs), and encoding responses.
 //!
 //! Every length read from a request is checked against what is really there before it is
 //! used: a malformed request is an error value, never a panic or an out-of-bounds read.
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
-use super::{check_dims, CodecError, ModelCodec};
+use super::instance::Grid;
+use super::{CodecError, ModelCodec};
 use crate::batcher::{Inferred, Item};
-use crate::config::model_spec::{ModelKind, TensorSpec};
+use crate::config::model_spec::TensorSpec;
 use crate::tensor::{byte_len, scalar_bytes, DType, HostTensor};
 
 /// A v2 datatype: a numeric tensor type, or BYTES (strings, encoded images).
@@ -63,7 +66,7 @@ pub struct V2Input {
 }
 
 impl V2Input {
-    fn datatype(&self) -> V2Type {
+    pub fn datatype(&self) -> V2Type {
         match &self.data {
             V2Data::Tensor(t) => V2Type::Tensor(t.dtype),
             V2Data::Bytes(_) => V2Type::Bytes,
@@ -109,8 +112,9 @@ struct RawInput {
     datatype: String,
     #[serde(default)]
     parameters: Option<Map<String, Value>>,
+    /// Kept as text: numbers go through the one flattener ([`Grid`]) without a `Value` tree.
     #[serde(default)]
-    data: Option<Value>,
+    data: Option<Box<RawValue>>,
 }
 
 #[derive(Deserialize)]
@@ -273,41 +277,28 @@ fn parse_input(input: RawInput, binary: &mut &[u8]) -> Result<V2Input, CodecErro
             }
         }
         (None, Some(data)) => {
-            let mut leaves = Vec::with_capacity(count.min(1 << 20));
-            collect_leaves(&data, &mut leaves, count)
-                .map_err(|e| invalid(format!("input '{name}': {e}")))?;
-            if leaves.len() != count {
-                return Err(invalid(format!(
-                    "input '{name}': shape {shape:?} has {count} elements, data has {}",
-                    leaves.len()
-                )));
-            }
+            let elements = |n: usize| {
+                invalid(format!(
+                    "input '{name}': shape {shape:?} has {count} elements, data has {n}"
+                ))
+            };
             match datatype {
-                V2Type::Bytes => V2Data::Bytes(
-                    leaves
-                        .into_iter()
-                        .map(|v| match v {
-                            Value::String(s) => Ok(s.clone().into_bytes()),
-                            other => Err(invalid(format!(
-                                "input '{name}': BYTES data are strings, got {other}"
-                            ))),
-                        })
-                        .collect::<Result<_, _>>()?,
-                ),
+                V2Type::Bytes => {
+                    let strings = string_leaves(data.get(), count)
+                        .map_err(|e| invalid(format!("input '{name}': {e}")))?;
+                    if strings.len() != count {
+                        return Err(elements(strings.len()));
+                    }
+                    V2Data::Bytes(strings)
+                }
                 V2Type::Tensor(dtype) => {
+                    let grid = Grid::parse(data.get(), count)
+                        .map_err(|e| invalid(format!("input '{name}': {dtype} data: {e}")))?;
+                    if grid.values.len() != count {
+                        return Err(elements(grid.values.len()));
+                    }
                     let mut bytes = Vec::with_capacity(count * dtype.size());
-                    for v in leaves {
-                        let x = match v {
-                            Value::Number(n) => n.as_f64().ok_or_else(|| {
-                                invalid(format!("input '{name}': {n} is not a number"))
-                            })?,
-                            Value::Bool(b) => *b as u8 as f64,
-                            other => {
-                                return Err(invalid(format!(
-                                    "input '{name}': {dtype} data are numbers, got {other}"
-                                )))
-                            }
-                        };
+                    for &x in &grid.values {
                         bytes.extend_from_slice(&scalar_bytes(dtype, x));
                     }
                     V2Data::Tensor(
@@ -321,25 +312,25 @@ fn parse_input(input: RawInput, binary: &mut &[u8]) -> Result<V2Input, CodecErro
     Ok(V2Input { name, shape, data })
 }
 
-/// Leaves of a (possibly nested) JSON array, row-major; refuses more than `max`.
-fn collect_leaves<'a>(v: &'a Value, out: &mut Vec<&'a Value>, max: usize) -> Result<(), String> {
-    match v {
-        Value::Array(items) => {
-            for i in items {
-                collect_leaves(i, out, max)?;
+/// The strings of BYTES `data` (flat or nested), row-major; refuses more than `max`.
+fn string_leaves(raw: &str, max: usize) -> Result<Vec<Vec<u8>>, String> {
+    fn walk(v: Value, out: &mut Vec<Vec<u8>>, max: usize) -> Result<(), String> {
+        match v {
+            Value::Array(items) => items.into_iter().try_for_each(|i| walk(i, out, max)),
+            Value::String(s) if out.len() < max => {
+                out.push(s.into_bytes());
+                Ok(())
             }
-            Ok(())
-        }
-        other => {
-            if out.len() >= max {
-                return Err(format!(
-                    "data has more than the {max} elements its shape holds"
-                ));
-            }
-            out.push(other);
-            Ok(())
+            Value::String(_) => Err(format!(
+                "data has more than the {max} elements its shape holds"
+            )),
+            other => Err(format!("BYTES data are strings, got {other}")),
         }
     }
+    let value: Value = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    walk(value, &mut out, max)?;
+    Ok(out)
 }
 
 /// BYTES elements in binary: each is a little-endian u32 length followed by that many bytes.
@@ -452,7 +443,7 @@ pub struct V2TensorMeta {
 }
 
 impl V2TensorMeta {
-    fn tensor(spec: &TensorSpec) -> Self {
+    pub fn tensor(spec: &TensorSpec) -> Self {
         Self {
             name: spec.name.clone(),
             datatype: V2Type::Tensor(spec.datatype),
@@ -471,40 +462,21 @@ impl V2TensorMeta {
     }
 }
 
-/// The output of classifiers that holds each row's best label.
-pub const LABELS_OUTPUT: &str = "labels";
-/// The input of text classifiers in v2.
-pub const TEXT_INPUT: &str = "text";
-
 impl ModelCodec {
-    /// The model's v2 inputs. Image classifiers also take BYTES (encoded images) under the
-    /// same name; text classifiers take BYTES strings.
+    /// The model's v2 inputs (e.g. image classifiers also take BYTES, encoded images, under
+    /// the same name; text models take BYTES strings).
     pub fn v2_inputs(&self) -> Vec<V2TensorMeta> {
-        match self.kind() {
-            ModelKind::TextClassifier => vec![V2TensorMeta {
-                name: TEXT_INPUT.into(),
-                datatype: V2Type::Bytes,
-                dims: vec![1],
-            }],
-            _ => self.inputs().iter().map(V2TensorMeta::tensor).collect(),
-        }
+        self.adapter().v2_inputs()
     }
 
-    /// The model's v2 outputs: its tensors, plus the best label per row for classifiers.
+    /// The model's v2 outputs: its tensors, plus e.g. the best label per row for classifiers.
     pub fn v2_outputs(&self) -> Vec<V2TensorMeta> {
-        let mut outs: Vec<V2TensorMeta> = self.outputs().iter().map(V2TensorMeta::tensor).collect();
-        if self.kind() == ModelKind::ImageClassifier || self.kind() == ModelKind::TextClassifier {
-            outs.push(V2TensorMeta {
-                name: LABELS_OUTPUT.into(),
-                datatype: V2Type::Bytes,
-                dims: vec![1],
-            });
-        }
-        outs
+        self.adapter().v2_outputs()
     }
 
     /// Turns a request's inputs into items: one item for tensor inputs (its rows share the
-    /// batch dimension), one item per element for BYTES inputs (images, texts).
+    /// batch dimension), one item per element for BYTES inputs (images, texts). Returns the
+    /// items and the request's rows.
     pub fn decode_v2(&self, inputs: Vec<V2Input>) -> Result<(Vec<Item>, usize), CodecError> {
         let declared = self.v2_inputs();
         for i in &inputs {
@@ -530,71 +502,7 @@ impl ModelCodec {
                 .ok_or_else(|| invalid(format!("missing input '{}'", d.name)))?;
             by_name.push(inputs.swap_remove(pos));
         }
-        match self.kind() {
-            ModelKind::TextClassifier => {
-                let input = by_name.pop().expect("one declared input");
-                let texts = bytes_rows(&input, "strings")?;
-                let codec = self.text().expect("text codec for text model");
-                let rows = texts.len();
-                let items = texts
-                    .iter()
-                    .map(|t| {
-                        let s = std::str::from_utf8(t).map_err(|_| {
-                            invalid(format!("input '{}': text is not UTF-8", input.name))
-                        })?;
-                        Ok(Item::new(vec![codec.encode(s)?]))
-                    })
-                    .collect::<Result<Vec<_>, CodecError>>()?;
-                Ok((items, rows))
-            }
-            ModelKind::ImageClassifier if matches!(by_name[0].data, V2Data::Bytes(_)) => {
-                let input = by_name.pop().expect("one declared input");
-                let images = bytes_rows(&input, "encoded images")?;
-                let rows = images.len();
-                let items = images
-                    .iter()
-                    .map(|b| self.decode_image_bytes(b))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok((items, rows))
-            }
-            _ => {
-                let mut rows = None;
-                let mut tensors = Vec::with_capacity(by_name.len());
-                for (input, spec) in by_name.into_iter().zip(self.inputs()) {
-                    if input.datatype() != V2Type::Tensor(spec.datatype) {
-                        return Err(invalid(format!(
-                            "input '{}' is {}, the model takes {}",
-                            input.name,
-                            input.datatype().name(),
-                            spec.datatype
-                        )));
-                    }
-                    let Some((&n, per_row)) = input.shape.split_first() else {
-                        return Err(invalid(format!(
-                            "input '{}' needs a batch dimension: shape [-1] + {:?}",
-                            input.name, spec.dims
-                        )));
-                    };
-                    check_dims(spec, per_row).map_err(|_| {
-                        invalid(format!(
-                            "input '{}' has shape {:?}; the model takes [-1] + {:?}",
-                            input.name, input.shape, spec.dims
-                        ))
-                    })?;
-                    if *rows.get_or_insert(n) != n {
-                        return Err(invalid("inputs disagree on the batch dimension"));
-                    }
-                    if let V2Data::Tensor(t) = input.data {
-                        tensors.push(t);
-                    }
-                }
-                let rows = rows.unwrap_or(0);
-                if rows == 0 {
-                    return Err(invalid("the batch is empty"));
-                }
-                Ok((vec![Item::new(tensors)], rows))
-            }
-        }
+        self.adapter().decode_v2(by_name)
     }
 
     /// The requested outputs of all items, rows in request order.
@@ -616,91 +524,7 @@ impl ModelCodec {
             }
         }
         let wanted = |name: &str| requested.is_none_or(|r| r.iter().any(|o| o.name == name));
-        let mut out = Vec::new();
-        for (k, spec) in self.outputs().iter().enumerate() {
-            if !wanted(&spec.name) {
-                continue;
-            }
-            let parts: Vec<&HostTensor> = results.iter().map(|r| &r.outputs[k]).collect();
-            let mut t = concat_rows(&parts);
-            if k == 0 && self.is_classifier() && self.softmax_enabled() {
-                let rows = t.rows();
-                let mut probs = Vec::with_capacity(t.numel());
-                for r in 0..rows {
-                    probs.extend(
-                        self.scores(&t.slice_rows(r, 1))
-                            .into_iter()
-                            .map(|v| v as f32),
-                    );
-                }
-                t = HostTensor::from_f32(t.shape.clone(), &probs).expect("same shape");
-            }
-            out.push(V2Output {
-                name: spec.name.clone(),
-                shape: t.shape.clone(),
-                data: V2Data::Tensor(t),
-            });
-        }
-        if self.is_classifier() && wanted(LABELS_OUTPUT) {
-            let mut labels = Vec::new();
-            for r in results {
-                let scores = &r.outputs[0];
-                for row in 0..scores.rows() {
-                    let s = self.scores(&scores.slice_rows(row, 1));
-                    let best = (0..s.len())
-                        .max_by(|&a, &b| s[a].total_cmp(&s[b]))
-                        .unwrap_or(0);
-                    let label = self
-                        .labels()
-                        .get(best)
-                        .cloned()
-                        .unwrap_or_else(|| best.to_string());
-                    labels.push(label.into_bytes());
-                }
-            }
-            out.push(V2Output {
-                name: LABELS_OUTPUT.into(),
-                shape: vec![labels.len(), 1],
-                data: V2Data::Bytes(labels),
-            });
-        }
-        Ok(out)
-    }
-}
-
-/// The elements of a BYTES input shaped `[n]` or `[n, 1]`.
-fn bytes_rows<'a>(input: &'a V2Input, what: &str) -> Result<&'a [Vec<u8>], CodecError> {
-    let V2Data::Bytes(elements) = &input.data else {
-        return Err(invalid(format!(
-            "input '{}' takes BYTES ({what})",
-            input.name
-        )));
-    };
-    match input.shape.as_slice() {
-        [n] | [n, 1] if *n > 0 => Ok(elements),
-        _ => Err(invalid(format!(
-            "input '{}' has shape {:?}; it takes [n] or [n, 1] {what}",
-            input.name, input.shape
-        ))),
-    }
-}
-
-/// Rows of several tensors of equal trailing shape, one after the other.
-fn concat_rows(parts: &[&HostTensor]) -> HostTensor {
-    let first = parts[0];
-    if parts.len() == 1 {
-        return first.clone();
-    }
-    let mut shape = first.shape.clone();
-    shape[0] = parts.iter().map(|t| t.rows()).sum();
-    let mut data = Vec::with_capacity(parts.iter().map(|t| t.data.len()).sum());
-    for p in parts {
-        data.extend_from_slice(&p.data);
-    }
-    HostTensor {
-        dtype: first.dtype,
-        shape,
-        data,
+        Ok(self.adapter().encode_v2(results, &wanted))
     }
 }
 

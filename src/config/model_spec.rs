@@ -17,6 +17,10 @@ pub enum ModelKind {
     ImageClassifier,
     /// Strings in (tokenised with `tokenizer.json`), per-label scores out.
     TextClassifier,
+    /// Strings in, one vector each out (pooled and normalised as `[embedding]` says).
+    TextEmbedding,
+    /// (query, document) pairs in, a relevance score each out (a cross-encoder).
+    Reranker,
     /// Number arrays in, number arrays out.
     Regressor,
     /// Raw tensors in and out, mapped one to one to the TorchScript signature.
@@ -28,6 +32,8 @@ impl fmt::Display for ModelKind {
         f.write_str(match self {
             ModelKind::ImageClassifier => "image-classifier",
             ModelKind::TextClassifier => "text-classifier",
+            ModelKind::TextEmbedding => "text-embedding",
+            ModelKind::Reranker => "reranker",
             ModelKind::Regressor => "regressor",
             ModelKind::Tensor => "tensor",
         })
@@ -161,7 +167,9 @@ impl VersionPolicy {
 }
 
 /// Image pre-processing: decoded images are converted to RGB (or grey), resized to
-/// `width` x `height`, then each channel becomes `(pixel * scale - mean) / std`, laid out CHW.
+/// `width` x `height` (stretched, or the shorter side scaled to `resize_to` and the centre
+/// cropped, as torchvision's `Resize` + `CenterCrop`), then each channel becomes
+/// `(pixel * scale - mean) / std`, laid out CHW.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageSpec {
@@ -175,6 +183,47 @@ pub struct ImageSpec {
     pub mean: Option<Vec<f32>>,
     #[serde(default)]
     pub std: Option<Vec<f32>>,
+    #[serde(default)]
+    pub resize: Resize,
+    /// With `resize = "shorter-side"`: the shorter side's length after resizing (default: the
+    /// larger of `width` and `height`).
+    #[serde(default)]
+    pub resize_to: Option<u32>,
+    #[serde(default)]
+    pub crop: Crop,
+    #[serde(default)]
+    pub interpolation: Interpolation,
+}
+
+/// How a decoded image reaches the model's input size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Resize {
+    /// Straight to `width` x `height`, aspect ratio not kept.
+    #[default]
+    Stretch,
+    /// The shorter side to `resize_to`, aspect ratio kept (torchvision's `Resize(n)`).
+    ShorterSide,
+}
+
+/// What is cut from the resized image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Crop {
+    #[default]
+    None,
+    /// The centre `width` x `height` (torchvision's `CenterCrop`).
+    Center,
+}
+
+/// The resampling filter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Interpolation {
+    #[default]
+    Bilinear,
+    Nearest,
+    Bicubic,
 }
 
 fn default_channels() -> usize {
@@ -201,11 +250,40 @@ impl ImageSpec {
 pub struct TextSpec {
     #[serde(default = "default_tokenizer")]
     pub tokenizer: PathBuf,
-    /// Longer inputs are truncated to this many tokens.
+    /// Longer inputs are truncated to this many tokens, by the tokenizer (special tokens such
+    /// as `[CLS]` and `[SEP]` are kept).
     pub max_length: usize,
-    /// Token id used to pad shorter sequences in a batch.
+    /// Token id that pads shorter sequences in a batch; default: the tokenizer's own pad id
+    /// (its `padding` section, else its `[PAD]` or `<pad>` token), else 0.
     #[serde(default)]
-    pub pad_id: i64,
+    pub pad_id: Option<i64>,
+}
+
+/// The token inputs a text model may take, filled by the server from the tokenizer.
+pub const TOKEN_INPUTS: [&str; 3] = ["input_ids", "attention_mask", "token_type_ids"];
+
+/// How a `text-embedding` model's output becomes one vector per text.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingSpec {
+    #[serde(default)]
+    pub pooling: Pooling,
+    /// L2-normalise the vector.
+    #[serde(default)]
+    pub normalize: bool,
+}
+
+/// Pooling over a model's token states `[N, T, H]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// The model already returns one vector per text, `[N, H]`.
+    #[default]
+    None,
+    /// The mean of the states of real (unpadded) tokens.
+    Mean,
+    /// The first token's state (`[CLS]`).
+    Cls,
 }
 
 fn default_tokenizer() -> PathBuf {
@@ -224,6 +302,9 @@ pub struct OutputSpec {
     /// Apply softmax to the model's output (set when the model returns logits).
     #[serde(default)]
     pub softmax: bool,
+    /// Independent labels: a sigmoid per label instead of a softmax over them.
+    #[serde(default)]
+    pub multi_label: bool,
 }
 
 /// One input or output tensor of the model's signature, without the batch dimension.
@@ -266,6 +347,8 @@ struct RawSpec {
     #[serde(default)]
     text: Option<TextSpec>,
     #[serde(default)]
+    embedding: Option<EmbeddingSpec>,
+    #[serde(default)]
     output: OutputSpec,
     #[serde(default)]
     inputs: Option<Vec<TensorSpec>>,
@@ -302,8 +385,12 @@ pub struct ModelSpec {
     pub version_policy: VersionPolicy,
     pub image: Option<ImageSpec>,
     pub text: Option<TextSpec>,
+    /// `text-embedding` models: pooling and normalisation.
+    pub embedding: EmbeddingSpec,
     pub labels: Vec<String>,
     pub softmax: bool,
+    /// Classifiers: a sigmoid per label instead of a softmax.
+    pub multi_label: bool,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
 }
@@ -363,7 +450,7 @@ impl ModelSpec {
                     .map(String::from)
                     .collect()
             }
-            (None, None) => Vec::new(),
+            (None, None) => id2label(config_dir, files_dir, &raw.file).map_err(invalid)?,
         };
 
         let b = &raw.batching;
@@ -413,8 +500,10 @@ impl ModelSpec {
             version_policy: raw.version_policy,
             image: raw.image,
             text: text_spec,
+            embedding: raw.embedding.unwrap_or_default(),
             labels,
             softmax: raw.output.softmax,
+            multi_label: raw.output.multi_label,
             inputs,
             outputs,
         })
@@ -479,6 +568,27 @@ fn signature(
             if img.std().contains(&0.0) {
                 return Err("image.std must not contain 0".into());
             }
+            match (img.resize, img.crop) {
+                (Resize::Stretch, Crop::Center) => {
+                    return Err("image.crop = \"center\" needs resize = \"shorter-side\" (a stretched image is already width x height)".into())
+                }
+                (Resize::Stretch, Crop::None) if img.resize_to.is_some() => {
+                    return Err("image.resize_to needs resize = \"shorter-side\"".into())
+                }
+                (Resize::ShorterSide, Crop::None) => {
+                    return Err("resize = \"shorter-side\" needs crop = \"center\": the resized image is not width x height otherwise".into())
+                }
+                (Resize::ShorterSide, Crop::Center) => {
+                    let to = img.resize_to.unwrap_or(img.width.max(img.height));
+                    if to < img.width.max(img.height) {
+                        return Err(format!(
+                            "image.resize_to {to} is smaller than the {}x{} centre crop",
+                            img.width, img.height
+                        ));
+                    }
+                }
+                _ => {}
+            }
             if labels.is_empty() {
                 return Err("an image-classifier needs output.labels or output.labels_file".into());
             }
@@ -492,30 +602,47 @@ fn signature(
                     .unwrap_or_else(|| vec![scores(labels.len())]),
             )
         }
-        ModelKind::TextClassifier => {
-            let text = raw
-                .text
-                .as_ref()
-                .ok_or("kind text-classifier needs a [text] table (max_length, tokenizer)")?;
+        ModelKind::TextClassifier | ModelKind::TextEmbedding | ModelKind::Reranker => {
+            let text = raw.text.as_ref().ok_or(format!(
+                "kind {} needs a [text] table (max_length, tokenizer)",
+                raw.kind
+            ))?;
             if text.max_length == 0 {
                 return Err("text.max_length must be positive".into());
             }
-            if labels.is_empty() {
-                return Err("a text-classifier needs output.labels or output.labels_file".into());
+            if raw.kind == ModelKind::TextClassifier && labels.is_empty() {
+                return Err("a text-classifier needs output.labels, output.labels_file, or id2label in a config.json beside the model".into());
             }
-            (
-                raw.inputs.clone().unwrap_or_else(|| {
-                    vec![spec(
-                        "input_ids",
-                        DType::Int64,
-                        vec![-1],
-                        Some(text.pad_id as f64),
-                    )]
-                }),
-                raw.outputs
-                    .clone()
-                    .unwrap_or_else(|| vec![scores(labels.len())]),
-            )
+            if raw.kind != ModelKind::TextEmbedding && raw.embedding.is_some() {
+                return Err("[embedding] is for kind text-embedding".into());
+            }
+            // the demo's text-classifier takes token ids only; transformers take their mask too
+            let token = |name: &str| spec(name, DType::Int64, vec![-1], None);
+            let inputs = raw.inputs.clone().unwrap_or_else(|| match raw.kind {
+                ModelKind::TextClassifier => vec![token("input_ids")],
+                _ => vec![token("input_ids"), token("attention_mask")],
+            });
+            for input in &inputs {
+                if !TOKEN_INPUTS.contains(&input.name.as_str()) {
+                    return Err(format!(
+                        "input '{}': a {} model's inputs are filled from the tokenizer, so each is one of {TOKEN_INPUTS:?}",
+                        input.name, raw.kind
+                    ));
+                }
+                if input.datatype != DType::Int64 || input.dims != [-1] {
+                    return Err(format!(
+                        "input '{}' is INT64 with dims [-1] (a sequence per text)",
+                        input.name
+                    ));
+                }
+            }
+            let outputs = match (raw.kind, raw.outputs.clone()) {
+                (_, Some(outputs)) => outputs,
+                (ModelKind::TextClassifier, None) => vec![scores(labels.len())],
+                (ModelKind::Reranker, None) => vec![spec("logits", DType::Fp32, vec![1], None)],
+                _ => return Err("a text-embedding model needs [[outputs]]: its token states [-1, hidden] (pooling mean or cls) or its vector [hidden] (pooling none)".into()),
+            };
+            (inputs, outputs)
         }
         ModelKind::Regressor => (
             raw.inputs
@@ -558,7 +685,68 @@ fn signature(
     {
         return Err("a regressor's input is FP32 with fixed dims [features]".into());
     }
+    if raw.kind == ModelKind::TextEmbedding {
+        let pooling = raw.embedding.unwrap_or_default().pooling;
+        let first = &outputs[0];
+        let states = pooling != Pooling::None;
+        let dims_ok = match first.dims.as_slice() {
+            [-1, h] => states && *h > 0,
+            [h] => !states && *h > 0,
+            _ => false,
+        };
+        if first.datatype != DType::Fp32 || !dims_ok {
+            return Err(format!(
+                "output '{}' is FP32 with dims {}: pooling '{}' {}",
+                first.name,
+                if states { "[-1, hidden]" } else { "[hidden]" },
+                serde_json::to_value(pooling)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
+                if states {
+                    "pools the model's token states"
+                } else {
+                    "takes the model's vector as it is"
+                }
+            ));
+        }
+    }
     Ok((inputs, outputs))
+}
+
+/// Labels from `id2label` in a Hugging Face `config.json` beside the model file, when there is
+/// one; none otherwise.
+fn id2label(config_dir: &Path, files_dir: &Path, model_file: &Path) -> Result<Vec<String>, String> {
+    let model = resolve(config_dir, files_dir, model_file);
+    let path = model.parent().unwrap_or(config_dir).join("config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(Vec::new());
+    };
+    let config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let Some(map) = config.get("id2label").and_then(|m| m.as_object()) else {
+        return Ok(Vec::new());
+    };
+    let mut labels = vec![None; map.len()];
+    for (id, label) in map {
+        let i: usize = id
+            .parse()
+            .ok()
+            .filter(|&i| i < labels.len())
+            .ok_or_else(|| {
+                format!(
+                    "{}: id2label has id '{id}'; ids are 0..{}",
+                    path.display(),
+                    labels.len()
+                )
+            })?;
+        labels[i] = Some(label.as_str().unwrap_or_default().to_string());
+    }
+    labels
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| l.ok_or_else(|| format!("{}: id2label lacks id {i}", path.display())))
+        .collect()
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 pub mod torch;
 
+use crate::config::model_spec::ModelSpec;
 use crate::tensor::HostTensor;
 
 /// Runs one batched forward pass. Implementations are driven from a dedicated OS thread and may
@@ -12,6 +13,20 @@ pub trait Engine: Send + 'static {
     /// `inputs` follow the model's input order, each with the batch as its leading dimension.
     /// Returns the outputs in the model's output order, each with the same leading dimension.
     fn forward(&mut self, inputs: Vec<HostTensor>) -> Result<Vec<HostTensor>, EngineError>;
+}
+
+/// Builds a model's engine instances: the registry's one way to a runtime, so that tests can
+/// stand a fake in for libtorch ([`torch::TorchEngines`] is the real one) and a second runtime
+/// could join without touching the load path.
+pub trait EngineFactory: Send + Sync + 'static {
+    /// Loads instance `index` of the model `spec` describes.
+    fn load(&self, spec: &ModelSpec, index: usize) -> Result<LoadedEngine, EngineError>;
+}
+
+/// One engine instance and the device it runs on (`cpu`, `cuda:0`).
+pub struct LoadedEngine {
+    pub engine: Box<dyn Engine>,
+    pub device: String,
 }
 
 /// Why a model could not be loaded or could not run.

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
-use super::{Engine, EngineError, RuntimeInfo};
-use crate::config::model_spec::DeviceSpec;
+use super::{Engine, EngineError, EngineFactory, LoadedEngine, RuntimeInfo};
+use crate::config::model_spec::{DeviceSpec, ModelSpec};
 use crate::tensor::{DType, HostTensor};
 
 /// libtorch version this binary was built against (from the build script).
@@ -66,6 +66,35 @@ pub fn resolve_device(spec: DeviceSpec) -> Result<ResolvedDevice, EngineError> {
             }
         }
     }
+}
+
+/// The libtorch runtime: each instance loads the model's TorchScript file onto its device.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TorchEngines;
+
+impl EngineFactory for TorchEngines {
+    fn load(&self, spec: &ModelSpec, _index: usize) -> Result<LoadedEngine, EngineError> {
+        let device = resolve_device(spec.device)?;
+        let options = EngineOptions {
+            intra_op_threads: Some(intra_op_threads(spec)),
+            channels_last: spec.channels_last,
+        };
+        let engine = TorchEngine::load(&spec.file, device, options)?;
+        Ok(LoadedEngine {
+            engine: Box::new(engine),
+            device: device.to_string(),
+        })
+    }
+}
+
+/// Threads per engine instance: as configured, else the cores shared out between the instances
+/// (more threads than cores make libtorch's parallel regions wait on each other).
+fn intra_op_threads(spec: &ModelSpec) -> usize {
+    if spec.intra_op_threads > 0 {
+        return spec.intra_op_threads;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / spec.instances).max(1)
 }
 
 /// How an engine instance runs its module.

@@ -112,7 +112,7 @@ async fn answer_prediction(
             items
         }
         Some("image/png" | "image/jpeg" | "image/jpg" | "application/octet-stream") => {
-            if model.codec.image().is_none() {
+            if !model.codec.takes_encoded() {
                 return Err(ApiError::UnsupportedMediaType(format!(
                     "model '{}' is a {} model; send JSON {{\"instances\": [...]}}",
                     model.name,
@@ -120,7 +120,7 @@ async fn answer_prediction(
                 )));
             }
             let item = decode_inline_or_blocking(model, body, |m, b| {
-                m.codec.decode_image_bytes(&b).map_err(ApiError::from)
+                m.codec.decode_encoded(&b).map_err(ApiError::from)
             })
             .await?;
             vec![item]
@@ -136,7 +136,7 @@ async fn answer_prediction(
     let opts = OutputOptions { top_k };
     let predictions: Vec<Value> = results
         .iter()
-        .map(|r| model.codec.encode_prediction(&r.outputs, opts))
+        .map(|r| model.codec.encode_prediction(r, opts))
         .collect();
     Ok(respond(model, &results, predictions))
 }

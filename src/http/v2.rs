@@ -454,7 +454,7 @@ fn raw_request(model: &ServingModel, body: &[u8]) -> Result<v2::V2Request, Codec
             inputs.len()
         )));
     };
-    let data = if model.codec.image().is_some() || input.datatype == v2::V2Type::Bytes {
+    let data = if model.codec.takes_encoded() || input.datatype == v2::V2Type::Bytes {
         v2::V2Data::Bytes(vec![body.to_vec()])
     } else {
         let v2::V2Type::Tensor(dtype) = input.datatype else {

@@ -22,9 +22,11 @@ use serde::Serialize;
 
 use self::fingerprint::Fingerprints;
 use self::prepare::prepare;
+pub use self::prepare::LoadError;
 use crate::batcher::ModelHandle;
 use crate::codec::{ImageLimits, ModelCodec};
 use crate::config::model_spec::ModelSpec;
+use crate::engine::EngineFactory;
 use crate::idle_poll::IdlePolling;
 use crate::repository::{ModelRepository, ModelSource, RepositoryError, VersionSource};
 use crate::telemetry::{Metrics, ModelMetrics};
@@ -178,6 +180,8 @@ pub struct Readiness {
 pub struct Registry {
     repo: ModelRepository,
     settings: RegistrySettings,
+    /// How engines are built: libtorch in the server, a fake in tests.
+    engines: Arc<dyn EngineFactory>,
     metrics: Arc<Metrics>,
     table: ArcSwap<HashMap<String, Arc<ModelEntry>>>,
     /// Serialises read-modify-write of `table` (held for microseconds, never across awaits).
@@ -199,11 +203,13 @@ impl Registry {
     pub fn new(
         repo: ModelRepository,
         settings: RegistrySettings,
+        engines: Arc<dyn EngineFactory>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
             repo,
             settings,
+            engines,
             metrics,
             table: ArcSwap::from_pointee(HashMap::new()),
             write: Mutex::new(()),
@@ -331,7 +337,7 @@ impl Registry {
         for t in tasks {
             match t.await {
                 Ok(Ok(())) => {}
-                Ok(Err(reason)) => failures.push(reason),
+                Ok(Err(e)) => failures.push(e.to_string()),
                 Err(e) => failures.push(format!("loading task failed: {e}")),
             }
         }
@@ -353,7 +359,7 @@ impl Registry {
         config: &Path,
         v: VersionSource,
         force: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), LoadError> {
         let version = v.version;
         let fingerprint = self.fingerprints.of(config, &v.dir).unwrap_or(0);
         let old = self
@@ -367,15 +373,17 @@ impl Registry {
             self.set_version(name, version, ModelState::Loading, None, None);
         }
         let started = Instant::now();
-        let settings = self.settings.clone();
+        let (settings, engines) = (self.settings.clone(), self.engines.clone());
         let (name_owned, config_owned) = (name.to_string(), config.to_path_buf());
-        let loaded =
-            tokio::task::spawn_blocking(move || prepare(&name_owned, &config_owned, &v, &settings))
-                .await
-                .unwrap_or_else(|e| Err(format!("loading panicked: {e}")));
+        let loaded = tokio::task::spawn_blocking(move || {
+            prepare(&name_owned, &config_owned, &v, &settings, engines.as_ref())
+        })
+        .await
+        .unwrap_or_else(|e| Err(LoadError::Task(e.to_string())));
         let p = match loaded {
             Ok(p) => p,
-            Err(reason) => {
+            Err(err) => {
+                let reason = err.to_string();
                 tracing::error!(model = name, version, error = %reason, "model failed to load");
                 match old {
                     // keep serving the old copy; say why the new one was not taken
@@ -388,15 +396,9 @@ impl Registry {
                         )),
                         Some(old),
                     ),
-                    None => self.set_version(
-                        name,
-                        version,
-                        ModelState::Failed,
-                        Some(reason.clone()),
-                        None,
-                    ),
+                    None => self.set_version(name, version, ModelState::Failed, Some(reason), None),
                 }
-                return Err(reason);
+                return Err(err);
             }
         };
         let metrics = self.metrics.for_model(name, version);

@@ -1,14 +1,14 @@
-//! Loading one model version: parse its spec, load every engine instance, warm each up and check
-//! its outputs against the declared signature. Blocking work, run off the async workers.
+//! Loading one model version: parse its spec, build its codec, load every engine instance
+//! through the registry's [`EngineFactory`], warm each up and check its outputs against the
+//! declared signature. Blocking work, run off the async workers.
 
 use std::time::{Duration, Instant};
 
 use super::RegistrySettings;
 use crate::batcher::BatchConfig;
 use crate::codec::ModelCodec;
-use crate::config::model_spec::ModelSpec;
-use crate::engine::torch::{resolve_device, EngineOptions, TorchEngine};
-use crate::engine::{Engine, EngineError};
+use crate::config::model_spec::{ModelSpec, SpecError};
+use crate::engine::{Engine, EngineError, EngineFactory};
 use crate::repository::VersionSource;
 
 /// A model version loaded and warmed up, before its queue starts.
@@ -22,36 +22,56 @@ pub(super) struct Prepared {
     pub warmup_time: Duration,
 }
 
+/// Why a model version could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Its model.toml cannot be read or is not valid.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// A component the kind needs (e.g. its tokenizer) cannot be loaded.
+    #[error("{0}")]
+    Codec(String),
+    /// The runtime cannot load it (file, device, libtorch).
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// It loaded but its warm-up forward pass failed. (Outputs other than model.toml
+    /// declares are [`LoadError::Engine`] with [`EngineError::Output`].)
+    #[error("warm-up at batch {rows} failed: {source}")]
+    Warmup { rows: usize, source: EngineError },
+    /// The loading task itself failed (a panic: a bug).
+    #[error("loading failed: {0}")]
+    Task(String),
+}
+
 /// Parses the spec, loads every engine instance and warms each up: blocking work.
 pub(super) fn prepare(
     name: &str,
     config: &std::path::Path,
     v: &VersionSource,
     settings: &RegistrySettings,
-) -> Result<Prepared, String> {
+    engines: &dyn EngineFactory,
+) -> Result<Prepared, LoadError> {
     let started = Instant::now();
-    let spec = ModelSpec::load(name, config, &v.dir).map_err(|e| e.to_string())?;
-    let codec = ModelCodec::new(&spec, settings.image_limits, settings.max_text_bytes)?;
-    let device = resolve_device(spec.device).map_err(|e| e.to_string())?;
-    let mut engines: Vec<Box<dyn Engine>> = Vec::with_capacity(spec.instances);
-    for _ in 0..spec.instances {
-        let options = EngineOptions {
-            intra_op_threads: intra_op_threads(&spec),
-            channels_last: spec.channels_last,
-        };
-        let engine = TorchEngine::load(&spec.file, device, options).map_err(|e| e.to_string())?;
-        engines.push(Box::new(engine));
+    let spec = ModelSpec::load(name, config, &v.dir)?;
+    let codec = ModelCodec::new(&spec, settings.image_limits, settings.max_text_bytes)
+        .map_err(LoadError::Codec)?;
+    let mut loaded: Vec<Box<dyn Engine>> = Vec::with_capacity(spec.instances);
+    let mut device = String::new();
+    for index in 0..spec.instances {
+        let instance = engines.load(&spec, index)?;
+        device = instance.device;
+        loaded.push(instance.engine);
     }
     let load_time = started.elapsed();
     let warm = Instant::now();
-    for engine in &mut engines {
+    for engine in &mut loaded {
         for rows in [1, spec.batching.max_batch_size] {
             let var_len = spec.text.as_ref().map_or(8, |t| t.max_length.min(16));
             let item = codec.warmup_item(rows, var_len);
             let outputs = engine
                 .forward(item.inputs)
-                .map_err(|e| format!("warm-up at batch {rows} failed: {e}"))?;
-            check_outputs(&spec, &outputs, rows).map_err(|e| e.to_string())?;
+                .map_err(|source| LoadError::Warmup { rows, source })?;
+            check_outputs(&spec, &outputs, rows)?;
         }
     }
     let batch_config = BatchConfig {
@@ -59,29 +79,19 @@ pub(super) fn prepare(
         max_batch_size: spec.batching.max_batch_size,
         max_queue_delay: spec.batching.max_queue_delay(),
         queue_capacity: spec.batching.queue_capacity,
-        pad_values: spec.inputs.iter().map(|i| i.pad_value).collect(),
+        pad_values: codec.pad_values(),
         latency_target: spec.batching.latency_target(),
         poll_window: settings.idle_polling.window(),
     };
     Ok(Prepared {
-        device: device.to_string(),
+        device,
         warmup_time: warm.elapsed(),
         load_time,
         spec,
         codec,
-        engines,
+        engines: loaded,
         batch_config,
     })
-}
-
-/// Threads per engine instance: as configured, else the cores shared out between the instances
-/// (more threads than cores make libtorch's parallel regions wait on each other).
-fn intra_op_threads(spec: &ModelSpec) -> Option<usize> {
-    if spec.intra_op_threads > 0 {
-        return Some(spec.intra_op_threads);
-    }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    Some((cores / spec.instances).max(1))
 }
 
 /// The model's outputs must match what model.toml declares: count, batch dimension, dims.

@@ -1,0 +1,126 @@
+//! `text-embedding`: strings in, one vector each out. The model returns token states
+//! `[N, T, H]` that the server pools over each text's own tokens (`mean`, mask-weighted, or
+//! `cls`), or a vector `[N, H]` it already pooled (`none`); `normalize` L2-normalises it.
+//! /v1 answers `{"embedding": [...], "tokens": n}`; v2 takes BYTES `text` and returns FP32
+//! `embedding` `[N, H]`.
+
+use serde_json::{json, Value};
+
+use super::text::{decode_v2_texts, text_v2_input};
+use super::tokens::TokenInputs;
+use super::{ModelAdapter, Signature};
+use crate::batcher::{Inferred, Item};
+use crate::codec::v2::{V2Data, V2Input, V2Output, V2TensorMeta, V2Type};
+use crate::codec::{CodecError, Instance, OutputOptions};
+use crate::config::model_spec::{EmbeddingSpec, ModelSpec, Pooling};
+use crate::tensor::{DType, HostTensor};
+
+/// The v2 output of embedding models.
+pub const EMBEDDING_OUTPUT: &str = "embedding";
+
+pub struct TextEmbedding {
+    signature: Signature,
+    tokens: TokenInputs,
+    embedding: EmbeddingSpec,
+    /// The vector's size: the last dimension of the model's first output.
+    dimension: usize,
+}
+
+impl TextEmbedding {
+    pub fn new(spec: &ModelSpec, signature: Signature, max_bytes: usize) -> Result<Self, String> {
+        let dimension = signature.outputs[0]
+            .dims
+            .last()
+            .copied()
+            .filter(|&d| d > 0)
+            .ok_or("a text-embedding model's output has a fixed last dimension (its size)")?
+            as usize;
+        Ok(Self {
+            tokens: TokenInputs::new(spec, &signature, max_bytes)?,
+            embedding: spec.embedding,
+            dimension,
+            signature,
+        })
+    }
+
+    /// One item's vector: its first output pooled over its own tokens, then normalised.
+    pub fn vector(&self, result: &Inferred) -> Vec<f32> {
+        let out = &result.outputs[0];
+        let values = out.to_f32_vec();
+        let h = self.dimension;
+        let mut v: Vec<f64> = match self.embedding.pooling {
+            Pooling::None => values[..h].iter().map(|&x| x as f64).collect(),
+            Pooling::Cls => values[..h].iter().map(|&x| x as f64).collect(),
+            Pooling::Mean => {
+                // the item's states are its first `tokens` rows: padding follows them
+                let states = out.shape.get(1).copied().unwrap_or(1);
+                let n = result.tokens.clamp(1, states.max(1));
+                let mut sum = vec![0f64; h];
+                for row in values.chunks_exact(h).take(n) {
+                    for (s, &x) in sum.iter_mut().zip(row) {
+                        *s += x as f64;
+                    }
+                }
+                sum.into_iter().map(|s| s / n as f64).collect()
+            }
+        };
+        if self.embedding.normalize {
+            let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+            v.iter_mut().for_each(|x| *x /= norm);
+        }
+        v.into_iter().map(|x| x as f32).collect()
+    }
+}
+
+impl ModelAdapter for TextEmbedding {
+    fn kind(&self) -> &'static str {
+        "text-embedding"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn decode_instance(&self, instance: &Instance) -> Result<Item, CodecError> {
+        self.tokens
+            .text(TokenInputs::instance_text(instance, self.kind())?)
+    }
+
+    fn encode_prediction(&self, result: &Inferred, _opts: OutputOptions) -> Value {
+        json!({"embedding": self.vector(result), "tokens": result.tokens})
+    }
+
+    fn pad_values(&self) -> Vec<Option<f64>> {
+        self.tokens.pad_values()
+    }
+
+    fn v2_inputs(&self) -> Vec<V2TensorMeta> {
+        text_v2_input()
+    }
+
+    fn v2_outputs(&self) -> Vec<V2TensorMeta> {
+        vec![V2TensorMeta {
+            name: EMBEDDING_OUTPUT.into(),
+            datatype: V2Type::Tensor(DType::Fp32),
+            dims: vec![self.dimension as i64],
+        }]
+    }
+
+    fn decode_v2(&self, inputs: Vec<V2Input>) -> Result<(Vec<Item>, usize), CodecError> {
+        decode_v2_texts(&self.tokens, inputs)
+    }
+
+    fn encode_v2(&self, results: &[Inferred], wanted: &dyn Fn(&str) -> bool) -> Vec<V2Output> {
+        if !wanted(EMBEDDING_OUTPUT) {
+            return Vec::new();
+        }
+        let values: Vec<f32> = results.iter().flat_map(|r| self.vector(r)).collect();
+        let shape = vec![results.len(), self.dimension];
+        let t = HostTensor::from_f32(shape.clone(), &values).expect("rows of the dimension");
+        vec![V2Output {
+            name: EMBEDDING_OUTPUT.into(),
+            shape,
+            data: V2Data::Tensor(t),
+        }]
+    }
+}

@@ -1,0 +1,98 @@
+//! `image-classifier`: encoded images (PNG, JPEG: a raw body, `{"b64": ...}`, v2 BYTES) or
+//! pixel arrays, pre-processed to the model's CHW input; answers labels and scores.
+
+use serde_json::Value;
+
+use super::classifier::Classifier;
+use super::{bytes_rows, ModelAdapter, Signature};
+use crate::batcher::{Inferred, Item};
+use crate::codec::v2::{V2Data, V2Input, V2Output, V2TensorMeta};
+use crate::codec::{CodecError, ImageCodec, ImageLimits, Instance, OutputOptions};
+use crate::config::model_spec::ModelSpec;
+
+pub struct ImageClassifier {
+    signature: Signature,
+    image: ImageCodec,
+    classifier: Classifier,
+}
+
+impl ImageClassifier {
+    pub fn new(
+        spec: &ModelSpec,
+        signature: Signature,
+        limits: ImageLimits,
+    ) -> Result<Self, String> {
+        let image = spec
+            .image
+            .clone()
+            .ok_or("an image-classifier needs an [image] section")?;
+        Ok(Self {
+            signature,
+            image: ImageCodec::new(image, limits),
+            classifier: Classifier::new(spec),
+        })
+    }
+}
+
+impl ModelAdapter for ImageClassifier {
+    fn kind(&self) -> &'static str {
+        "image-classifier"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn decode_instance(&self, instance: &Instance) -> Result<Item, CodecError> {
+        let pixels = match instance {
+            Instance::Object(o) if o.contains_key("b64") => {
+                let b64 = o["b64"].as_str().ok_or_else(|| {
+                    CodecError::Invalid("\"b64\" must be a base64 string".into())
+                })?;
+                self.image.decode_base64(b64)?
+            }
+            Instance::Array { values, shape } => self.image.decode_pixels(values, shape)?,
+            other => {
+                return Err(CodecError::Invalid(format!(
+                    "an image instance is {{\"b64\": \"<base64 PNG or JPEG>\"}} or an array of pixel values, got {}",
+                    other.json_type()
+                )))
+            }
+        };
+        Ok(Item::new(vec![pixels]))
+    }
+
+    fn takes_encoded(&self) -> bool {
+        true
+    }
+
+    fn decode_encoded(&self, bytes: &[u8]) -> Result<Item, CodecError> {
+        Ok(Item::new(vec![self.image.decode(bytes)?]))
+    }
+
+    fn encode_prediction(&self, result: &Inferred, opts: OutputOptions) -> Value {
+        self.classifier.prediction(&result.outputs, opts)
+    }
+
+    fn v2_outputs(&self) -> Vec<V2TensorMeta> {
+        self.classifier.v2_outputs(&self.signature)
+    }
+
+    /// The pre-processed FP32 tensor, or BYTES: encoded images under the same input name.
+    fn decode_v2(&self, mut inputs: Vec<V2Input>) -> Result<(Vec<Item>, usize), CodecError> {
+        if !matches!(inputs[0].data, V2Data::Bytes(_)) {
+            return super::tensor_item(inputs, &self.signature.inputs);
+        }
+        let input = inputs.pop().expect("one declared input");
+        let images = bytes_rows(&input, "encoded images")?;
+        let items = images
+            .iter()
+            .map(|b| self.decode_encoded(b))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((items, images.len()))
+    }
+
+    fn encode_v2(&self, results: &[Inferred], wanted: &dyn Fn(&str) -> bool) -> Vec<V2Output> {
+        self.classifier.encode_v2(results, &self.signature, wanted)
+    }
+}
