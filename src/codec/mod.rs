@@ -41,7 +41,15 @@ pub enum CodecError {
 pub struct OutputOptions {
     /// Also return the k best labels, best first.
     pub top_k: Option<usize>,
+    /// Every label's score even where a model has more than [`MANY_LABELS`] (whose answers
+    /// otherwise carry the best [`DEFAULT_TOP_K`] only).
+    pub all_scores: bool,
 }
+
+/// Above this many labels, a classifier answers its best [`DEFAULT_TOP_K`] by default.
+pub const MANY_LABELS: usize = 10;
+/// The labels such a classifier answers unless asked otherwise.
+pub const DEFAULT_TOP_K: usize = 5;
 
 /// Input decoding and output encoding for one model: its kind's [`ModelAdapter`], chosen once
 /// at load, behind what every kind shares (v2 input and output names are checked here).

@@ -1,4 +1,4 @@
-//! The /v1 JSON request body: `{"instances": [...], "parameters"?: {"top_k"?: n}}`.
+//! The /v1 JSON request body: `{"instances": [...], "parameters"?: {"top_k"?: n, "scores"?: "all"}}`.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -13,11 +13,40 @@ pub struct PredictRequest<I = Vec<Instance>> {
     pub parameters: Option<Parameters>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Output options, in `parameters` or the query string.
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Parameters {
+    /// Classifiers: also the k best labels, best first.
     #[serde(default)]
     pub top_k: Option<usize>,
+    /// Classifiers: `all` scores even where a model has more than ten labels.
+    #[serde(default)]
+    pub scores: Option<Scores>,
+}
+
+/// Which scores a classifier answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scores {
+    All,
+}
+
+impl Parameters {
+    /// These, with what they leave open taken from `fallback`.
+    pub fn or(self, fallback: Parameters) -> Parameters {
+        Parameters {
+            top_k: self.top_k.or(fallback.top_k),
+            scores: self.scores.or(fallback.scores),
+        }
+    }
+
+    pub fn output_options(self) -> super::OutputOptions {
+        super::OutputOptions {
+            top_k: self.top_k,
+            all_scores: self.scores == Some(Scores::All),
+        }
+    }
 }
 
 /// Parses a /v1 JSON body: numeric instances through the fast scanner, anything else (and

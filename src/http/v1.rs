@@ -12,14 +12,12 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::inference::{count_outcome, deadline, with_timing};
 use super::{ApiError, AppState};
 use crate::batcher::{Inferred, Item};
-use crate::codec::v1::parse_request;
-use crate::codec::OutputOptions;
+use crate::codec::v1::{parse_request, Parameters, Scores};
 use crate::registry::ServingModel;
 
 /// curl's `-d` default Content-Type.
@@ -28,9 +26,12 @@ const FORM_URLENCODED: &str = "application/x-www-form-urlencoded";
 /// Above this body size, decoding moves off the async workers.
 const INLINE_DECODE_BYTES: usize = 32 << 10;
 
-#[derive(Debug, Default, Deserialize)]
+/// `?top_k=k&scores=all`: the same output options as the body's `parameters`, which they
+/// override (other query parameters are ignored).
+#[derive(Debug, Default, serde::Deserialize)]
 pub struct PredictQuery {
     top_k: Option<usize>,
+    scores: Option<Scores>,
 }
 
 pub async fn predict(
@@ -92,23 +93,23 @@ async fn answer_prediction(
                 .trim()
                 .to_ascii_lowercase()
         });
-    let mut top_k = query
-        .map_err(|e| ApiError::InvalidInput(format!("bad query string: {}", e.body_text())))?
-        .0
-        .top_k;
+    let Query(PredictQuery { top_k, scores }) = query
+        .map_err(|e| ApiError::InvalidInput(format!("bad query string: {}", e.body_text())))?;
+    let query = Parameters { top_k, scores };
+    let mut params = query;
 
     let items = match content_type.as_deref() {
         // no type, JSON, or curl -d's form default (taken when it is JSON, as TF Serving and
         // TorchServe do)
         ct @ (None | Some("application/json" | FORM_URLENCODED)) => {
             let form = ct == Some(FORM_URLENCODED);
-            let (items, params_top_k) = decode_json(state, model, body, form).await?;
-            top_k = top_k.or(params_top_k);
+            let (items, body_params) = decode_json(state, model, body, form).await?;
+            params = query.or(body_params);
             items
         }
         Some(ct) if ct.ends_with("+json") => {
-            let (items, params_top_k) = decode_json(state, model, body, false).await?;
-            top_k = top_k.or(params_top_k);
+            let (items, body_params) = decode_json(state, model, body, false).await?;
+            params = query.or(body_params);
             items
         }
         Some("image/png" | "image/jpeg" | "image/jpg" | "application/octet-stream") => {
@@ -133,7 +134,7 @@ async fn answer_prediction(
     };
 
     let results = model.handle.infer(items, deadline).await?;
-    let opts = OutputOptions { top_k };
+    let opts = params.output_options();
     let predictions: Vec<Value> = results
         .iter()
         .map(|r| model.codec.encode_prediction(r, opts))
@@ -159,7 +160,7 @@ async fn decode_json(
     model: &Arc<ServingModel>,
     body: Bytes,
     form: bool,
-) -> Result<(Vec<Item>, Option<usize>), ApiError> {
+) -> Result<(Vec<Item>, Parameters), ApiError> {
     let max = state.settings.max_instances;
     decode_inline_or_blocking(model, body, move |m, b| {
         let req = parse_request(&b).map_err(|e| match json_error(e) {
@@ -199,7 +200,7 @@ async fn decode_json(
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok((items, req.parameters.and_then(|p| p.top_k)))
+        Ok((items, req.parameters.unwrap_or_default()))
     })
     .await
 }
@@ -212,7 +213,7 @@ fn json_error(e: serde_json::Error) -> ApiError {
             ApiError::MalformedBody(format!("invalid JSON: {e}"))
         }
         Category::Data => ApiError::InvalidInput(format!(
-            "expected {{\"instances\": [...], \"parameters\"?: {{\"top_k\"?: n}}}}: {e}"
+            "expected {{\"instances\": [...], \"parameters\"?: {{\"top_k\"?: n, \"scores\"?: \"all\"}}}}: {e}"
         )),
     }
 }

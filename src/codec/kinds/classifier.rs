@@ -6,7 +6,7 @@ use serde_json::{json, Map, Value};
 use super::{tensor_outputs, Signature};
 use crate::batcher::Inferred;
 use crate::codec::v2::{V2Data, V2Output, V2TensorMeta, V2Type};
-use crate::codec::OutputOptions;
+use crate::codec::{OutputOptions, DEFAULT_TOP_K, MANY_LABELS};
 use crate::config::model_spec::ModelSpec;
 use crate::tensor::HostTensor;
 
@@ -75,11 +75,16 @@ impl Classifier {
             "score".into(),
             json!(scores.get(best).copied().unwrap_or(0.0)),
         );
-        let all: Map<String, Value> = (0..scores.len())
-            .map(|i| (self.label(i), json!(scores[i])))
-            .collect();
-        map.insert("scores".into(), Value::Object(all));
-        if let Some(k) = opts.top_k {
+        // a 1000-class model answers its best five, not 1000 scores, unless asked
+        let many = scores.len() > MANY_LABELS;
+        if !many || opts.all_scores {
+            let all: Map<String, Value> = (0..scores.len())
+                .map(|i| (self.label(i), json!(scores[i])))
+                .collect();
+            map.insert("scores".into(), Value::Object(all));
+        }
+        let top_k = opts.top_k.or(many.then_some(DEFAULT_TOP_K));
+        if let Some(k) = top_k {
             let top: Vec<Value> = order
                 .iter()
                 .take(k)
@@ -167,11 +172,46 @@ mod tests {
             activation: Activation::None,
         };
         let row = HostTensor::from_f32(vec![1, 3], &[0.2, 0.7, 0.1]).unwrap();
-        let v = c.prediction(&[row], OutputOptions { top_k: Some(2) });
+        let v = c.prediction(
+            &[row],
+            OutputOptions {
+                top_k: Some(2),
+                all_scores: false,
+            },
+        );
         assert_eq!(v["label"], "b");
         assert!((v["scores"]["c"].as_f64().unwrap() - 0.1).abs() < 1e-6);
         assert_eq!(v["top_k"][1]["label"], "a");
         assert_eq!(v["top_k"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn many_labels_answer_the_best_five_unless_all_are_asked_for() {
+        let c = Classifier {
+            labels: (0..20).map(|i| format!("l{i}")).collect(),
+            activation: Activation::None,
+        };
+        let values: Vec<f32> = (0..20).map(|i| i as f32).collect();
+        let row = HostTensor::from_f32(vec![1, 20], &values).unwrap();
+        let v = c.prediction(std::slice::from_ref(&row), OutputOptions::default());
+        assert_eq!(v["label"], "l19");
+        assert!(v.get("scores").is_none());
+        let top: Vec<&str> = v["top_k"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["label"].as_str().unwrap())
+            .collect();
+        assert_eq!(top, ["l19", "l18", "l17", "l16", "l15"]);
+        let all = c.prediction(
+            &[row],
+            OutputOptions {
+                top_k: Some(2),
+                all_scores: true,
+            },
+        );
+        assert_eq!(all["scores"].as_object().unwrap().len(), 20);
+        assert_eq!(all["top_k"].as_array().unwrap().len(), 2);
     }
 
     #[test]
