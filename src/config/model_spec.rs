@@ -450,7 +450,15 @@ impl ModelSpec {
                     .map(String::from)
                     .collect()
             }
-            (None, None) => id2label(config_dir, files_dir, &raw.file).map_err(invalid)?,
+            (None, None)
+                if matches!(
+                    raw.kind,
+                    ModelKind::ImageClassifier | ModelKind::TextClassifier
+                ) =>
+            {
+                id2label(config_dir, files_dir, &raw.file).map_err(invalid)?
+            }
+            (None, None) => Vec::new(),
         };
 
         let b = &raw.batching;
@@ -822,6 +830,88 @@ mod tests {
         assert_eq!("cuda:1".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(1));
         assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
         assert!("gpu".parse::<DeviceSpec>().is_err());
+    }
+
+    #[test]
+    fn text_kinds_take_token_inputs_by_name() {
+        let text = "[text]\nmax_length = 16\n";
+        let emb = |extra: &str| {
+            parse(&format!(
+                "kind = \"text-embedding\"\n{extra}\n{text}\n[[outputs]]\nname = \"h\"\ndatatype = \"FP32\"\ndims = [-1, 8]\n[embedding]\npooling = \"mean\""
+            ))
+        };
+        let s = emb("").unwrap();
+        let names: Vec<&str> = s.inputs.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["input_ids", "attention_mask"]);
+        assert_eq!(s.embedding.pooling, Pooling::Mean);
+        let e = emb("[[inputs]]\nname = \"pixels\"\ndatatype = \"INT64\"\ndims = [-1]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("input_ids"), "{e}");
+        // pooling none takes a vector, not token states
+        let e = parse(&format!(
+            "kind = \"text-embedding\"\n{text}\n[[outputs]]\nname = \"h\"\ndatatype = \"FP32\"\ndims = [-1, 8]"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("[hidden]"), "{e}");
+        let e = parse(&format!("kind = \"text-embedding\"\n{text}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[[outputs]]"), "{e}");
+        // a reranker gets a one-logit output; [embedding] is not for it
+        let s = parse(&format!("kind = \"reranker\"\n{text}")).unwrap();
+        assert_eq!(s.outputs[0].dims, vec![1]);
+        assert!(parse(&format!(
+            "kind = \"reranker\"\n{text}\n[embedding]\nnormalize = true"
+        ))
+        .is_err());
+        // a classifier needs labels from somewhere
+        let e = parse(&format!("kind = \"text-classifier\"\n{text}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("id2label"), "{e}");
+    }
+
+    #[test]
+    fn labels_come_from_id2label_in_config_json() {
+        let dir = std::env::temp_dir().join(format!("aiaas-spec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"id2label": {"1": "yes", "0": "no"}}"#,
+        )
+        .unwrap();
+        let toml = "kind = \"text-classifier\"\n[text]\nmax_length = 8";
+        let s = ModelSpec::parse("m", toml, &dir.join("model.toml"), &dir).unwrap();
+        assert_eq!(s.labels, ["no", "yes"]);
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"id2label": {"0": "a", "2": "c"}}"#,
+        )
+        .unwrap();
+        assert!(ModelSpec::parse("m", toml, &dir.join("model.toml"), &dir).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn image_resize_modes_are_checked() {
+        let img = |extra: &str| {
+            parse(&format!(
+                "kind = \"image-classifier\"\n[image]\nwidth = 224\nheight = 224\n{extra}\n[output]\nlabels = [\"a\"]"
+            ))
+        };
+        let s = img("resize = \"shorter-side\"\nresize_to = 256\ncrop = \"center\"\ninterpolation = \"bicubic\"").unwrap();
+        let i = s.image.unwrap();
+        assert_eq!(
+            (i.resize, i.crop, i.resize_to),
+            (Resize::ShorterSide, Crop::Center, Some(256))
+        );
+        assert_eq!(i.interpolation, Interpolation::Bicubic);
+        assert!(img("crop = \"center\"").is_err());
+        assert!(img("resize = \"shorter-side\"").is_err());
+        assert!(img("resize = \"shorter-side\"\nresize_to = 100\ncrop = \"center\"").is_err());
+        assert!(img("interpolation = \"lanczos\"").is_err());
     }
 
     #[test]
