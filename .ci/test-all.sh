@@ -9,7 +9,8 @@ trap 'rm -rf "$logs"' EXIT
 
 # the release profile, as `make run` builds it: the tests run the binary users run, and the
 # dependencies are built once for both
-cargo test --release --all-targets 2>&1 | tee "$logs/cargo.log"
+# --no-fail-fast: one failing test binary does not hide the results of the others
+cargo test --release --all-targets --no-fail-fast 2>&1 | tee "$logs/cargo.log"
 cargo_status=${PIPESTATUS[0]}
 py_status=1
 if cargo build --release --bin aiaas 2>&1 | tail -n 1; then

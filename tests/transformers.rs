@@ -136,6 +136,18 @@ async fn a_bert_classifier_answers_as_transformers_with_labels_from_config_json(
         assert_eq!(p["tokens"], item["num_tokens"], "{}", item["text"]);
     }
     assert!(worst < 1e-5, "probabilities differ by {worst}");
+    // one text alone (no padding) equals its place in the padded batch
+    let scores = |p: &Value| -> Vec<f64> {
+        labels
+            .iter()
+            .map(|l| p["scores"][l].as_f64().unwrap())
+            .collect()
+    };
+    for (item, b) in items.iter().zip(&batched).take(3) {
+        let alone = predict(&c, &s, "bert-classifier", json!([item["text"]])).await;
+        let d = max_diff(&scores(&alone[0]), &scores(b));
+        assert!(d < 1e-5, "alone vs batched differ by {d}: {}", item["text"]);
+    }
     // truncation keeps [SEP]: the long text is cut by the tokenizer to max_length
     let long = items
         .iter()
@@ -169,7 +181,7 @@ async fn a_cross_encoder_scores_pairs_as_transformers_on_v1_and_v2() {
             }
         })
         .collect();
-    let batched = predict(&c, &s, "cross-encoder", Value::Array(pairs)).await;
+    let batched = predict(&c, &s, "cross-encoder", Value::Array(pairs.clone())).await;
     for (item, p) in items.iter().zip(&batched) {
         let logit = p["logit"].as_f64().unwrap();
         assert!(
@@ -178,6 +190,12 @@ async fn a_cross_encoder_scores_pairs_as_transformers_on_v1_and_v2() {
         );
         assert!((p["score"].as_f64().unwrap() - item["score"].as_f64().unwrap()).abs() < 1e-5);
         assert_eq!(p["tokens"], item["num_tokens"]);
+    }
+    // one pair alone (no padding) equals its place in the padded batch
+    for (pair, b) in pairs.iter().zip(&batched).take(3) {
+        let alone = predict(&c, &s, "cross-encoder", json!([pair])).await;
+        let d = (alone[0]["logit"].as_f64().unwrap() - b["logit"].as_f64().unwrap()).abs();
+        assert!(d < 1e-5, "alone vs batched differ by {d}: {pair}");
     }
     let queries: Vec<Value> = items.iter().map(|i| i["query"].clone()).collect();
     let documents: Vec<Value> = items.iter().map(|i| i["document"].clone()).collect();
@@ -287,4 +305,78 @@ async fn text_models_refuse_what_they_cannot_tokenise() {
     .await;
     assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
     assert!(String::from_utf8_lossy(&r.body).contains("UTF-8"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn token_inputs_come_from_the_torchscript_forward_when_model_toml_names_none() {
+    // the classifier fixture with its [[inputs]] removed: the server reads input_ids,
+    // attention_mask and token_type_ids from the traced forward (the kind's default would feed
+    // input_ids alone, which this model cannot take)
+    let repo = TempDir::new("hf-schema");
+    let classifier = repo.path().join("bert-classifier");
+    copy_dir(&fixtures().join("bert-classifier"), &classifier);
+    edit_model_toml(&classifier, |t| {
+        t.remove("inputs");
+    });
+    // torchvision's resnet18 forward takes `x`: as a text model it is refused with the reason
+    let vision = repo.path().join("resnet-as-text");
+    std::fs::create_dir_all(&vision).unwrap();
+    std::fs::copy(
+        fixtures().join("resnet18/model.pt"),
+        vision.join("model.pt"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixtures().join("bert-classifier/tokenizer.json"),
+        vision.join("tokenizer.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        vision.join("model.toml"),
+        "kind = \"text-embedding\"\n[text]\nmax_length = 16\n[[outputs]]\nname = \"e\"\ndatatype = \"FP32\"\ndims = [1000]\n",
+    )
+    .unwrap();
+
+    let s = Server::start(
+        repo.path(),
+        &[
+            "--load-model",
+            "bert-classifier",
+            "--model-control",
+            "explicit",
+        ],
+    );
+    s.wait_ready();
+    let c = client();
+    let reference = reference("bert-classifier");
+    let items = reference["items"].as_array().unwrap();
+    let texts: Vec<Value> = items.iter().map(|i| i["text"].clone()).collect();
+    let batched = predict(&c, &s, "bert-classifier", Value::Array(texts)).await;
+    for (item, p) in items.iter().zip(&batched) {
+        let probs: Vec<f64> = ["negative", "neutral", "positive"]
+            .iter()
+            .map(|l| p["scores"][l].as_f64().unwrap())
+            .collect();
+        let d = max_diff(&probs, &floats(&item["probabilities"]));
+        assert!(d < 1e-5, "{}: differs by {d}", item["text"]);
+    }
+    let meta = get(&c, &s.url("/v1/models/bert-classifier")).await.json();
+    let names: Vec<&str> = meta["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["input_ids", "attention_mask", "token_type_ids"]);
+
+    let r = send(c.post(s.url("/v1/models/resnet-as-text/load"))).await;
+    assert_eq!(r.status, 422, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.error_code(), "load_failed");
+    let reason = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        reason.contains("forward takes none of") && reason.contains("\"x\""),
+        "{reason}"
+    );
+    let refused = get(&c, &s.url("/v1/models/resnet-as-text")).await.json();
+    assert_eq!(refused["state"], "failed", "{refused}");
 }

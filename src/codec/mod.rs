@@ -6,7 +6,7 @@
 
 pub mod image;
 pub mod instance;
-mod kinds;
+pub mod kinds;
 pub mod text;
 pub mod v1;
 pub mod v2;

@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::tensor::DType;
 
-/// What kind of model this is, which decides how /v1 requests are decoded and answered.
+/// What kind of model this is: the names model.toml may give. What each kind means (its
+/// tensors, how its requests are decoded and answered) is its file's business under
+/// `src/codec/kinds/` ([`crate::codec::kinds::registration`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ModelKind {
@@ -28,15 +30,12 @@ pub enum ModelKind {
 }
 
 impl fmt::Display for ModelKind {
+    /// The kind as model.toml spells it (`image-classifier`, ...).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ModelKind::ImageClassifier => "image-classifier",
-            ModelKind::TextClassifier => "text-classifier",
-            ModelKind::TextEmbedding => "text-embedding",
-            ModelKind::Reranker => "reranker",
-            ModelKind::Regressor => "regressor",
-            ModelKind::Tensor => "tensor",
-        })
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::String(name)) => f.write_str(&name),
+            _ => Err(fmt::Error),
+        }
     }
 }
 
@@ -259,9 +258,6 @@ pub struct TextSpec {
     pub pad_id: Option<i64>,
 }
 
-/// The token inputs a text model may take, filled by the server from the tokenizer.
-pub const TOKEN_INPUTS: [&str; 3] = ["input_ids", "attention_mask", "token_type_ids"];
-
 /// How a `text-embedding` model's output becomes one vector per text.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -450,12 +446,7 @@ impl ModelSpec {
                     .map(String::from)
                     .collect()
             }
-            (None, None)
-                if matches!(
-                    raw.kind,
-                    ModelKind::ImageClassifier | ModelKind::TextClassifier
-                ) =>
-            {
+            (None, None) if crate::codec::kinds::registration(raw.kind).classifier => {
                 id2label(config_dir, files_dir, &raw.file).map_err(invalid)?
             }
             (None, None) => Vec::new(),
@@ -487,7 +478,8 @@ impl ModelSpec {
             return Err(invalid("instances must be at least 1".into()));
         }
 
-        let (inputs, outputs) = signature(&raw, &labels).map_err(invalid)?;
+        let file = resolve(config_dir, files_dir, &raw.file);
+        let (inputs, outputs) = signature(&raw, &labels, &file).map_err(invalid)?;
         let mut text_spec = raw.text.clone();
         if let Some(t) = &mut text_spec {
             t.tokenizer = resolve(config_dir, files_dir, &t.tokenizer);
@@ -497,13 +489,13 @@ impl ModelSpec {
             name: name.to_string(),
             kind: raw.kind,
             description: raw.description,
-            file: resolve(config_dir, files_dir, &raw.file),
+            file,
             device: raw.device,
             instances: raw.instances,
             intra_op_threads: raw.intra_op_threads,
             channels_last: raw
                 .channels_last
-                .unwrap_or(raw.kind == ModelKind::ImageClassifier),
+                .unwrap_or(crate::codec::kinds::registration(raw.kind).images),
             batching: raw.batching,
             version_policy: raw.version_policy,
             image: raw.image,
@@ -515,14 +507,6 @@ impl ModelSpec {
             inputs,
             outputs,
         })
-    }
-
-    /// Does this model return per-label scores?
-    pub fn is_classifier(&self) -> bool {
-        matches!(
-            self.kind,
-            ModelKind::ImageClassifier | ModelKind::TextClassifier
-        )
     }
 }
 
@@ -539,136 +523,58 @@ fn resolve(config_dir: &Path, files_dir: &Path, file: &Path) -> PathBuf {
     }
 }
 
-/// The model's tensor signature: explicit `inputs`/`outputs`, or derived from the kind.
+/// What model.toml says that a kind's registration ([`crate::codec::kinds::registration`])
+/// turns into the model's tensors: its own tables, and the declared tensors if any.
+#[derive(Debug, Clone, Copy)]
+pub struct Declared<'a> {
+    pub kind: ModelKind,
+    pub image: Option<&'a ImageSpec>,
+    pub text: Option<&'a TextSpec>,
+    pub labels: &'a [String],
+    pub inputs: Option<&'a [TensorSpec]>,
+    pub outputs: Option<&'a [TensorSpec]>,
+    /// Pooling of a text-embedding model (the default when model.toml has no [embedding]).
+    pub pooling: Pooling,
+    /// The TorchScript file (resolved; it may not exist yet).
+    pub model_file: &'a Path,
+}
+
+impl TensorSpec {
+    /// A tensor of the given name, type and dims, without padding.
+    pub fn new(name: &str, datatype: DType, dims: Vec<i64>) -> Self {
+        Self {
+            name: name.into(),
+            datatype,
+            dims,
+            pad_value: None,
+        }
+    }
+}
+
+/// The model's tensor signature: what its kind derives from model.toml, then the checks every
+/// kind shares.
 fn signature(
     raw: &RawSpec,
     labels: &[String],
+    model_file: &Path,
 ) -> Result<(Vec<TensorSpec>, Vec<TensorSpec>), String> {
-    let spec = |name: &str, datatype, dims: Vec<i64>, pad_value| TensorSpec {
-        name: name.into(),
-        datatype,
-        dims,
-        pad_value,
-    };
-    let scores = |n: usize| spec("scores", DType::Fp32, vec![n as i64], None);
-    let (inputs, outputs) = match raw.kind {
-        ModelKind::ImageClassifier => {
-            let img = raw
-                .image
-                .as_ref()
-                .ok_or("kind image-classifier needs an [image] table (width, height)")?;
-            if img.width == 0 || img.height == 0 {
-                return Err("image.width and image.height must be positive".into());
-            }
-            if img.channels != 1 && img.channels != 3 {
-                return Err("image.channels must be 1 (grey) or 3 (RGB)".into());
-            }
-            for (what, v) in [("mean", &img.mean), ("std", &img.std)] {
-                if let Some(v) = v {
-                    if v.len() != img.channels {
-                        return Err(format!(
-                            "image.{what} needs {} values, one per channel",
-                            img.channels
-                        ));
-                    }
-                }
-            }
-            if img.std().contains(&0.0) {
-                return Err("image.std must not contain 0".into());
-            }
-            match (img.resize, img.crop) {
-                (Resize::Stretch, Crop::Center) => {
-                    return Err("image.crop = \"center\" needs resize = \"shorter-side\" (a stretched image is already width x height)".into())
-                }
-                (Resize::Stretch, Crop::None) if img.resize_to.is_some() => {
-                    return Err("image.resize_to needs resize = \"shorter-side\"".into())
-                }
-                (Resize::ShorterSide, Crop::None) => {
-                    return Err("resize = \"shorter-side\" needs crop = \"center\": the resized image is not width x height otherwise".into())
-                }
-                (Resize::ShorterSide, Crop::Center) => {
-                    let to = img.resize_to.unwrap_or(img.width.max(img.height));
-                    if to < img.width.max(img.height) {
-                        return Err(format!(
-                            "image.resize_to {to} is smaller than the {}x{} centre crop",
-                            img.width, img.height
-                        ));
-                    }
-                }
-                _ => {}
-            }
-            if labels.is_empty() {
-                return Err("an image-classifier needs output.labels or output.labels_file".into());
-            }
-            let dims = vec![img.channels as i64, img.height as i64, img.width as i64];
-            (
-                raw.inputs
-                    .clone()
-                    .unwrap_or_else(|| vec![spec("image", DType::Fp32, dims, None)]),
-                raw.outputs
-                    .clone()
-                    .unwrap_or_else(|| vec![scores(labels.len())]),
-            )
-        }
-        ModelKind::TextClassifier | ModelKind::TextEmbedding | ModelKind::Reranker => {
-            let text = raw.text.as_ref().ok_or(format!(
-                "kind {} needs a [text] table (max_length, tokenizer)",
-                raw.kind
-            ))?;
-            if text.max_length == 0 {
-                return Err("text.max_length must be positive".into());
-            }
-            if raw.kind == ModelKind::TextClassifier && labels.is_empty() {
-                return Err("a text-classifier needs output.labels, output.labels_file, or id2label in a config.json beside the model".into());
-            }
-            if raw.kind != ModelKind::TextEmbedding && raw.embedding.is_some() {
-                return Err("[embedding] is for kind text-embedding".into());
-            }
-            // the demo's text-classifier takes token ids only; transformers take their mask too
-            let token = |name: &str| spec(name, DType::Int64, vec![-1], None);
-            let inputs = raw.inputs.clone().unwrap_or_else(|| match raw.kind {
-                ModelKind::TextClassifier => vec![token("input_ids")],
-                _ => vec![token("input_ids"), token("attention_mask")],
-            });
-            for input in &inputs {
-                if !TOKEN_INPUTS.contains(&input.name.as_str()) {
-                    return Err(format!(
-                        "input '{}': a {} model's inputs are filled from the tokenizer, so each is one of {TOKEN_INPUTS:?}",
-                        input.name, raw.kind
-                    ));
-                }
-                if input.datatype != DType::Int64 || input.dims != [-1] {
-                    return Err(format!(
-                        "input '{}' is INT64 with dims [-1] (a sequence per text)",
-                        input.name
-                    ));
-                }
-            }
-            let outputs = match (raw.kind, raw.outputs.clone()) {
-                (_, Some(outputs)) => outputs,
-                (ModelKind::TextClassifier, None) => vec![scores(labels.len())],
-                (ModelKind::Reranker, None) => vec![spec("logits", DType::Fp32, vec![1], None)],
-                _ => return Err("a text-embedding model needs [[outputs]]: its token states [-1, hidden] (pooling mean or cls) or its vector [hidden] (pooling none)".into()),
-            };
-            (inputs, outputs)
-        }
-        ModelKind::Regressor => (
-            raw.inputs
-                .clone()
-                .unwrap_or_else(|| vec![spec("x", DType::Fp32, vec![1], None)]),
-            raw.outputs
-                .clone()
-                .unwrap_or_else(|| vec![spec("y", DType::Fp32, vec![1], None)]),
-        ),
-        ModelKind::Tensor => (
-            raw.inputs
-                .clone()
-                .ok_or("kind tensor needs [[inputs]] (name, datatype, dims)")?,
-            raw.outputs
-                .clone()
-                .ok_or("kind tensor needs [[outputs]] (name, datatype, dims)")?,
-        ),
-    };
+    let registration = crate::codec::kinds::registration(raw.kind);
+    if !registration.takes_embedding && raw.embedding.is_some() {
+        return Err(format!(
+            "[embedding] is for kind text-embedding, not {}",
+            raw.kind
+        ));
+    }
+    let crate::codec::Signature { inputs, outputs } = (registration.declare)(&Declared {
+        kind: raw.kind,
+        image: raw.image.as_ref(),
+        text: raw.text.as_ref(),
+        labels,
+        inputs: raw.inputs.as_deref(),
+        outputs: raw.outputs.as_deref(),
+        pooling: raw.embedding.unwrap_or_default().pooling,
+        model_file,
+    })?;
     if inputs.is_empty() || outputs.is_empty() {
         return Err("a model needs at least one input and one output".into());
     }
@@ -683,40 +589,6 @@ fn signature(
     for (i, t) in inputs.iter().enumerate() {
         if inputs[..i].iter().any(|o| o.name == t.name) {
             return Err(format!("input name '{}' appears twice", t.name));
-        }
-    }
-    if matches!(raw.kind, ModelKind::Regressor) && (inputs.len() != 1 || outputs.len() != 1) {
-        return Err("a regressor has exactly one input and one output".into());
-    }
-    if matches!(raw.kind, ModelKind::Regressor)
-        && (inputs[0].datatype != DType::Fp32 || inputs[0].dims.len() != 1 || inputs[0].dims[0] < 1)
-    {
-        return Err("a regressor's input is FP32 with fixed dims [features]".into());
-    }
-    if raw.kind == ModelKind::TextEmbedding {
-        let pooling = raw.embedding.unwrap_or_default().pooling;
-        let first = &outputs[0];
-        let states = pooling != Pooling::None;
-        let dims_ok = match first.dims.as_slice() {
-            [-1, h] => states && *h > 0,
-            [h] => !states && *h > 0,
-            _ => false,
-        };
-        if first.datatype != DType::Fp32 || !dims_ok {
-            return Err(format!(
-                "output '{}' is FP32 with dims {}: pooling '{}' {}",
-                first.name,
-                if states { "[-1, hidden]" } else { "[hidden]" },
-                serde_json::to_value(pooling)
-                    .ok()
-                    .and_then(|v| v.as_str().map(String::from))
-                    .unwrap_or_default(),
-                if states {
-                    "pools the model's token states"
-                } else {
-                    "takes the model's vector as it is"
-                }
-            ));
         }
     }
     Ok((inputs, outputs))
@@ -871,6 +743,43 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("id2label"), "{e}");
+    }
+
+    #[test]
+    fn undeclared_token_inputs_are_read_from_the_torchscript_forward() {
+        use crate::config::torchscript::tests::archive;
+        let forward = |args: &str| {
+            format!("class M(Module):\n  def forward(self: __torch__.M,\n    {args}) -> Tensor:\n    pass\n")
+        };
+        let spec_for = |args: &str| {
+            let file = archive("__torch__", "M", &forward(args));
+            let parsed = parse(&format!(
+                "kind = \"reranker\"\nfile = \"{}\"\n[text]\nmax_length = 16\n",
+                file.display()
+            ));
+            std::fs::remove_file(&file).unwrap();
+            parsed
+        };
+        let names =
+            |s: &ModelSpec| -> Vec<String> { s.inputs.iter().map(|i| i.name.clone()).collect() };
+        // the forward's order, whatever it is
+        let s =
+            spec_for("token_type_ids: Tensor,\n    input_ids: Tensor,\n    attention_mask: Tensor")
+                .unwrap();
+        assert_eq!(names(&s), ["token_type_ids", "input_ids", "attention_mask"]);
+        // an argument with a default may be left to the model
+        let s = spec_for("input_ids: Tensor,\n    position_ids: Optional[Tensor]=None").unwrap();
+        assert_eq!(names(&s), ["input_ids"]);
+        // names that say nothing (tch's traces): the kind's default
+        let s = spec_for("argument_1: Tensor").unwrap();
+        assert_eq!(names(&s), ["input_ids", "attention_mask"]);
+        // an argument the tokenizer cannot fill, or none it can: refused, saying why
+        let e = spec_for("input_ids: Tensor,\n    pixel_values: Tensor")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'pixel_values' is not one of"), "{e}");
+        let e = spec_for("x: Tensor").unwrap_err().to_string();
+        assert!(e.contains("forward takes none of"), "{e}");
     }
 
     #[test]

@@ -7,11 +7,16 @@ use super::{tensor_outputs, Signature};
 use crate::batcher::Inferred;
 use crate::codec::v2::{V2Data, V2Output, V2TensorMeta, V2Type};
 use crate::codec::{OutputOptions, DEFAULT_TOP_K, MANY_LABELS};
-use crate::config::model_spec::ModelSpec;
-use crate::tensor::HostTensor;
+use crate::config::model_spec::{ModelSpec, TensorSpec};
+use crate::tensor::{DType, HostTensor};
 
 /// The v2 output that holds each row's best label.
 pub const LABELS_OUTPUT: &str = "labels";
+
+/// A classifier's default output: `scores` FP32 `[labels]`.
+pub fn scores_output(labels: usize) -> TensorSpec {
+    TensorSpec::new("scores", DType::Fp32, vec![labels as i64])
+}
 
 /// A classifier's labels and what turns its first output into scores.
 #[derive(Debug, Clone)]

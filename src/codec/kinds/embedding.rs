@@ -7,16 +7,61 @@
 use serde_json::{json, Value};
 
 use super::text::{decode_v2_texts, text_v2_input};
-use super::tokens::TokenInputs;
-use super::{ModelAdapter, Signature};
+use super::tokens::{declare_token_inputs, TokenInputs};
+use super::{Limits, ModelAdapter, Registration, Signature};
 use crate::batcher::{Inferred, Item};
 use crate::codec::v2::{V2Data, V2Input, V2Output, V2TensorMeta, V2Type};
 use crate::codec::{CodecError, Instance, OutputOptions};
-use crate::config::model_spec::{EmbeddingSpec, ModelSpec, Pooling};
+use crate::config::model_spec::{Declared, EmbeddingSpec, ModelSpec, Pooling};
 use crate::tensor::{DType, HostTensor};
 
 /// The v2 output of embedding models.
 pub const EMBEDDING_OUTPUT: &str = "embedding";
+
+pub const REGISTRATION: Registration = Registration {
+    declare,
+    adapter: |spec, signature, limits: &Limits| {
+        Ok(Box::new(TextEmbedding::new(
+            spec,
+            signature,
+            limits.max_text_bytes,
+        )?))
+    },
+    classifier: false,
+    images: false,
+    takes_embedding: true,
+};
+
+/// Token inputs (default `input_ids` and `attention_mask`) and a declared output that fits
+/// the pooling: token states `[-1, hidden]` to pool, or the model's own vector `[hidden]`.
+fn declare(d: &Declared) -> Result<Signature, String> {
+    let inputs = declare_token_inputs(d, &["input_ids", "attention_mask"])?;
+    let outputs = d.outputs.map(<[_]>::to_vec).ok_or("a text-embedding model needs [[outputs]]: its token states [-1, hidden] (pooling mean or cls) or its vector [hidden] (pooling none)")?;
+    let first = outputs.first().ok_or("a model needs at least one output")?;
+    let states = d.pooling != Pooling::None;
+    let dims_ok = match first.dims.as_slice() {
+        [-1, h] => states && *h > 0,
+        [h] => !states && *h > 0,
+        _ => false,
+    };
+    if first.datatype != DType::Fp32 || !dims_ok {
+        return Err(format!(
+            "output '{}' is FP32 with dims {}: pooling '{}' {}",
+            first.name,
+            if states { "[-1, hidden]" } else { "[hidden]" },
+            serde_json::to_value(d.pooling)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            if states {
+                "pools the model's token states"
+            } else {
+                "takes the model's vector as it is"
+            }
+        ));
+    }
+    Ok(Signature::new(inputs, outputs))
+}
 
 pub struct TextEmbedding {
     signature: Signature,

@@ -3,12 +3,88 @@
 
 use serde_json::Value;
 
+use super::classifier::scores_output;
 use super::classifier::Classifier;
-use super::{bytes_rows, ModelAdapter, Signature};
+use super::{bytes_rows, Limits, ModelAdapter, Registration, Signature};
 use crate::batcher::{Inferred, Item};
 use crate::codec::v2::{V2Data, V2Input, V2Output, V2TensorMeta};
 use crate::codec::{CodecError, ImageCodec, ImageLimits, Instance, OutputOptions};
-use crate::config::model_spec::ModelSpec;
+use crate::config::model_spec::{Crop, Declared, ModelSpec, Resize, TensorSpec};
+use crate::tensor::DType;
+
+pub const REGISTRATION: Registration = Registration {
+    declare,
+    adapter: |spec, signature, limits: &Limits| {
+        Ok(Box::new(ImageClassifier::new(
+            spec,
+            signature,
+            limits.image,
+        )?))
+    },
+    classifier: true,
+    images: true,
+    takes_embedding: false,
+};
+
+/// An `[image]` table that makes sense, labels, and the input `image` FP32
+/// `[channels, height, width]` and output `scores` `[labels]` unless declared.
+fn declare(d: &Declared) -> Result<Signature, String> {
+    let img = d
+        .image
+        .ok_or("kind image-classifier needs an [image] table (width, height)")?;
+    if img.width == 0 || img.height == 0 {
+        return Err("image.width and image.height must be positive".into());
+    }
+    if img.channels != 1 && img.channels != 3 {
+        return Err("image.channels must be 1 (grey) or 3 (RGB)".into());
+    }
+    for (what, v) in [("mean", &img.mean), ("std", &img.std)] {
+        if let Some(v) = v {
+            if v.len() != img.channels {
+                return Err(format!(
+                    "image.{what} needs {} values, one per channel",
+                    img.channels
+                ));
+            }
+        }
+    }
+    if img.std().contains(&0.0) {
+        return Err("image.std must not contain 0".into());
+    }
+    match (img.resize, img.crop) {
+            (Resize::Stretch, Crop::Center) => {
+                return Err("image.crop = \"center\" needs resize = \"shorter-side\" (a stretched image is already width x height)".into())
+            }
+            (Resize::Stretch, Crop::None) if img.resize_to.is_some() => {
+                return Err("image.resize_to needs resize = \"shorter-side\"".into())
+            }
+            (Resize::ShorterSide, Crop::None) => {
+                return Err("resize = \"shorter-side\" needs crop = \"center\": the resized image is not width x height otherwise".into())
+            }
+            (Resize::ShorterSide, Crop::Center) => {
+                let to = img.resize_to.unwrap_or(img.width.max(img.height));
+                if to < img.width.max(img.height) {
+                    return Err(format!(
+                        "image.resize_to {to} is smaller than the {}x{} centre crop",
+                        img.width, img.height
+                    ));
+                }
+            }
+            _ => {}
+        }
+    if d.labels.is_empty() {
+        return Err("an image-classifier needs output.labels or output.labels_file".into());
+    }
+    let dims = vec![img.channels as i64, img.height as i64, img.width as i64];
+    Ok(Signature::new(
+        d.inputs
+            .map(<[_]>::to_vec)
+            .unwrap_or_else(|| vec![TensorSpec::new("image", DType::Fp32, dims)]),
+        d.outputs
+            .map(<[_]>::to_vec)
+            .unwrap_or_else(|| vec![scores_output(d.labels.len())]),
+    ))
+}
 
 pub struct ImageClassifier {
     signature: Signature,

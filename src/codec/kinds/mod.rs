@@ -1,10 +1,12 @@
 //! One adapter per model kind: everything that depends on what a model is.
 //!
-//! A [`ModelAdapter`] is chosen once, when a model loads ([`adapter_for`], the one place that
-//! looks at the kind). It turns /v1 instances, encoded payloads (a raw image body, a v2 BYTES
-//! element) and v2 tensors into batcher [`Item`]s, says what the model's v2 inputs and outputs
-//! are, and turns output rows into answers. The HTTP layer and the v2 codec call it and never
-//! ask which kind a model is; a new kind is a new file here and one line in [`adapter_for`].
+//! Each kind's file has a [`Registration`]: how its model.toml becomes the model's tensors
+//! (declared ones checked, or the kind's defaults: config's parser asks it) and its
+//! [`ModelAdapter`], chosen once when a model loads ([`adapter_for`]). The adapter turns /v1
+//! instances, encoded payloads (a raw image body, a v2 BYTES element) and v2 tensors into
+//! batcher [`Item`]s, says what the model's v2 inputs and outputs are, and turns output rows into
+//! answers. The HTTP layer, the v2 codec and the model.toml parser never ask which kind a model
+//! is; a new kind is a new file here, a name in [`ModelKind`] and one line in [`registration`].
 
 mod classifier;
 mod embedding;
@@ -20,7 +22,7 @@ use serde_json::Value;
 use super::v2::{V2Data, V2Input, V2Output, V2TensorMeta, V2Type};
 use super::{check_dims, CodecError, ImageLimits, Instance, OutputOptions};
 use crate::batcher::{Inferred, Item};
-use crate::config::model_spec::{ModelKind, ModelSpec, TensorSpec};
+use crate::config::model_spec::{Declared, ModelKind, ModelSpec, TensorSpec};
 use crate::tensor::{DType, HostTensor};
 
 /// What a model of one kind takes and answers. Implementations are plain data and code: no
@@ -106,12 +108,55 @@ pub struct Signature {
 }
 
 impl Signature {
+    pub fn new(inputs: Vec<TensorSpec>, outputs: Vec<TensorSpec>) -> Self {
+        Self { inputs, outputs }
+    }
+
     fn of(spec: &ModelSpec) -> Self {
         Self {
             inputs: spec.inputs.clone(),
             outputs: spec.outputs.clone(),
         }
     }
+}
+
+/// Builds a kind's adapter from the model's spec, signature and the payload limits.
+type BuildAdapter = fn(&ModelSpec, Signature, &Limits) -> Result<Box<dyn ModelAdapter>, String>;
+
+/// What the server knows of one kind: how model.toml becomes its tensors, and its adapter.
+pub struct Registration {
+    /// The model's inputs and outputs from model.toml: those declared, checked, or the kind's
+    /// defaults; an error says what model.toml lacks or gets wrong.
+    pub declare: fn(&Declared) -> Result<Signature, String>,
+    /// The adapter of a model of this kind; fails when a component (e.g. its tokenizer) cannot
+    /// be loaded.
+    adapter: BuildAdapter,
+    /// Answers labels and scores (labels may come from a Hugging Face config.json).
+    pub classifier: bool,
+    /// Takes images (4-D inputs go channels-last by default).
+    pub images: bool,
+    /// Reads model.toml's `[embedding]` table.
+    pub takes_embedding: bool,
+}
+
+/// The registration of `kind`: the one place that maps a kind to its file.
+pub fn registration(kind: ModelKind) -> Registration {
+    match kind {
+        ModelKind::ImageClassifier => image::REGISTRATION,
+        ModelKind::TextClassifier => text::REGISTRATION,
+        ModelKind::TextEmbedding => embedding::REGISTRATION,
+        ModelKind::Reranker => reranker::REGISTRATION,
+        ModelKind::Regressor => regressor::REGISTRATION,
+        ModelKind::Tensor => tensor::REGISTRATION,
+    }
+}
+
+/// The limits adapters enforce on payloads.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub image: ImageLimits,
+    /// Longest text in bytes (0: no limit).
+    pub max_text_bytes: usize,
 }
 
 /// The adapter of `spec`'s kind; fails when a component cannot load (e.g. its tokenizer).
@@ -121,23 +166,11 @@ pub fn adapter_for(
     image_limits: ImageLimits,
     max_text_bytes: usize,
 ) -> Result<Box<dyn ModelAdapter>, String> {
-    let signature = Signature::of(spec);
-    Ok(match spec.kind {
-        ModelKind::ImageClassifier => {
-            Box::new(image::ImageClassifier::new(spec, signature, image_limits)?)
-        }
-        ModelKind::TextClassifier => {
-            Box::new(text::TextClassifier::new(spec, signature, max_text_bytes)?)
-        }
-        ModelKind::TextEmbedding => Box::new(embedding::TextEmbedding::new(
-            spec,
-            signature,
-            max_text_bytes,
-        )?),
-        ModelKind::Reranker => Box::new(reranker::Reranker::new(spec, signature, max_text_bytes)?),
-        ModelKind::Regressor => Box::new(regressor::Regressor::new(signature)),
-        ModelKind::Tensor => Box::new(tensor::TensorModel::new(signature)),
-    })
+    let limits = Limits {
+        image: image_limits,
+        max_text_bytes,
+    };
+    (registration(spec.kind).adapter)(spec, Signature::of(spec), &limits)
 }
 
 fn invalid(m: impl Into<String>) -> CodecError {

@@ -3,10 +3,38 @@
 
 use serde_json::{json, Value};
 
-use super::{ModelAdapter, Signature};
+use super::{ModelAdapter, Registration, Signature};
 use crate::batcher::{Inferred, Item};
 use crate::codec::{CodecError, Instance, OutputOptions};
-use crate::tensor::HostTensor;
+use crate::config::model_spec::{Declared, TensorSpec};
+use crate::tensor::{DType, HostTensor};
+
+pub const REGISTRATION: Registration = Registration {
+    declare,
+    adapter: |_, signature, _| Ok(Box::new(Regressor::new(signature))),
+    classifier: false,
+    images: false,
+    takes_embedding: false,
+};
+
+/// One FP32 input of fixed `[features]` (default `x` `[1]`) and one output (default `y` `[1]`).
+fn declare(d: &Declared) -> Result<Signature, String> {
+    let inputs = d
+        .inputs
+        .map(<[_]>::to_vec)
+        .unwrap_or_else(|| vec![TensorSpec::new("x", DType::Fp32, vec![1])]);
+    let outputs = d
+        .outputs
+        .map(<[_]>::to_vec)
+        .unwrap_or_else(|| vec![TensorSpec::new("y", DType::Fp32, vec![1])]);
+    if inputs.len() != 1 || outputs.len() != 1 {
+        return Err("a regressor has exactly one input and one output".into());
+    }
+    if inputs[0].datatype != DType::Fp32 || inputs[0].dims.len() != 1 || inputs[0].dims[0] < 1 {
+        return Err("a regressor's input is FP32 with fixed dims [features]".into());
+    }
+    Ok(Signature::new(inputs, outputs))
+}
 
 pub struct Regressor {
     signature: Signature,

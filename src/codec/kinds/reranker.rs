@@ -6,16 +6,41 @@
 use serde_json::{json, Value};
 
 use super::classifier::sigmoid;
-use super::tokens::{v2_texts, TokenInputs};
-use super::{invalid, tensor_outputs, ModelAdapter, Signature};
+use super::tokens::{declare_token_inputs, v2_texts, TokenInputs};
+use super::{invalid, tensor_outputs, Limits, ModelAdapter, Registration, Signature};
 use crate::batcher::{Inferred, Item};
 use crate::codec::v2::{V2Data, V2Input, V2Output, V2TensorMeta, V2Type};
 use crate::codec::{CodecError, Instance, OutputOptions};
-use crate::config::model_spec::ModelSpec;
+use crate::config::model_spec::{Declared, ModelSpec, TensorSpec};
 use crate::tensor::{DType, HostTensor};
 
 /// The v2 output holding the sigmoid of each pair's logit.
 pub const SCORE_OUTPUT: &str = "score";
+
+pub const REGISTRATION: Registration = Registration {
+    declare,
+    adapter: |spec, signature, limits: &Limits| {
+        Ok(Box::new(Reranker::new(
+            spec,
+            signature,
+            limits.max_text_bytes,
+        )?))
+    },
+    classifier: false,
+    images: false,
+    takes_embedding: false,
+};
+
+/// Token inputs (default `input_ids` and `attention_mask`) and output `logits` `[1]` unless
+/// declared.
+fn declare(d: &Declared) -> Result<Signature, String> {
+    let inputs = declare_token_inputs(d, &["input_ids", "attention_mask"])?;
+    let outputs = d
+        .outputs
+        .map(<[_]>::to_vec)
+        .unwrap_or_else(|| vec![TensorSpec::new("logits", DType::Fp32, vec![1])]);
+    Ok(Signature::new(inputs, outputs))
+}
 
 pub struct Reranker {
     signature: Signature,

@@ -4,13 +4,34 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{ModelAdapter, Signature};
+use super::{ModelAdapter, Registration, Signature};
 use crate::batcher::{Inferred, Item};
 use crate::codec::instance::{tensor_from_f64, Grid};
 use crate::codec::{check_dims, CodecError, Instance, OutputOptions};
+use crate::config::model_spec::Declared;
 
 /// Most numbers in one input of one instance given as a JSON object.
 const MAX_OBJECT_INPUT_NUMBERS: usize = 64 << 20;
+
+pub const REGISTRATION: Registration = Registration {
+    declare,
+    adapter: |_, signature, _| Ok(Box::new(TensorModel::new(signature))),
+    classifier: false,
+    images: false,
+    takes_embedding: false,
+};
+
+/// Inputs and outputs as declared; there are no defaults.
+fn declare(d: &Declared) -> Result<Signature, String> {
+    Ok(Signature::new(
+        d.inputs
+            .map(<[_]>::to_vec)
+            .ok_or("kind tensor needs [[inputs]] (name, datatype, dims)")?,
+        d.outputs
+            .map(<[_]>::to_vec)
+            .ok_or("kind tensor needs [[outputs]] (name, datatype, dims)")?,
+    ))
+}
 
 pub struct TensorModel {
     signature: Signature,

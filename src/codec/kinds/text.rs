@@ -5,16 +5,45 @@
 
 use serde_json::Value;
 
+use super::classifier::scores_output;
 use super::classifier::Classifier;
-use super::tokens::{v2_texts, TokenInputs};
-use super::{ModelAdapter, Signature};
+use super::tokens::{declare_token_inputs, v2_texts, TokenInputs};
+use super::{Limits, ModelAdapter, Registration, Signature};
 use crate::batcher::{Inferred, Item};
 use crate::codec::v2::{V2Input, V2Output, V2TensorMeta, V2Type};
 use crate::codec::{CodecError, Instance, OutputOptions};
-use crate::config::model_spec::ModelSpec;
+use crate::config::model_spec::{Declared, ModelSpec};
 
 /// The input of text models in v2.
 pub const TEXT_INPUT: &str = "text";
+
+pub const REGISTRATION: Registration = Registration {
+    declare,
+    adapter: |spec, signature, limits: &Limits| {
+        Ok(Box::new(TextClassifier::new(
+            spec,
+            signature,
+            limits.max_text_bytes,
+        )?))
+    },
+    classifier: true,
+    images: false,
+    takes_embedding: false,
+};
+
+/// Labels, token inputs (default `input_ids`, as the demo model), and output `scores`
+/// `[labels]` unless declared.
+fn declare(d: &Declared) -> Result<Signature, String> {
+    if d.labels.is_empty() {
+        return Err("a text-classifier needs output.labels, output.labels_file, or id2label in a config.json beside the model".into());
+    }
+    let inputs = declare_token_inputs(d, &["input_ids"])?;
+    let outputs = d
+        .outputs
+        .map(<[_]>::to_vec)
+        .unwrap_or_else(|| vec![scores_output(d.labels.len())]);
+    Ok(Signature::new(inputs, outputs))
+}
 
 pub struct TextClassifier {
     signature: Signature,

@@ -7,7 +7,87 @@ use crate::batcher::Item;
 use crate::codec::text::Tokens;
 use crate::codec::v2::V2Input;
 use crate::codec::{CodecError, Instance, TextCodec};
-use crate::config::model_spec::ModelSpec;
+use std::path::Path;
+
+use crate::config::model_spec::{Declared, ModelKind, ModelSpec, TensorSpec};
+use crate::config::torchscript;
+use crate::tensor::DType;
+
+/// The token inputs a text model may take, filled by the server from the tokenizer.
+pub const TOKEN_INPUTS: [&str; 3] = ["input_ids", "attention_mask", "token_type_ids"];
+
+/// What the text kinds share in model.toml: a `[text]` table and token inputs by name, those
+/// declared, else those the TorchScript forward names, else `default` (the demo's
+/// text-classifier takes token ids only; transformers take their mask too).
+pub fn declare_token_inputs(d: &Declared, default: &[&str]) -> Result<Vec<TensorSpec>, String> {
+    let text = d.text.ok_or(format!(
+        "kind {} needs a [text] table (max_length, tokenizer)",
+        d.kind
+    ))?;
+    if text.max_length == 0 {
+        return Err("text.max_length must be positive".into());
+    }
+    let token = |name: &str| TensorSpec::new(name, DType::Int64, vec![-1]);
+    let inputs = match d.inputs {
+        Some(inputs) => inputs.to_vec(),
+        None => match forward_token_inputs(d.model_file, d.kind)? {
+            Some(names) => names.iter().map(|n| token(n)).collect(),
+            None => default.iter().map(|n| token(n)).collect(),
+        },
+    };
+    for input in &inputs {
+        if !TOKEN_INPUTS.contains(&input.name.as_str()) {
+            return Err(format!(
+                "input '{}': a {} model's inputs are filled from the tokenizer, so each is one of {TOKEN_INPUTS:?}",
+                input.name, d.kind
+            ));
+        }
+        if input.datatype != DType::Int64 || input.dims != [-1] {
+            return Err(format!(
+                "input '{}' is INT64 with dims [-1] (a sequence per text)",
+                input.name
+            ));
+        }
+    }
+    Ok(inputs)
+}
+
+/// A text model's token inputs as its TorchScript `forward` names them, in order: `None` when
+/// the file cannot be read as TorchScript here (its load reports that) or its arguments carry no
+/// names (`argument_1`, ...: tch's traces). An argument the server cannot fill from the
+/// tokenizer, unless it has a default, makes the model unusable without `[[inputs]]`.
+fn forward_token_inputs(model_file: &Path, kind: ModelKind) -> Result<Option<Vec<String>>, String> {
+    let Ok(args) = torchscript::forward_args(model_file) else {
+        return Ok(None);
+    };
+    let unnamed = |n: &str| {
+        n.strip_prefix("argument_")
+            .is_some_and(|d| d.bytes().all(|b| b.is_ascii_digit()))
+    };
+    if args.iter().all(|a| unnamed(&a.name)) {
+        return Ok(None);
+    }
+    let all: Vec<&str> = args.iter().map(|a| a.name.as_str()).collect();
+    if !all.iter().any(|n| TOKEN_INPUTS.contains(n)) {
+        return Err(format!(
+            "{}'s forward takes none of {TOKEN_INPUTS:?} (it takes {all:?}), so the server cannot feed it text",
+            model_file.display()
+        ));
+    }
+    let mut names = Vec::new();
+    for arg in &args {
+        if TOKEN_INPUTS.contains(&arg.name.as_str()) {
+            names.push(arg.name.clone());
+        } else if !arg.has_default {
+            return Err(format!(
+                "{}'s forward takes {all:?}; a {kind} model's inputs are filled from the tokenizer, and '{}' is not one of {TOKEN_INPUTS:?} (declare [[inputs]], or trace a wrapper that takes only those)",
+                model_file.display(),
+                arg.name
+            ));
+        }
+    }
+    Ok(Some(names))
+}
 
 pub struct TokenInputs {
     text: TextCodec,
