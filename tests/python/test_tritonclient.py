@@ -4,14 +4,16 @@ Values are checked against aiaas's /v1 answers for the same inputs.
 """
 
 import json
+import os
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.http as http
 from tritonclient.utils import InferenceServerException
 
-from conftest import draw_shape, pixels_chw, png_bytes
+from conftest import Server, draw_shape, pixels_chw, png_bytes
 
 
 def v1(server, model, body):
@@ -156,3 +158,47 @@ def test_repository_index_load_and_unload(client):
     assert client.is_model_ready("text-classifier")
     with pytest.raises(InferenceServerException):
         client.load_model("no-such-model")
+
+
+HF_FIXTURES = Path(os.environ.get("AIAAS_HF_FIXTURES", Path(__file__).resolve().parents[2] / ".fixtures" / "hf"))
+
+
+@pytest.fixture(scope="module")
+def hf_server():
+    """The Hugging Face fixtures (make test builds them: .ci/hf-fixtures.sh)."""
+    if not (HF_FIXTURES / ".stamp").exists():
+        pytest.fail(f"no Hugging Face fixtures in {HF_FIXTURES}: run .ci/hf-fixtures.sh")
+    s = Server(HF_FIXTURES, "--load-model", "minilm,cross-encoder")
+    yield s
+    s.stop()
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_tritonclient_sends_text_to_embedding_and_reranker_models(hf_server, binary):
+    c = http.InferenceServerClient(hf_server.addr)
+    try:
+        meta = c.get_model_metadata("minilm")
+        assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1, 1]}]
+        ref = json.loads((HF_FIXTURES / "minilm" / "reference.json").read_text())["items"]
+        texts = [i["text"] for i in ref]
+        arr = np.array([[t.encode()] for t in texts], dtype=object)
+        inp = http.InferInput("text", list(arr.shape), "BYTES")
+        inp.set_data_from_numpy(arr, binary_data=binary)
+        out = c.infer("minilm", [inp], outputs=[http.InferRequestedOutput("embedding", binary_data=binary)])
+        emb = out.as_numpy("embedding")
+        assert emb.shape == (len(texts), 384)
+        expected = np.array([i["embedding"] for i in ref], dtype=np.float32)
+        assert np.abs(emb - expected).max() < 1e-5
+        # the reranker takes query and document BYTES inputs, row by row
+        pairs = json.loads((HF_FIXTURES / "cross-encoder" / "reference.json").read_text())["items"]
+        inputs = []
+        for name in ["query", "document"]:
+            a = np.array([[p[name].encode()] for p in pairs], dtype=object)
+            i = http.InferInput(name, list(a.shape), "BYTES")
+            i.set_data_from_numpy(a, binary_data=binary)
+            inputs.append(i)
+        out = c.infer("cross-encoder", inputs, outputs=[http.InferRequestedOutput("score", binary_data=binary)])
+        score = out.as_numpy("score").reshape(-1)
+        assert np.abs(score - np.array([p["score"] for p in pairs])).max() < 1e-5
+    finally:
+        c.close()
