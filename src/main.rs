@@ -123,12 +123,29 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     aiaas::telemetry::init_logging(&args.log_level, matches!(args.log_format, LogFormat::Json));
+    // keys that were asked for but came out empty (an empty file, a typo'd variable) must not
+    // start a wide-open server: that is a start-up error, not a warning
     let mut api_keys = match &args.api_keys_file {
-        Some(path) => ApiKeys::from_file(path).map_err(anyhow::Error::msg)?,
+        Some(path) => {
+            let keys = ApiKeys::from_file(path).map_err(anyhow::Error::msg)?;
+            if keys.is_empty() {
+                anyhow::bail!(
+                    "--api-keys-file {} holds no keys (one '<scope> <key>' per line); refusing to start without authentication",
+                    path.display()
+                );
+            }
+            keys
+        }
         None => ApiKeys::default(),
     };
     if let Ok(list) = std::env::var("AIAAS_API_KEYS") {
+        let before = api_keys.len();
         api_keys.add_list(&list).map_err(anyhow::Error::msg)?;
+        if api_keys.len() == before {
+            anyhow::bail!(
+                "AIAAS_API_KEYS is set but holds no keys (comma-separated '<scope>:<key>'); unset it to run without authentication"
+            );
+        }
     }
     if api_keys.is_empty() {
         tracing::warn!(

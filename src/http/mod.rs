@@ -4,6 +4,7 @@
 mod admin;
 pub mod auth;
 mod error;
+mod guard;
 mod health;
 mod inference;
 mod metrics;
@@ -287,8 +288,14 @@ pub fn app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(max_body))
         .layer(
             ServiceBuilder::new()
+                .layer(middleware::from_fn(guard::sanitize_request_id))
                 .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
                 .layer(middleware::from_fn_with_state(state.clone(), observe))
+                .layer(middleware::from_fn(guard::json_error_bodies))
+                .layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    guard::refuse_oversized,
+                ))
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
                 // gzip / deflate bodies both ways; the body limit applies to the decompressed
                 // bytes, so a compression bomb is refused like any large body
@@ -376,18 +383,21 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
     let response = next.run(req).instrument(span.clone()).await;
     let elapsed = started.elapsed();
     let status = response.status();
-    state
-        .metrics
-        .observe_http(&route, method.as_str(), status.as_u16(), elapsed);
+    state.metrics.observe_http(
+        &route,
+        guard::method_label(&method),
+        status.as_u16(),
+        elapsed,
+    );
     span.record("status", status.as_u16());
     let total_ms = elapsed.as_secs_f64() * 1e3;
     let _enter = span.enter();
     if let Some(err) = response.extensions().get::<ErrorLog>() {
         let line = format!("{} {} {}", method, route, status.as_u16());
         if status.is_server_error() && status.as_u16() != 503 {
-            tracing::error!(total_ms, code = err.code, error = %err.message, "{line}");
+            tracing::error!(total_ms, code = err.code, error = %guard::Escaped(&err.message), "{line}");
         } else {
-            tracing::info!(total_ms, code = err.code, error = %err.message, "{line}");
+            tracing::info!(total_ms, code = err.code, error = %guard::Escaped(&err.message), "{line}");
         }
     } else if let Some(log) = response.extensions().get::<InferenceLog>() {
         span.record("model", log.model.as_str());

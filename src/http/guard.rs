@@ -1,0 +1,160 @@
+//! Guards in front of every route against what a hostile or broken client sends: a request id
+//! that would forge log lines, a declared body larger than the server accepts, and error
+//! answers from layers and extractors that are not in the API's JSON error shape.
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::{v2, ApiError, AppState, ErrorLog, REQUEST_ID};
+
+/// Longest client-given `x-request-id` kept; a longer or odd one is replaced by a new id.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Drops a client's `x-request-id` unless it is 1 to 128 visible ASCII characters without
+/// quotes or backslashes, so that the id layer generates a fresh one: a client id is logged and
+/// echoed back, and must neither forge log lines nor be large.
+pub async fn sanitize_request_id(mut req: Request, next: Next) -> Response {
+    let ok = req.headers().get(&REQUEST_ID).map(|v| {
+        let b = v.as_bytes();
+        !b.is_empty()
+            && b.len() <= MAX_REQUEST_ID_LEN
+            && b.iter()
+                .all(|&c| c.is_ascii_graphic() && c != b'"' && c != b'\\')
+    });
+    if ok == Some(false) || req.headers().get_all(&REQUEST_ID).iter().count() > 1 {
+        req.headers_mut().remove(&REQUEST_ID);
+    }
+    next.run(req).await
+}
+
+/// Refuses a body whose declared `Content-Length` is over `--max-body-bytes` with 413 before
+/// anything reads it, so the client is not sent `100 Continue` and nothing waits for the bytes.
+pub async fn refuse_oversized(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let max = state.settings.max_body_bytes as u64;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match declared {
+        Some(len) if len > max => answer(
+            req.uri().path(),
+            ApiError::PayloadTooLarge(format!(
+                "the request body is {len} bytes; at most {max} are accepted (--max-body-bytes)"
+            )),
+        ),
+        _ => next.run(req).await,
+    }
+}
+
+/// An error answer in the shape of the API the path belongs to (/v2's or the native one).
+fn answer(path: &str, err: ApiError) -> Response {
+    if path.starts_with("/v2") {
+        v2::V2Error::from(err).into_response()
+    } else {
+        err.into_response()
+    }
+}
+
+/// Most bytes of a non-JSON error body kept as the message.
+const MAX_MESSAGE: usize = 1024;
+
+/// Gives error answers that no handler wrote (an extractor's rejection such as a path that is
+/// not UTF-8, the decompression layer's 415 for an unknown `Content-Encoding`) the API's JSON
+/// error shape, keeping their status and headers.
+pub async fn json_error_bodies(req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    let head = req.method() == Method::HEAD;
+    let response = next.run(req).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error())
+        || head
+        || response.extensions().get::<ErrorLog>().is_some()
+        || is_json(response.headers())
+    {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, MAX_MESSAGE)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes).trim().to_string();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let err = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(message),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType(message),
+        StatusCode::UNPROCESSABLE_ENTITY => ApiError::InvalidInput(message),
+        StatusCode::NOT_FOUND => ApiError::RouteNotFound(format!("{path}: {message}")),
+        StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed,
+        s if s.is_server_error() => ApiError::Internal(message),
+        _ => ApiError::BadRequest(message),
+    };
+    let mut fixed = answer(&path, err);
+    *fixed.status_mut() = status;
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            fixed.headers_mut().insert(name, value.clone());
+        }
+    }
+    fixed
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+/// The metrics label of a request method: the standard ones by name, anything else `other`,
+/// so that a client inventing methods cannot create series.
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+/// Text for a log field that a client had a hand in (a model name from the path, a message
+/// quoting its input): control characters, quotes and backslashes escaped, so that a line of
+/// the text log format cannot be forged or broken.
+pub struct Escaped<'a>(pub &'a str);
+
+impl std::fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0.escape_debug(), f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaped_log_text_has_no_control_characters_or_bare_quotes() {
+        let s = Escaped("model 'x\ny' \u{1b}[31mred\u{1b}[0m \"q\" 中文").to_string();
+        assert!(!s.chars().any(char::is_control), "{s}");
+        assert!(s.contains("\\n") && s.contains("\\u{1b}") && s.contains("\\\"q\\\""));
+        assert!(s.contains("中文"), "printable text is kept: {s}");
+    }
+
+    #[test]
+    fn only_standard_methods_are_labels() {
+        assert_eq!(method_label(&Method::POST), "POST");
+        assert_eq!(method_label(&Method::from_bytes(b"XQZK").unwrap()), "other");
+    }
+}

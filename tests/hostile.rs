@@ -1,0 +1,199 @@
+//! Hostile clients: what one client sends must cost the server a bounded amount and must not
+//! make it lie, open up, or forge its logs.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::json;
+
+use common::*;
+
+/// The server's reply to raw bytes on a fresh connection, read until it closes or `wait` ends.
+fn raw_exchange(s: &Server, request: &[u8], wait: Duration) -> String {
+    let addr = s.base.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(wait)).unwrap();
+    stream.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn api_keys_asked_for_but_empty_are_a_start_up_error() {
+    let dir = TempDir::new("keys");
+    let empty = dir.path().join("keys.txt");
+    std::fs::write(&empty, "# no keys yet\n\n").unwrap();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_aiaas"))
+            .args(["--host", "127.0.0.1", "--port", "0", "--models"])
+            .arg(models_dir())
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned()
+                + &String::from_utf8_lossy(&out.stdout),
+        )
+    };
+    let (code, text) = run(&["--api-keys-file", empty.to_str().unwrap()], &[]);
+    assert_ne!(code, Some(0), "{text}");
+    assert!(
+        text.contains(empty.to_str().unwrap()) && text.contains("no keys"),
+        "{text}"
+    );
+    assert!(!text.contains("listening on"), "it must not serve: {text}");
+    let (code, text) = run(&[], &[("AIAAS_API_KEYS", " , ")]);
+    assert_ne!(code, Some(0), "{text}");
+    assert!(text.contains("AIAAS_API_KEYS"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invented_methods_and_paths_create_no_metric_series() {
+    let s = Server::start(&models_dir(), &["--load-model", "regressor"]);
+    s.wait_ready();
+    let c = client();
+    let series = |text: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("aiaas_http_"))
+            .count()
+    };
+    let hostile = |i: usize| {
+        let c = c.clone();
+        let invented = s.url(&format!("/v1/models/r{i}/x{i}"));
+        let random = s.url(&format!("/random/{i}/path"));
+        async move {
+            let method = format!("M{i:X}Q");
+            let r = send(c.request(
+                reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+                invented,
+            ))
+            .await;
+            assert!(r.status >= 400);
+            let r = send(c.get(random)).await;
+            assert_eq!(r.status, 404);
+        }
+    };
+    // one round first (and a scrape), so that the label sets these requests may legitimately
+    // add exist before counting
+    hostile(0).await;
+    let _ = get(&c, &s.url("/metrics")).await;
+    let before = series(&get(&c, &s.url("/metrics")).await.text());
+    for i in 1..1500 {
+        hostile(i).await;
+    }
+    let metrics = get(&c, &s.url("/metrics")).await.text();
+    let after = series(&metrics);
+    assert_eq!(before, after, "series grew from {before} to {after}");
+    assert!(
+        metrics.contains("method=\"other\""),
+        "unknown methods are one label"
+    );
+    assert!(!metrics.contains("M5DCQ"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_text_cannot_forge_log_lines_and_odd_request_ids_are_replaced() {
+    let s = Server::start(&models_dir(), &["--load-model", "regressor"]);
+    s.wait_ready();
+    let c = client();
+    // a model name with a newline and ANSI escapes, percent-encoded in the path
+    let r = post_json(
+        &c,
+        &s.url("/v1/models/x%0a2026-12-03T00:00:00Z%20ERROR%20forged%1b%5b31m/predict"),
+        &json!({"instances": [[0.5]]}),
+    )
+    .await;
+    assert!(r.status == 404 || r.status == 400, "{}", r.status);
+    assert!(s.wait_log("/v1/models/{name}/predict 4"));
+    let log = s.log_text();
+    assert!(
+        !log.lines().any(|l| l.starts_with("2026-12-03T00:00:00Z")),
+        "a forged line:\n{log}"
+    );
+    assert!(!log.contains('\u{1b}'), "raw escape codes in the log");
+
+    // request ids: a sane one is echoed; quotes, control bytes or 200 characters are replaced
+    let echoed = |id: &str| {
+        let c = c.clone();
+        let url = s.url("/v1/models");
+        let id = id.to_string();
+        async move {
+            send(c.get(url).header("x-request-id", id))
+                .await
+                .header("x-request-id")
+                .map(String::from)
+        }
+    };
+    assert_eq!(
+        echoed("trace-0af7651916cd43dd").await.as_deref(),
+        Some("trace-0af7651916cd43dd")
+    );
+    for bad in ["a\"b", "a b", &"x".repeat(200)] {
+        let got = echoed(bad).await.expect("a request id is always answered");
+        assert_ne!(got, bad);
+        assert_eq!(got.len(), 36, "a fresh UUID instead of {bad:?}: {got}");
+    }
+    assert!(!s.log_text().contains(&"x".repeat(200)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_error_is_json_and_oversized_bodies_are_refused_before_reading() {
+    let s = Server::start(
+        &models_dir(),
+        &["--load-model", "regressor", "--max-body-bytes", "100000"],
+    );
+    s.wait_ready();
+    let c = client();
+    // an encoding the server cannot decode: 415, in the error shape
+    let r = send(
+        c.post(s.url("/v1/models/regressor/predict"))
+            .header("content-type", "application/json")
+            .header("content-encoding", "br")
+            .body("xx"),
+    )
+    .await;
+    assert_eq!(r.status, 415);
+    assert_eq!(r.error_code(), "unsupported_media_type");
+    let r = send(
+        c.post(s.url("/v2/models/regressor/infer"))
+            .header("content-encoding", "zstd-nope")
+            .body("xx"),
+    )
+    .await;
+    assert_eq!(r.status, 415);
+    assert!(r.json()["error"].is_string(), "v2's shape");
+    // a path that is not UTF-8 once decoded
+    let r = send(c.get(s.url("/v1/models/%ff"))).await;
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert!(!r.error_code().is_empty());
+
+    // a declared length over the limit: 413 at once, no 100 Continue, nothing read
+    let reply = raw_exchange(
+        &s,
+        b"POST /v1/models/regressor/predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 5000000000\r\nexpect: 100-continue\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert!(!reply.contains("100 Continue"), "{reply}");
+    assert!(reply.contains("payload_too_large"), "{reply}");
+    let reply = raw_exchange(
+        &s,
+        b"POST /v2/models/regressor/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 100001\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+}
