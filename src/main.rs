@@ -8,6 +8,7 @@ use clap::{Parser, ValueEnum};
 
 use aiaas::codec::ImageLimits;
 use aiaas::config::ModelControl;
+use aiaas::connections::ConnectionSettings;
 use aiaas::http::ApiKeys;
 use aiaas::http::HttpSettings;
 use aiaas::idle_poll::IdlePolling;
@@ -115,9 +116,27 @@ struct Args {
     shutdown_timeout: f64,
 
     /// Seconds to keep accepting requests after SIGTERM, with readiness already failing, so
-    /// that load balancers stop routing here first (0: stop accepting at once).
+    /// that load balancers stop routing here first (0: stop accepting at once). Answers carry
+    /// `Connection: close` from SIGTERM on, so keep-alive clients move their next request to a
+    /// new connection within the delay.
     #[arg(long, env = "AIAAS_SHUTDOWN_DELAY", default_value_t = 0.0)]
     shutdown_delay: f64,
+
+    /// Seconds a connection may take to send a request's headers, counted from its opening or
+    /// from its previous response: also how long an idle keep-alive connection stays open.
+    #[arg(long, env = "AIAAS_HEADER_TIMEOUT", default_value_t = 15.0)]
+    header_timeout: f64,
+
+    /// Seconds a request's whole body may take to arrive (slower: 408, connection closed).
+    #[arg(long, env = "AIAAS_BODY_TIMEOUT", default_value_t = 60.0)]
+    body_timeout: f64,
+
+    /// Connections served at once with keep-alive; a few more (64) are admitted past it, one
+    /// request each with a 1 s header timeout, so that probes get through while slow clients
+    /// are shed; then new connections are closed. Also held below the open-file limit, which is
+    /// raised to its hard limit at start.
+    #[arg(long, env = "AIAAS_MAX_CONNECTIONS", default_value_t = 8192)]
+    max_connections: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -166,6 +185,21 @@ fn main() -> anyhow::Result<()> {
     // one value, shared by the HTTP layer (requests keep the CPUs polling) and the models'
     // threads (they poll for work within its window)
     let idle_polling = IdlePolling::start(Duration::from_micros(args.idle_poll_us));
+    // room under the open-file limit for the overflow, model files, logs and libtorch
+    let fd_limit = aiaas::connections::raise_fd_limit() as usize;
+    let reserve = aiaas::connections::OVERFLOW_CONNECTIONS + 256;
+    let max_connections = if fd_limit > reserve {
+        args.max_connections.min(fd_limit - reserve)
+    } else {
+        args.max_connections
+    };
+    if max_connections < args.max_connections {
+        tracing::warn!(
+            fd_limit,
+            max_connections,
+            "--max-connections lowered to fit the open-file limit"
+        );
+    }
     let config = ServerConfig {
         addr: SocketAddr::new(args.host, args.port),
         models: args.models,
@@ -179,6 +213,7 @@ fn main() -> anyhow::Result<()> {
             allow_unauthenticated_admin: args.allow_unauthenticated_admin,
             max_concurrent_requests: args.max_concurrent_requests,
             idle_polling: idle_polling.clone(),
+            body_timeout: positive_secs(args.body_timeout, "--body-timeout")?,
         },
         poll_interval: Duration::from_secs_f64(args.poll_interval.max(0.1)),
         registry: RegistrySettings {
@@ -193,6 +228,10 @@ fn main() -> anyhow::Result<()> {
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
         shutdown_delay: Duration::from_secs_f64(args.shutdown_delay.max(0.0)),
         interop_threads: args.interop_threads,
+        connections: ConnectionSettings {
+            header_timeout: positive_secs(args.header_timeout, "--header-timeout")?,
+            max_connections: max_connections.max(1),
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -202,4 +241,13 @@ fn main() -> anyhow::Result<()> {
     // answered by now
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+/// A positive, finite number of seconds as a duration.
+fn positive_secs(secs: f64, flag: &str) -> anyhow::Result<Duration> {
+    if secs.is_finite() && secs > 0.0 {
+        Ok(Duration::from_secs_f64(secs))
+    } else {
+        anyhow::bail!("{flag} must be a positive number of seconds, got {secs}")
+    }
 }

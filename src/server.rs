@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::config::ModelControl;
+use crate::connections::{self, ConnectionSettings};
 use crate::engine::torch;
 use crate::http::{app, AppState, HttpSettings};
 use crate::registry::{Registry, RegistrySettings};
@@ -30,6 +31,8 @@ pub struct ServerConfig {
     pub shutdown_delay: Duration,
     /// libtorch's process-wide inter-op pool size (0: libtorch's default).
     pub interop_threads: usize,
+    /// Header timeout and connection cap.
+    pub connections: ConnectionSettings,
 }
 
 pub fn build_info() -> BuildInfo {
@@ -101,12 +104,15 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         })
     };
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
-    let server = axum::serve(listener, service).with_graceful_shutdown(async move {
-        let mut rx = shutdown_rx;
-        let _ = rx.wait_for(|v| *v).await;
-    });
-    let serving = tokio::spawn(async move { server.await });
+    let serving = tokio::spawn(connections::serve(
+        listener,
+        app(state),
+        config.connections,
+        async move {
+            let mut rx = shutdown_rx;
+            let _ = rx.wait_for(|v| *v).await;
+        },
+    ));
     shutdown_signal().await;
     // Readiness fails at once, so load balancers stop sending; the listener stays open for
     // --shutdown-delay, then closes, and every accepted request is answered.
@@ -123,8 +129,7 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     tracing::info!("no longer accepting connections; draining accepted requests");
     let _ = shutdown_tx.send(true);
     match tokio::time::timeout(config.shutdown_timeout, serving).await {
-        Ok(Ok(Ok(()))) => tracing::info!("drained; bye"),
-        Ok(Ok(Err(e))) => tracing::error!(error = %e, "server error"),
+        Ok(Ok(())) => tracing::info!("drained; bye"),
         Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
         Err(_) => tracing::warn!("shutdown timeout reached with requests still in flight"),
     }

@@ -197,3 +197,109 @@ async fn every_error_is_json_and_oversized_bodies_are_refused_before_reading() {
     );
     assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
 }
+
+/// Whether the server has closed `stream` (a read returns end of file or an error) within
+/// `wait`.
+fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) => {
+                return !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                )
+            }
+        }
+    }
+}
+
+#[test]
+fn stalled_connections_are_closed_and_probes_get_through_past_the_cap() {
+    let s = Server::start(
+        &models_dir(),
+        &[
+            "--load-model",
+            "regressor",
+            "--max-connections",
+            "16",
+            "--header-timeout",
+            "1.5",
+        ],
+    );
+    s.wait_ready();
+    let addr = s.base.trim_start_matches("http://").to_string();
+    // 16 connections that send nothing, 8 with half a request head, 8 idle after one request:
+    // more than the cap
+    let mut silent: Vec<TcpStream> = (0..16)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    let mut half: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut t = TcpStream::connect(&addr).unwrap();
+            t.write_all(b"GET /health/live HTTP/1.1\r\nhost: x\r\nx-slow: ")
+                .unwrap();
+            t
+        })
+        .collect();
+    let mut idle: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut t = TcpStream::connect(&addr).unwrap();
+            t.write_all(b"GET /health/live HTTP/1.1\r\nhost: x\r\n\r\n")
+                .unwrap();
+            t
+        })
+        .collect();
+    // a probe still gets through while they are held (the overflow's short timeout)
+    let started = std::time::Instant::now();
+    let probe = raw_exchange(
+        &s,
+        b"GET /health/live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert!(probe.starts_with("HTTP/1.1 200"), "{probe:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // every stalled connection is closed by the server after the header timeout
+    for (what, conns) in [("silent", &mut silent), ("half-sent head", &mut half)] {
+        for t in conns.iter_mut() {
+            assert!(
+                closed_within(t, Duration::from_secs(5)),
+                "a {what} connection stayed open"
+            );
+        }
+    }
+    for t in idle.iter_mut() {
+        // its answer first, then the close
+        assert!(
+            closed_within(t, Duration::from_secs(5)),
+            "an idle keep-alive connection stayed open"
+        );
+    }
+    let reply = raw_exchange(
+        &s,
+        b"GET /health/ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply:?}");
+}
+
+#[test]
+fn a_stalled_body_is_answered_408_and_its_connection_closed() {
+    let s = Server::start(
+        &models_dir(),
+        &["--load-model", "regressor", "--body-timeout", "1"],
+    );
+    s.wait_ready();
+    let started = std::time::Instant::now();
+    let reply = raw_exchange(
+        &s,
+        b"POST /v1/models/regressor/predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"instances\": ",
+        Duration::from_secs(10),
+    );
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply:?}");
+    assert!(reply.contains("request_timeout"), "{reply}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

@@ -557,3 +557,77 @@ fn openapi_documents_every_route_and_only_those() {
         "openapi.yaml documents routes the server lacks: {stale:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_with_keep_alive_clients_cuts_no_request() {
+    let mut s = Server::start(
+        &models_dir(),
+        &["--load-model", "regressor", "--shutdown-delay", "1"],
+    );
+    s.wait_ready();
+    let url = s.url("/v1/models/regressor/predict");
+    // one pooled client: its 16 tasks reuse keep-alive connections, as requests.Session does
+    let c = client();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, refused, lost) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(Mutex::new(Vec::new())),
+    );
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let (c, url, stop, ok, refused, lost) = (
+                c.clone(),
+                url.clone(),
+                stop.clone(),
+                ok.clone(),
+                refused.clone(),
+                lost.clone(),
+            );
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match c
+                        .post(&url)
+                        .json(&json!({"instances": [[0.5]]}))
+                        .send()
+                        .await
+                    {
+                        Ok(r) => {
+                            let status = r.status();
+                            match r.bytes().await {
+                                Ok(_) if status == 200 => {
+                                    ok.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Ok(_) => lost.lock().unwrap().push(format!("status {status}")),
+                                Err(e) => lost.lock().unwrap().push(format!("body: {e:?}")),
+                            }
+                        }
+                        // nothing listens any more (or the connection was still in the accept
+                        // queue when the listener closed): never accepted
+                        Err(e) if e.is_connect() || is_reset_before_response(&e) => {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        // e.g. "connection closed before message completed": a request sent
+                        // down a keep-alive connection the server closed
+                        Err(e) => lost.lock().unwrap().push(format!("{e:?}")),
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    s.signal("TERM");
+    let code = s.wait_exit(Duration::from_secs(30));
+    stop.store(true, Ordering::Relaxed);
+    join_all(tasks).await;
+    let lost = lost.lock().unwrap().clone();
+    eprintln!(
+        "SIGTERM with keep-alive clients: {} answered, {} refused, {} lost",
+        ok.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+        lost.len()
+    );
+    assert_eq!(code, Some(0));
+    assert!(lost.is_empty(), "requests cut: {lost:?}");
+}

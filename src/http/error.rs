@@ -45,6 +45,9 @@ pub enum ApiError {
     Overloaded(String),
     #[error("{0}")]
     Timeout(String),
+    /// The client did not send its request in time.
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("{0}")]
     Internal(String),
     #[error("no route for {0}")]
@@ -77,6 +80,7 @@ impl ApiError {
             ),
             ApiError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded", true),
             ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout", false),
+            ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout", false),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", false),
             ApiError::RouteNotFound(_) => (StatusCode::NOT_FOUND, "not_found", false),
             ApiError::MethodNotAllowed => {
@@ -124,7 +128,7 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
+        if status == StatusCode::PAYLOAD_TOO_LARGE || status == StatusCode::REQUEST_TIMEOUT {
             // The body may be left unread: the connection cannot carry another request, and a
             // client that reused it would see its next request fail.
             response

@@ -2,8 +2,9 @@
 //! that would forge log lines, a declared body larger than the server accepts, and error
 //! answers from layers and extractors that are not in the API's JSON error shape.
 
+use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -47,6 +48,57 @@ pub async fn refuse_oversized(State(state): State<AppState>, req: Request, next:
         ),
         _ => next.run(req).await,
     }
+}
+
+/// Reads the whole request body within `--body-timeout` (a slow or stalled sender gets 408 and
+/// its connection closed, instead of holding it for ever) and at most `--max-body-bytes` of it
+/// as sent (413), before anything else touches it.
+pub async fn body_deadline(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let timeout = state.settings.body_timeout;
+    let max = state.settings.max_body_bytes;
+    let path = req.uri().path().to_string();
+    let (parts, body) = req.into_parts();
+    let read = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, max));
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(collected)) => {
+            let body = Body::from(collected.to_bytes());
+            next.run(Request::from_parts(parts, body)).await
+        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => answer(
+            &path,
+            ApiError::PayloadTooLarge(format!(
+                "the request body is over {max} bytes (--max-body-bytes)"
+            )),
+        ),
+        Ok(Err(e)) => answer(
+            &path,
+            ApiError::MalformedBody(format!("the request body could not be read: {e}")),
+        ),
+        Err(_) => answer(
+            &path,
+            ApiError::RequestTimeout(format!(
+                "the request body did not arrive within {} s (--body-timeout)",
+                timeout.as_secs_f64()
+            )),
+        ),
+    }
+}
+
+/// Once a shutdown has begun, every answer carries `Connection: close`, so that keep-alive
+/// clients open a new connection (to another replica) for their next request instead of
+/// sending it down one the server is about to close.
+pub async fn close_when_draining(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let mut response = next.run(req).await;
+    if state.is_shutting_down() {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// An error answer in the shape of the API the path belongs to (/v2's or the native one).

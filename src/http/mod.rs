@@ -56,6 +56,8 @@ pub struct HttpSettings {
     pub max_concurrent_requests: usize,
     /// `--idle-poll-us`: every request in flight keeps the CPUs polling.
     pub idle_polling: IdlePolling,
+    /// `--body-timeout`: the whole request body must arrive within this.
+    pub body_timeout: Duration,
 }
 
 impl Default for HttpSettings {
@@ -69,6 +71,7 @@ impl Default for HttpSettings {
             allow_unauthenticated_admin: false,
             max_concurrent_requests: 1024,
             idle_polling: IdlePolling::off(),
+            body_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -294,7 +297,15 @@ pub fn app(state: AppState) -> Router {
                 .layer(middleware::from_fn(guard::json_error_bodies))
                 .layer(middleware::from_fn_with_state(
                     state.clone(),
+                    guard::close_when_draining,
+                ))
+                .layer(middleware::from_fn_with_state(
+                    state.clone(),
                     guard::refuse_oversized,
+                ))
+                .layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    guard::body_deadline,
                 ))
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
                 // gzip / deflate bodies both ways; the body limit applies to the decompressed
