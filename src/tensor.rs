@@ -224,11 +224,57 @@ impl HostTensor {
     }
 }
 
+impl HostTensor {
+    /// Whether every element is finite (always, for integer and boolean tensors).
+    pub fn all_finite(&self) -> bool {
+        match self.dtype {
+            DType::Fp32 => self
+                .data
+                .chunks_exact(4)
+                .all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
+            d if d.is_float() => self.to_f64_vec().iter().all(|v| v.is_finite()),
+            _ => true,
+        }
+    }
+}
+
 /// Bytes needed for `shape` elements of `dtype`; `None` on overflow.
 pub fn byte_len(dtype: DType, shape: &[usize]) -> Option<usize> {
     shape
         .iter()
         .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+}
+
+/// One element of `dtype` holding a value a client sent: refused, saying why, when `dtype`
+/// cannot hold it (a fraction or out of range for an integer type, beyond the largest finite
+/// float of a float type, anything but 0 or 1 for BOOL) instead of being saturated or turned
+/// into infinity. Non-finite values pass for float types (they can only come from binary data).
+pub fn checked_scalar_bytes(dtype: DType, value: f64) -> Result<Vec<u8>, String> {
+    let int_range = |lo: f64, hi: f64| value.fract() == 0.0 && (lo..=hi).contains(&value);
+    let ok = match dtype {
+        DType::Bool => value == 0.0 || value == 1.0,
+        DType::Uint8 => int_range(0.0, u8::MAX as f64),
+        DType::Int8 => int_range(i8::MIN as f64, i8::MAX as f64),
+        DType::Int16 => int_range(i16::MIN as f64, i16::MAX as f64),
+        DType::Int32 => int_range(i32::MIN as f64, i32::MAX as f64),
+        // 2^63 is the first f64 above i64::MAX
+        DType::Int64 => value.fract() == 0.0 && (-(2f64.powi(63))..2f64.powi(63)).contains(&value),
+        DType::Fp16 => !value.is_finite() || value.abs() <= 65504.0,
+        DType::Bf16 => !value.is_finite() || value.abs() <= 3.389_531_389_251_535_5e38,
+        DType::Fp32 => !value.is_finite() || value.abs() <= f32::MAX as f64,
+        DType::Fp64 => true,
+    };
+    if ok {
+        Ok(scalar_bytes(dtype, value))
+    } else if dtype.is_float() {
+        Err(format!("{value} is outside {dtype}'s range"))
+    } else if dtype == DType::Bool {
+        Err(format!("{value} is not a BOOL value (true, false, 0 or 1)"))
+    } else {
+        Err(format!(
+            "{value} is not a {dtype} value (a whole number in its range)"
+        ))
+    }
 }
 
 /// One element of `dtype` holding `value` (rounded or saturated as `as` casts do).

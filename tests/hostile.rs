@@ -303,3 +303,74 @@ fn a_stalled_body_is_answered_408_and_its_connection_closed() {
     assert!(reply.contains("request_timeout"), "{reply}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_silently_wrong_answers_for_values_a_model_cannot_take_or_give() {
+    let s = Server::start(&models_dir(), &["--load-model", "regressor,image-cnn"]);
+    s.wait_ready();
+    let c = client();
+    let v1 = s.url("/v1/models/regressor/predict");
+    // out of FP32's range, or not a number at all: 422 naming what is wrong, never `null`
+    for (instances, needle) in [
+        (json!([1e39]), "outside FP32"),
+        (json!([[3.5e38]]), "outside FP32"),
+        (json!([1e308]), "outside FP32"),
+        (json!([true]), "boolean"),
+        (json!([[false]]), "boolean"),
+    ] {
+        let r = post_json(&c, &v1, &json!({ "instances": instances })).await;
+        assert_eq!(r.status, 422, "{instances}: {}", r.text());
+        let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.contains(needle), "{instances}: {message}");
+    }
+    // in range, but the model's answer overflows: y = 3.06 x + 0.46 is infinite for x = 3e38
+    let r = post_json(&c, &v1, &json!({"instances": [[0.5], [3e38]]})).await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("instance 1") && message.contains("not finite"),
+        "{message}"
+    );
+    // v2: out-of-range inputs are refused; non-finite outputs are Triton's literals
+    let v2 = s.url("/v2/models/regressor/infer");
+    let r = post_json(
+        &c,
+        &v2,
+        &json!({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1e39]}]}),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("outside FP32"), "{}", r.text());
+    let r = post_json(
+        &c,
+        &v2,
+        &json!({"inputs": [{"name": "x", "shape": [2, 1], "datatype": "FP32", "data": [0.5, 3e38]}]}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    assert!(text.contains("Infinity]"), "{text}");
+    assert!(!text.contains("null"), "{text}");
+
+    // the first half of a JPEG is malformed, not a confident label
+    let jpeg = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/examples/triangle.jpg"),
+    )
+    .unwrap();
+    let image = s.url("/v1/models/image-cnn/predict");
+    let r = send(
+        c.post(&image)
+            .header("content-type", "image/jpeg")
+            .body(jpeg.clone()),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = send(
+        c.post(&image)
+            .header("content-type", "image/jpeg")
+            .body(jpeg[..jpeg.len() / 2].to_vec()),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("truncated"), "{}", r.text());
+}

@@ -90,6 +90,12 @@ impl ImageCodec {
                 "cannot decode image: unknown format (PNG and JPEG are accepted)".into(),
             ));
         }
+        if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_is_complete(bytes) {
+            // the decoder would fill the missing part with grey and answer a confident label
+            return Err(CodecError::Malformed(
+                "cannot decode image: the JPEG is truncated (no end-of-image marker after its last scan)".into(),
+            ));
+        }
         let l = self.limits;
         // dimensions are checked below with a plainer message than the decoder's
         let mut limits = image::Limits::default();
@@ -242,6 +248,17 @@ fn centre_offset(rw: u32, w: u32, rh: u32, h: u32) -> (u32, u32) {
     (half(rw, w), half(rh, h))
 }
 
+/// Whether a JPEG's last scan is followed by its end-of-image marker (FF D9). In entropy-coded
+/// data every FF byte is followed by 00 or a restart marker, so an FF D9 after the last
+/// start-of-scan (FF DA) can only be the real end; a truncated file has none.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last_scan = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    match last_scan {
+        Some(at) => bytes[at..].windows(2).any(|w| w == [0xFF, 0xD9]),
+        None => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,6 +299,26 @@ mod tests {
         img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
             .unwrap();
         out
+    }
+
+    #[test]
+    fn a_truncated_jpeg_is_malformed_not_grey() {
+        let img =
+            image::RgbImage::from_fn(48, 48, |x, y| image::Rgb([x as u8 * 5, y as u8 * 5, 90]));
+        let mut jpeg = Vec::new();
+        img.write_to(&mut Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+            .unwrap();
+        assert!(codec().decode(&jpeg).is_ok());
+        for cut in [jpeg.len() / 2, jpeg.len() - 2] {
+            match codec().decode(&jpeg[..cut]) {
+                Err(CodecError::Malformed(m)) => assert!(m.contains("truncated"), "{m}"),
+                other => panic!("cut at {cut}: {other:?}"),
+            }
+        }
+        // bytes after the end marker (as some cameras write) are fine
+        let mut padded = jpeg.clone();
+        padded.extend_from_slice(&[0, 0, 0]);
+        assert!(codec().decode(&padded).is_ok());
     }
 
     #[test]

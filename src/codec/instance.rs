@@ -17,13 +17,12 @@ pub fn json_type(v: &Value) -> &'static str {
     }
 }
 
-/// A JSON number (or boolean, as 0/1) as f64.
+/// A JSON number as f64 (a boolean is not a number).
 pub fn number(v: &Value) -> Result<f64, CodecError> {
     match v {
         Value::Number(n) => n
             .as_f64()
             .ok_or_else(|| CodecError::Invalid(format!("{n} is not a representable number"))),
-        Value::Bool(b) => Ok(*b as u8 as f64),
         other => Err(CodecError::Invalid(format!(
             "expected a number, got {}",
             json_type(other)
@@ -39,6 +38,8 @@ pub fn number(v: &Value) -> Result<f64, CodecError> {
 pub struct Grid {
     pub values: Vec<f64>,
     pub shape: Vec<usize>,
+    /// Some values were JSON booleans (as 0/1): only a BOOL tensor takes them.
+    pub booleans: bool,
 }
 
 impl Grid {
@@ -52,6 +53,29 @@ impl Grid {
             .and_then(|g| de.end().map(|()| g))
             .map_err(|e| CodecError::Invalid(e.to_string()))?;
         Ok(grid)
+    }
+
+    /// A /v1 array instance; one holding booleans is not numbers, and no model kind takes it.
+    pub fn into_instance(self) -> Instance {
+        if self.booleans {
+            Instance::Other("an array holding booleans")
+        } else {
+            Instance::Array {
+                values: self.values,
+                shape: self.shape,
+            }
+        }
+    }
+
+    /// Refuses booleans unless `dtype` is BOOL.
+    pub fn check_booleans(&self, dtype: DType) -> Result<(), CodecError> {
+        if self.booleans && dtype != DType::Bool {
+            Err(CodecError::Invalid(format!(
+                "booleans are not numbers: a {dtype} tensor takes numbers"
+            )))
+        } else {
+            Ok(())
+        }
     }
 
     /// From an already-parsed JSON value; more than `max` numbers is [`CodecError::TooLarge`].
@@ -97,6 +121,7 @@ impl<'de> serde::de::Visitor<'de> for GridSeed {
         Ok(Grid {
             values: vec![v],
             shape: vec![],
+            booleans: false,
         })
     }
     fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Grid, E> {
@@ -106,22 +131,27 @@ impl<'de> serde::de::Visitor<'de> for GridSeed {
         self.visit_f64(v as f64)
     }
     fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Grid, E> {
-        self.visit_f64(v as u8 as f64)
+        let mut g = self.visit_f64(v as u8 as f64)?;
+        g.booleans = true;
+        Ok(g)
     }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Grid, A::Error> {
         Nested::new(self.max).grid(seq)
     }
 }
 
-/// Values converted to `dtype` (saturating, as `as` casts do) in a tensor of `shape`.
+/// Values converted to `dtype` in a tensor of `shape`; a value `dtype` cannot hold is an error
+/// naming its position (row-major), not a saturated or infinite element.
 pub fn tensor_from_f64(
     dtype: DType,
     shape: Vec<usize>,
     values: &[f64],
 ) -> Result<HostTensor, CodecError> {
     let mut data = Vec::with_capacity(values.len() * dtype.size());
-    for &v in values {
-        data.extend_from_slice(&crate::tensor::scalar_bytes(dtype, v));
+    for (i, &v) in values.iter().enumerate() {
+        let bytes = crate::tensor::checked_scalar_bytes(dtype, v)
+            .map_err(|e| CodecError::Invalid(format!("element {i}: {e}")))?;
+        data.extend_from_slice(&bytes);
     }
     HostTensor::new(dtype, shape, data).map_err(|e| CodecError::Invalid(e.to_string()))
 }
@@ -198,12 +228,10 @@ impl Instance {
     /// From an already-parsed JSON value (used where a `Value` exists anyway).
     pub fn from_value(v: &Value) -> Result<Self, CodecError> {
         Ok(match v {
-            Value::Number(_) | Value::Bool(_) => Instance::Number(number(v)?),
+            Value::Number(_) => Instance::Number(number(v)?),
+            Value::Bool(_) => Instance::Other("a boolean"),
             Value::String(s) => Instance::Text(s.clone()),
-            Value::Array(_) => {
-                let Grid { values, shape } = Grid::from_value(v, usize::MAX)?;
-                Instance::Array { values, shape }
-            }
+            Value::Array(_) => Grid::from_value(v, usize::MAX)?.into_instance(),
             Value::Object(o) => Instance::Object(o.clone()),
             Value::Null => Instance::Other("null"),
         })
@@ -233,8 +261,8 @@ impl<'de> serde::de::Visitor<'de> for InstanceVisitor {
     fn visit_u64<E>(self, v: u64) -> Result<Instance, E> {
         Ok(Instance::Number(v as f64))
     }
-    fn visit_bool<E>(self, v: bool) -> Result<Instance, E> {
-        Ok(Instance::Number(v as u8 as f64))
+    fn visit_bool<E>(self, _: bool) -> Result<Instance, E> {
+        Ok(Instance::Other("a boolean"))
     }
     fn visit_str<E>(self, v: &str) -> Result<Instance, E> {
         Ok(Instance::Text(v.to_string()))
@@ -246,8 +274,7 @@ impl<'de> serde::de::Visitor<'de> for InstanceVisitor {
         Ok(Instance::Other("null"))
     }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Instance, A::Error> {
-        let Grid { values, shape } = Nested::new(usize::MAX).grid(seq)?;
-        Ok(Instance::Array { values, shape })
+        Ok(Nested::new(usize::MAX).grid(seq)?.into_instance())
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Instance, A::Error> {
         let m = serde_json::Map::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
@@ -265,6 +292,7 @@ struct Nested {
     leaf_depth: Option<usize>,
     /// Most numbers taken.
     max: usize,
+    booleans: bool,
 }
 
 /// The one error for arrays that are not rectangular, wherever numbers are flattened.
@@ -278,6 +306,7 @@ impl Nested {
             shape: Vec::new(),
             leaf_depth: None,
             max,
+            booleans: false,
         }
     }
 
@@ -287,6 +316,7 @@ impl Nested {
         Ok(Grid {
             values: self.values,
             shape: self.shape.into_iter().map(|d| d.unwrap_or(0)).collect(),
+            booleans: self.booleans,
         })
     }
 
@@ -366,6 +396,7 @@ impl<'de> serde::de::Visitor<'de> for Level<'_> {
         self.state.leaf(self.depth, v as f64)
     }
     fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<(), E> {
+        self.state.booleans = true;
         self.state.leaf(self.depth, v as u8 as f64)
     }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
@@ -433,11 +464,16 @@ impl Scanner<'_> {
             let Instance::Array { values, shape } = s.array()? else {
                 return None;
             };
-            Grid { values, shape }
+            Grid {
+                values,
+                shape,
+                booleans: false,
+            }
         } else {
             Grid {
                 values: vec![s.number()?],
                 shape: vec![],
+                booleans: false,
             }
         };
         (s.end() && grid.values.len() <= max).then_some(grid)

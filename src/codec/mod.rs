@@ -98,9 +98,23 @@ impl ModelCodec {
         self.adapter.decode_encoded(bytes)
     }
 
-    /// One item's result as a /v1 prediction.
-    pub fn encode_prediction(&self, result: &Inferred, opts: OutputOptions) -> Value {
-        self.adapter.encode_prediction(result, opts)
+    /// One item's result as a /v1 prediction; an output that is not finite (NaN or infinity)
+    /// is an error, since JSON cannot carry it and `null` would be a silently wrong answer.
+    pub fn encode_prediction(
+        &self,
+        result: &Inferred,
+        opts: OutputOptions,
+    ) -> Result<Value, CodecError> {
+        let outputs = &self.adapter.signature().outputs;
+        for (k, t) in result.outputs.iter().enumerate() {
+            if !t.all_finite() {
+                let name = outputs.get(k).map_or("?", |o| o.name.as_str());
+                return Err(CodecError::Invalid(format!(
+                    "the model's output '{name}' is not finite (NaN or infinity)"
+                )));
+            }
+        }
+        Ok(self.adapter.encode_prediction(result, opts))
     }
 
     /// Per input, the value that pads it in a batch (see [`ModelAdapter::pad_values`]).

@@ -13,7 +13,7 @@ use super::instance::Grid;
 use super::{CodecError, ModelCodec};
 use crate::batcher::{Inferred, Item};
 use crate::config::model_spec::TensorSpec;
-use crate::tensor::{byte_len, scalar_bytes, DType, HostTensor};
+use crate::tensor::{byte_len, checked_scalar_bytes, DType, HostTensor};
 
 /// A v2 datatype: a numeric tensor type, or BYTES (strings, encoded images).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -297,9 +297,13 @@ fn parse_input(input: RawInput, binary: &mut &[u8]) -> Result<V2Input, CodecErro
                     if grid.values.len() != count {
                         return Err(elements(grid.values.len()));
                     }
+                    grid.check_booleans(dtype)
+                        .map_err(|e| invalid(format!("input '{name}': {e}")))?;
                     let mut bytes = Vec::with_capacity(count * dtype.size());
-                    for &x in &grid.values {
-                        bytes.extend_from_slice(&scalar_bytes(dtype, x));
+                    for (i, &x) in grid.values.iter().enumerate() {
+                        let b = checked_scalar_bytes(dtype, x)
+                            .map_err(|e| invalid(format!("input '{name}': element {i}: {e}")))?;
+                        bytes.extend_from_slice(&b);
                     }
                     V2Data::Tensor(
                         HostTensor::new(dtype, shape.clone(), bytes)
@@ -387,6 +391,10 @@ pub fn encode_response(
 ) -> (Vec<u8>, Option<usize>) {
     let mut json_outputs = Vec::with_capacity(outputs.len());
     let mut binary = Vec::new();
+    // outputs with NaN or infinities: JSON has no such numbers, so their data goes in as a
+    // placeholder string (unguessable: a client's id cannot collide) replaced after
+    // serialisation by Triton's literals
+    let mut literal_data: Vec<(String, Vec<u8>)> = Vec::new();
     for out in outputs {
         let asked = requested.and_then(|r| r.iter().find(|o| o.name == out.name));
         let as_binary = asked.and_then(|o| o.binary).unwrap_or(binary_default);
@@ -405,6 +413,11 @@ pub fn encode_response(
         } else {
             // no "parameters" on JSON outputs: perf_analyzer's parser rejects an empty one
             o["data"] = match out.data {
+                V2Data::Tensor(t) if !t.all_finite() => {
+                    let token = format!("aiaas-non-finite-{}", uuid::Uuid::new_v4());
+                    literal_data.push((format!("\"{token}\""), numbers_with_literals(&t)));
+                    Value::String(token)
+                }
                 // f32 printed as f32 (0.1, not 0.10000000149011612)
                 V2Data::Tensor(t) if t.dtype == DType::Fp32 => json!(t.to_f32_vec()),
                 V2Data::Tensor(t) => json!(t.to_f64_vec()),
@@ -424,6 +437,11 @@ pub fn encode_response(
         "outputs": json_outputs,
     });
     let mut body = serde_json::to_vec(&header).expect("response JSON");
+    for (placeholder, literal) in literal_data {
+        if let Some(at) = find(&body, placeholder.as_bytes()) {
+            body.splice(at..at + placeholder.len(), literal);
+        }
+    }
     if binary.is_empty() {
         (body, None)
     } else {
@@ -431,6 +449,32 @@ pub fn encode_response(
         body.extend_from_slice(&binary);
         (body, Some(header_len))
     }
+}
+
+/// A float tensor's values as a JSON-like array with `NaN`, `Infinity` and `-Infinity`
+/// literals, as Triton writes them (Python's json and tritonclient read them).
+fn numbers_with_literals(t: &HostTensor) -> Vec<u8> {
+    let mut out = b"[".to_vec();
+    for (i, v) in t.to_f64_vec().into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        if v.is_nan() {
+            out.extend_from_slice(b"NaN");
+        } else if v.is_infinite() {
+            out.extend_from_slice(if v > 0.0 { b"Infinity" } else { b"-Infinity" });
+        } else if t.dtype == DType::Fp32 {
+            serde_json::to_writer(&mut out, &(v as f32)).expect("a finite number");
+        } else {
+            serde_json::to_writer(&mut out, &v).expect("a finite number");
+        }
+    }
+    out.push(b']');
+    out
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// A tensor's v2 metadata: name, datatype, shape with a leading -1 batch dimension.

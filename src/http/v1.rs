@@ -137,8 +137,14 @@ async fn answer_prediction(
     let opts = params.output_options();
     let predictions: Vec<Value> = results
         .iter()
-        .map(|r| model.codec.encode_prediction(r, opts))
-        .collect();
+        .enumerate()
+        .map(|(i, r)| {
+            model
+                .codec
+                .encode_prediction(r, opts)
+                .map_err(|e| ApiError::InvalidInput(format!("instance {i}: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
     Ok(respond(model, &results, predictions))
 }
 

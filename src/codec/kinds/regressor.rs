@@ -5,9 +5,10 @@ use serde_json::{json, Value};
 
 use super::{ModelAdapter, Registration, Signature};
 use crate::batcher::{Inferred, Item};
+use crate::codec::instance::tensor_from_f64;
 use crate::codec::{CodecError, Instance, OutputOptions};
 use crate::config::model_spec::{Declared, TensorSpec};
-use crate::tensor::{DType, HostTensor};
+use crate::tensor::DType;
 
 pub const REGISTRATION: Registration = Registration {
     declare,
@@ -73,12 +74,12 @@ impl ModelAdapter for Regressor {
                 values.len()
             )));
         }
-        let values: Vec<f32> = values.iter().map(|&v| v as f32).collect();
-        Ok(Item::new(vec![HostTensor::from_f32(
+        // checked: 1e39 is not an FP32 value (as f32 it would be infinity)
+        Ok(Item::new(vec![tensor_from_f64(
+            DType::Fp32,
             vec![1, features],
-            &values,
-        )
-        .expect("shape checked")]))
+            values,
+        )?]))
     }
 
     fn encode_prediction(&self, result: &Inferred, _opts: OutputOptions) -> Value {

@@ -61,7 +61,9 @@ impl ModelAdapter for TensorModel {
                     let v = map.get(&s.name).ok_or_else(|| {
                         CodecError::Invalid(format!("instance lacks input '{}'", s.name))
                     })?;
-                    Grid::from_value(v, MAX_OBJECT_INPUT_NUMBERS).map(|g| (g.values, g.shape))
+                    let g = Grid::from_value(v, MAX_OBJECT_INPUT_NUMBERS)?;
+                    g.check_booleans(s.datatype)?;
+                    Ok((g.values, g.shape))
                 })
                 .collect::<Result<_, _>>()?,
             (Instance::Array { values, shape }, 1) => vec![(values.clone(), shape.clone())],
