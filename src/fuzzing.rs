@@ -14,6 +14,7 @@ fn limits() -> ImageLimits {
         max_width: 2048,
         max_height: 2048,
         max_alloc: 64 << 20,
+        ..ImageLimits::default()
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-use aiaas::codec::ImageLimits;
+use aiaas::codec::{DecodeBudget, ImageLimits};
 use aiaas::config::ModelControl;
 use aiaas::connections::ConnectionSettings;
 use aiaas::http::ApiKeys;
@@ -73,6 +73,16 @@ struct Args {
     /// Largest image width or height accepted, checked before decoding.
     #[arg(long, env = "AIAAS_MAX_IMAGE_DIM", default_value_t = 8192)]
     max_image_dim: u32,
+
+    /// Most pixels (width x height) of one image, checked from its header before decoding.
+    #[arg(long, env = "AIAAS_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    max_image_pixels: u64,
+
+    /// MiB of decoded image pixels in flight across the server; images beyond it wait in
+    /// arrival order (up to 10 s, then 503). 0: a sixteenth of the machine's memory, at least
+    /// 256 MiB and at most 4 GiB.
+    #[arg(long, env = "AIAAS_DECODE_BUDGET_MIB", default_value_t = 0)]
+    decode_budget_mib: u64,
 
     /// Longest text accepted in one text instance, in bytes (longer texts get 413).
     #[arg(long, env = "AIAAS_MAX_TEXT_BYTES", default_value_t = 65536)]
@@ -185,6 +195,11 @@ fn main() -> anyhow::Result<()> {
     // one value, shared by the HTTP layer (requests keep the CPUs polling) and the models'
     // threads (they poll for work within its window)
     let idle_polling = IdlePolling::start(Duration::from_micros(args.idle_poll_us));
+    let decode_budget = match args.decode_budget_mib {
+        0 => (memory_bytes() / 16).clamp(256 << 20, 4 << 30),
+        mib => mib << 20,
+    };
+    tracing::info!(mib = decode_budget >> 20, "decode budget");
     // room under the open-file limit for the overflow, model files, logs and libtorch
     let fd_limit = aiaas::connections::raise_fd_limit() as usize;
     let reserve = aiaas::connections::OVERFLOW_CONNECTIONS + 256;
@@ -220,6 +235,8 @@ fn main() -> anyhow::Result<()> {
             image_limits: ImageLimits {
                 max_width: args.max_image_dim,
                 max_height: args.max_image_dim,
+                max_pixels: args.max_image_pixels,
+                budget: Some(Box::leak(Box::new(DecodeBudget::new(decode_budget)))),
                 ..ImageLimits::default()
             },
             max_text_bytes: args.max_text_bytes,
@@ -250,4 +267,16 @@ fn positive_secs(secs: f64, flag: &str) -> anyhow::Result<Duration> {
     } else {
         anyhow::bail!("{flag} must be a positive number of seconds, got {secs}")
     }
+}
+
+/// The machine's memory in bytes (`MemTotal` of /proc/meminfo; 4 GiB when unknown).
+fn memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(4 << 30, |kib| kib << 10)
 }

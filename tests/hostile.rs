@@ -374,3 +374,57 @@ async fn no_silently_wrong_answers_for_values_a_model_cannot_take_or_give() {
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.text().contains("truncated"), "{}", r.text());
 }
+
+/// A PNG of `w` x `h` noisy pixels (so it does not compress to nothing).
+fn noisy_png(w: u32, h: u32) -> Vec<u8> {
+    let mut seed = 12345u32;
+    let img = image::RgbImage::from_fn(w, h, |_, _| {
+        seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        let b = (seed >> 16) as u8;
+        image::Rgb([b, b / 2, 255 - b])
+    });
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn image_pixels_are_bounded_per_image_and_in_flight() {
+    let s = Server::start(
+        &models_dir(),
+        &[
+            "--load-model",
+            "image-cnn",
+            "--max-image-pixels",
+            "1000000",
+            "--decode-budget-mib",
+            "4",
+        ],
+    );
+    s.wait_ready();
+    let c = client();
+    let url = s.url("/v1/models/image-cnn/predict");
+    let r = send(
+        c.post(&url)
+            .header("content-type", "image/png")
+            .body(noisy_png(1200, 1000)),
+    )
+    .await;
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert!(r.text().contains("--max-image-pixels"), "{}", r.text());
+    // 12 images of 0.9 MP (5.4 MB decoded each with their converted copy) against a 4 MiB
+    // budget: they take turns, one at a time, and every one is answered
+    let png = noisy_png(1000, 900);
+    let replies = futures::future::join_all((0..12).map(|_| {
+        send(
+            c.post(&url)
+                .header("content-type", "image/png")
+                .body(png.clone()),
+        )
+    }))
+    .await;
+    for r in replies {
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+}

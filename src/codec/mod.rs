@@ -18,7 +18,7 @@ use crate::config::model_spec::{ModelSpec, TensorSpec};
 
 pub use self::kinds::{ModelAdapter, Signature};
 
-pub use self::image::{ImageCodec, ImageLimits};
+pub use self::image::{DecodeBudget, ImageCodec, ImageLimits};
 pub use self::instance::{numeric_instances, Instance};
 pub use self::text::TextCodec;
 
@@ -34,6 +34,9 @@ pub enum CodecError {
     /// The payload is larger than the server accepts (image dimensions, text length, ...).
     #[error("{0}")]
     TooLarge(String),
+    /// The server is at a decoding limit (the decode budget); the client may retry.
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// Per-request output options.

@@ -145,6 +145,7 @@ impl From<CodecError> for ApiError {
             CodecError::Invalid(m) => ApiError::InvalidInput(m),
             CodecError::Malformed(m) => ApiError::MalformedBody(m),
             CodecError::TooLarge(m) => ApiError::PayloadTooLarge(m),
+            CodecError::Busy(m) => ApiError::Overloaded(m),
         }
     }
 }
