@@ -24,7 +24,6 @@ use axum::routing::{delete, get, post, MethodRouter};
 use axum::Router;
 use tower::ServiceBuilder;
 use tower_http::compression::CompressionLayer;
-use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tracing::{field::Empty, Instrument};
 
@@ -305,13 +304,12 @@ pub fn app(state: AppState) -> Router {
                 ))
                 .layer(middleware::from_fn_with_state(
                     state.clone(),
-                    guard::body_deadline,
+                    guard::read_body,
                 ))
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
-                // gzip / deflate bodies both ways; the body limit applies to the decompressed
-                // bytes, so a compression bomb is refused like any large body
-                .layer(CompressionLayer::new())
-                .layer(RequestDecompressionLayer::new()),
+                // gzip / deflate answers for clients that accept them (request bodies are
+                // decompressed by guard::read_body)
+                .layer(CompressionLayer::new()),
         )
         .with_state(state)
 }
