@@ -177,7 +177,10 @@ async fn every_error_is_json_and_oversized_bodies_are_refused_before_reading() {
     // v2 answers every client error 400, as Triton does
     assert_eq!(r.status, 400);
     let message = r.json()["error"].as_str().unwrap().to_string();
-    assert!(message.contains("Content-Encoding"), "v2's shape: {message}");
+    assert!(
+        message.contains("Content-Encoding"),
+        "v2's shape: {message}"
+    );
     // a path that is not UTF-8 once decoded
     let r = send(c.get(s.url("/v1/models/%ff"))).await;
     assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
@@ -454,4 +457,62 @@ async fn a_multi_member_gzip_body_is_read_whole() {
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["predictions"].as_array().unwrap().len(), 2);
+}
+
+/// CPU seconds the process has used (user + system, from /proc).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // fields after the command name, which is in parentheses
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn decoding_stops_when_the_deadline_passes_or_the_client_leaves() {
+    let s = Server::start(&models_dir(), &["--load-model", "text-classifier"]);
+    s.wait_ready();
+    let url = s.url("/v1/models/text-classifier/predict");
+    // 512 texts of 20,000 characters: several seconds of tokenising on two cores
+    let text = "我爱你 this is great ".repeat(1000);
+    let body = serde_json::to_vec(&json!({ "instances": vec![text; 512] })).unwrap();
+    let c = client();
+    let started = std::time::Instant::now();
+    let r = send(
+        c.post(&url)
+            .header("content-type", "application/json")
+            .header("x-request-timeout-ms", "100")
+            .body(body.clone()),
+    )
+    .await;
+    let took = started.elapsed();
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(
+        r.text().contains("while it was being decoded"),
+        "{}",
+        r.text()
+    );
+    assert!(took < Duration::from_secs(2), "answered after {took:?}");
+
+    // a client that hangs up: the server stops within a text or two, not after all 512
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(400))
+        .build()
+        .unwrap();
+    let r = impatient
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await;
+    assert!(r.is_err(), "the client gave up first");
+    let before = cpu_seconds(s.pid());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let spent = cpu_seconds(s.pid()) - before;
+    eprintln!("CPU seconds spent in the 3 s after the client left: {spent:.2}");
+    assert!(
+        spent < 1.0,
+        "the server kept working for nobody: {spent:.2} CPU s"
+    );
 }

@@ -2,6 +2,7 @@
 //! timing headers and log fields of an answered request.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -124,4 +125,52 @@ pub fn with_timing(mut response: Response, model: &ServingModel, results: &[Infe
         compute_time,
     });
     response
+}
+
+/// Whether a request's work is still wanted: its client is still waiting and its deadline has
+/// not passed. Decoding runs on the blocking pool, where dropping the request's future (the
+/// client hung up) does not stop it, so it checks this between steps (instances, texts,
+/// images) and stops early instead of spending seconds of a core on an answer nobody reads.
+#[derive(Debug, Clone)]
+pub struct StillWanted {
+    gone: Arc<AtomicBool>,
+    deadline: Option<Instant>,
+}
+
+/// Marks the request's work as no longer wanted when dropped with the request's future.
+pub struct WantedWhileAlive(Arc<AtomicBool>);
+
+impl Drop for WantedWhileAlive {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+impl StillWanted {
+    /// A check for a request with `deadline`, and the guard to keep alive in its future.
+    pub fn new(deadline: Option<Instant>) -> (Self, WantedWhileAlive) {
+        let gone = Arc::new(AtomicBool::new(false));
+        (
+            Self {
+                gone: gone.clone(),
+                deadline,
+            },
+            WantedWhileAlive(gone),
+        )
+    }
+
+    /// An error when the client left or the deadline passed.
+    pub fn check(&self) -> Result<(), ApiError> {
+        if self.gone.load(Ordering::Relaxed) {
+            return Err(ApiError::Timeout(
+                "the client left while its request was being decoded".into(),
+            ));
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(ApiError::Timeout(
+                "the request's deadline passed while it was being decoded".into(),
+            ));
+        }
+        Ok(())
+    }
 }

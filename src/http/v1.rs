@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::inference::{count_outcome, deadline, with_timing};
+use super::inference::{count_outcome, deadline, with_timing, StillWanted};
 use super::{ApiError, AppState};
 use crate::batcher::{Inferred, Item};
 use crate::codec::v1::{parse_request, Parameters, Scores};
@@ -83,6 +83,8 @@ async fn answer_prediction(
 ) -> Result<Response, ApiError> {
     let body = body.map_err(body_error)?;
     let deadline = deadline(headers, model.spec.batching.timeout(), None)?;
+    // decoding stops between instances once the client has left or the deadline has passed
+    let (wanted, _alive) = StillWanted::new(deadline);
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -103,12 +105,14 @@ async fn answer_prediction(
         // TorchServe do)
         ct @ (None | Some("application/json" | FORM_URLENCODED)) => {
             let form = ct == Some(FORM_URLENCODED);
-            let (items, body_params) = decode_json(state, model, body, form).await?;
+            let (items, body_params) =
+                decode_json(state, model, body, form, wanted.clone()).await?;
             params = query.or(body_params);
             items
         }
         Some(ct) if ct.ends_with("+json") => {
-            let (items, body_params) = decode_json(state, model, body, false).await?;
+            let (items, body_params) =
+                decode_json(state, model, body, false, wanted.clone()).await?;
             params = query.or(body_params);
             items
         }
@@ -120,7 +124,8 @@ async fn answer_prediction(
                     model.codec.kind()
                 )));
             }
-            let item = decode_inline_or_blocking(model, body, |m, b| {
+            let item = decode_inline_or_blocking(model, body, move |m, b| {
+                wanted.check()?;
                 m.codec.decode_encoded(&b).map_err(ApiError::from)
             })
             .await?;
@@ -166,6 +171,7 @@ async fn decode_json(
     model: &Arc<ServingModel>,
     body: Bytes,
     form: bool,
+    wanted: StillWanted,
 ) -> Result<(Vec<Item>, Parameters), ApiError> {
     let max = state.settings.max_instances;
     decode_inline_or_blocking(model, body, move |m, b| {
@@ -192,6 +198,7 @@ async fn decode_json(
             .iter()
             .enumerate()
             .map(|(i, v)| {
+                wanted.check()?;
                 m.codec.decode_instance(v).map_err(|e| {
                     let e = ApiError::from(e);
                     match e {

@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::inference::{count_outcome, deadline, with_timing, HasOutcome};
+use super::inference::{count_outcome, deadline, with_timing, HasOutcome, StillWanted};
 use super::{ApiError, AppState, REQUEST_ID};
 use crate::codec::v2::{self, V2Input};
 use crate::codec::CodecError;
@@ -382,15 +382,19 @@ async fn answer_inference(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    // Decoding (images, tokens, large JSON) runs off the async workers.
+    // Decoding (images, tokens, large JSON) runs off the async workers, and stops before
+    // decoding the inputs once the client has left or the header's deadline has passed.
+    let (wanted, _alive) =
+        StillWanted::new(deadline(&headers, model.spec.batching.timeout(), None)?);
     let decoding = {
         let model = model.clone();
-        tokio::task::spawn_blocking(move || -> Result<_, CodecError> {
+        tokio::task::spawn_blocking(move || -> Result<_, V2Error> {
             let request = if header_len == Some(0) {
                 raw_request(&model, &body)?
             } else {
                 v2::parse_request(&body, header_len)?
             };
+            wanted.check()?;
             let (items, rows) = model.codec.decode_v2(request.inputs.clone())?;
             Ok((request, items, rows))
         })
