@@ -356,6 +356,16 @@ async fn no_silently_wrong_answers_for_values_a_model_cannot_take_or_give() {
     let text = r.text();
     assert!(text.contains("Infinity]"), "{text}");
     assert!(!text.contains("null"), "{text}");
+    // and takes them in its inputs, as Triton's load generator sends them
+    let r = send(
+        c.post(&v2).header("content-type", "application/json").body(
+            r#"{"inputs": [{"name": "x", "shape": [3, 1], "datatype": "FP32", "data": [NaN, 0.5, -Infinity]}]}"#,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("[NaN,"), "{}", r.text());
+    assert!(r.text().contains("-Infinity]"), "{}", r.text());
 
     // the first half of a JPEG is malformed, not a confident label
     let jpeg = std::fs::read(

@@ -45,7 +45,17 @@ pub struct Grid {
 impl Grid {
     /// Parses JSON text holding at most `max` numbers.
     pub fn parse(raw: &str, max: usize) -> Result<Grid, CodecError> {
-        if let Some(grid) = Scanner::grid(raw, max) {
+        Self::parse_inner(raw, max, false)
+    }
+
+    /// As [`Grid::parse`], also taking `NaN`, `Infinity` and `-Infinity` as Triton writes them
+    /// (v2 tensor data: its load generator sends them in random data).
+    pub fn parse_with_literals(raw: &str, max: usize) -> Result<Grid, CodecError> {
+        Self::parse_inner(raw, max, true)
+    }
+
+    fn parse_inner(raw: &str, max: usize, literals: bool) -> Result<Grid, CodecError> {
+        if let Some(grid) = Scanner::grid(raw, max, literals) {
             return Ok(grid);
         }
         let mut de = serde_json::Deserializer::from_str(raw);
@@ -160,6 +170,18 @@ pub fn tensor_from_f64(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn v2_data_takes_tritons_non_finite_literals_and_v1_does_not() {
+        let g = Grid::parse_with_literals("[[NaN, 1.5], [Infinity, -Infinity]]", 10).unwrap();
+        assert_eq!(g.shape, vec![2, 2]);
+        assert!(g.values[0].is_nan());
+        assert_eq!(&g.values[1..], &[1.5, f64::INFINITY, f64::NEG_INFINITY]);
+        let quoted = Grid::parse_with_literals(r#"["NaN", "-Infinity"]"#, 10).unwrap();
+        assert!(quoted.values[0].is_nan() && quoted.values[1] == f64::NEG_INFINITY);
+        assert!(Grid::parse("[NaN]", 10).is_err());
+        assert!(Grid::parse_with_literals("[Nan]", 10).is_err());
+    }
 
     #[test]
     fn flattens_nested_arrays() {
@@ -420,6 +442,7 @@ pub fn numeric_instances(raw: &str) -> Option<Vec<Instance>> {
     let mut s = Scanner {
         b: raw.as_bytes(),
         i: 0,
+        literals: false,
     };
     let out = s.instances()?;
     s.end().then_some(out)
@@ -428,7 +451,11 @@ pub fn numeric_instances(raw: &str) -> Option<Vec<Instance>> {
 /// [`numeric_instances`] for a whole /v1 body that is exactly `{"instances": [...]}` (the
 /// common case, without a first pass to find the array); `None` for anything else.
 pub fn numeric_body(body: &[u8]) -> Option<Vec<Instance>> {
-    let mut s = Scanner { b: body, i: 0 };
+    let mut s = Scanner {
+        b: body,
+        i: 0,
+        literals: false,
+    };
     s.ws();
     s.eat(b'{')?;
     s.ws();
@@ -449,15 +476,18 @@ const MAX_FAST_DEPTH: usize = 32;
 struct Scanner<'a> {
     b: &'a [u8],
     i: usize,
+    /// Takes Triton's `NaN`, `Infinity` and `-Infinity` literals as numbers (v2 data only).
+    literals: bool,
 }
 
 impl Scanner<'_> {
     /// The whole of `raw` as a number or a nested array of at most `max` numbers; `None` for
     /// anything the fast path does not take (the caller then asks serde).
-    fn grid(raw: &str, max: usize) -> Option<Grid> {
+    fn grid(raw: &str, max: usize, literals: bool) -> Option<Grid> {
         let mut s = Scanner {
             b: raw.as_bytes(),
             i: 0,
+            literals,
         };
         s.ws();
         let grid = if s.peek()? == b'[' {
@@ -583,6 +613,21 @@ impl Scanner<'_> {
     /// else correctly rounded (serde_json's `float_roundtrip`); non-finite results refused.
     #[inline]
     fn number(&mut self) -> Option<f64> {
+        if self.literals {
+            for (text, v) in [
+                (&b"NaN"[..], f64::NAN),
+                (b"Infinity", f64::INFINITY),
+                (b"-Infinity", f64::NEG_INFINITY),
+                (b"\"NaN\"", f64::NAN),
+                (b"\"Infinity\"", f64::INFINITY),
+                (b"\"-Infinity\"", f64::NEG_INFINITY),
+            ] {
+                if self.b[self.i..].starts_with(text) {
+                    self.i += text.len();
+                    return Some(v);
+                }
+            }
+        }
         let start = self.i;
         let neg = self.peek()? == b'-';
         if neg {

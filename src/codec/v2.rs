@@ -128,6 +128,51 @@ fn invalid(m: impl Into<String>) -> CodecError {
     CodecError::Invalid(m.into())
 }
 
+/// The JSON text with the bare `NaN`, `Infinity` and `-Infinity` tokens outside strings quoted
+/// (`"NaN"`, ...), which [`Grid::parse_with_literals`] takes in tensor data; `None` when there
+/// are none.
+fn quote_non_finite_literals(json: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(json.len() + 16);
+    let (mut i, mut in_string, mut found) = (0, false, false);
+    while i < json.len() {
+        let c = json[i];
+        if in_string {
+            out.push(c);
+            match c {
+                b'\\' if i + 1 < json.len() => {
+                    out.push(json[i + 1]);
+                    i += 1;
+                }
+                b'"' => in_string = false,
+                _ => {}
+            }
+            i += 1;
+            continue;
+        }
+        if c == b'"' {
+            in_string = true;
+        }
+        let rest = &json[i..];
+        let literal = [&b"-Infinity"[..], b"Infinity", b"NaN"]
+            .into_iter()
+            .find(|l| rest.starts_with(l));
+        match literal {
+            Some(l) => {
+                out.push(b'"');
+                out.extend_from_slice(l);
+                out.push(b'"');
+                i += l.len();
+                found = true;
+            }
+            None => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    found.then_some(out)
+}
+
 /// Parses a request body. `header_len` is the `Inference-Header-Content-Length` value when
 /// present: the JSON header is the first `header_len` bytes and binary tensor data follows.
 pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<V2Request, CodecError> {
@@ -141,7 +186,14 @@ pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<V2Request
             )))
         }
     };
-    let raw: RawRequest = serde_json::from_slice(json_part).map_err(|e| {
+    let parsed = serde_json::from_slice::<RawRequest>(json_part).or_else(|e| {
+        // Triton's NaN / Infinity literals are not JSON: quoted, the tensor data takes them
+        match quote_non_finite_literals(json_part) {
+            Some(quoted) => serde_json::from_slice(&quoted),
+            None => Err(e),
+        }
+    });
+    let raw: RawRequest = parsed.map_err(|e| {
         invalid(format!(
             "invalid inference request JSON: {e} (expected {{\"inputs\": [{{\"name\", \"shape\", \"datatype\", \"data\"}}]}})"
         ))
@@ -292,7 +344,7 @@ fn parse_input(input: RawInput, binary: &mut &[u8]) -> Result<V2Input, CodecErro
                     V2Data::Bytes(strings)
                 }
                 V2Type::Tensor(dtype) => {
-                    let grid = Grid::parse(data.get(), count)
+                    let grid = Grid::parse_with_literals(data.get(), count)
                         .map_err(|e| invalid(format!("input '{name}': {dtype} data: {e}")))?;
                     if grid.values.len() != count {
                         return Err(elements(grid.values.len()));
