@@ -6,8 +6,8 @@
 //!   connections (hyper's `header_read_timeout`, which needs a timer: without one, as in
 //!   `axum::serve`, a connection that sends nothing stays open for ever).
 //! - At most `max_connections` are served at once. Past that, a small overflow is still admitted
-//!   with a one-second header timeout and no keep-alive, so that a health probe or a real client
-//!   gets through while connections that send nothing are shed within a second; past the
+//!   with a half-second header timeout and no keep-alive, so that a health probe or a real client
+//!   gets through while connections that send nothing are shed within half a second; past the
 //!   overflow, new connections are closed at once.
 //! - On shutdown the listener closes, idle keep-alive connections are closed at once, and busy
 //!   ones finish their request with `Connection: close` (hyper's graceful shutdown).
@@ -40,7 +40,7 @@ pub struct ConnectionSettings {
 /// timeout: room for probes while slow clients hold the rest.
 pub const OVERFLOW_CONNECTIONS: usize = 64;
 /// The header timeout of an overflow connection.
-const OVERFLOW_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
+const OVERFLOW_HEADER_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Raises the process's open-file limit to its hard limit, so that `max_connections` is not cut
 /// short by a low default; returns the limit in force.

@@ -142,7 +142,7 @@ struct Args {
     body_timeout: f64,
 
     /// Connections served at once with keep-alive; a few more (64) are admitted past it, one
-    /// request each with a 1 s header timeout, so that probes get through while slow clients
+    /// request each with a 0.5 s header timeout, so that probes get through while slow clients
     /// are shed; then new connections are closed. Also held below the open-file limit, which is
     /// raised to its hard limit at start.
     #[arg(long, env = "AIAAS_MAX_CONNECTIONS", default_value_t = 8192)]
