@@ -21,11 +21,7 @@ pub const EMBEDDING_OUTPUT: &str = "embedding";
 pub const REGISTRATION: Registration = Registration {
     declare,
     adapter: |spec, signature, limits: &Limits| {
-        Ok(Box::new(TextEmbedding::new(
-            spec,
-            signature,
-            limits.max_text_bytes,
-        )?))
+        Ok(Box::new(TextEmbedding::new(spec, signature, limits)?))
     },
     classifier: false,
     images: false,
@@ -72,7 +68,7 @@ pub struct TextEmbedding {
 }
 
 impl TextEmbedding {
-    pub fn new(spec: &ModelSpec, signature: Signature, max_bytes: usize) -> Result<Self, String> {
+    pub fn new(spec: &ModelSpec, signature: Signature, limits: &Limits) -> Result<Self, String> {
         let dimension = signature.outputs[0]
             .dims
             .last()
@@ -81,7 +77,7 @@ impl TextEmbedding {
             .ok_or("a text-embedding model's output has a fixed last dimension (its size)")?
             as usize;
         Ok(Self {
-            tokens: TokenInputs::new(spec, &signature, max_bytes)?,
+            tokens: TokenInputs::new(spec, &signature, limits)?,
             embedding: spec.embedding,
             dimension,
             signature,

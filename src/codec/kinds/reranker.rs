@@ -20,11 +20,7 @@ pub const SCORE_OUTPUT: &str = "score";
 pub const REGISTRATION: Registration = Registration {
     declare,
     adapter: |spec, signature, limits: &Limits| {
-        Ok(Box::new(Reranker::new(
-            spec,
-            signature,
-            limits.max_text_bytes,
-        )?))
+        Ok(Box::new(Reranker::new(spec, signature, limits)?))
     },
     classifier: false,
     images: false,
@@ -48,7 +44,7 @@ pub struct Reranker {
 }
 
 impl Reranker {
-    pub fn new(spec: &ModelSpec, signature: Signature, max_bytes: usize) -> Result<Self, String> {
+    pub fn new(spec: &ModelSpec, signature: Signature, limits: &Limits) -> Result<Self, String> {
         if signature.outputs[0].dims != [1] {
             return Err(format!(
                 "a reranker's output '{}' is one logit per pair: dims [1]",
@@ -56,7 +52,7 @@ impl Reranker {
             ));
         }
         Ok(Self {
-            tokens: TokenInputs::new(spec, &signature, max_bytes)?,
+            tokens: TokenInputs::new(spec, &signature, limits)?,
             signature,
         })
     }

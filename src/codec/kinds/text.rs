@@ -20,11 +20,7 @@ pub const TEXT_INPUT: &str = "text";
 pub const REGISTRATION: Registration = Registration {
     declare,
     adapter: |spec, signature, limits: &Limits| {
-        Ok(Box::new(TextClassifier::new(
-            spec,
-            signature,
-            limits.max_text_bytes,
-        )?))
+        Ok(Box::new(TextClassifier::new(spec, signature, limits)?))
     },
     classifier: true,
     images: false,
@@ -52,9 +48,9 @@ pub struct TextClassifier {
 }
 
 impl TextClassifier {
-    pub fn new(spec: &ModelSpec, signature: Signature, max_bytes: usize) -> Result<Self, String> {
+    pub fn new(spec: &ModelSpec, signature: Signature, limits: &Limits) -> Result<Self, String> {
         Ok(Self {
-            tokens: TokenInputs::new(spec, &signature, max_bytes)?,
+            tokens: TokenInputs::new(spec, &signature, limits)?,
             classifier: Classifier::new(spec),
             signature,
         })

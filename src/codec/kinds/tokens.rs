@@ -2,11 +2,12 @@
 //! (`input_ids`, `attention_mask`, `token_type_ids`, in the model's order), their pad values,
 //! and texts from v2 BYTES inputs.
 
-use super::{bytes_rows, invalid, Signature};
+use super::{bytes_rows, invalid, Limits, Signature};
 use crate::batcher::Item;
+use crate::codec::image::{BudgetShare, DECODE_WAIT};
 use crate::codec::text::Tokens;
 use crate::codec::v2::V2Input;
-use crate::codec::{CodecError, Instance, TextCodec};
+use crate::codec::{CodecError, DecodeBudget, Instance, TextCodec};
 use std::path::Path;
 
 use crate::config::model_spec::{Declared, ModelKind, ModelSpec, TensorSpec};
@@ -93,27 +94,52 @@ pub struct TokenInputs {
     text: TextCodec,
     /// The model's inputs, by name, in its order.
     names: Vec<String>,
+    /// The server's decode budget, which tokenising takes a share of too.
+    budget: Option<&'static DecodeBudget>,
 }
 
+/// Bytes a tokenizer holds per byte of text while it works (offsets, token strings, ids, ...),
+/// before truncation keeps `max_length` tokens.
+const TOKENIZING_BYTES_PER_TEXT_BYTE: u64 = 64;
+
 impl TokenInputs {
-    pub fn new(spec: &ModelSpec, signature: &Signature, max_bytes: usize) -> Result<Self, String> {
+    pub fn new(spec: &ModelSpec, signature: &Signature, limits: &Limits) -> Result<Self, String> {
         let text = spec
             .text
             .as_ref()
             .ok_or(format!("a {} model needs a [text] section", spec.kind))?;
         Ok(Self {
-            text: TextCodec::load(text, max_bytes)?,
+            text: TextCodec::load(text, limits.max_text_bytes)?,
             names: signature.inputs.iter().map(|i| i.name.clone()).collect(),
+            budget: limits.image.budget,
         })
+    }
+
+    /// A share of the decode budget for tokenising `bytes` of text.
+    fn share(&self, bytes: usize) -> Result<Option<BudgetShare<'static>>, CodecError> {
+        let Some(budget) = self.budget else {
+            return Ok(None);
+        };
+        budget
+            .acquire(bytes as u64 * TOKENIZING_BYTES_PER_TEXT_BYTE, DECODE_WAIT)
+            .map(Some)
+            .ok_or_else(|| {
+                CodecError::Busy(format!(
+                    "the server is decoding its limit of {} MiB; retry later",
+                    budget.capacity() >> 20
+                ))
+            })
     }
 
     /// One text as an item of one row.
     pub fn text(&self, text: &str) -> Result<Item, CodecError> {
+        let _share = self.share(text.len())?;
         Ok(self.item(&self.text.tokens(text)?))
     }
 
     /// A pair (segments 0 and 1) as an item of one row.
     pub fn pair(&self, first: &str, second: &str) -> Result<Item, CodecError> {
+        let _share = self.share(first.len() + second.len())?;
         Ok(self.item(&self.text.pair_tokens(first, second)?))
     }
 
