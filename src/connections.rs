@@ -9,9 +9,11 @@
 //!   with a half-second header timeout and no keep-alive, so that a health probe or a real client
 //!   gets through while connections that send nothing are shed within half a second; past the
 //!   overflow, new connections are closed at once.
-//! - On shutdown the listener closes, idle keep-alive connections are closed at once, and busy
-//!   ones finish their request with `Connection: close` (hyper's graceful shutdown).
+//! - On shutdown the listener closes; a connection with a request in progress finishes it with
+//!   `Connection: close` (hyper's graceful shutdown), and one with none (idle keep-alive, silent,
+//!   or a head still arriving) may still begin one within a second, then is closed.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +22,6 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -39,6 +40,9 @@ pub struct ConnectionSettings {
 /// Connections admitted past `max_connections`, each for one request with a short header
 /// timeout: room for probes while slow clients hold the rest.
 pub const OVERFLOW_CONNECTIONS: usize = 64;
+/// At shutdown, how long a connection with no request in progress may still begin one (or a
+/// just-accepted one send its first bytes) before it is closed.
+const CLOSING_GRACE: Duration = Duration::from_secs(1);
 /// The header timeout of an overflow connection.
 const OVERFLOW_HEADER_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -79,7 +83,10 @@ pub async fn serve(
     let overflow = builder(OVERFLOW_HEADER_TIMEOUT, false);
     let slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
     let spare = Arc::new(Semaphore::new(OVERFLOW_CONNECTIONS));
-    let graceful = GracefulShutdown::new();
+    // set once the listener closes; every connection task holds a `done` sender, so the
+    // receiver ends when the last one has finished
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
+    let (done, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
     tokio::pin!(stop);
     loop {
         let (stream, peer) = tokio::select! {
@@ -110,32 +117,106 @@ pub async fn serve(
         } else {
             settings.header_timeout
         };
-        let service = router
-            .clone()
-            .map_request(move |mut req: hyper::Request<Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                req.map(axum::body::Body::new)
-            });
+        // requests of this connection whose answer is not yet produced
+        let busy = Arc::new(AtomicUsize::new(0));
+        let service = {
+            let busy = busy.clone();
+            router
+                .clone()
+                .map_request(move |mut req: hyper::Request<Incoming>| {
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    req.map(axum::body::Body::new)
+                })
+                .map_future(move |answer| {
+                    let guard = Busy::start(&busy);
+                    async move {
+                        let response = answer.await;
+                        drop(guard);
+                        response
+                    }
+                })
+        };
         let service = TowerToHyperService::new(service);
         let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let mut closing = closing.clone();
+        let done = done.clone();
         tokio::spawn(async move {
+            let _done = done;
+            let _permit = permit;
             // hyper's header timeout starts once it knows the protocol; until then (it waits
             // for the first bytes, to tell HTTP/1 from HTTP/2) the same bound applies here
-            if !first_bytes(&stream, header_timeout).await {
+            let started = tokio::select! {
+                ok = first_bytes(&stream, header_timeout) => ok,
+                // closing: a client that has just connected still gets its first request read
+                _ = async {
+                    closed(&mut closing).await;
+                    tokio::time::sleep(CLOSING_GRACE).await;
+                } => false,
+            };
+            if !started {
                 return;
             }
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .into_owned();
-            if let Err(e) = watcher.watch(conn).await {
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = closed(&mut closing) => {
+                    // answers now carry `Connection: close`: a request in progress, or one that
+                    // begins within the grace, is answered and then the connection closes; a
+                    // connection with none (idle keep-alive, silent, a head still arriving) is
+                    // closed after the grace, once an answer being written has gone out
+                    let grace_end = tokio::time::Instant::now() + CLOSING_GRACE;
+                    loop {
+                        if busy.load(Ordering::Acquire) > 0 {
+                            conn.as_mut().graceful_shutdown();
+                            break conn.as_mut().await;
+                        }
+                        if tokio::time::Instant::now() >= grace_end {
+                            conn.as_mut().graceful_shutdown();
+                            break tokio::time::timeout(CLOSING_GRACE, conn.as_mut())
+                                .await
+                                .unwrap_or(Ok(()));
+                        }
+                        tokio::select! {
+                            r = conn.as_mut() => break r,
+                            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                        }
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
-            drop(permit);
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    let _ = closing_tx.send(true);
+    drop(done);
+    let _ = all_done.recv().await;
+}
+
+/// Resolves once the listener has closed.
+async fn closed(closing: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = closing.wait_for(|c| *c).await;
+}
+
+/// Counts a request as in progress on its connection from the moment it is read until its
+/// answer is produced, also when its future is dropped.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn start(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Busy(count.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// HTTP/2's connection preface: a client that starts with it speaks HTTP/2.

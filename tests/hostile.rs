@@ -526,3 +526,28 @@ async fn decoding_stops_when_the_deadline_passes_or_the_client_leaves() {
         "the server kept working for nobody: {spent:.2} CPU s"
     );
 }
+
+#[test]
+fn stalled_connections_do_not_hold_the_shutdown() {
+    let mut s = Server::start(&models_dir(), &["--load-model", "regressor"]);
+    s.wait_ready();
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let _silent = TcpStream::connect(&addr).unwrap();
+    let mut half = TcpStream::connect(&addr).unwrap();
+    half.write_all(b"GET /health/live HTTP/1.1\r\nhost: x\r\nx-slow: ")
+        .unwrap();
+    let mut idle = TcpStream::connect(&addr).unwrap();
+    idle.write_all(b"GET /health/live HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    s.signal("TERM");
+    let code = s.wait_exit(Duration::from_secs(20));
+    assert_eq!(code, Some(0));
+    // a second's grace for each, not the header timeout (15 s) nor --shutdown-timeout (30 s)
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "exit took {:?}",
+        started.elapsed()
+    );
+}
