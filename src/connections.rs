@@ -101,10 +101,10 @@ pub async fn serve(
             },
             _ = &mut stop => break,
         };
-        let (permit, builder) = match slots.clone().try_acquire_owned() {
-            Ok(p) => (p, &normal),
+        let (permit, builder, header_timeout) = match slots.clone().try_acquire_owned() {
+            Ok(p) => (p, &normal, settings.header_timeout),
             Err(_) => match spare.clone().try_acquire_owned() {
-                Ok(p) => (p, &overflow),
+                Ok(p) => (p, &overflow, OVERFLOW_HEADER_TIMEOUT),
                 Err(_) => {
                     drop(stream);
                     continue;
@@ -112,11 +112,6 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let header_timeout = if std::ptr::eq(builder, &overflow) {
-            OVERFLOW_HEADER_TIMEOUT
-        } else {
-            settings.header_timeout
-        };
         // requests of this connection whose answer is not yet produced
         let busy = Arc::new(AtomicUsize::new(0));
         let service = {

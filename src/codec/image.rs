@@ -139,6 +139,24 @@ impl DecodeBudget {
     }
 }
 
+/// A share of the server's decode budget (none configured: no share) for `bytes` of decoding,
+/// waiting up to [`DECODE_WAIT`]; [`CodecError::Busy`] when the wait runs out. Images and
+/// tokenising both take theirs here.
+pub fn decode_share(
+    budget: Option<&'static DecodeBudget>,
+    bytes: u64,
+) -> Result<Option<BudgetShare<'static>>, CodecError> {
+    let Some(budget) = budget else {
+        return Ok(None);
+    };
+    budget.acquire(bytes, DECODE_WAIT).map(Some).ok_or_else(|| {
+        CodecError::Busy(format!(
+            "the server is decoding its limit of {} MiB; retry later",
+            budget.capacity() >> 20
+        ))
+    })
+}
+
 /// Runs `f`, which blocks, through `block_in_place` when on a multi-thread runtime's worker.
 fn block_in_place_if_needed<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
@@ -250,15 +268,7 @@ impl ImageCodec {
         }
         // the decoded pixels and one converted copy are in memory at once
         let cost = image::ImageDecoder::total_bytes(&decoder).saturating_mul(2);
-        let share = match l.budget {
-            Some(budget) => Some(budget.acquire(cost, DECODE_WAIT).ok_or_else(|| {
-                CodecError::Busy(format!(
-                    "the server is decoding its limit of {} MiB of images; retry later",
-                    budget.capacity() >> 20
-                ))
-            })?),
-            None => None,
-        };
+        let share = decode_share(l.budget, cost)?;
         Ok((
             DynamicImage::from_decoder(decoder).map_err(too_large)?,
             share,

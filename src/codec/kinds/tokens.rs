@@ -4,7 +4,7 @@
 
 use super::{bytes_rows, invalid, Limits, Signature};
 use crate::batcher::Item;
-use crate::codec::image::{BudgetShare, DECODE_WAIT};
+use crate::codec::image::{decode_share, BudgetShare};
 use crate::codec::text::Tokens;
 use crate::codec::v2::V2Input;
 use crate::codec::{CodecError, DecodeBudget, Instance, TextCodec};
@@ -117,18 +117,7 @@ impl TokenInputs {
 
     /// A share of the decode budget for tokenising `bytes` of text.
     fn share(&self, bytes: usize) -> Result<Option<BudgetShare<'static>>, CodecError> {
-        let Some(budget) = self.budget else {
-            return Ok(None);
-        };
-        budget
-            .acquire(bytes as u64 * TOKENIZING_BYTES_PER_TEXT_BYTE, DECODE_WAIT)
-            .map(Some)
-            .ok_or_else(|| {
-                CodecError::Busy(format!(
-                    "the server is decoding its limit of {} MiB; retry later",
-                    budget.capacity() >> 20
-                ))
-            })
+        decode_share(self.budget, bytes as u64 * TOKENIZING_BYTES_PER_TEXT_BYTE)
     }
 
     /// One text as an item of one row.
