@@ -22,6 +22,10 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 
 /// Batch-size buckets: powers of two up to 256.
 pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+/// Buckets of `aiaas_batch_tokens`: padded tokens per forward pass.
+pub const TOKEN_BUCKETS: &[f64] = &[
+    16.0, 64.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0,
+];
 
 /// Outcomes of a prediction request, a small fixed set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +67,8 @@ pub struct Metrics {
     queue_duration: HistogramVec,
     compute_duration: HistogramVec,
     batch_size: HistogramVec,
+    batch_tokens: HistogramVec,
+    tokens: IntCounterVec,
     inferences: IntCounterVec,
     executions: IntCounterVec,
     pending: IntGaugeVec,
@@ -123,6 +129,17 @@ impl Metrics {
                 "Rows per forward pass.",
                 BATCH_BUCKETS,
                 MV,
+            ),
+            batch_tokens: histogram(
+                "aiaas_batch_tokens",
+                "Text models: tokens per forward pass, padding included (rows x padded sequence length), the size the token budget bounds.",
+                TOKEN_BUCKETS,
+                MV,
+            ),
+            tokens: counter(
+                "aiaas_tokens_total",
+                "Text models: tokens computed, kind=\"real\" (the texts' own) or \"padded\" (padding included); padded / real is the padding waste.",
+                &["model", "version", "kind"],
             ),
             inferences: counter(
                 "aiaas_inferences_total",
@@ -218,6 +235,8 @@ impl Metrics {
             Box::new(m.queue_duration.clone()),
             Box::new(m.compute_duration.clone()),
             Box::new(m.batch_size.clone()),
+            Box::new(m.batch_tokens.clone()),
+            Box::new(m.tokens.clone()),
             Box::new(m.inferences.clone()),
             Box::new(m.executions.clone()),
             Box::new(m.pending.clone()),
@@ -261,6 +280,12 @@ impl Metrics {
             queue_duration: self.queue_duration.with_label_values(&l),
             compute_duration: self.compute_duration.with_label_values(&l),
             batch_size: self.batch_size.with_label_values(&l),
+            text: TextSeries {
+                batch_tokens: self.batch_tokens.clone(),
+                tokens: self.tokens.clone(),
+                labels: [model.to_string(), v.clone()],
+                resolved: std::sync::OnceLock::new(),
+            },
             inferences: self.inferences.with_label_values(&l),
             executions: self.executions.with_label_values(&l),
             load_duration: self.load_duration.with_label_values(&l),
@@ -285,8 +310,12 @@ impl Metrics {
             &self.queue_duration,
             &self.compute_duration,
             &self.batch_size,
+            &self.batch_tokens,
         ] {
             let _ = h.remove_label_values(&l);
+        }
+        for kind in ["real", "padded"] {
+            let _ = self.tokens.remove_label_values(&[model, v.as_str(), kind]);
         }
         let _ = self.inferences.remove_label_values(&l);
         let _ = self.executions.remove_label_values(&l);
@@ -366,11 +395,39 @@ pub struct ModelMetrics {
     queue_duration: Histogram,
     compute_duration: Histogram,
     batch_size: Histogram,
+    text: TextSeries,
     inferences: IntCounter,
     executions: IntCounter,
     load_duration: Gauge,
     batch_cap: IntGauge,
     queue_delay: Gauge,
+}
+
+/// A text model's token series, created at its first batch (other models never have them).
+struct TextSeries {
+    batch_tokens: HistogramVec,
+    tokens: IntCounterVec,
+    labels: [String; 2],
+    /// (batch tokens, real tokens, padded tokens)
+    resolved: std::sync::OnceLock<(Histogram, IntCounter, IntCounter)>,
+}
+
+impl TextSeries {
+    fn observe(&self, real: usize, padded: usize) {
+        let (batch, real_total, padded_total) = self.resolved.get_or_init(|| {
+            let [model, version] = &self.labels;
+            let l = [model.as_str(), version.as_str()];
+            let kind = |k: &str| self.tokens.with_label_values(&[l[0], l[1], k]);
+            (
+                self.batch_tokens.with_label_values(&l),
+                kind("real"),
+                kind("padded"),
+            )
+        });
+        batch.observe(padded as f64);
+        real_total.inc_by(real as u64);
+        padded_total.inc_by(padded as u64);
+    }
 }
 
 impl ModelMetrics {
@@ -401,6 +458,9 @@ impl BatchObserver for ModelMetrics {
     fn tuned(&self, cap: usize, delay: Duration) {
         self.batch_cap.set(cap as i64);
         self.queue_delay.set(delay.as_secs_f64());
+    }
+    fn batch_tokens(&self, real: usize, padded: usize) {
+        self.text.observe(real, padded);
     }
     fn batch_done(&self, rows: usize, _items: usize, compute_time: Duration, ok: bool) {
         if ok {

@@ -21,26 +21,32 @@ pub(super) fn compatible(a: &Item, b: &Item, pad_values: &[Option<f64>]) -> bool
             })
 }
 
-/// One tensor per input: the items' rows in order, variable dimensions padded to the largest.
+/// One tensor per input: the items' rows in order, variable dimensions padded to the largest,
+/// rounded up to the next of `buckets` when given (see [`super::padded_len`]).
 pub(super) fn stack(
     items: &[&Item],
     pad_values: &[Option<f64>],
+    buckets: &[usize],
 ) -> Result<Vec<HostTensor>, EngineError> {
     let Some(first) = items.first() else {
         return Ok(Vec::new());
     };
-    if items.len() == 1 {
+    if items.len() == 1 && buckets.is_empty() {
         return Ok(first.inputs.clone());
     }
     (0..first.inputs.len())
         .map(|i| {
             let parts: Vec<&HostTensor> = items.iter().map(|it| &it.inputs[i]).collect();
-            stack_one(&parts, pad_values.get(i).copied().flatten())
+            stack_one(&parts, pad_values.get(i).copied().flatten(), buckets)
         })
         .collect()
 }
 
-fn stack_one(parts: &[&HostTensor], pad: Option<f64>) -> Result<HostTensor, EngineError> {
+fn stack_one(
+    parts: &[&HostTensor],
+    pad: Option<f64>,
+    buckets: &[usize],
+) -> Result<HostTensor, EngineError> {
     let first = parts[0];
     let rank = first.shape.len();
     let rows: usize = parts.iter().map(|t| t.rows()).sum();
@@ -48,6 +54,9 @@ fn stack_one(parts: &[&HostTensor], pad: Option<f64>) -> Result<HostTensor, Engi
     shape[0] = rows;
     for (d, size) in shape.iter_mut().enumerate().skip(1) {
         *size = parts.iter().map(|t| t.shape[d]).max().unwrap_or(0);
+        if pad.is_some() {
+            *size = super::padded_len(buckets, *size);
+        }
     }
     let uniform = parts.iter().all(|t| t.shape[1..] == shape[1..]);
     if uniform {
@@ -147,7 +156,7 @@ mod tests {
     fn stacks_equal_shapes_by_concatenation() {
         let a = ids(&[&[1, 2]]);
         let b = ids(&[&[3, 4], &[5, 6]]);
-        let out = stack(&[&a, &b], &[None]).unwrap();
+        let out = stack(&[&a, &b], &[None], &[]).unwrap();
         assert_eq!(out[0].shape, vec![3, 2]);
         assert_eq!(out[0].to_f64_vec(), vec![1., 2., 3., 4., 5., 6.]);
     }
@@ -158,7 +167,7 @@ mod tests {
         let b = ids(&[&[4]]);
         assert!(!compatible(&a, &b, &[None]));
         assert!(compatible(&a, &b, &[Some(0.0)]));
-        let out = stack(&[&a, &b], &[Some(9.0)]).unwrap();
+        let out = stack(&[&a, &b], &[Some(9.0)], &[]).unwrap();
         assert_eq!(out[0].shape, vec![2, 3]);
         assert_eq!(out[0].to_f64_vec(), vec![1., 2., 3., 4., 9., 9.]);
     }
@@ -170,9 +179,23 @@ mod tests {
         };
         let a = Item::new(vec![t(1, 1, 2, 1.0)]);
         let b = Item::new(vec![t(1, 2, 1, 2.0)]);
-        let out = stack(&[&a, &b], &[Some(0.0)]).unwrap();
+        let out = stack(&[&a, &b], &[Some(0.0)], &[]).unwrap();
         assert_eq!(out[0].shape, vec![2, 2, 2]);
         assert_eq!(out[0].to_f64_vec(), vec![1., 1., 0., 0., 2., 0., 2., 0.]);
+    }
+
+    #[test]
+    fn pads_sequences_up_to_their_bucket_even_alone() {
+        let a = ids(&[&[1, 2, 3]]);
+        let b = ids(&[&[4]]);
+        let out = stack(&[&a, &b], &[Some(0.0)], &[2, 4, 8]).unwrap();
+        assert_eq!(out[0].shape, vec![2, 4]);
+        assert_eq!(out[0].to_f64_vec(), vec![1., 2., 3., 0., 4., 0., 0., 0.]);
+        let alone = stack(&[&b], &[Some(0.0)], &[2, 4, 8]).unwrap();
+        assert_eq!(alone[0].to_f64_vec(), vec![4., 0.]);
+        // an input that does not pad keeps its shape
+        let kept = stack(&[&b], &[None], &[2, 4, 8]).unwrap();
+        assert_eq!(kept[0].shape, vec![1, 1]);
     }
 
     #[test]
@@ -207,7 +230,7 @@ mod proptests {
                 Item::new(vec![HostTensor::from_i64(vec![rows, len], &values).unwrap()])
             }).collect();
             let refs: Vec<&Item> = items.iter().collect();
-            let stacked = stack(&refs, &[Some(0.0)]).unwrap();
+            let stacked = stack(&refs, &[Some(0.0)], &[]).unwrap();
             let total: usize = items.iter().map(Item::rows).sum();
             let width = lengths.iter().map(|l| l.1).max().unwrap();
             prop_assert_eq!(&stacked[0].shape, &vec![total, width]);

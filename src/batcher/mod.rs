@@ -12,6 +12,7 @@
 
 mod adaptive;
 mod assemble;
+mod plan;
 mod stats;
 
 use std::collections::VecDeque;
@@ -22,7 +23,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvError, RecvTimeoutError, Sender, TryRecvError};
 use tokio::sync::oneshot;
 
+pub use self::plan::padded_len;
 pub use self::stats::{BatchStats, Phases, StatsSnapshot};
+use crate::config::model_spec::TokenBatching;
 use crate::engine::{Engine, EngineError};
 use crate::tensor::HostTensor;
 
@@ -106,6 +109,9 @@ pub struct BatchConfig {
     /// blocked thread is woken through the kernel, tens of microseconds on a VM whose idle
     /// vCPU has halted; the server sets this with `--idle-poll-us`.
     pub poll_window: Duration,
+    /// Text models: the token budget, length grouping and padding buckets that shape their
+    /// batches (see [`plan`]); `None` for other models.
+    pub tokens: Option<TokenBatching>,
 }
 
 /// Receives batch events, e.g. to feed histograms. Every method has a no-op default.
@@ -121,6 +127,8 @@ pub trait BatchObserver: Send + Sync + 'static {
     fn dropped(&self, _timed_out: bool) {}
     /// Adaptive batching moved its batch cap or queue delay.
     fn tuned(&self, _cap: usize, _delay: Duration) {}
+    /// A text model's forward pass carried `real` tokens in `padded` (rows x padded length).
+    fn batch_tokens(&self, _real: usize, _padded: usize) {}
 }
 
 /// A no-op observer.
@@ -130,6 +138,8 @@ impl BatchObserver for NoObserver {}
 struct Pending {
     item: Item,
     rows: usize,
+    /// The item's sequence length (its first input's second dimension) for token batching.
+    len: usize,
     enqueued: Instant,
     deadline: Option<Instant>,
     reply: oneshot::Sender<Result<Inferred, InferError>>,
@@ -240,8 +250,15 @@ impl ModelHandle {
         let mut submission = Vec::with_capacity(items.len());
         for (item, rows) in items.into_iter().zip(rows) {
             let (reply, rx) = oneshot::channel();
+            let len = item
+                .inputs
+                .first()
+                .and_then(|t| t.shape.get(1))
+                .copied()
+                .unwrap_or(0);
             submission.push(Pending {
                 item,
+                len,
                 rows,
                 enqueued: now,
                 deadline,
@@ -469,7 +486,7 @@ impl BatchQueue {
             let Some(oldest) = self.queue.front() else {
                 return waited;
             };
-            let (_, full) = batch_extent(&self.queue, cap, &self.shared.config);
+            let full = plan::plan(&self.queue, cap, &self.shared.config).full;
             if full || !self.open {
                 return waited;
             }
@@ -490,16 +507,16 @@ impl BatchQueue {
     /// Sends the batch at the front of the queue to `instance`; when everything queued was
     /// dropped meanwhile, the instance stays free.
     fn dispatch(&mut self, instance: usize, waited: bool) {
-        let (count, filled) = batch_extent(&self.queue, self.cap(), &self.shared.config);
-        if count == 0 {
+        let plan = plan::plan(&self.queue, self.cap(), &self.shared.config);
+        if plan.picks.is_empty() {
             self.idle.push(instance);
             return;
         }
         if let Some(t) = &mut self.tuner {
-            t.on_dispatch(filled, waited);
+            t.on_dispatch(plan.full, waited);
             self.shared.observer.tuned(t.cap(), t.delay());
         }
-        let items: Vec<Pending> = self.queue.drain(..count).collect();
+        let items = plan::take(&mut self.queue, &plan.picks);
         let rows: usize = items.iter().map(|p| p.rows).sum();
         self.shared.queued_rows.fetch_sub(rows, Ordering::AcqRel);
         if let Err(crossbeam_channel::SendError(job)) = self.instances[instance].send(Job { items })
@@ -571,25 +588,6 @@ fn purge(queue: &mut VecDeque<Pending>, shared: &Shared) {
         }
     }
     *queue = kept;
-}
-
-/// How many items from the front form the next batch of at most `cap` rows, and whether that
-/// batch is closed (full, or the next item cannot join it). The first item always goes, even
-/// when it alone has more rows than an adaptive cap (never more than `max_batch_size`).
-fn batch_extent(queue: &VecDeque<Pending>, cap: usize, cfg: &BatchConfig) -> (usize, bool) {
-    let Some(first) = queue.front() else {
-        return (0, false);
-    };
-    let mut rows = 0;
-    for (i, p) in queue.iter().enumerate() {
-        if i > 0
-            && (rows + p.rows > cap || !assemble::compatible(&first.item, &p.item, &cfg.pad_values))
-        {
-            return (i, true);
-        }
-        rows += p.rows;
-    }
-    (queue.len(), rows >= cap)
 }
 
 fn fail_all(queue: &mut VecDeque<Pending>, rx: &Receiver<Vec<Pending>>, shared: &Shared) {
@@ -678,10 +676,12 @@ fn fail(p: Pending, err: EngineError, started: std::time::Instant, shared: &Shar
     }));
 }
 
-/// Outputs per item, and the time spent stacking inputs, in the forward pass and splitting.
+/// Outputs per item, the time spent stacking inputs, in the forward pass and splitting, and
+/// for text models the padded tokens of the batch.
 struct Forwarded {
     outputs: Vec<Vec<HostTensor>>,
     phases: Phases,
+    padded_tokens: Option<usize>,
 }
 
 /// Stacks the items, runs the engine, and returns per item its output rows.
@@ -692,8 +692,15 @@ fn forward(
 ) -> Result<Forwarded, EngineError> {
     let t0 = std::time::Instant::now();
     let parts: Vec<&Item> = items.iter().map(|p| &p.item).collect();
-    let inputs = assemble::stack(&parts, &cfg.pad_values)?;
+    let buckets = cfg.tokens.as_ref().map_or(&[][..], |t| &t.sequence_buckets);
+    let inputs = assemble::stack(&parts, &cfg.pad_values, buckets)?;
     let total: usize = items.iter().map(|p| p.rows).sum();
+    // a text batch's inputs are [rows, padded length]
+    let padded_tokens = cfg
+        .tokens
+        .as_ref()
+        .and_then(|_| inputs.first())
+        .map(|t| t.shape.iter().product());
     let t1 = std::time::Instant::now();
     let outputs = engine.forward(inputs)?;
     let t2 = std::time::Instant::now();
@@ -705,6 +712,7 @@ fn forward(
             infer: t2 - t1,
             output: t2.elapsed(),
         },
+        padded_tokens,
     })
 }
 
@@ -724,6 +732,11 @@ fn reply_all(
     shared
         .observer
         .batch_done(rows, items.len(), compute_time, true);
+    if let Some(padded) = forwarded.padded_tokens {
+        let real = items.iter().map(|p| p.item.tokens).sum();
+        shared.stats.add_tokens(real, padded);
+        shared.observer.batch_tokens(real, padded);
+    }
     for (p, outputs) in items.into_iter().zip(outputs) {
         let queue_time = picked - p.enqueued;
         shared.stats.add_queue_time(queue_time);

@@ -21,6 +21,8 @@ pub struct BatchStats {
     infer_ns: AtomicU64,
     output_ns: AtomicU64,
     last_inference_ms: AtomicU64,
+    real_tokens: AtomicU64,
+    padded_tokens: AtomicU64,
 }
 
 /// Where a forward pass's time went: stacking inputs, the engine, splitting outputs.
@@ -62,9 +64,18 @@ pub struct StatsSnapshot {
     pub output_ns: u64,
     /// When the last forward pass finished, in milliseconds since the Unix epoch (0: never).
     pub last_inference_ms: u64,
+    /// Text models: tokens of the texts computed (their own, unpadded).
+    pub real_tokens: u64,
+    /// Text models: tokens the forward passes computed, padding included.
+    pub padded_tokens: u64,
 }
 
 impl StatsSnapshot {
+    /// Text models: padded tokens per real token (1.0: no padding); `None` before any.
+    pub fn padding_waste(&self) -> Option<f64> {
+        (self.real_tokens > 0).then(|| self.padded_tokens as f64 / self.real_tokens as f64)
+    }
+
     /// Mean rows per forward pass.
     pub fn average_batch_size(&self) -> f64 {
         if self.forward_passes == 0 {
@@ -110,6 +121,10 @@ impl BatchStats {
             .map_or(0, |d| d.as_millis() as u64);
         self.last_inference_ms.store(now, Relaxed);
     }
+    pub(super) fn add_tokens(&self, real: usize, padded: usize) {
+        self.real_tokens.fetch_add(real as u64, Relaxed);
+        self.padded_tokens.fetch_add(padded as u64, Relaxed);
+    }
     pub(super) fn add_queue_time(&self, d: Duration) {
         self.queue_ns.fetch_add(nanos(d), Relaxed);
     }
@@ -130,6 +145,8 @@ impl BatchStats {
             infer_ns: self.infer_ns.load(Relaxed),
             output_ns: self.output_ns.load(Relaxed),
             last_inference_ms: self.last_inference_ms.load(Relaxed),
+            real_tokens: self.real_tokens.load(Relaxed),
+            padded_tokens: self.padded_tokens.load(Relaxed),
         }
     }
 }

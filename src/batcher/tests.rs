@@ -88,6 +88,7 @@ fn harness(setup: Setup) -> Harness {
         pad_values: vec![None],
         latency_target: None,
         poll_window,
+        tokens: None,
     };
     Harness {
         handle: ModelHandle::spawn(config, vec![Box::new(engine)], Arc::new(NoObserver)),
@@ -483,6 +484,7 @@ async fn adaptive_batching_keeps_passes_within_half_the_latency_target() {
         // a pass may take 10 ms: 5 rows at 2 ms each
         latency_target: Some(Duration::from_millis(20)),
         poll_window: Duration::ZERO,
+        tokens: None,
     };
     let handle = ModelHandle::spawn(config, vec![Box::new(engine)], Arc::new(NoObserver));
     // 32 clients in a closed loop

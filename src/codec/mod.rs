@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::batcher::{Inferred, Item};
 use crate::config::model_spec::{ModelSpec, TensorSpec};
 
-pub use self::kinds::{ModelAdapter, Signature};
+pub use self::kinds::{Embedder, ModelAdapter, PairScorer, Signature};
 
 pub use self::image::{DecodeBudget, ImageCodec, ImageLimits};
 pub use self::instance::{numeric_instances, Instance};
@@ -128,6 +128,16 @@ impl ModelCodec {
     /// Inputs of `rows` rows for warm-up; variable dimensions take `var_len`.
     pub fn warmup_item(&self, rows: usize, var_len: usize) -> Item {
         self.adapter.warmup_item(rows, var_len)
+    }
+
+    /// The model as an embedder, when it is a text-embedding model.
+    pub fn embedder(&self) -> Option<&dyn Embedder> {
+        self.adapter.embedder()
+    }
+
+    /// The model as a scorer of (query, document) pairs, when it is a reranker.
+    pub fn pair_scorer(&self) -> Option<&dyn PairScorer> {
+        self.adapter.pair_scorer()
     }
 
     fn adapter(&self) -> &dyn ModelAdapter {

@@ -13,6 +13,7 @@ pub struct TextCodec {
     tokenizer: Tokenizer,
     pad_id: i64,
     max_bytes: usize,
+    max_length: usize,
 }
 
 /// One text (or pair) as token rows: ids, and the segment of each (0 for a single text and the
@@ -69,6 +70,7 @@ impl TextCodec {
             tokenizer,
             pad_id,
             max_bytes,
+            max_length: spec.max_length,
         })
     }
 
@@ -88,6 +90,34 @@ impl TextCodec {
         self.check_size(first)?;
         self.check_size(second)?;
         self.finish(self.tokenizer.encode((first, second), true))
+    }
+
+    /// Token ids the client tokenised itself (OpenAI's token-array input), taken as they are:
+    /// special tokens are the client's to add. Refused when empty, longer than `max_length`
+    /// or outside the vocabulary (ids the model's embedding table has no row for).
+    pub fn id_tokens(&self, ids: &[i64]) -> Result<Tokens, CodecError> {
+        if ids.is_empty() {
+            return Err(CodecError::Invalid("the token list is empty".into()));
+        }
+        if ids.len() > self.max_length {
+            return Err(CodecError::Invalid(format!(
+                "{} tokens; the model takes at most {} (max_length)",
+                ids.len(),
+                self.max_length
+            )));
+        }
+        let vocab = self.tokenizer.get_vocab_size(true) as i64;
+        if let Some(bad) = ids.iter().find(|&&id| !(0..vocab).contains(&id)) {
+            return Err(CodecError::Invalid(format!(
+                "token id {bad} is outside the model's vocabulary (0 to {})",
+                vocab - 1
+            )));
+        }
+        Ok(Tokens {
+            ids: ids.to_vec(),
+            type_ids: vec![0; ids.len()],
+            truncated: false,
+        })
     }
 
     /// Token ids of `text` as a `[1, len]` INT64 tensor.

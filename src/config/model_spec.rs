@@ -101,6 +101,61 @@ pub struct BatchingSpec {
     /// A p99 latency budget in milliseconds: when set, the batch cap and the queue delay are
     /// tuned at run time to stay within it (bounded by max_batch_size and max_queue_delay_ms).
     pub latency_target_ms: Option<f64>,
+    /// Text models: most padded tokens (rows x padded sequence length) in one batch; 0 turns
+    /// the budget off. Default [`DEFAULT_MAX_BATCH_TOKENS`].
+    pub max_batch_tokens: Option<usize>,
+    /// Text models: the sequence lengths a batch is padded up to. Default: powers of two from
+    /// 16 below `text.max_length`, and `max_length` itself; `[]` pads to the longest text.
+    pub sequence_buckets: Option<Vec<usize>>,
+    /// Text models: form batches of texts of similar length (the oldest queued text always
+    /// goes into the next batch). Default true.
+    pub group_by_length: Option<bool>,
+}
+
+/// The default token budget of a text model's batch: text-embeddings-inference's default.
+pub const DEFAULT_MAX_BATCH_TOKENS: usize = 16_384;
+
+/// How a text model's batches are formed and padded (model.toml's `[batching]`, resolved).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TokenBatching {
+    /// Most padded tokens in one batch (0: no budget).
+    pub max_batch_tokens: usize,
+    /// Sequence lengths batches are padded up to, ascending, the last `max_length`; empty: the
+    /// longest text of the batch.
+    pub sequence_buckets: Vec<usize>,
+    pub group_by_length: bool,
+}
+
+impl TokenBatching {
+    /// The model.toml settings for a model whose texts are at most `max_length` tokens.
+    fn resolve(b: &BatchingSpec, max_length: usize) -> Result<Self, String> {
+        let sequence_buckets = match &b.sequence_buckets {
+            None => default_buckets(max_length),
+            Some(v) if v.is_empty() => Vec::new(),
+            Some(v) => {
+                if v.contains(&0) || v.windows(2).any(|w| w[0] >= w[1]) {
+                    return Err("batching.sequence_buckets must be positive and ascending".into());
+                }
+                let mut v: Vec<usize> = v.iter().copied().filter(|&n| n < max_length).collect();
+                v.push(max_length);
+                v
+            }
+        };
+        Ok(Self {
+            max_batch_tokens: b.max_batch_tokens.unwrap_or(DEFAULT_MAX_BATCH_TOKENS),
+            sequence_buckets,
+            group_by_length: b.group_by_length.unwrap_or(true),
+        })
+    }
+}
+
+/// 16, 32, 64, ... below `max_length`, then `max_length`.
+fn default_buckets(max_length: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = std::iter::successors(Some(16usize), |n| n.checked_mul(2))
+        .take_while(|&n| n < max_length)
+        .collect();
+    v.push(max_length);
+    v
 }
 
 impl Default for BatchingSpec {
@@ -111,6 +166,9 @@ impl Default for BatchingSpec {
             queue_capacity: 1024,
             timeout_ms: 30_000,
             latency_target_ms: None,
+            max_batch_tokens: None,
+            sequence_buckets: None,
+            group_by_length: None,
         }
     }
 }
@@ -378,6 +436,8 @@ pub struct ModelSpec {
     /// Feed 4-D inputs in channels-last memory format (default: yes for image classifiers).
     pub channels_last: bool,
     pub batching: BatchingSpec,
+    /// Text models: token-budget batching, length grouping and padding buckets.
+    pub token_batching: Option<TokenBatching>,
     pub version_policy: VersionPolicy,
     pub image: Option<ImageSpec>,
     pub text: Option<TextSpec>,
@@ -478,6 +538,19 @@ impl ModelSpec {
             return Err(invalid("instances must be at least 1".into()));
         }
 
+        let token_batching = match &raw.text {
+            Some(t) => Some(TokenBatching::resolve(b, t.max_length).map_err(invalid)?),
+            None if b.max_batch_tokens.is_some()
+                || b.sequence_buckets.is_some()
+                || b.group_by_length.is_some() =>
+            {
+                return Err(invalid(
+                    "batching.max_batch_tokens, sequence_buckets and group_by_length apply to text models (with a [text] table)".into(),
+                ))
+            }
+            None => None,
+        };
+
         let file = resolve(config_dir, files_dir, &raw.file);
         let (inputs, outputs) = signature(&raw, &labels, &file).map_err(invalid)?;
         let mut text_spec = raw.text.clone();
@@ -497,6 +570,7 @@ impl ModelSpec {
                 .channels_last
                 .unwrap_or(crate::codec::kinds::registration(raw.kind).images),
             batching: raw.batching,
+            token_batching,
             version_policy: raw.version_policy,
             image: raw.image,
             text: text_spec,

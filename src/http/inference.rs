@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::Response;
 
@@ -13,6 +14,9 @@ use super::{ApiError, InferenceLog};
 use crate::batcher::Inferred;
 use crate::registry::ServingModel;
 use crate::telemetry::Outcome;
+
+/// Above this body size, decoding moves off the async workers.
+const INLINE_DECODE_BYTES: usize = 32 << 10;
 
 /// Header with which a client may shorten (never lengthen) a request's deadline.
 pub const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
@@ -173,4 +177,29 @@ impl StillWanted {
         }
         Ok(())
     }
+}
+
+/// Runs `decode` inline for bodies up to [`INLINE_DECODE_BYTES`] and on the blocking pool above.
+pub async fn decode_inline_or_blocking<T: Send + 'static>(
+    model: &Arc<ServingModel>,
+    body: Bytes,
+    decode: impl FnOnce(&ServingModel, Bytes) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let model = model.clone();
+    blocking_if_large(body.len(), move || decode(&model, body)).await
+}
+
+/// Runs `work` (parsing or decoding a body of `bytes`) inline when the body is small, and on
+/// the blocking pool when it is over [`INLINE_DECODE_BYTES`], so that the async workers stay
+/// free for other requests.
+pub async fn blocking_if_large<T: Send + 'static>(
+    bytes: usize,
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    if bytes <= INLINE_DECODE_BYTES {
+        return work();
+    }
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::Internal(format!("decoding task failed: {e}")))?
 }

@@ -9,6 +9,8 @@ mod health;
 mod inference;
 mod metrics;
 mod models;
+mod openai;
+mod rerank;
 mod v1;
 mod v2;
 
@@ -143,6 +145,8 @@ fn table() -> Vec<(RouteInfo, MethodRouter<AppState>)> {
         r("GET", "/metrics", Metrics, get(metrics::render)),
         r("GET", "/v1/models", Infer, get(models::list)),
         r("GET", "/v1/models/{name}", Infer, get(models::describe)),
+        r("POST", "/v1/embeddings", Infer, post(openai::embeddings)),
+        r("POST", "/v1/rerank", Infer, post(rerank::rerank)),
         r(
             "GET",
             "/v1/models/{name}/versions/{version}",
@@ -293,6 +297,7 @@ pub fn app(state: AppState) -> Router {
                 .layer(middleware::from_fn(guard::sanitize_request_id))
                 .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
                 .layer(middleware::from_fn_with_state(state.clone(), observe))
+                .layer(middleware::from_fn(openai::openai_error_shape))
                 .layer(middleware::from_fn(guard::json_error_bodies))
                 .layer(middleware::from_fn_with_state(
                     state.clone(),

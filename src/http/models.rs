@@ -14,14 +14,32 @@ use super::{ApiError, AppState};
 use crate::config::model_spec::{ModelSpec, TensorSpec};
 use crate::registry::{ModelEntry, ServingModel, VersionEntry};
 
+/// `{"models": [...]}`, the API's own list, and beside it OpenAI's list-models shape
+/// (`"object": "list"`, `"data": [{"id", "object", "created", "owned_by"}]`) so that OpenAI's
+/// clients can list the models too.
 pub async fn list(State(state): State<AppState>) -> Json<Value> {
-    let models: Vec<Value> = state
-        .registry
-        .list()
+    let listed = state.registry.list();
+    let models: Vec<Value> = listed
         .iter()
         .map(|(name, entry)| summary(name, entry))
         .collect();
-    Json(json!({ "models": models }))
+    let created: Vec<(String, Option<u64>)> = listed
+        .iter()
+        .map(|(name, entry)| {
+            let loaded = entry.default_version().and_then(|s| {
+                s.loaded_at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_secs())
+            });
+            (name.clone(), loaded)
+        })
+        .collect();
+    Json(json!({
+        "models": models,
+        "object": "list",
+        "data": super::openai::list_entries(&created),
+    }))
 }
 
 pub async fn describe(
@@ -151,18 +169,31 @@ fn version_json(version: u64, e: &VersionEntry) -> Value {
                 "queued": s.handle.queued(),
             }),
         );
+        if stats.real_tokens > 0 {
+            let st = obj["stats"].as_object_mut().expect("object");
+            st.insert("real_tokens".into(), json!(stats.real_tokens));
+            st.insert("padded_tokens".into(), json!(stats.padded_tokens));
+            st.insert("padding_waste".into(), json!(stats.padding_waste()));
+        }
     }
     v
 }
 
 fn batching_json(spec: &ModelSpec) -> Value {
     let b = &spec.batching;
-    json!({
+    let mut v = json!({
         "max_batch_size": b.max_batch_size,
         "max_queue_delay_ms": b.max_queue_delay_ms,
         "queue_capacity": b.queue_capacity,
         "timeout_ms": b.timeout_ms,
-    })
+    });
+    if let Some(t) = &spec.token_batching {
+        let obj = v.as_object_mut().expect("object");
+        obj.insert("max_batch_tokens".into(), json!(t.max_batch_tokens));
+        obj.insert("sequence_buckets".into(), json!(t.sequence_buckets));
+        obj.insert("group_by_length".into(), json!(t.group_by_length));
+    }
+    v
 }
 
 /// Tensor specs with -1 for the batch dimension.

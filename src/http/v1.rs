@@ -14,7 +14,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::inference::{count_outcome, deadline, with_timing, StillWanted};
+use super::inference::{
+    count_outcome, deadline, decode_inline_or_blocking, with_timing, StillWanted,
+};
 use super::{ApiError, AppState};
 use crate::batcher::{Inferred, Item};
 use crate::codec::v1::{parse_request, Parameters, Scores};
@@ -22,9 +24,6 @@ use crate::registry::ServingModel;
 
 /// curl's `-d` default Content-Type.
 const FORM_URLENCODED: &str = "application/x-www-form-urlencoded";
-
-/// Above this body size, decoding moves off the async workers.
-const INLINE_DECODE_BYTES: usize = 32 << 10;
 
 /// `?top_k=k&scores=all`: the same output options as the body's `parameters`, which they
 /// override (other query parameters are ignored).
@@ -153,7 +152,7 @@ async fn answer_prediction(
     Ok(respond(model, &results, predictions))
 }
 
-fn body_error(rejection: BytesRejection) -> ApiError {
+pub(super) fn body_error(rejection: BytesRejection) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::PayloadTooLarge(format!("request body too large: {}", rejection.body_text()))
     } else {
@@ -229,21 +228,6 @@ fn json_error(e: serde_json::Error) -> ApiError {
             "expected {{\"instances\": [...], \"parameters\"?: {{\"top_k\"?: n, \"scores\"?: \"all\"}}}}: {e}"
         )),
     }
-}
-
-/// Runs `decode` inline for bodies up to [`INLINE_DECODE_BYTES`] and on the blocking pool above.
-async fn decode_inline_or_blocking<T: Send + 'static>(
-    model: &Arc<ServingModel>,
-    body: Bytes,
-    decode: impl FnOnce(&ServingModel, Bytes) -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    if body.len() <= INLINE_DECODE_BYTES {
-        return decode(model, body);
-    }
-    let model = model.clone();
-    tokio::task::spawn_blocking(move || decode(&model, body))
-        .await
-        .map_err(|e| ApiError::Internal(format!("decoding task failed: {e}")))?
 }
 
 fn respond(model: &ServingModel, results: &[Inferred], predictions: Vec<Value>) -> Response {

@@ -64,9 +64,9 @@ pub(super) fn prepare(
     }
     let load_time = started.elapsed();
     let warm = Instant::now();
+    let shapes = warmup_shapes(&spec);
     for engine in &mut loaded {
-        for rows in [1, spec.batching.max_batch_size] {
-            let var_len = spec.text.as_ref().map_or(8, |t| t.max_length.min(16));
+        for &(rows, var_len) in &shapes {
             let item = codec.warmup_item(rows, var_len);
             let outputs = engine
                 .forward(item.inputs)
@@ -82,6 +82,7 @@ pub(super) fn prepare(
         pad_values: codec.pad_values(),
         latency_target: spec.batching.latency_target(),
         poll_window: settings.idle_polling.window(),
+        tokens: spec.token_batching.clone(),
     };
     Ok(Prepared {
         device,
@@ -92,6 +93,37 @@ pub(super) fn prepare(
         engines: loaded,
         batch_config,
     })
+}
+
+/// The batch shapes warm-up runs, `(rows, variable length)`: one row and a full batch; for a
+/// text model with padding buckets, both at every bucket (a full batch being what the token
+/// budget lets through), so that each shape the batcher forms at that length has been seen
+/// before the model is ready.
+fn warmup_shapes(spec: &ModelSpec) -> Vec<(usize, usize)> {
+    let max_rows = spec.batching.max_batch_size;
+    let mut shapes = Vec::new();
+    match &spec.token_batching {
+        Some(t) if !t.sequence_buckets.is_empty() => {
+            for &len in &t.sequence_buckets {
+                let full = match t.max_batch_tokens {
+                    0 => max_rows,
+                    budget => (budget / len).clamp(1, max_rows),
+                };
+                shapes.push((1, len));
+                if full > 1 {
+                    shapes.push((full, len));
+                }
+            }
+        }
+        _ => {
+            let len = spec.text.as_ref().map_or(8, |t| t.max_length.min(16));
+            shapes.push((1, len));
+            if max_rows > 1 {
+                shapes.push((max_rows, len));
+            }
+        }
+    }
+    shapes
 }
 
 /// The model's outputs must match what model.toml declares: count, batch dimension, dims.

@@ -6,6 +6,7 @@
 /// The demo shapes generator the trainer uses, for fresh images to classify.
 #[path = "../../src/bin/aiaas-train/demo.rs"]
 pub mod demo;
+pub mod hf;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

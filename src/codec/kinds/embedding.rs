@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use super::text::{decode_v2_texts, text_v2_input};
 use super::tokens::{declare_token_inputs, TokenInputs};
-use super::{Limits, ModelAdapter, Registration, Signature};
+use super::{Embedder, Limits, ModelAdapter, Registration, Signature};
 use crate::batcher::{Inferred, Item};
 use crate::codec::v2::{V2Data, V2Input, V2Output, V2TensorMeta, V2Type};
 use crate::codec::{CodecError, Instance, OutputOptions};
@@ -113,6 +113,28 @@ impl TextEmbedding {
     }
 }
 
+impl Embedder for TextEmbedding {
+    fn text(&self, text: &str) -> Result<Item, CodecError> {
+        self.tokens.text(text)
+    }
+
+    fn token_ids(&self, ids: &[i64]) -> Result<Item, CodecError> {
+        self.tokens.ids(ids)
+    }
+
+    fn dimension(&self) -> usize {
+        self.dimension
+    }
+
+    fn normalizes(&self) -> bool {
+        self.embedding.normalize
+    }
+
+    fn vector(&self, result: &Inferred) -> Vec<f32> {
+        TextEmbedding::vector(self, result)
+    }
+}
+
 impl ModelAdapter for TextEmbedding {
     fn kind(&self) -> &'static str {
         "text-embedding"
@@ -149,6 +171,10 @@ impl ModelAdapter for TextEmbedding {
 
     fn decode_v2(&self, inputs: Vec<V2Input>) -> Result<(Vec<Item>, usize), CodecError> {
         decode_v2_texts(&self.tokens, inputs)
+    }
+
+    fn embedder(&self) -> Option<&dyn Embedder> {
+        Some(self)
     }
 
     fn encode_v2(&self, results: &[Inferred], wanted: &dyn Fn(&str) -> bool) -> Vec<V2Output> {

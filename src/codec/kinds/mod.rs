@@ -98,6 +98,39 @@ pub trait ModelAdapter: Send + Sync {
     fn warmup_item(&self, rows: usize, var_len: usize) -> Item {
         zeros_item(&self.signature().inputs, rows, var_len)
     }
+
+    /// The model as an embedder (text-embedding models), for APIs such as OpenAI's
+    /// embeddings.
+    fn embedder(&self) -> Option<&dyn Embedder> {
+        None
+    }
+
+    /// The model as a scorer of (query, document) pairs (rerankers), for rerank APIs.
+    fn pair_scorer(&self) -> Option<&dyn PairScorer> {
+        None
+    }
+}
+
+/// Texts, or token ids, in; one vector each out.
+pub trait Embedder: Send + Sync {
+    /// One text as an item of one row.
+    fn text(&self, text: &str) -> Result<Item, CodecError>;
+    /// Token ids the client tokenised itself as an item of one row.
+    fn token_ids(&self, ids: &[i64]) -> Result<Item, CodecError>;
+    /// The size of the vectors.
+    fn dimension(&self) -> usize;
+    /// Whether the vectors are L2-normalised.
+    fn normalizes(&self) -> bool;
+    /// One item's vector.
+    fn vector(&self, result: &Inferred) -> Vec<f32>;
+}
+
+/// (query, document) pairs in; a relevance score each out.
+pub trait PairScorer: Send + Sync {
+    /// A pair as an item of one row.
+    fn pair(&self, query: &str, document: &str) -> Result<Item, CodecError>;
+    /// One pair's relevance in 0..1 (the sigmoid of the model's logit), and the logit.
+    fn relevance(&self, result: &Inferred) -> (f64, f64);
 }
 
 /// A model's declared input and output tensors.

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use super::classifier::sigmoid;
 use super::tokens::{declare_token_inputs, v2_texts, TokenInputs};
-use super::{invalid, tensor_outputs, Limits, ModelAdapter, Registration, Signature};
+use super::{invalid, tensor_outputs, Limits, ModelAdapter, PairScorer, Registration, Signature};
 use crate::batcher::{Inferred, Item};
 use crate::codec::v2::{V2Data, V2Input, V2Output, V2TensorMeta, V2Type};
 use crate::codec::{CodecError, Instance, OutputOptions};
@@ -71,6 +71,17 @@ impl Reranker {
     }
 }
 
+impl PairScorer for Reranker {
+    fn pair(&self, query: &str, document: &str) -> Result<Item, CodecError> {
+        Reranker::pair(self, query, document)
+    }
+
+    fn relevance(&self, result: &Inferred) -> (f64, f64) {
+        let logit = Self::logit(result);
+        (sigmoid(logit), logit)
+    }
+}
+
 impl ModelAdapter for Reranker {
     fn kind(&self) -> &'static str {
         "reranker"
@@ -105,6 +116,10 @@ impl ModelAdapter for Reranker {
 
     fn pad_values(&self) -> Vec<Option<f64>> {
         self.tokens.pad_values()
+    }
+
+    fn pair_scorer(&self) -> Option<&dyn PairScorer> {
+        Some(self)
     }
 
     fn v2_inputs(&self) -> Vec<V2TensorMeta> {

@@ -126,6 +126,11 @@ impl TokenInputs {
         Ok(self.item(&self.text.tokens(text)?))
     }
 
+    /// Token ids the client tokenised itself as an item of one row.
+    pub fn ids(&self, ids: &[i64]) -> Result<Item, CodecError> {
+        Ok(self.item(&self.text.id_tokens(ids)?))
+    }
+
     /// A pair (segments 0 and 1) as an item of one row.
     pub fn pair(&self, first: &str, second: &str) -> Result<Item, CodecError> {
         let _share = self.share(first.len() + second.len())?;

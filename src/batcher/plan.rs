@@ -1,0 +1,252 @@
+//! Which queued items form the next batch.
+//!
+//! Without token batching (images, tensors) a batch is the longest run of compatible items
+//! from the front of the queue that fits in the row cap, in arrival order. Text models add
+//! three rules (model.toml's `[batching]`, see [`TokenBatching`]):
+//! - **token budget**: a batch's padded size (rows x its padded sequence length) stays within
+//!   `max_batch_tokens`; an item over the budget alone still runs, alone;
+//! - **length grouping**: the rest of the batch is picked from the whole queue nearest in
+//!   length to the oldest item first, so a 5-token text does not pay for a 256-token neighbour;
+//!   the oldest item always goes, so none waits for more batches than were queued before it;
+//! - **padding buckets**: sequences are padded up to the next of a few fixed lengths
+//!   ([`padded_len`]), so the engine sees a bounded set of shapes.
+
+use std::collections::VecDeque;
+
+use super::{assemble, BatchConfig, Pending};
+use crate::config::model_spec::TokenBatching;
+
+/// The next batch: indices into the queue, ascending, and whether it is closed (full, or the
+/// next item cannot join it), so that waiting longer would not grow it.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Plan {
+    pub picks: Vec<usize>,
+    pub full: bool,
+}
+
+/// The length a sequence of `len` tokens is padded to: the smallest bucket that holds it, else
+/// `len` itself (no buckets, or a length beyond the last).
+pub fn padded_len(buckets: &[usize], len: usize) -> usize {
+    buckets.iter().copied().find(|&b| b >= len).unwrap_or(len)
+}
+
+/// Plans the next batch of at most `cap` rows from `queue`.
+pub(super) fn plan(queue: &VecDeque<Pending>, cap: usize, cfg: &BatchConfig) -> Plan {
+    let Some(first) = queue.front() else {
+        return Plan {
+            picks: Vec::new(),
+            full: false,
+        };
+    };
+    let joins = |p: &Pending| assemble::compatible(&first.item, &p.item, &cfg.pad_values);
+    match &cfg.tokens {
+        None => prefix(queue, cap, joins),
+        Some(t) => by_tokens(queue, cap, t, joins),
+    }
+}
+
+/// The compatible run from the front, up to `cap` rows.
+fn prefix(queue: &VecDeque<Pending>, cap: usize, joins: impl Fn(&Pending) -> bool) -> Plan {
+    let mut rows = 0;
+    for (i, p) in queue.iter().enumerate() {
+        if i > 0 && (rows + p.rows > cap || !joins(p)) {
+            return Plan {
+                picks: (0..i).collect(),
+                full: true,
+            };
+        }
+        rows += p.rows;
+    }
+    Plan {
+        picks: (0..queue.len()).collect(),
+        full: rows >= cap,
+    }
+}
+
+/// The oldest item, then others by length (or in arrival order without grouping) while the
+/// batch stays within `cap` rows and the token budget.
+fn by_tokens(
+    queue: &VecDeque<Pending>,
+    cap: usize,
+    t: &TokenBatching,
+    joins: impl Fn(&Pending) -> bool,
+) -> Plan {
+    let first = &queue[0];
+    let bucket = |len| padded_len(&t.sequence_buckets, len);
+    let over_budget = |rows: usize, longest: usize| {
+        t.max_batch_tokens > 0 && rows * bucket(longest) > t.max_batch_tokens
+    };
+    let mut picks = vec![0];
+    let (mut rows, mut longest) = (first.rows, first.len);
+    let mut full = false;
+    if t.group_by_length {
+        let home = bucket(first.len);
+        let mut order: Vec<usize> = (1..queue.len()).filter(|&i| joins(&queue[i])).collect();
+        order.sort_by_key(|&i| (bucket(queue[i].len).abs_diff(home), i));
+        for i in order {
+            let p = &queue[i];
+            if rows + p.rows > cap || over_budget(rows + p.rows, longest.max(p.len)) {
+                // a shorter or smaller item further on may still fit
+                full = true;
+                continue;
+            }
+            picks.push(i);
+            rows += p.rows;
+            longest = longest.max(p.len);
+        }
+        picks.sort_unstable();
+    } else {
+        for (i, p) in queue.iter().enumerate().skip(1) {
+            if !joins(p) || rows + p.rows > cap || over_budget(rows + p.rows, longest.max(p.len)) {
+                full = true;
+                break;
+            }
+            picks.push(i);
+            rows += p.rows;
+            longest = longest.max(p.len);
+        }
+    }
+    Plan {
+        picks,
+        full: full || rows >= cap,
+    }
+}
+
+/// Removes the planned items from the queue, in queue order.
+pub(super) fn take(queue: &mut VecDeque<Pending>, picks: &[usize]) -> Vec<Pending> {
+    if picks.last().is_some_and(|&last| last + 1 == picks.len()) {
+        return queue.drain(..picks.len()).collect();
+    }
+    let mut batch = Vec::with_capacity(picks.len());
+    let mut rest = VecDeque::with_capacity(queue.len() - picks.len());
+    let mut next = picks.iter().peekable();
+    for (i, p) in queue.drain(..).enumerate() {
+        if next.peek() == Some(&&i) {
+            next.next();
+            batch.push(p);
+        } else {
+            rest.push_back(p);
+        }
+    }
+    *queue = rest;
+    batch
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::batcher::Item;
+    use crate::tensor::HostTensor;
+
+    fn text(len: usize) -> Pending {
+        let ids = HostTensor::from_i64(vec![1, len], &vec![7; len]).unwrap();
+        Pending {
+            item: Item::with_tokens(vec![ids], len),
+            rows: 1,
+            len,
+            enqueued: Instant::now(),
+            deadline: None,
+            reply: tokio::sync::oneshot::channel().0,
+        }
+    }
+
+    fn config(max_batch_tokens: usize, group_by_length: bool) -> BatchConfig {
+        BatchConfig {
+            model: "t".into(),
+            max_batch_size: 4,
+            max_queue_delay: Duration::ZERO,
+            queue_capacity: 100,
+            pad_values: vec![Some(0.0)],
+            latency_target: None,
+            poll_window: Duration::ZERO,
+            tokens: Some(TokenBatching {
+                max_batch_tokens,
+                sequence_buckets: vec![16, 32, 64, 128],
+                group_by_length,
+            }),
+        }
+    }
+
+    fn queue(lens: &[usize]) -> VecDeque<Pending> {
+        lens.iter().map(|&l| text(l)).collect()
+    }
+
+    #[test]
+    fn buckets_round_up_and_keep_longer_lengths() {
+        let b = [16, 32, 64];
+        assert_eq!(padded_len(&b, 1), 16);
+        assert_eq!(padded_len(&b, 16), 16);
+        assert_eq!(padded_len(&b, 17), 32);
+        assert_eq!(padded_len(&b, 65), 65);
+        assert_eq!(padded_len(&[], 9), 9);
+    }
+
+    #[test]
+    fn groups_by_length_and_always_takes_the_oldest() {
+        // the oldest is long: it goes, with the other long ones before the short ones
+        let q = queue(&[100, 5, 120, 6, 7, 110]);
+        let p = plan(&q, 4, &config(0, true));
+        assert_eq!(p.picks, vec![0, 1, 2, 5]);
+        assert!(p.full);
+        // the oldest is short: the short ones go first
+        let q = queue(&[5, 100, 6, 120, 7]);
+        assert_eq!(plan(&q, 4, &config(0, true)).picks, vec![0, 1, 2, 4]);
+        assert_eq!(plan(&q, 3, &config(0, true)).picks, vec![0, 2, 4]);
+    }
+
+    #[test]
+    fn arrival_order_without_grouping() {
+        let q = queue(&[5, 100, 6, 120, 7]);
+        let p = plan(&q, 4, &config(0, false));
+        assert_eq!(p.picks, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn the_token_budget_closes_a_batch() {
+        // 3 rows of bucket 32 = 96 tokens fit in 100; a fourth does not
+        let q = queue(&[20, 30, 25, 31]);
+        let p = plan(&q, 4, &config(100, false));
+        assert_eq!(p.picks, vec![0, 1, 2]);
+        assert!(p.full);
+        // with grouping, the long text is passed over for the short one behind it
+        let q = queue(&[20, 128, 30, 3]);
+        let p = plan(&q, 4, &config(100, true));
+        assert_eq!(p.picks, vec![0, 2, 3]);
+        assert!(p.full);
+    }
+
+    #[test]
+    fn an_item_over_the_budget_runs_alone() {
+        let q = queue(&[128, 5, 6]);
+        for group in [false, true] {
+            let p = plan(&q, 4, &config(64, group));
+            assert_eq!(p.picks, vec![0]);
+            assert!(p.full);
+        }
+    }
+
+    #[test]
+    fn take_removes_the_picks_in_queue_order() {
+        let mut q = queue(&[1, 2, 3, 4, 5]);
+        let batch = take(&mut q, &[0, 2, 3]);
+        assert_eq!(batch.iter().map(|p| p.len).collect::<Vec<_>>(), [1, 3, 4]);
+        assert_eq!(q.iter().map(|p| p.len).collect::<Vec<_>>(), [2, 5]);
+        let batch = take(&mut q, &[0]);
+        assert_eq!(batch[0].len, 2);
+        assert_eq!(q.len(), 1);
+    }
+
+    #[test]
+    fn without_token_batching_the_compatible_prefix_forms_the_batch() {
+        let mut cfg = config(0, true);
+        cfg.tokens = None;
+        cfg.pad_values = vec![None];
+        // lengths differ and do not pad: the second closes the batch
+        let q = queue(&[3, 3, 4, 3]);
+        let p = plan(&q, 4, &cfg);
+        assert_eq!(p.picks, vec![0, 1]);
+        assert!(p.full);
+    }
+}

@@ -1,0 +1,431 @@
+//! `POST /v1/embeddings`: OpenAI's embeddings API, for the clients that speak it (the `openai`
+//! package, LangChain, LlamaIndex, ...), served by `text-embedding` models.
+//!
+//! Request: `{"model", "input": "text" | ["text", ...] | [token ids] | [[token ids], ...],
+//! "encoding_format"?: "float" | "base64", "dimensions"?: n, "user"?: "..."}`. Answer:
+//! `{"object": "list", "data": [{"object": "embedding", "index", "embedding"}], "model",
+//! "usage": {"prompt_tokens", "total_tokens"}}`. Errors on this route take OpenAI's shape,
+//! `{"error": {"message", "type", "param", "code"}}` ([`openai_error_shape`]), with the statuses
+//! of the rest of the API.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::inference::{blocking_if_large, count_outcome, deadline, with_timing, HasOutcome};
+use super::v1::body_error;
+use super::{ApiError, AppState, ErrorLog};
+use crate::batcher::Item;
+use crate::codec::Embedder;
+use crate::registry::ServingModel;
+use crate::telemetry::Outcome;
+
+/// The paths whose errors take OpenAI's shape.
+pub const OPENAI_PATHS: [&str; 1] = ["/v1/embeddings"];
+
+/// An error and the request field it is about (OpenAI's `param`).
+#[derive(Debug)]
+pub struct OpenAiError {
+    error: ApiError,
+    param: Option<&'static str>,
+}
+
+/// The `param` of an error answer, for [`openai_error_shape`] (a response extension).
+#[derive(Debug, Clone, Copy)]
+struct ErrorParam(&'static str);
+
+impl OpenAiError {
+    fn on(param: &'static str, error: ApiError) -> Self {
+        Self {
+            error,
+            param: Some(param),
+        }
+    }
+}
+
+impl From<ApiError> for OpenAiError {
+    fn from(error: ApiError) -> Self {
+        Self { error, param: None }
+    }
+}
+
+impl HasOutcome for OpenAiError {
+    fn outcome(&self) -> Outcome {
+        self.error.outcome()
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        let mut response = self.error.into_response();
+        if let Some(p) = self.param {
+            response.extensions_mut().insert(ErrorParam(p));
+        }
+        response
+    }
+}
+
+/// Gives every error answer on an OpenAI route OpenAI's shape: the API's `code` and `message`
+/// plus `type` (from the status) and `param`. Headers (`WWW-Authenticate`, `Retry-After`) and
+/// the status stay; the log line still reads the error from [`ErrorLog`].
+pub async fn openai_error_shape(req: Request, next: Next) -> Response {
+    if !OPENAI_PATHS.contains(&req.uri().path()) {
+        return next.run(req).await;
+    }
+    let response = next.run(req).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let log = response.extensions().get::<ErrorLog>().cloned();
+    let param = response.extensions().get::<ErrorParam>().map(|p| p.0);
+    let (code, message) = match &log {
+        Some(l) => (l.code, l.message.clone()),
+        None => (
+            "error",
+            status.canonical_reason().unwrap_or("error").to_string(),
+        ),
+    };
+    let (kind, code) = match status {
+        StatusCode::UNAUTHORIZED => ("authentication_error", "invalid_api_key"),
+        StatusCode::FORBIDDEN => ("permission_error", code),
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
+            ("rate_limit_error", code)
+        }
+        s if s.is_server_error() => ("server_error", code),
+        _ => ("invalid_request_error", code),
+    };
+    let body = json!({"error": {"message": message, "type": kind, "param": param, "code": code}});
+    let (mut parts, _) = response.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, Body::from(body.to_string()))
+}
+
+#[derive(Debug, Deserialize)]
+struct EmbeddingsRequest {
+    model: String,
+    input: Value,
+    #[serde(default)]
+    encoding_format: Option<String>,
+    #[serde(default)]
+    dimensions: Option<Value>,
+    /// OpenAI's end-user id: accepted and not used.
+    #[serde(default, rename = "user")]
+    _user: Option<Value>,
+}
+
+/// One input: a text, or token ids the client tokenised with the model's tokenizer.
+enum Input {
+    Text(String),
+    Ids(Vec<i64>),
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Encoding {
+    Float,
+    Base64,
+}
+
+pub async fn embeddings(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, OpenAiError> {
+    let body = body.map_err(body_error)?;
+    let max = state.settings.max_instances;
+    let size = body.len();
+    let (req, inputs) = blocking_if_large(size, move || Ok(parse(&body, max))).await??;
+    let model = state
+        .registry
+        .serving(&req.model, None)
+        .map_err(|e| OpenAiError::on("model", e.into()))?;
+    let encoding = match req.encoding_format.as_deref() {
+        None | Some("float") => Encoding::Float,
+        Some("base64") => Encoding::Base64,
+        Some(other) => {
+            return Err(OpenAiError::on(
+                "encoding_format",
+                ApiError::InvalidInput(format!(
+                    "encoding_format '{other}' is not one of 'float', 'base64'"
+                )),
+            ))
+        }
+    };
+    let Some(embedder) = model.codec.embedder() else {
+        return Err(OpenAiError::on(
+            "model",
+            ApiError::BadRequest(format!(
+                "model '{}' is a {} model; /v1/embeddings serves text-embedding models",
+                model.name,
+                model.codec.kind()
+            )),
+        ));
+    };
+    let dimensions = dimensions(req.dimensions.as_ref(), embedder)?;
+    let answer = Answer {
+        encoding,
+        dimensions,
+    };
+    count_outcome(&model, embed(&model, inputs, &headers, size, answer)).await
+}
+
+/// How the vectors are answered.
+#[derive(Clone, Copy)]
+struct Answer {
+    encoding: Encoding,
+    /// Keep the first `dimensions` of each vector (re-normalised when the model normalises).
+    dimensions: Option<usize>,
+}
+
+/// Parses the body: the request and its inputs, or an error naming the field.
+fn parse(body: &[u8], max: usize) -> Result<(EmbeddingsRequest, Vec<Input>), OpenAiError> {
+    let req: EmbeddingsRequest = serde_json::from_slice(body).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => {
+                ApiError::MalformedBody(format!("invalid JSON: {e}")).into()
+            }
+            Category::Data => OpenAiError::from(ApiError::InvalidInput(format!(
+                "expected {{\"model\": \"...\", \"input\": \"text\" | [\"text\", ...] | [token ids] | [[token ids], ...]}}: {e}"
+            ))),
+        }
+    })?;
+    let inputs = inputs(&req.input, max).map_err(|e| OpenAiError::on("input", e))?;
+    Ok((req, inputs))
+}
+
+/// The inputs of `input`: a string, an array of strings, an array of token ids, or an array
+/// of arrays of token ids.
+fn inputs(input: &Value, max: usize) -> Result<Vec<Input>, ApiError> {
+    let shape = "\"input\" is a string, an array of strings, an array of token ids or an array of arrays of token ids";
+    let ids = |v: &[Value]| -> Option<Vec<i64>> { v.iter().map(Value::as_i64).collect() };
+    let list = match input {
+        Value::String(s) => return Ok(vec![Input::Text(s.clone())]),
+        Value::Array(list) if list.is_empty() => {
+            return Err(ApiError::InvalidInput(format!(
+                "\"input\" is empty; {shape}"
+            )))
+        }
+        Value::Array(list) => list,
+        other => {
+            return Err(ApiError::InvalidInput(format!(
+                "{shape}, got {}",
+                json_type(other)
+            )))
+        }
+    };
+    if list.iter().all(Value::is_number) {
+        let ids = ids(list).ok_or_else(|| {
+            ApiError::InvalidInput("token ids are whole numbers (integers)".into())
+        })?;
+        return Ok(vec![Input::Ids(ids)]);
+    }
+    if list.len() > max {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "{} inputs in one request; at most {max} are accepted",
+            list.len()
+        )));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            Value::String(s) => Ok(Input::Text(s.clone())),
+            Value::Array(a) => ids(a).map(Input::Ids).ok_or_else(|| {
+                ApiError::InvalidInput(format!("input {i}: token ids are whole numbers (integers)"))
+            }),
+            other => Err(ApiError::InvalidInput(format!(
+                "input {i}: {shape}, got {} in the array",
+                json_type(other)
+            ))),
+        })
+        .collect()
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// `dimensions`: a whole number from 1 to the model's size.
+fn dimensions(
+    value: Option<&Value>,
+    embedder: &dyn Embedder,
+) -> Result<Option<usize>, OpenAiError> {
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let size = embedder.dimension();
+    match value.as_u64() {
+        Some(n) if (1..=size as u64).contains(&n) => Ok(Some(n as usize)),
+        _ => Err(OpenAiError::on(
+            "dimensions",
+            ApiError::InvalidInput(format!(
+                "dimensions is a whole number from 1 to {size} (the model's size), got {value}"
+            )),
+        )),
+    }
+}
+
+async fn embed(
+    model: &Arc<ServingModel>,
+    inputs: Vec<Input>,
+    headers: &HeaderMap,
+    size: usize,
+    answer: Answer,
+) -> Result<Response, OpenAiError> {
+    let deadline = deadline(headers, model.spec.batching.timeout(), None)?;
+    let m = model.clone();
+    let items = blocking_if_large(size, move || Ok(tokenise(&m, &inputs))).await??;
+    let results = model
+        .handle
+        .infer(items, deadline)
+        .await
+        .map_err(ApiError::from)?;
+    let embedder = model.codec.embedder().expect("checked before");
+    let data = results
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let v = finish(embedder.vector(r), embedder.normalizes(), answer.dimensions);
+            if !v.iter().all(|x| x.is_finite()) {
+                return Err(OpenAiError::from(ApiError::InvalidInput(format!(
+                    "input {i}: the model's embedding is not finite (NaN or infinity)"
+                ))));
+            }
+            let embedding = match answer.encoding {
+                Encoding::Float => json!(v),
+                Encoding::Base64 => json!(base64_f32(&v)),
+            };
+            Ok(json!({"object": "embedding", "index": i, "embedding": embedding}))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let tokens: usize = results.iter().map(|r| r.tokens).sum();
+    let body = json!({
+        "object": "list",
+        "data": data,
+        "model": model.name,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    });
+    Ok(with_timing(
+        (StatusCode::OK, axum::Json(body)).into_response(),
+        model,
+        &results,
+    ))
+}
+
+/// Each input as an item: texts tokenised, token ids checked.
+fn tokenise(model: &ServingModel, inputs: &[Input]) -> Result<Vec<Item>, OpenAiError> {
+    let embedder = model.codec.embedder().expect("checked before");
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| {
+            match input {
+                Input::Text(t) => embedder.text(t),
+                Input::Ids(ids) => embedder.token_ids(ids),
+            }
+            .map_err(|e| {
+                let e = match ApiError::from(e) {
+                    ApiError::InvalidInput(m) => ApiError::InvalidInput(format!("input {i}: {m}")),
+                    other => other,
+                };
+                OpenAiError::on("input", e)
+            })
+        })
+        .collect()
+}
+
+/// The vector as answered: its first `dimensions` (Matryoshka truncation), re-normalised when
+/// the model's vectors are normalised (so that a truncated one is a unit vector too).
+fn finish(mut v: Vec<f32>, normalized: bool, dimensions: Option<usize>) -> Vec<f32> {
+    if let Some(d) = dimensions.filter(|&d| d < v.len()) {
+        v.truncate(d);
+        if normalized {
+            let norm = v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+            let norm = norm.max(1e-12);
+            v.iter_mut().for_each(|x| *x = (*x as f64 / norm) as f32);
+        }
+    }
+    v
+}
+
+/// The vector as base64 of its little-endian FP32 bytes (OpenAI's `encoding_format: base64`).
+fn base64_f32(v: &[f32]) -> String {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// `GET /v1/models` entries in OpenAI's list-models shape (`data`), beside the API's own
+/// `models`, so that `client.models.list()` works against the server.
+pub fn list_entries(models: &[(String, Option<u64>)]) -> Value {
+    Value::Array(
+        models
+            .iter()
+            .map(|(name, created)| {
+                json!({"id": name, "object": "model", "created": created.unwrap_or(0), "owned_by": "aiaas"})
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inputs_take_every_openai_shape() {
+        let one = inputs(&json!("hi"), 10).unwrap();
+        assert!(matches!(&one[..], [Input::Text(t)] if t == "hi"));
+        let ids = inputs(&json!([101, 7592, 102]), 10).unwrap();
+        assert!(matches!(&ids[..], [Input::Ids(v)] if v == &[101, 7592, 102]));
+        let many = inputs(&json!(["a", [1, 2]]), 10).unwrap();
+        assert_eq!(many.len(), 2);
+        for bad in [
+            json!([]),
+            json!(3),
+            json!([1.5]),
+            json!([["x"]]),
+            json!([null]),
+        ] {
+            let e = inputs(&bad, 10).err().expect("refused");
+            assert_eq!(e.status(), StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+        }
+        let e = inputs(&json!(["a", "b", "c"]), 2).err().unwrap();
+        assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[test]
+    fn truncation_renormalises_normalised_vectors_only() {
+        let v = vec![0.6, 0.0, 0.8];
+        let t = finish(v.clone(), true, Some(2));
+        assert_eq!(t, vec![1.0, 0.0]);
+        assert_eq!(finish(v.clone(), false, Some(2)), vec![0.6, 0.0]);
+        assert_eq!(finish(v.clone(), true, None), v);
+    }
+
+    #[test]
+    fn base64_is_little_endian_f32() {
+        let s = base64_f32(&[1.0, -2.5]);
+        let bytes = base64::engine::general_purpose::STANDARD.decode(s).unwrap();
+        assert_eq!(&bytes[..4], &1.0f32.to_le_bytes());
+        assert_eq!(&bytes[4..], &(-2.5f32).to_le_bytes());
+    }
+}
