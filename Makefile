@@ -9,7 +9,7 @@ PORT ?= 8080
 MODELS ?= ./models
 ARGS ?=
 
-.PHONY: run test test-tools hf-fixtures build setup lint models bench fmt
+.PHONY: run test test-tools hf-fixtures build setup lint models bench bench-embeddings soak-embeddings fmt
 
 ## Build (release) and serve the bundled models on http://0.0.0.0:$(PORT)
 run: build
@@ -48,3 +48,13 @@ models: setup
 ## Benchmark image-cnn: raw forward vs served throughput; writes docs/BENCHMARKS.md
 bench: build
 	bench/run.py
+
+## Embeddings through /v1/embeddings (token batching on/off) vs sentence-transformers and
+## infinity-emb (installed into .venv-bench by bench/peers/setup-infinity.sh); about 6 minutes
+bench-embeddings: build hf-fixtures
+	bench/peers/setup-infinity.sh
+	.venv/bin/python bench/embeddings_api.py
+
+## Memory soak of an embedding model under random text lengths (10 minutes)
+soak-embeddings: build hf-fixtures
+	.venv/bin/python bench/embeddings_soak.py

@@ -674,7 +674,8 @@ async fn json_bodies_answer_alike_whichever_parser_reads_them() {
     )
     .await;
     let (fast, slow) = (&predictions(&fast)[0], &predictions(&slow)[0]);
-    assert_eq!(fast["label"], "square", "{fast}");
+    // (the label itself is checked by the accuracy tests: one fresh image may be misread)
+    assert_eq!(fast["label"], slow["label"], "{fast} vs {slow}");
     assert_close(&scores(fast), &scores(slow), 0.0);
 
     // the regressor: bare numbers and one-element rows, integers and decimals

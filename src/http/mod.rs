@@ -294,6 +294,10 @@ pub fn app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(max_body))
         .layer(
             ServiceBuilder::new()
+                // gzip / deflate answers for clients that accept them (request bodies are
+                // decompressed by guard::read_body), outermost: the layers inside that rewrite
+                // error bodies (JSON, OpenAI's shape) see them uncompressed
+                .layer(CompressionLayer::new())
                 .layer(middleware::from_fn(guard::sanitize_request_id))
                 .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
                 .layer(middleware::from_fn_with_state(state.clone(), observe))
@@ -311,10 +315,7 @@ pub fn app(state: AppState) -> Router {
                     state.clone(),
                     guard::read_body,
                 ))
-                .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
-                // gzip / deflate answers for clients that accept them (request bodies are
-                // decompressed by guard::read_body)
-                .layer(CompressionLayer::new()),
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone())),
         )
         .with_state(state)
 }

@@ -19,7 +19,9 @@ import pytest
 from conftest import ROOT, Server
 
 README = ROOT / "README.md"
-SECTIONS = ("Quick start", "API")
+SECTIONS = ("Quick start", "API", "Embeddings and rerank")
+# sections whose examples run against the Hugging Face fixtures (minilm, cross-encoder)
+HF_SECTIONS = ("Embeddings and rerank",)
 # the curl examples README.md has today; fewer found means the extraction broke
 MIN_EXAMPLES = 18
 HOST = "localhost:8080"
@@ -112,9 +114,21 @@ def readme_server():
     s.stop()
 
 
+@pytest.fixture(scope="module")
+def hf_readme_server():
+    """The embedding and rerank examples' models: .fixtures/hf (make test builds them)."""
+    fixtures = ROOT / ".fixtures" / "hf"
+    if not (fixtures / ".stamp").exists():
+        pytest.fail(f"no Hugging Face fixtures in {fixtures}: run .ci/hf-fixtures.sh")
+    s = Server(fixtures, "--load-model", "minilm,cross-encoder")
+    yield s
+    s.stop()
+
+
 def test_examples_found():
     assert len(EXAMPLES) >= MIN_EXAMPLES, [e.id for e in EXAMPLES]
     assert any(e.section == "Quick start" for e in EXAMPLES)
+    assert any(e.section.startswith(HF_SECTIONS) for e in EXAMPLES)
     for e in EXAMPLES:
         assert HOST in e.command, f"README.md line {e.line}: use {HOST} in examples: {e.command}"
 
@@ -205,8 +219,10 @@ def run(example, server):
 @pytest.mark.skipif(shutil.which("curl") is None or shutil.which("bash") is None,
                     reason="needs curl and bash")
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.id for e in EXAMPLES])
-def test_readme_example(example, readme_server):
-    code, statuses, body, stderr = run(example, readme_server)
+def test_readme_example(example, request):
+    hf = example.section.split("/")[0] in HF_SECTIONS
+    server = request.getfixturevalue("hf_readme_server" if hf else "readme_server")
+    code, statuses, body, stderr = run(example, server)
     where = f"README.md line {example.line}: {example.command}"
     assert statuses, f"{where}\nno HTTP status (did curl run?); stderr: {stderr}"
     assert all(200 <= s < 300 for s in statuses), f"{where}\nstatus {statuses}: {body[:2000]}"
