@@ -5,8 +5,9 @@
 //! three rules (model.toml's `[batching]`, see [`TokenBatching`]):
 //! - **token budget**: a batch's padded size (rows x its padded sequence length) stays within
 //!   `max_batch_tokens`; an item over the budget alone still runs, alone;
-//! - **length grouping**: the rest of the batch is picked from the whole queue nearest in
-//!   length to the oldest item first, so a 5-token text does not pay for a 256-token neighbour;
+//! - **length grouping**: a batch holds texts of one padding bucket, the oldest item's, picked
+//!   from anywhere in the queue, so a 5-token text never pays for a 256-token neighbour (on a
+//!   CPU a forward pass costs about its padded tokens, so a mixed batch only wastes compute);
 //!   the oldest item always goes, so none waits for more batches than were queued before it;
 //! - **padding buckets**: sequences are padded up to the next of a few fixed lengths
 //!   ([`padded_len`]), so the engine sees a bounded set of shapes.
@@ -63,8 +64,8 @@ fn prefix(queue: &VecDeque<Pending>, cap: usize, joins: impl Fn(&Pending) -> boo
     }
 }
 
-/// The oldest item, then others by length (or in arrival order without grouping) while the
-/// batch stays within `cap` rows and the token budget.
+/// The oldest item, then others in arrival order while the batch stays within `cap` rows and
+/// the token budget; with length grouping, only those of the oldest item's length group.
 fn by_tokens(
     queue: &VecDeque<Pending>,
     cap: usize,
@@ -73,42 +74,42 @@ fn by_tokens(
 ) -> Plan {
     let first = &queue[0];
     let bucket = |len| padded_len(&t.sequence_buckets, len);
-    let over_budget = |rows: usize, longest: usize| {
-        t.max_batch_tokens > 0 && rows * bucket(longest) > t.max_batch_tokens
-    };
+    let home = length_group(&t.sequence_buckets, first.len);
     let mut picks = vec![0];
     let (mut rows, mut longest) = (first.rows, first.len);
     let mut full = false;
-    if t.group_by_length {
-        let home = bucket(first.len);
-        let mut order: Vec<usize> = (1..queue.len()).filter(|&i| joins(&queue[i])).collect();
-        order.sort_by_key(|&i| (bucket(queue[i].len).abs_diff(home), i));
-        for i in order {
-            let p = &queue[i];
-            if rows + p.rows > cap || over_budget(rows + p.rows, longest.max(p.len)) {
-                // a shorter or smaller item further on may still fit
-                full = true;
-                continue;
-            }
-            picks.push(i);
-            rows += p.rows;
-            longest = longest.max(p.len);
+    for (i, p) in queue.iter().enumerate().skip(1) {
+        if t.group_by_length && length_group(&t.sequence_buckets, p.len) != home {
+            // another length's batch: it goes when it is the oldest, or with its own group
+            continue;
         }
-        picks.sort_unstable();
-    } else {
-        for (i, p) in queue.iter().enumerate().skip(1) {
-            if !joins(p) || rows + p.rows > cap || over_budget(rows + p.rows, longest.max(p.len)) {
-                full = true;
-                break;
-            }
-            picks.push(i);
-            rows += p.rows;
-            longest = longest.max(p.len);
+        let tokens = (rows + p.rows) * bucket(longest.max(p.len));
+        if !joins(p)
+            || rows + p.rows > cap
+            || (t.max_batch_tokens > 0 && tokens > t.max_batch_tokens)
+        {
+            full = true;
+            break;
         }
+        picks.push(i);
+        rows += p.rows;
+        longest = longest.max(p.len);
     }
+    // no further text of this length fits in the budget either
+    let budget_spent = t.max_batch_tokens > 0 && (rows + 1) * bucket(longest) > t.max_batch_tokens;
     Plan {
         picks,
-        full: full || rows >= cap,
+        full: full || rows >= cap || budget_spent,
+    }
+}
+
+/// Texts that may share a batch under length grouping: those padded to the same bucket (without
+/// buckets, the same power of two from 16 up).
+fn length_group(buckets: &[usize], len: usize) -> usize {
+    if buckets.is_empty() {
+        len.next_power_of_two().max(16)
+    } else {
+        padded_len(buckets, len)
     }
 }
 
@@ -185,15 +186,21 @@ mod tests {
 
     #[test]
     fn groups_by_length_and_always_takes_the_oldest() {
-        // the oldest is long: it goes, with the other long ones before the short ones
+        // the oldest is long: it goes, with the other long ones; the short ones wait
         let q = queue(&[100, 5, 120, 6, 7, 110]);
         let p = plan(&q, 4, &config(0, true));
-        assert_eq!(p.picks, vec![0, 1, 2, 5]);
-        assert!(p.full);
-        // the oldest is short: the short ones go first
+        assert_eq!(p.picks, vec![0, 2, 5]);
+        assert!(!p.full, "more long texts may still join");
+        // the oldest is short: the short ones go
         let q = queue(&[5, 100, 6, 120, 7]);
-        assert_eq!(plan(&q, 4, &config(0, true)).picks, vec![0, 1, 2, 4]);
-        assert_eq!(plan(&q, 3, &config(0, true)).picks, vec![0, 2, 4]);
+        assert_eq!(plan(&q, 4, &config(0, true)).picks, vec![0, 2, 4]);
+        let p = plan(&q, 2, &config(0, true));
+        assert_eq!(p.picks, vec![0, 2]);
+        assert!(p.full);
+        // without buckets, powers of two group them
+        let mut cfg = config(0, true);
+        cfg.tokens.as_mut().unwrap().sequence_buckets.clear();
+        assert_eq!(plan(&queue(&[40, 9, 60, 100]), 4, &cfg).picks, vec![0, 2]);
     }
 
     #[test]
@@ -206,15 +213,16 @@ mod tests {
     #[test]
     fn the_token_budget_closes_a_batch() {
         // 3 rows of bucket 32 = 96 tokens fit in 100; a fourth does not
-        let q = queue(&[20, 30, 25, 31]);
-        let p = plan(&q, 4, &config(100, false));
-        assert_eq!(p.picks, vec![0, 1, 2]);
-        assert!(p.full);
-        // with grouping, the long text is passed over for the short one behind it
-        let q = queue(&[20, 128, 30, 3]);
-        let p = plan(&q, 4, &config(100, true));
-        assert_eq!(p.picks, vec![0, 2, 3]);
-        assert!(p.full);
+        for group in [false, true] {
+            let q = queue(&[20, 30, 25, 31]);
+            let p = plan(&q, 4, &config(100, group));
+            assert_eq!(p.picks, vec![0, 1, 2]);
+            assert!(p.full);
+        }
+        // without grouping, a long text closes the batch at once: it would raise its padding
+        let q = queue(&[20, 128, 30]);
+        assert_eq!(plan(&q, 4, &config(100, false)).picks, vec![0]);
+        assert_eq!(plan(&q, 4, &config(100, true)).picks, vec![0, 2]);
     }
 
     #[test]

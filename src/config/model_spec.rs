@@ -104,8 +104,8 @@ pub struct BatchingSpec {
     /// Text models: most padded tokens (rows x padded sequence length) in one batch; 0 turns
     /// the budget off. Default [`DEFAULT_MAX_BATCH_TOKENS`].
     pub max_batch_tokens: Option<usize>,
-    /// Text models: the sequence lengths a batch is padded up to. Default: powers of two from
-    /// 16 below `text.max_length`, and `max_length` itself; `[]` pads to the longest text.
+    /// Text models: the sequence lengths a batch is padded up to. Default: 16, 24, 32, 48, 64,
+    /// 96, ... below `text.max_length`, and `max_length` itself; `[]` pads to the longest text.
     pub sequence_buckets: Option<Vec<usize>>,
     /// Text models: form batches of texts of similar length (the oldest queued text always
     /// goes into the next batch). Default true.
@@ -149,9 +149,12 @@ impl TokenBatching {
     }
 }
 
-/// 16, 32, 64, ... below `max_length`, then `max_length`.
+/// 16, 24, 32, 48, 64, 96, ... (powers of two and halfway between) below `max_length`, then
+/// `max_length`: a text is padded by less than half its length, and a 256-token model has 9
+/// shapes per batch size.
 fn default_buckets(max_length: usize) -> Vec<usize> {
     let mut v: Vec<usize> = std::iter::successors(Some(16usize), |n| n.checked_mul(2))
+        .flat_map(|n| [n, n + n / 2])
         .take_while(|&n| n < max_length)
         .collect();
     v.push(max_length);
@@ -714,6 +717,31 @@ mod tests {
             Path::new("/repo/m/model.toml"),
             Path::new("/repo/m"),
         )
+    }
+
+    #[test]
+    fn text_models_get_token_batching_with_buckets_up_to_max_length() {
+        assert_eq!(
+            default_buckets(256),
+            vec![16, 24, 32, 48, 64, 96, 128, 192, 256]
+        );
+        assert_eq!(default_buckets(100), vec![16, 24, 32, 48, 64, 96, 100]);
+        assert_eq!(default_buckets(8), vec![8]);
+        let b = BatchingSpec {
+            sequence_buckets: Some(vec![10, 40, 500]),
+            ..Default::default()
+        };
+        let t = TokenBatching::resolve(&b, 128).unwrap();
+        assert_eq!(t.sequence_buckets, vec![10, 40, 128]);
+        assert_eq!(t.max_batch_tokens, DEFAULT_MAX_BATCH_TOKENS);
+        assert!(t.group_by_length);
+        for bad in [vec![0, 8], vec![16, 16], vec![32, 16]] {
+            let b = BatchingSpec {
+                sequence_buckets: Some(bad),
+                ..Default::default()
+            };
+            assert!(TokenBatching::resolve(&b, 128).is_err());
+        }
     }
 
     #[test]

@@ -96,22 +96,27 @@ pub(super) fn prepare(
 }
 
 /// The batch shapes warm-up runs, `(rows, variable length)`: one row and a full batch; for a
-/// text model with padding buckets, both at every bucket (a full batch being what the token
-/// budget lets through), so that each shape the batcher forms at that length has been seen
-/// before the model is ready.
+/// text model with padding buckets, one row at every bucket, and a full batch (as many rows as
+/// the token budget lets through) at the smallest and at the largest bucket, so that every
+/// length the batcher pads to has run and the allocator has seen the largest batch before the
+/// model is ready.
 fn warmup_shapes(spec: &ModelSpec) -> Vec<(usize, usize)> {
     let max_rows = spec.batching.max_batch_size;
     let mut shapes = Vec::new();
     match &spec.token_batching {
         Some(t) if !t.sequence_buckets.is_empty() => {
-            for &len in &t.sequence_buckets {
-                let full = match t.max_batch_tokens {
-                    0 => max_rows,
-                    budget => (budget / len).clamp(1, max_rows),
-                };
-                shapes.push((1, len));
-                if full > 1 {
-                    shapes.push((full, len));
+            let full = |len: usize| match t.max_batch_tokens {
+                0 => max_rows,
+                budget => (budget / len).clamp(1, max_rows),
+            };
+            shapes.extend(t.sequence_buckets.iter().map(|&len| (1, len)));
+            let (first, last) = (
+                t.sequence_buckets[0],
+                *t.sequence_buckets.last().unwrap_or(&1),
+            );
+            for len in [first, last] {
+                if full(len) > 1 && !shapes.contains(&(full(len), len)) {
+                    shapes.push((full(len), len));
                 }
             }
         }
