@@ -4,7 +4,8 @@
 //! A request handler holds a cheap [`ModelHandle`]. [`ModelHandle::infer`] reserves room in the
 //! bounded queue (refusing at once when it is full), sends its items to the queue task and awaits
 //! a oneshot reply. The queue task waits for a free engine instance, then takes queued items in
-//! arrival order while they fit in `max_batch_size` and have compatible shapes, waiting at most
+//! arrival order while they fit in `max_batch_size` and have compatible shapes (text models: the
+//! oldest item and others of its length within a token budget, see [`plan`]), waiting at most
 //! `max_queue_delay` from the oldest item's arrival for the batch to fill. Items whose client has
 //! gone or whose deadline has passed are dropped before compute. The engine thread stacks the
 //! items into one tensor per input (padding variable dimensions), runs the forward pass and
@@ -80,6 +81,12 @@ pub enum InferError {
         model: String,
         rows: usize,
         max: usize,
+    },
+    #[error("a request of {rows} rows can never fit in the queue of model '{model}' (queue_capacity {capacity}); send at most {capacity} at a time")]
+    MoreRowsThanQueue {
+        model: String,
+        rows: usize,
+        capacity: usize,
     },
     #[error("the request's deadline passed before model '{model}' could run it")]
     Timeout { model: String },
@@ -243,6 +250,14 @@ impl ModelHandle {
             });
         }
         let total: usize = rows.iter().sum();
+        if total > cfg.queue_capacity {
+            // refused for good, not "retry later": it would never fit
+            return Err(InferError::MoreRowsThanQueue {
+                model: cfg.model.clone(),
+                rows: total,
+                capacity: cfg.queue_capacity,
+            });
+        }
         self.reserve(total)?;
         self.shared.stats.add_requests(items.len());
         let now = Instant::now();

@@ -391,6 +391,17 @@ async fn multi_row_items_get_exactly_their_rows() {
             ..
         })
     ));
+    // more rows than the queue ever holds: refused for good, not "queue full, retry"
+    let items: Vec<Item> = (0..65).map(|_| item(&[1.0])).collect();
+    let never = h.handle.infer(items, None).await;
+    assert!(matches!(
+        never,
+        Err(InferError::MoreRowsThanQueue {
+            rows: 65,
+            capacity: 64,
+            ..
+        })
+    ));
 }
 
 #[tokio::test]

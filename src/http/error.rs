@@ -188,6 +188,7 @@ impl From<InferError> for ApiError {
         match &e {
             InferError::QueueFull { .. } => ApiError::Overloaded(e.to_string()),
             InferError::MoreRowsThanMaxBatch { .. } => ApiError::InvalidInput(e.to_string()),
+            InferError::MoreRowsThanQueue { .. } => ApiError::PayloadTooLarge(e.to_string()),
             InferError::Timeout { .. } => ApiError::Timeout(e.to_string()),
             InferError::Stopped { .. } => ApiError::ModelNotReady(e.to_string()),
             InferError::Engine { .. } => ApiError::Internal(e.to_string()),

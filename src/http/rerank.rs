@@ -1,6 +1,6 @@
 //! `POST /v1/rerank`: documents ranked by relevance to a query, served by `reranker` models
-//! (cross-encoders), in the shape Cohere's, Jina's and text-embeddings-inference-style clients
-//! use.
+//! (cross-encoders), in the shape Cohere's and Jina's clients use (text-embeddings-inference's
+//! own `/rerank` takes `texts` and answers a bare array: see README.md).
 //!
 //! Request: `{"model", "query", "documents": ["text" | {"text"}, ...], "top_n"?,
 //! "return_documents"?}`. Answer: `{"id", "model", "results": [{"index", "relevance_score",
@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::inference::{blocking_if_large, count_outcome, deadline, with_timing};
+use super::inference::{blocking_if_large, count_outcome, deadline, with_timing, StillWanted};
 use super::v1::body_error;
 use super::{ApiError, AppState, REQUEST_ID};
 use crate::batcher::Item;
@@ -90,7 +90,11 @@ pub async fn rerank(
     count_outcome(&model, async {
         let deadline = deadline(&headers, model.spec.batching.timeout(), None)?;
         let m = model.clone();
-        let (items, req) = blocking_if_large(size, move || Ok((pairs(&m, &req)?, req))).await?;
+        // the query is tokenised with every document: that, not the body, is the work
+        let work = size.saturating_add(req.query.len().saturating_mul(req.documents.len()));
+        let (wanted, _alive) = StillWanted::new(deadline);
+        let (items, req) =
+            blocking_if_large(work, move || Ok((pairs(&m, &req, &wanted)?, req))).await?;
         let results = model.handle.infer(items, deadline).await?;
         let scorer = model.codec.pair_scorer().expect("checked before");
         let mut ranked = Vec::with_capacity(results.len());
@@ -146,13 +150,19 @@ fn parse(body: &[u8]) -> Result<RerankRequest, ApiError> {
     })
 }
 
-/// Every (query, document) pair as an item.
-fn pairs(model: &ServingModel, req: &RerankRequest) -> Result<Vec<Item>, ApiError> {
+/// Every (query, document) pair as an item; stops early once the client has left or the
+/// deadline has passed.
+fn pairs(
+    model: &ServingModel,
+    req: &RerankRequest,
+    wanted: &StillWanted,
+) -> Result<Vec<Item>, ApiError> {
     let scorer = model.codec.pair_scorer().expect("checked before");
     req.documents
         .iter()
         .enumerate()
         .map(|(i, d)| {
+            wanted.check()?;
             scorer
                 .pair(&req.query, d.text())
                 .map_err(|e| match ApiError::from(e) {
