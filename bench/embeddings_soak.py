@@ -98,10 +98,12 @@ def soak(minutes, batching, body_file, label):
 
 def report(data, margin):
     runs = data["runs"]
-    series = [(r["label"], c, [(t / 60, v) for t, v in r["samples"]])
+    # a point every 5 s
+    series = [(r["label"], c, [(t / 60, v) for t, v in r["samples"][::5]])
               for r, c in zip(runs, ["#1f77b4", "#d62728"])]
+    ticks = list(range(0, int(max(r["minutes"] for r in runs)) + 1))
     write_svg(SVG, [svg_chart(series, "minutes", "RSS MiB", "minilm RSS under random text lengths",
-                              log_x=False, width=640)], width=640)
+                              log_x=False, width=640, x_ticks=ticks)], width=640)
     lines = [f"Machine: {data['machine']}. all-MiniLM-L6-v2 (the test fixture), /v1/embeddings, one "
              "text of 1 to 300 words per request (English and Chinese, 20,000 bodies cycled), wrk at "
              "16 connections, RSS sampled every second.", "",
