@@ -182,13 +182,24 @@ impl Engine for TorchEngine {
 }
 
 /// libtorch's messages carry a C++ backtrace after the first line; clients need only the reason.
+/// A TorchScript interpreter error's first line only says that an operation failed: its reason
+/// is the last `...Error: ` line of the TorchScript traceback.
 fn first_line(message: &str) -> String {
-    message
+    let first = message
         .lines()
         .find(|l| !l.trim().is_empty())
         .unwrap_or(message)
-        .trim()
-        .to_string()
+        .trim();
+    if first.contains("failed in the TorchScript interpreter") {
+        if let Some(reason) = message
+            .lines()
+            .filter(|l| !l.starts_with(' ') && l.contains("Error: "))
+            .next_back()
+        {
+            return format!("{first} {}", reason.trim());
+        }
+    }
+    first.to_string()
 }
 
 fn kind_of(dtype: DType) -> Kind {
@@ -294,4 +305,22 @@ fn from_tensor(t: &Tensor) -> Result<HostTensor, EngineError> {
         t.f_copy_data_u8(&mut data, numel).map_err(err)?;
     }
     HostTensor::new(dtype, shape, data).map_err(|e| EngineError::Output(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_line;
+
+    #[test]
+    fn a_torchscript_error_keeps_its_reason() {
+        let message = "The following operation failed in the TorchScript interpreter.\nTraceback of TorchScript, serialized code (most recent call last):\n  File \"code/__torch__.py\", line 6, in forward\n    _0 = torch._convolution(x)\n         ~~~~ <--- HERE\n\nTraceback of TorchScript, original code (most recent call last):\nRuntimeError: expected scalar type BFloat16 but found Float\n";
+        assert_eq!(
+            first_line(message),
+            "The following operation failed in the TorchScript interpreter. RuntimeError: expected scalar type BFloat16 but found Float"
+        );
+        assert_eq!(
+            first_line("\nshape mismatch\nException raised from foo at bar.cpp:1"),
+            "shape mismatch"
+        );
+    }
 }
