@@ -193,8 +193,7 @@ fn first_line(message: &str) -> String {
     if first.contains("failed in the TorchScript interpreter") {
         if let Some(reason) = message
             .lines()
-            .filter(|l| !l.starts_with(' ') && l.contains("Error: "))
-            .next_back()
+            .rfind(|l| !l.starts_with(' ') && l.contains("Error: "))
         {
             return format!("{first} {}", reason.trim());
         }
