@@ -17,19 +17,11 @@ use aiaas::config::model_spec::{Crop, ModelSpec, Resize};
 use common::*;
 
 fn fixture() -> std::path::PathBuf {
-    let dir = std::env::var_os("AIAAS_HF_FIXTURES")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".fixtures/hf"));
-    assert!(
-        dir.join(".stamp").exists(),
-        "no fixtures in {}: run .ci/hf-fixtures.sh (make test does)",
-        dir.display()
-    );
-    dir.join("resnet18")
+    common::hf::fixtures().join("resnet18")
 }
 
 fn reference() -> Value {
-    serde_json::from_slice(&std::fs::read(fixture().join("reference.json")).unwrap()).unwrap()
+    common::hf::reference("resnet18")
 }
 
 fn f32s(bytes: &[u8]) -> Vec<f32> {

@@ -101,6 +101,38 @@ impl ApiError {
         }
     }
 
+    /// The error of one part of a request (`instance 3`, `document 0`, ...): an invalid or
+    /// malformed part's message names it; other errors are the request's as they are.
+    pub fn about(self, part: impl std::fmt::Display) -> ApiError {
+        match self {
+            ApiError::InvalidInput(m) => ApiError::InvalidInput(format!("{part}: {m}")),
+            ApiError::MalformedBody(m) => ApiError::MalformedBody(format!("{part}: {m}")),
+            other => other,
+        }
+    }
+
+    /// A JSON body serde could not read: a syntax error is a malformed body (400); JSON of the
+    /// wrong shape is invalid input (422), its message saying the `expected` shape.
+    pub fn json_body(e: serde_json::Error, expected: &str) -> ApiError {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => {
+                ApiError::MalformedBody(format!("invalid JSON: {e}"))
+            }
+            Category::Data => ApiError::InvalidInput(format!("expected {expected}: {e}")),
+        }
+    }
+
+    /// `count` parts (instances, inputs, documents) in one request, at most `max`: else 413.
+    pub fn at_most(count: usize, max: usize, parts: &str) -> Result<(), ApiError> {
+        if count > max {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "{count} {parts} in one request; at most {max} are accepted"
+            )));
+        }
+        Ok(())
+    }
+
     /// The request outcome this error counts as in metrics.
     pub fn outcome(&self) -> Outcome {
         match self {

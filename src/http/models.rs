@@ -23,23 +23,21 @@ pub async fn list(State(state): State<AppState>) -> Json<Value> {
         .iter()
         .map(|(name, entry)| summary(name, entry))
         .collect();
-    let created: Vec<(String, Option<u64>)> = listed
+    let data: Vec<Value> = listed
         .iter()
         .map(|(name, entry)| {
-            let loaded = entry.default_version().and_then(|s| {
-                s.loaded_at
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .ok()
-                    .map(|d| d.as_secs())
-            });
-            (name.clone(), loaded)
+            let created = entry.default_version().map_or(0, |s| loaded_at_secs(s));
+            super::openai::list_entry(name, created)
         })
         .collect();
-    Json(json!({
-        "models": models,
-        "object": "list",
-        "data": super::openai::list_entries(&created),
-    }))
+    Json(json!({"models": models, "object": "list", "data": data}))
+}
+
+/// When a serving copy was loaded, in seconds since the Unix epoch.
+fn loaded_at_secs(s: &ServingModel) -> u64 {
+    s.loaded_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 pub async fn describe(
@@ -147,14 +145,7 @@ fn version_json(version: u64, e: &VersionEntry) -> Value {
         obj.insert("device".into(), json!(s.device));
         obj.insert("load_ms".into(), json!(s.load_time.as_millis() as u64));
         obj.insert("warmup_ms".into(), json!(s.warmup_time.as_millis() as u64));
-        obj.insert(
-            "loaded_at".into(),
-            json!(s
-                .loaded_at
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)),
-        );
+        obj.insert("loaded_at".into(), json!(loaded_at_secs(s)));
         obj.insert(
             "stats".into(),
             json!({

@@ -24,6 +24,7 @@ use super::inference::{blocking_if_large, count_outcome, deadline, with_timing, 
 use super::v1::body_error;
 use super::{ApiError, AppState, ErrorLog};
 use crate::batcher::Item;
+use crate::codec::instance::json_type;
 use crate::codec::Embedder;
 use crate::registry::ServingModel;
 use crate::telemetry::Outcome;
@@ -192,15 +193,10 @@ struct Answer {
 /// Parses the body: the request and its inputs, or an error naming the field.
 fn parse(body: &[u8], max: usize) -> Result<(EmbeddingsRequest, Vec<Input>), OpenAiError> {
     let req: EmbeddingsRequest = serde_json::from_slice(body).map_err(|e| {
-        use serde_json::error::Category;
-        match e.classify() {
-            Category::Syntax | Category::Eof | Category::Io => {
-                ApiError::MalformedBody(format!("invalid JSON: {e}")).into()
-            }
-            Category::Data => OpenAiError::from(ApiError::InvalidInput(format!(
-                "expected {{\"model\": \"...\", \"input\": \"text\" | [\"text\", ...] | [token ids] | [[token ids], ...]}}: {e}"
-            ))),
-        }
+        ApiError::json_body(
+            e,
+            "{\"model\": \"...\", \"input\": \"text\" | [\"text\", ...] | [token ids] | [[token ids], ...]}",
+        )
     })?;
     let inputs = inputs(&req.input, max).map_err(|e| OpenAiError::on("input", e))?;
     Ok((req, inputs))
@@ -232,12 +228,7 @@ fn inputs(input: &Value, max: usize) -> Result<Vec<Input>, ApiError> {
         })?;
         return Ok(vec![Input::Ids(ids)]);
     }
-    if list.len() > max {
-        return Err(ApiError::PayloadTooLarge(format!(
-            "{} inputs in one request; at most {max} are accepted",
-            list.len()
-        )));
-    }
+    ApiError::at_most(list.len(), max, "inputs")?;
     list.iter()
         .enumerate()
         .map(|(i, v)| match v {
@@ -251,17 +242,6 @@ fn inputs(input: &Value, max: usize) -> Result<Vec<Input>, ApiError> {
             ))),
         })
         .collect()
-}
-
-fn json_type(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// `dimensions`: a whole number from 1 to the model's size.
@@ -343,11 +323,7 @@ fn tokenise(model: &ServingModel, inputs: &[Input]) -> Result<Vec<Item>, OpenAiE
                 Input::Ids(ids) => embedder.token_ids(ids),
             }
             .map_err(|e| {
-                let e = match ApiError::from(e) {
-                    ApiError::InvalidInput(m) => ApiError::InvalidInput(format!("input {i}: {m}")),
-                    other => other,
-                };
-                OpenAiError::on("input", e)
+                OpenAiError::on("input", ApiError::from(e).about(format_args!("input {i}")))
             })
         })
         .collect()
@@ -373,17 +349,11 @@ fn base64_f32(v: &[f32]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-/// `GET /v1/models` entries in OpenAI's list-models shape (`data`), beside the API's own
-/// `models`, so that `client.models.list()` works against the server.
-pub fn list_entries(models: &[(String, Option<u64>)]) -> Value {
-    Value::Array(
-        models
-            .iter()
-            .map(|(name, created)| {
-                json!({"id": name, "object": "model", "created": created.unwrap_or(0), "owned_by": "aiaas"})
-            })
-            .collect(),
-    )
+/// A `GET /v1/models` entry in OpenAI's list-models shape (`data`), beside the API's own
+/// `models`, so that `client.models.list()` works against the server; `created` is when the
+/// model was loaded (0: not loaded).
+pub fn list_entry(name: &str, created: u64) -> Value {
+    json!({"id": name, "object": "model", "created": created, "owned_by": "aiaas"})
 }
 
 #[cfg(test)]

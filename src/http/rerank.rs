@@ -63,12 +63,7 @@ pub async fn rerank(
             "\"documents\" is empty: send at least one".into(),
         ));
     }
-    if req.documents.len() > max {
-        return Err(ApiError::PayloadTooLarge(format!(
-            "{} documents in one request; at most {max} are accepted",
-            req.documents.len()
-        )));
-    }
+    ApiError::at_most(req.documents.len(), max, "documents")?;
     if req.top_n == Some(0) {
         return Err(ApiError::InvalidInput(
             "top_n is at least 1 (leave it out for every document)".into(),
@@ -138,15 +133,10 @@ pub async fn rerank(
 
 fn parse(body: &[u8]) -> Result<RerankRequest, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
-        use serde_json::error::Category;
-        match e.classify() {
-            Category::Syntax | Category::Eof | Category::Io => {
-                ApiError::MalformedBody(format!("invalid JSON: {e}"))
-            }
-            Category::Data => ApiError::InvalidInput(format!(
-                "expected {{\"model\": \"...\", \"query\": \"...\", \"documents\": [\"...\", ...], \"top_n\"?: n, \"return_documents\"?: bool}}: {e}"
-            )),
-        }
+        ApiError::json_body(
+            e,
+            "{\"model\": \"...\", \"query\": \"...\", \"documents\": [\"...\", ...], \"top_n\"?: n, \"return_documents\"?: bool}",
+        )
     })
 }
 
@@ -165,12 +155,7 @@ fn pairs(
             wanted.check()?;
             scorer
                 .pair(&req.query, d.text())
-                .map_err(|e| match ApiError::from(e) {
-                    ApiError::InvalidInput(m) => {
-                        ApiError::InvalidInput(format!("document {i}: {m}"))
-                    }
-                    other => other,
-                })
+                .map_err(|e| ApiError::from(e).about(format_args!("document {i}")))
         })
         .collect()
 }

@@ -174,7 +174,7 @@ async fn decode_json(
 ) -> Result<(Vec<Item>, Parameters), ApiError> {
     let max = state.settings.max_instances;
     decode_inline_or_blocking(model, body, move |m, b| {
-        let req = parse_request(&b).map_err(|e| match json_error(e) {
+        let req = parse_request(&b).map_err(|e| match ApiError::json_body(e, V1_SHAPE) {
             ApiError::MalformedBody(msg) if form => ApiError::UnsupportedMediaType(format!(
                 "a body sent as {FORM_URLENCODED} is taken only when it is JSON ({msg}); \
                  send {{\"instances\": [...]}} as application/json"
@@ -186,30 +186,16 @@ async fn decode_json(
                 "\"instances\" is empty: send at least one instance".into(),
             ));
         }
-        if req.instances.len() > max {
-            return Err(ApiError::PayloadTooLarge(format!(
-                "{} instances in one request; at most {max} are accepted",
-                req.instances.len()
-            )));
-        }
+        ApiError::at_most(req.instances.len(), max, "instances")?;
         let items = req
             .instances
             .iter()
             .enumerate()
             .map(|(i, v)| {
                 wanted.check()?;
-                m.codec.decode_instance(v).map_err(|e| {
-                    let e = ApiError::from(e);
-                    match e {
-                        ApiError::InvalidInput(msg) => {
-                            ApiError::InvalidInput(format!("instance {i}: {msg}"))
-                        }
-                        ApiError::MalformedBody(msg) => {
-                            ApiError::MalformedBody(format!("instance {i}: {msg}"))
-                        }
-                        other => other,
-                    }
-                })
+                m.codec
+                    .decode_instance(v)
+                    .map_err(|e| ApiError::from(e).about(format_args!("instance {i}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok((items, req.parameters.unwrap_or_default()))
@@ -218,17 +204,8 @@ async fn decode_json(
 }
 
 /// Syntax errors are malformed bodies (400); well-formed JSON of the wrong shape is 422.
-fn json_error(e: serde_json::Error) -> ApiError {
-    use serde_json::error::Category;
-    match e.classify() {
-        Category::Syntax | Category::Eof | Category::Io => {
-            ApiError::MalformedBody(format!("invalid JSON: {e}"))
-        }
-        Category::Data => ApiError::InvalidInput(format!(
-            "expected {{\"instances\": [...], \"parameters\"?: {{\"top_k\"?: n, \"scores\"?: \"all\"}}}}: {e}"
-        )),
-    }
-}
+const V1_SHAPE: &str =
+    "{\"instances\": [...], \"parameters\"?: {\"top_k\"?: n, \"scores\"?: \"all\"}}";
 
 fn respond(model: &ServingModel, results: &[Inferred], predictions: Vec<Value>) -> Response {
     let body = json!({
