@@ -20,7 +20,9 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::inference::{blocking_if_large, count_outcome, deadline, with_timing, HasOutcome};
+use super::inference::{
+    blocking_if_large, count_outcome, deadline, with_timing, HasOutcome, StillWanted,
+};
 use super::v1::body_error;
 use super::{ApiError, AppState, ErrorLog};
 use crate::batcher::Item;
@@ -273,7 +275,8 @@ async fn embed(
 ) -> Result<Response, OpenAiError> {
     let deadline = deadline(headers, model.spec.batching.timeout(), None)?;
     let m = model.clone();
-    let items = blocking_if_large(size, move || Ok(tokenise(&m, &inputs))).await??;
+    let (wanted, _alive) = StillWanted::new(deadline);
+    let items = blocking_if_large(size, move || Ok(tokenise(&m, &inputs, &wanted))).await??;
     let results = model
         .handle
         .infer(items, deadline)
@@ -311,13 +314,19 @@ async fn embed(
     ))
 }
 
-/// Each input as an item: texts tokenised, token ids checked.
-fn tokenise(model: &ServingModel, inputs: &[Input]) -> Result<Vec<Item>, OpenAiError> {
+/// Each input as an item: texts tokenised, token ids checked; stops early once the client has
+/// left or the deadline has passed.
+fn tokenise(
+    model: &ServingModel,
+    inputs: &[Input],
+    wanted: &StillWanted,
+) -> Result<Vec<Item>, OpenAiError> {
     let embedder = model.codec.embedder().expect("checked before");
     inputs
         .iter()
         .enumerate()
         .map(|(i, input)| {
+            wanted.check()?;
             match input {
                 Input::Text(t) => embedder.text(t),
                 Input::Ids(ids) => embedder.token_ids(ids),
