@@ -12,6 +12,7 @@ use aiaas::connections::ConnectionSettings;
 use aiaas::http::ApiKeys;
 use aiaas::http::HttpSettings;
 use aiaas::idle_poll::IdlePolling;
+use aiaas::registry::memory::MemoryBudget;
 use aiaas::registry::RegistrySettings;
 use aiaas::server::{serve, ServerConfig};
 
@@ -45,11 +46,19 @@ struct Args {
 
     /// How models change at run time: none (fixed at start-up, management API read-only),
     /// explicit (load/unload/reload through the management API), poll (follow the repository
-    /// on disk).
+    /// on disk), lazy (every model listed, each loaded by the first request for it; with
+    /// --model-memory-budget the least recently used idle models are evicted to make room).
     #[arg(long, env = "AIAAS_MODEL_CONTROL", value_enum, default_value = "none")]
     model_control: ModelControl,
 
-    /// Seconds between two scans of the repository in poll mode.
+    /// Most memory loaded models may hold: a size for every device (8GiB, 512MiB, bytes) or
+    /// one per device (cpu=8GiB,cuda:0=60GiB). Each version's footprint is measured at load,
+    /// after warm-up. Under --model-control lazy the least recently used idle models are
+    /// evicted to make room; otherwise a load that does not fit is refused. Default: no limit.
+    #[arg(long, env = "AIAAS_MODEL_MEMORY_BUDGET")]
+    model_memory_budget: Option<MemoryBudget>,
+
+    /// Seconds between two scans of the repository in poll (and lazy) mode.
     #[arg(long, env = "AIAAS_POLL_INTERVAL", default_value_t = 5.0)]
     poll_interval: f64,
 
@@ -241,6 +250,8 @@ fn main() -> anyhow::Result<()> {
             },
             max_text_bytes: args.max_text_bytes,
             idle_polling,
+            memory_budget: args.model_memory_budget.unwrap_or_default(),
+            lazy: args.model_control == ModelControl::Lazy,
         },
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
         shutdown_delay: Duration::from_secs_f64(args.shutdown_delay.max(0.0)),

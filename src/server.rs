@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::config::ModelControl;
 use crate::connections::{self, ConnectionSettings};
 use crate::engine::torch;
 use crate::http::{app, AppState, HttpSettings};
@@ -91,7 +90,7 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
                 }
                 Err(e) => tracing::error!(error = %e, "cannot read the model repository"),
             }
-            if mode == ModelControl::Poll {
+            if mode.polls() {
                 tracing::info!(
                     interval_s = interval.as_secs_f64(),
                     "polling the model repository"

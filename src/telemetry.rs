@@ -80,7 +80,29 @@ pub struct Metrics {
     http_duration: HistogramVec,
     pub http_in_flight: IntGauge,
     rejected: IntCounterVec,
+    model_memory: IntGaugeVec,
+    resident_memory: IntGaugeVec,
+    memory_budget: IntGaugeVec,
+    model_loads: IntCounterVec,
+    evictions: IntCounterVec,
+    load_wait: HistogramVec,
 }
+
+/// Model states, as the `state` label of `aiaas_model_state` spells them.
+const STATES: [&str; 6] = [
+    "loading",
+    "ready",
+    "unloading",
+    "unavailable",
+    "failed",
+    "unloaded",
+];
+
+/// Seconds a request may wait for a model to load: from a small model on a fast disk to a
+/// large one.
+const LOAD_WAIT_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 
 fn histogram(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
     HistogramVec::new(
@@ -212,6 +234,46 @@ impl Metrics {
                 "Requests refused before reaching a model: concurrency_limit, unauthenticated, forbidden.",
                 &["reason"],
             ),
+            model_memory: IntGaugeVec::new(
+                Opts::new(
+                    "aiaas_model_memory_bytes",
+                    "Memory a loaded model version holds on its device, measured at load after warm-up (resident-memory growth on CPU).",
+                ),
+                &["model", "version", "device"],
+            )
+            .expect("valid gauge"),
+            resident_memory: IntGaugeVec::new(
+                Opts::new(
+                    "aiaas_model_memory_resident_bytes",
+                    "Sum of aiaas_model_memory_bytes per device: what counts against --model-memory-budget.",
+                ),
+                &["device"],
+            )
+            .expect("valid gauge"),
+            memory_budget: IntGaugeVec::new(
+                Opts::new(
+                    "aiaas_model_memory_budget_bytes",
+                    "The --model-memory-budget of each device (absent without one).",
+                ),
+                &["device"],
+            )
+            .expect("valid gauge"),
+            model_loads: counter(
+                "aiaas_model_loads_total",
+                "Model version loads by reason: startup, on_demand (a request found it not in memory), explicit (management API), poll (new in the repository), reload (files changed or reload asked).",
+                &["model", "reason"],
+            ),
+            evictions: counter(
+                "aiaas_model_evictions_total",
+                "Models unloaded to make room in the memory budget (least recently used first).",
+                &["model"],
+            ),
+            load_wait: histogram(
+                "aiaas_model_load_wait_seconds",
+                "Time requests waited for their model to be loaded on demand, in seconds.",
+                LOAD_WAIT_BUCKETS,
+                &["model"],
+            ),
             registry,
         };
         let info = IntGaugeVec::new(
@@ -248,6 +310,12 @@ impl Metrics {
             Box::new(m.http_duration.clone()),
             Box::new(m.http_in_flight.clone()),
             Box::new(m.rejected.clone()),
+            Box::new(m.model_memory.clone()),
+            Box::new(m.resident_memory.clone()),
+            Box::new(m.memory_budget.clone()),
+            Box::new(m.model_loads.clone()),
+            Box::new(m.evictions.clone()),
+            Box::new(m.load_wait.clone()),
             Box::new(info),
         ];
         for reason in ["concurrency_limit", "unauthenticated", "forbidden"] {
@@ -328,17 +396,60 @@ impl Metrics {
     /// Marks `state` as the state of a model version (1) and every other state 0.
     pub fn set_state(&self, model: &str, version: u64, state: &str) {
         let v = version.to_string();
-        for s in ["loading", "ready", "unloading", "unavailable", "failed"] {
+        for s in STATES {
             self.model_state
                 .with_label_values(&[model, v.as_str(), s])
                 .set((s == state) as i64);
         }
     }
 
+    /// Counts a load of a model version and why it happened.
+    pub fn model_loaded(&self, model: &str, reason: &str) {
+        self.model_loads.with_label_values(&[model, reason]).inc();
+    }
+
+    /// Counts an eviction.
+    pub fn model_evicted(&self, model: &str) {
+        self.evictions.with_label_values(&[model]).inc();
+    }
+
+    /// Records how long a request waited for its model to load.
+    pub fn load_waited(&self, model: &str, waited: Duration) {
+        self.load_wait
+            .with_label_values(&[model])
+            .observe(waited.as_secs_f64());
+    }
+
+    /// The measured footprint of a loaded model version.
+    pub fn set_model_memory(&self, model: &str, version: u64, device: &str, bytes: u64) {
+        self.model_memory
+            .with_label_values(&[model, version.to_string().as_str(), device])
+            .set(bytes as i64);
+    }
+
+    /// Drops the footprint series of an unloaded model version.
+    pub fn forget_model_memory(&self, model: &str, version: u64, device: &str) {
+        let _ =
+            self.model_memory
+                .remove_label_values(&[model, version.to_string().as_str(), device]);
+    }
+
+    /// The footprint resident on `device` and its budget, if it has one.
+    pub fn set_device_memory(&self, device: &str, resident: u64, budget: Option<u64>) {
+        self.resident_memory
+            .with_label_values(&[device])
+            .set(resident as i64);
+        if let Some(budget) = budget {
+            self.memory_budget
+                .with_label_values(&[device])
+                .set(budget as i64);
+        }
+    }
+
     /// Drops the state series of a model version that is gone from the repository.
     pub fn forget_state(&self, model: &str, version: u64) {
         let v = version.to_string();
-        for s in ["loading", "ready", "unloading", "unavailable", "failed"] {
+        for s in STATES {
             let _ = self
                 .model_state
                 .remove_label_values(&[model, v.as_str(), s]);

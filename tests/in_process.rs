@@ -1,18 +1,23 @@
 //! The real router over a fake engine, in-process: `aiaas::app(state)` driven with `oneshot`,
 //! no socket and no libtorch. The registry builds engines through the factory it is given, so
 //! HTTP-level behaviour (routes, codecs, batching, errors, model states) is tested here without
-//! TorchScript files.
+//! TorchScript files. The memory budget and lazy loading are tested here too, over engines whose
+//! footprint the test sets.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::{HeaderMap, Request, StatusCode};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
 use aiaas::config::model_spec::ModelSpec;
+use aiaas::config::ModelControl;
 use aiaas::engine::{Engine, EngineError, EngineFactory, LoadedEngine};
-use aiaas::registry::Registry;
+use aiaas::http::HttpSettings;
+use aiaas::registry::{Registry, RegistrySettings};
 use aiaas::repository::ModelRepository;
 use aiaas::tensor::HostTensor;
 
@@ -76,24 +81,47 @@ mod tempdir {
 /// A repository of regressors `names` (model.toml and an empty model file each), loaded through
 /// [`FakeEngines`], behind the real router.
 async fn app(names: &[&str]) -> App {
+    let models: Vec<(&str, String, &str)> =
+        names.iter().map(|n| (*n, REGRESSOR.into(), "")).collect();
+    app_with(&models, Default::default(), Arc::new(FakeEngines)).await
+}
+
+/// A repository of `(name, model.toml, model file contents)`, loaded by `engines` with
+/// `settings` (the management API open when `settings.lazy`), behind the real router.
+async fn app_with(
+    models: &[(&str, String, &str)],
+    settings: RegistrySettings,
+    engines: Arc<dyn EngineFactory>,
+) -> App {
     static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let root = std::env::temp_dir().join(format!("aiaas-in-process-{}-{n}", std::process::id()));
-    for name in names {
+    for (name, toml, file) in models {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("model.toml"), REGRESSOR).unwrap();
-        std::fs::write(dir.join("model.pt"), b"").unwrap();
+        std::fs::write(dir.join("model.toml"), toml).unwrap();
+        std::fs::write(dir.join("model.pt"), file).unwrap();
     }
     let metrics = aiaas::telemetry::Metrics::new(&aiaas::server::build_info());
+    let lazy = settings.lazy;
     let registry = Registry::new(
         ModelRepository::new(&root),
-        Default::default(),
-        Arc::new(FakeEngines),
+        settings,
+        engines,
         metrics.clone(),
     );
     registry.load_startup(None).await.unwrap();
-    let state = aiaas::AppState::new(registry, metrics, Default::default());
+    let http = HttpSettings {
+        model_control: if lazy {
+            ModelControl::Lazy
+        } else {
+            ModelControl::None
+        },
+        // no peer address in-process: management would count as remote
+        allow_unauthenticated_admin: true,
+        ..Default::default()
+    };
+    let state = aiaas::AppState::new(registry, metrics, http);
     App {
         router: aiaas::app(state),
         _dir: tempdir::Dir(root),
@@ -101,6 +129,16 @@ async fn app(names: &[&str]) -> App {
 }
 
 async fn call(app: &App, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    let (status, _, json) = call_with_headers(app, method, path, body).await;
+    (status, json)
+}
+
+async fn call_with_headers(
+    app: &App,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, HeaderMap, Value) {
     let mut req = Request::builder().method(method).uri(path);
     let body = match body {
         Some(v) => {
@@ -116,11 +154,12 @@ async fn call(app: &App, method: &str, path: &str, body: Option<Value>) -> (Stat
         .await
         .unwrap();
     let status = response.status();
+    let headers = response.headers().clone();
     let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
         .await
         .unwrap();
     let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    (status, json)
+    (status, headers, json)
 }
 
 #[tokio::test]
@@ -195,4 +234,357 @@ async fn a_failing_engine_fails_its_request_and_a_failed_load_its_model_only() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     let (_, body) = call(&app, "GET", "/health/ready", None).await;
     assert!(body.to_string().contains("broken"), "{body}");
+}
+
+// ---- the memory budget and lazy loading, over engines of a set footprint ----
+
+/// Engines whose footprint is the number of MiB written in their model file, counted in
+/// `in_use` from load until dropped, as a runtime's allocator would. They double their input;
+/// a batch holding 777 waits while `hold` is set.
+#[derive(Default)]
+struct SizedEngines {
+    in_use: Arc<AtomicU64>,
+    loads: AtomicUsize,
+    hold: Arc<std::sync::atomic::AtomicBool>,
+    entered: Arc<AtomicUsize>,
+}
+
+struct SizedEngine {
+    bytes: u64,
+    in_use: Arc<AtomicU64>,
+    hold: Arc<std::sync::atomic::AtomicBool>,
+    entered: Arc<AtomicUsize>,
+}
+
+impl Engine for SizedEngine {
+    fn forward(&mut self, inputs: Vec<HostTensor>) -> Result<Vec<HostTensor>, EngineError> {
+        let values = inputs[0].to_f32_vec();
+        if values.contains(&777.0) {
+            self.entered.fetch_add(1, Ordering::SeqCst);
+            while self.hold.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        Doubler.forward(inputs)
+    }
+}
+
+impl Drop for SizedEngine {
+    fn drop(&mut self) {
+        self.in_use.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
+impl EngineFactory for SizedEngines {
+    fn load(&self, spec: &ModelSpec, _index: usize) -> Result<LoadedEngine, EngineError> {
+        let mib: u64 = std::fs::read_to_string(&spec.file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let bytes = mib << 20;
+        self.in_use.fetch_add(bytes, Ordering::SeqCst);
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        Ok(LoadedEngine {
+            engine: Box::new(SizedEngine {
+                bytes,
+                in_use: self.in_use.clone(),
+                hold: self.hold.clone(),
+                entered: self.entered.clone(),
+            }),
+            device: "cpu".into(),
+        })
+    }
+
+    fn memory_in_use(&self, device: &str) -> Option<u64> {
+        (device == "cpu").then(|| self.in_use.load(Ordering::SeqCst))
+    }
+}
+
+const MIB: u64 = 1 << 20;
+
+/// Lazy model control with `budget` over regressors `(name, MiB, pinned)`.
+async fn lazy_app(
+    models: &[(&str, &str, bool)],
+    budget: &str,
+    lazy: bool,
+) -> (App, Arc<SizedEngines>) {
+    let engines = Arc::new(SizedEngines::default());
+    let models: Vec<(&str, String, &str)> = models
+        .iter()
+        .map(|(name, mib, pinned)| {
+            let toml = format!("pinned = {pinned}\n{REGRESSOR}");
+            (*name, toml, *mib)
+        })
+        .collect();
+    let settings = RegistrySettings {
+        memory_budget: budget.parse().unwrap(),
+        lazy,
+        ..Default::default()
+    };
+    (app_with(&models, settings, engines.clone()).await, engines)
+}
+
+/// Predicts on `model`; returns the status and `x-model-loaded`.
+async fn predict(app: &App, model: &str, x: f32) -> (StatusCode, String, Value) {
+    let (status, headers, body) = call_with_headers(
+        app,
+        "POST",
+        &format!("/v1/models/{model}/predict"),
+        Some(json!({"instances": [x]})),
+    )
+    .await;
+    let loaded = headers
+        .get("x-model-loaded")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (status, loaded, body)
+}
+
+async fn state_of(app: &App, model: &str) -> (String, String) {
+    let (_, body) = call(app, "GET", &format!("/v1/models/{model}"), None).await;
+    (
+        body["state"].as_str().unwrap_or_default().to_string(),
+        body["reason"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+async fn metric(app: &App, series: &str) -> Option<f64> {
+    let response = app
+        .router
+        .clone()
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn lazy_models_load_on_first_request_and_the_least_recently_used_go_first() {
+    let (app, engines) = lazy_app(
+        &[
+            ("a", "100", false),
+            ("b", "100", false),
+            ("c", "100", false),
+        ],
+        "250MiB",
+        true,
+    )
+    .await;
+    // every model listed, none in memory, and the server ready without them
+    let (_, list) = call(&app, "GET", "/v1/models", None).await;
+    let states: Vec<&str> = list["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["unloaded"; 3], "{list}");
+    assert_eq!(
+        call(&app, "GET", "/health/ready", None).await.0,
+        StatusCode::OK
+    );
+    assert_ne!(
+        call(&app, "GET", "/v2/models/a/ready", None).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(engines.loads.load(Ordering::SeqCst), 0);
+
+    // the first request loads (cold), the next ones find it (warm)
+    let (status, loaded, body) = predict(&app, "a", 1.5).await;
+    assert_eq!(
+        (status, loaded.as_str()),
+        (StatusCode::OK, "cold"),
+        "{body}"
+    );
+    assert_eq!(body["predictions"], json!([3.0]));
+    assert_eq!(predict(&app, "a", 1.0).await.1, "warm");
+    assert_eq!(
+        call(&app, "GET", "/v2/models/a/ready", None).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(predict(&app, "b", 1.0).await.1, "cold");
+    // a is used after b: b is the least recently used when c needs room
+    assert_eq!(predict(&app, "a", 1.0).await.1, "warm");
+    let (status, loaded, _) = predict(&app, "c", 1.0).await;
+    assert_eq!((status, loaded.as_str()), (StatusCode::OK, "cold"));
+    let (state, reason) = state_of(&app, "b").await;
+    assert_eq!(state, "unloaded");
+    assert!(
+        reason.contains("evicted") && reason.contains("'c'"),
+        "{reason}"
+    );
+    assert_eq!(state_of(&app, "a").await.0, "ready");
+    // its memory is given back, and the accounting says so
+    assert_eq!(engines.in_use.load(Ordering::SeqCst), 200 * MIB);
+    assert_eq!(
+        metric(&app, r#"aiaas_model_memory_resident_bytes{device="cpu"}"#).await,
+        Some((200 * MIB) as f64)
+    );
+    let (_, a) = call(&app, "GET", "/v1/models/a", None).await;
+    assert_eq!(a["versions"][0]["memory_bytes"], json!(100 * MIB), "{a}");
+    assert_eq!(
+        metric(&app, r#"aiaas_model_evictions_total{model="b"}"#).await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &app,
+            r#"aiaas_model_loads_total{model="a",reason="on_demand"}"#
+        )
+        .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&app, r#"aiaas_model_memory_budget_bytes{device="cpu"}"#).await,
+        Some((250 * MIB) as f64)
+    );
+
+    // b comes back on demand, evicting a (used before c)
+    assert_eq!(predict(&app, "b", 1.0).await.1, "cold");
+    assert_eq!(state_of(&app, "a").await.0, "unloaded");
+    assert_eq!(state_of(&app, "c").await.0, "ready");
+    // the management API unloads (and the next request loads again)
+    let (status, body) = call(&app, "POST", "/v1/models/c/unload", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "unloaded");
+    assert_eq!(predict(&app, "c", 1.0).await.1, "cold");
+    assert_eq!(engines.loads.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test]
+async fn pinned_models_load_at_start_and_are_never_evicted() {
+    let (app, engines) = lazy_app(
+        &[("a", "100", false), ("b", "100", false), ("p", "100", true)],
+        "250MiB",
+        true,
+    )
+    .await;
+    assert_eq!(state_of(&app, "p").await.0, "ready");
+    assert_eq!(engines.loads.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        metric(
+            &app,
+            r#"aiaas_model_loads_total{model="p",reason="startup"}"#
+        )
+        .await,
+        Some(1.0)
+    );
+    assert_eq!(predict(&app, "a", 1.0).await.0, StatusCode::OK);
+    // p is the least recently used, but pinned: a goes
+    assert_eq!(predict(&app, "b", 1.0).await.0, StatusCode::OK);
+    assert_eq!(state_of(&app, "a").await.0, "unloaded");
+    assert_eq!(state_of(&app, "p").await.0, "ready");
+    assert_eq!(predict(&app, "p", 1.0).await.1, "warm");
+}
+
+#[tokio::test]
+async fn a_model_with_work_in_flight_is_never_evicted() {
+    let (app, engines) =
+        lazy_app(&[("a", "100", false), ("b", "100", false)], "150MiB", true).await;
+    assert_eq!(predict(&app, "a", 1.0).await.0, StatusCode::OK);
+    engines.hold.store(true, Ordering::SeqCst);
+    let router = app.router.clone();
+    let held = tokio::spawn(async move {
+        let req = Request::post("/v1/models/a/predict")
+            .header("content-type", "application/json")
+            .body(Body::from(r#"{"instances": [777]}"#))
+            .unwrap();
+        router.oneshot(req).await.unwrap().status()
+    });
+    while engines.entered.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // no room while a is busy: b is refused with the reason, and stays listed
+    let (status, _, body) = predict(&app, "b", 1.0).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("'a' (busy"), "{message}");
+    assert_eq!(state_of(&app, "b").await.0, "unloaded");
+    assert_eq!(state_of(&app, "a").await.0, "ready");
+    // a's request completes; then b gets its room
+    engines.hold.store(false, Ordering::SeqCst);
+    assert_eq!(held.await.unwrap(), StatusCode::OK);
+    let (status, loaded, _) = predict(&app, "b", 1.0).await;
+    assert_eq!((status, loaded.as_str()), (StatusCode::OK, "cold"));
+    assert_eq!(state_of(&app, "a").await.0, "unloaded");
+}
+
+#[tokio::test]
+async fn a_model_larger_than_the_budget_fails_without_evicting_the_others() {
+    let (app, engines) = lazy_app(
+        &[("a", "100", false), ("big", "200", false)],
+        "150MiB",
+        true,
+    )
+    .await;
+    assert_eq!(predict(&app, "a", 1.0).await.0, StatusCode::OK);
+    let (status, _, body) = predict(&app, "big", 1.0).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("200.0MiB on cpu, more than the whole model memory budget of 150.0MiB"),
+        "{message}"
+    );
+    let (state, reason) = state_of(&app, "big").await;
+    assert_eq!(state, "failed", "{reason}");
+    assert_eq!(state_of(&app, "a").await.0, "ready");
+    assert_eq!(engines.in_use.load(Ordering::SeqCst), 100 * MIB);
+    // known too large now: refused at once, without another load
+    let loads = engines.loads.load(Ordering::SeqCst);
+    assert_eq!(
+        predict(&app, "big", 1.0).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(engines.loads.load(Ordering::SeqCst), loads);
+    assert_eq!(
+        metric(&app, r#"aiaas_model_evictions_total{model="a"}"#).await,
+        None
+    );
+}
+
+#[tokio::test]
+async fn concurrent_first_requests_wait_for_one_load() {
+    let (app, engines) = lazy_app(&[("a", "10", false)], "1GiB", true).await;
+    let replies = futures::future::join_all((0..16).map(|i| {
+        let router = app.router.clone();
+        async move {
+            let req = Request::post("/v1/models/a/predict")
+                .header("content-type", "application/json")
+                .body(Body::from(format!(r#"{{"instances": [{i}]}}"#)))
+                .unwrap();
+            let response = router.oneshot(req).await.unwrap();
+            (
+                response.status(),
+                response.headers()["x-model-loaded"]
+                    .to_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        }
+    }))
+    .await;
+    assert!(
+        replies.iter().all(|(s, _)| *s == StatusCode::OK),
+        "{replies:?}"
+    );
+    assert!(replies.iter().any(|(_, l)| l == "cold"), "{replies:?}");
+    assert_eq!(engines.loads.load(Ordering::SeqCst), 1);
+    let waited = metric(&app, r#"aiaas_model_load_wait_seconds_count{model="a"}"#).await;
+    assert!(waited.is_some_and(|n| n >= 1.0), "{waited:?}");
+}
+
+#[tokio::test]
+async fn without_lazy_loading_a_budget_refuses_what_does_not_fit() {
+    let (app, _) = lazy_app(&[("a", "100", false), ("b", "100", false)], "150MiB", false).await;
+    let mut states = vec![state_of(&app, "a").await, state_of(&app, "b").await];
+    states.sort();
+    assert_eq!(states[1].0, "ready", "{states:?}");
+    assert_eq!(states[0].0, "failed", "{states:?}");
+    assert!(states[0].1.contains("(loaded, 100.0MiB)"), "{states:?}");
 }

@@ -19,6 +19,12 @@ pub enum ModelControl {
     /// removed models or versions are loaded, reloaded or unloaded automatically. The disk is
     /// the source of truth, so the management API is read-only.
     Poll,
+    /// Every model in the repository is listed as unloaded at start-up (pinned ones load); the
+    /// first request for a model loads it, and under `--model-memory-budget` the least recently
+    /// used idle models are evicted to make room. The repository is scanned for new and removed
+    /// models as in `poll`; the management API loads (warms) and unloads (evicts) as in
+    /// `explicit`.
+    Lazy,
 }
 
 impl ModelControl {
@@ -27,6 +33,17 @@ impl ModelControl {
             ModelControl::None => "none",
             ModelControl::Explicit => "explicit",
             ModelControl::Poll => "poll",
+            ModelControl::Lazy => "lazy",
         }
+    }
+
+    /// Whether the management API may load and unload models.
+    pub fn allows_management(self) -> bool {
+        matches!(self, ModelControl::Explicit | ModelControl::Lazy)
+    }
+
+    /// Whether the repository is scanned for changes at run time.
+    pub fn polls(self) -> bool {
+        matches!(self, ModelControl::Poll | ModelControl::Lazy)
     }
 }

@@ -392,6 +392,8 @@ struct RawSpec {
     #[serde(default)]
     intra_op_threads: usize,
     #[serde(default)]
+    pinned: bool,
+    #[serde(default)]
     channels_last: Option<bool>,
     #[serde(default)]
     description: Option<String>,
@@ -436,6 +438,9 @@ pub struct ModelSpec {
     pub instances: usize,
     /// libtorch intra-op threads per instance; 0: the cores shared out between the instances.
     pub intra_op_threads: usize,
+    /// Never evicted to make room in the memory budget; loaded at start-up under lazy model
+    /// control.
+    pub pinned: bool,
     /// Feed 4-D inputs in channels-last memory format (default: yes for image classifiers).
     pub channels_last: bool,
     pub batching: BatchingSpec,
@@ -569,6 +574,7 @@ impl ModelSpec {
             device: raw.device,
             instances: raw.instances,
             intra_op_threads: raw.intra_op_threads,
+            pinned: raw.pinned,
             channels_last: raw
                 .channels_last
                 .unwrap_or(crate::codec::kinds::registration(raw.kind).images),

@@ -21,6 +21,22 @@ pub trait Engine: Send + 'static {
 pub trait EngineFactory: Send + Sync + 'static {
     /// Loads instance `index` of the model `spec` describes.
     fn load(&self, spec: &ModelSpec, index: usize) -> Result<LoadedEngine, EngineError>;
+
+    /// The device the model's instances will run on (`cpu`, `cuda:0`), known before loading
+    /// so that room can be made for it in the memory budget.
+    fn device(&self, spec: &ModelSpec) -> String {
+        match spec.device {
+            crate::config::model_spec::DeviceSpec::Auto => "cpu".into(),
+            d => d.to_string(),
+        }
+    }
+
+    /// Bytes the runtime holds on `device` now, where it keeps its own count (a CUDA caching
+    /// allocator). `None`: the registry measures the process's resident memory for the CPU
+    /// and estimates other devices from the model file's size.
+    fn memory_in_use(&self, _device: &str) -> Option<u64> {
+        None
+    }
 }
 
 /// One engine instance and the device it runs on (`cpu`, `cuda:0`).

@@ -85,6 +85,10 @@ impl EngineFactory for TorchEngines {
             device: device.to_string(),
         })
     }
+
+    fn device(&self, spec: &ModelSpec) -> String {
+        resolve_device(spec.device).map_or_else(|_| spec.device.to_string(), |d| d.to_string())
+    }
 }
 
 /// Threads per engine instance: as configured, else the cores shared out between the instances

@@ -12,12 +12,12 @@ use super::models::model_json;
 use super::{ApiError, AppState};
 use crate::config::ModelControl;
 
-/// Refuses changes unless the server runs with `--model-control explicit`.
+/// Refuses changes unless the server runs with `--model-control explicit` (or `lazy`).
 fn allowed(state: &AppState) -> Result<(), ApiError> {
     match state.settings.model_control {
-        ModelControl::Explicit => Ok(()),
+        mode if mode.allows_management() => Ok(()),
         mode => Err(ApiError::Forbidden(format!(
-            "model control mode is '{}': the repository is {}; start the server with --model-control explicit to load, unload and reload through the API",
+            "model control mode is '{}': the repository is {}; start the server with --model-control explicit (or lazy) to load, unload and reload through the API",
             mode.as_str(),
             if mode == ModelControl::Poll { "followed from disk" } else { "fixed at start-up" }
         ))),

@@ -195,6 +195,8 @@ impl From<LookupError> for ApiError {
             } => ApiError::ModelNotFound(e.to_string()),
             // Loading, unloading or failed: the client may retry.
             LookupError::NotReady { .. } => ApiError::ModelNotReady(e.to_string()),
+            // Lazy loading outlasted the request's deadline; the load goes on for the next one.
+            LookupError::LoadTimedOut { .. } => ApiError::Timeout(e.to_string()),
         }
     }
 }

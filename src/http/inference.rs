@@ -10,9 +10,9 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::Response;
 
-use super::{ApiError, InferenceLog};
+use super::{ApiError, AppState, InferenceLog};
 use crate::batcher::Inferred;
-use crate::registry::ServingModel;
+use crate::registry::{ModelLease, ServingModel};
 use crate::telemetry::Outcome;
 
 /// Above this body size, decoding moves off the async workers.
@@ -68,6 +68,37 @@ pub async fn count_outcome<T, E: HasOutcome>(
     result
 }
 
+/// The model version that serves one prediction request (the default one when `version` is
+/// `None`). Under lazy model control a model not in memory is loaded first, the wait bounded by
+/// the client's `x-request-timeout-ms` (else the model's timeout).
+pub async fn take_model(
+    state: &AppState,
+    name: &str,
+    version: Option<u64>,
+    headers: &HeaderMap,
+) -> Result<ModelLease, ApiError> {
+    let client = client_timeout(headers)?.map(|t| Instant::now() + t);
+    Ok(state.registry.acquire(name, version, client).await?)
+}
+
+/// The client's `x-request-timeout-ms`, if it sent one.
+fn client_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
+    let Some(v) = headers.get(TIMEOUT_HEADER) else {
+        return Ok(None);
+    };
+    let ms: u64 = v
+        .to_str()
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|&ms| ms > 0)
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "{TIMEOUT_HEADER} must be a positive whole number of milliseconds"
+            ))
+        })?;
+    Ok(Some(Duration::from_millis(ms)))
+}
+
 /// The model's timeout, shortened by the client's `x-request-timeout-ms` header and by
 /// `extra` (e.g. the v2 `timeout` parameter) when given.
 pub fn deadline(
@@ -76,18 +107,8 @@ pub fn deadline(
     extra: Option<Duration>,
 ) -> Result<Option<Instant>, ApiError> {
     let mut timeout = model_timeout;
-    if let Some(v) = headers.get(TIMEOUT_HEADER) {
-        let ms: u64 = v
-            .to_str()
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .filter(|&ms| ms > 0)
-            .ok_or_else(|| {
-                ApiError::BadRequest(format!(
-                    "{TIMEOUT_HEADER} must be a positive whole number of milliseconds"
-                ))
-            })?;
-        timeout = timeout.min(Duration::from_millis(ms));
+    if let Some(client) = client_timeout(headers)? {
+        timeout = timeout.min(client);
     }
     if let Some(extra) = extra {
         timeout = timeout.min(extra);
@@ -95,9 +116,10 @@ pub fn deadline(
     Ok(Some(Instant::now() + timeout))
 }
 
-/// Adds `x-model-version`, `x-batch-size`, `x-queue-time-ms` and `x-inference-time-ms`, and the
-/// log fields, to a successful prediction response. With several items, the largest values.
-pub fn with_timing(mut response: Response, model: &ServingModel, results: &[Inferred]) -> Response {
+/// Adds `x-model-version`, `x-batch-size`, `x-queue-time-ms`, `x-inference-time-ms` and
+/// `x-model-loaded` (`cold` when the request waited for the model to load, else `warm`), and
+/// the log fields, to a successful prediction response. With several items, the largest values.
+pub fn with_timing(mut response: Response, model: &ModelLease, results: &[Inferred]) -> Response {
     let batch_size = results.iter().map(|r| r.batch_size).max().unwrap_or(0);
     let queue_time = results
         .iter()
@@ -112,6 +134,10 @@ pub fn with_timing(mut response: Response, model: &ServingModel, results: &[Infe
     let h = response.headers_mut();
     let num = |v: String| HeaderValue::from_str(&v).expect("numeric header value");
     h.insert("x-model-version", num(model.version.to_string()));
+    h.insert(
+        "x-model-loaded",
+        HeaderValue::from_static(if model.cold { "cold" } else { "warm" }),
+    );
     h.insert("x-batch-size", num(batch_size.to_string()));
     h.insert(
         "x-queue-time-ms",

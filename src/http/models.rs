@@ -106,6 +106,7 @@ pub fn model_json(state: &AppState, name: &str, version: Option<u64>) -> Result<
         obj.insert("outputs".into(), tensors_json(&spec.outputs));
         obj.insert("labels".into(), json!(spec.labels));
         obj.insert("instances".into(), json!(spec.instances));
+        obj.insert("pinned".into(), json!(spec.pinned));
         obj.insert("batching".into(), batching_json(spec));
         obj.insert("version_policy".into(), json!(spec.version_policy));
     }
@@ -143,6 +144,7 @@ fn version_json(version: u64, e: &VersionEntry) -> Value {
         let stats = s.handle.stats();
         let obj = v.as_object_mut().expect("object");
         obj.insert("device".into(), json!(s.device));
+        obj.insert("memory_bytes".into(), json!(s.memory_bytes));
         obj.insert("load_ms".into(), json!(s.load_time.as_millis() as u64));
         obj.insert("warmup_ms".into(), json!(s.warmup_time.as_millis() as u64));
         obj.insert("loaded_at".into(), json!(loaded_at_secs(s)));

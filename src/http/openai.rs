@@ -8,8 +8,6 @@
 //! `{"error": {"message", "type", "param", "code"}}` ([`openai_error_shape`]), with the statuses
 //! of the rest of the API.
 
-use std::sync::Arc;
-
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Request, State};
@@ -21,14 +19,14 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::inference::{
-    blocking_if_large, count_outcome, deadline, with_timing, HasOutcome, StillWanted,
+    blocking_if_large, count_outcome, deadline, take_model, with_timing, HasOutcome, StillWanted,
 };
 use super::v1::body_error;
 use super::{ApiError, AppState, ErrorLog};
 use crate::batcher::Item;
 use crate::codec::instance::json_type;
 use crate::codec::Embedder;
-use crate::registry::ServingModel;
+use crate::registry::{ModelLease, ServingModel};
 use crate::telemetry::Outcome;
 
 /// The paths whose errors take OpenAI's shape.
@@ -150,10 +148,9 @@ pub async fn embeddings(
     let max = state.settings.max_instances;
     let size = body.len();
     let (req, inputs) = blocking_if_large(size, move || Ok(parse(&body, max))).await??;
-    let model = state
-        .registry
-        .serving(&req.model, None)
-        .map_err(|e| OpenAiError::on("model", e.into()))?;
+    let model = take_model(&state, &req.model, None, &headers)
+        .await
+        .map_err(|e| OpenAiError::on("model", e))?;
     let encoding = match req.encoding_format.as_deref() {
         None | Some("float") => Encoding::Float,
         Some("base64") => Encoding::Base64,
@@ -267,7 +264,7 @@ fn dimensions(
 }
 
 async fn embed(
-    model: &Arc<ServingModel>,
+    model: &ModelLease,
     inputs: Vec<Input>,
     headers: &HeaderMap,
     size: usize,

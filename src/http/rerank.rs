@@ -16,7 +16,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::inference::{blocking_if_large, count_outcome, deadline, with_timing, StillWanted};
+use super::inference::{
+    blocking_if_large, count_outcome, deadline, take_model, with_timing, StillWanted,
+};
 use super::v1::body_error;
 use super::{ApiError, AppState, REQUEST_ID};
 use crate::batcher::Item;
@@ -69,7 +71,7 @@ pub async fn rerank(
             "top_n is at least 1 (leave it out for every document)".into(),
         ));
     }
-    let model = state.registry.serving(&req.model, None)?;
+    let model = take_model(&state, &req.model, None, &headers).await?;
     if model.codec.pair_scorer().is_none() {
         return Err(ApiError::BadRequest(format!(
             "model '{}' is a {} model; /v1/rerank serves reranker models",

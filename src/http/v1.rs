@@ -15,12 +15,12 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::inference::{
-    count_outcome, deadline, decode_inline_or_blocking, with_timing, StillWanted,
+    count_outcome, deadline, decode_inline_or_blocking, take_model, with_timing, StillWanted,
 };
 use super::{ApiError, AppState};
 use crate::batcher::{Inferred, Item};
 use crate::codec::v1::{parse_request, Parameters, Scores};
-use crate::registry::ServingModel;
+use crate::registry::{ModelLease, ServingModel};
 
 /// curl's `-d` default Content-Type.
 const FORM_URLENCODED: &str = "application/x-www-form-urlencoded";
@@ -40,7 +40,7 @@ pub async fn predict(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let model = state.registry.serving(&name, None)?;
+    let model = take_model(&state, &name, None, &headers).await?;
     serve_prediction(state, model, query, headers, body).await
 }
 
@@ -54,14 +54,14 @@ pub async fn predict_version(
     let version: u64 = version.parse().map_err(|_| {
         ApiError::ModelNotFound(format!("model '{name}' has no version '{version}'"))
     })?;
-    let model = state.registry.serving(&name, Some(version))?;
+    let model = take_model(&state, &name, Some(version), &headers).await?;
     serve_prediction(state, model, query, headers, body).await
 }
 
 /// Answers one prediction on `model`, counting its outcome.
 async fn serve_prediction(
     state: AppState,
-    model: Arc<ServingModel>,
+    model: ModelLease,
     query: Result<Query<PredictQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -75,7 +75,7 @@ async fn serve_prediction(
 
 async fn answer_prediction(
     state: &AppState,
-    model: &Arc<ServingModel>,
+    model: &ModelLease,
     query: Result<Query<PredictQuery>, QueryRejection>,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -207,7 +207,7 @@ async fn decode_json(
 const V1_SHAPE: &str =
     "{\"instances\": [...], \"parameters\"?: {\"top_k\"?: n, \"scores\"?: \"all\"}}";
 
-fn respond(model: &ServingModel, results: &[Inferred], predictions: Vec<Value>) -> Response {
+fn respond(model: &ModelLease, results: &[Inferred], predictions: Vec<Value>) -> Response {
     let body = json!({
         "model": model.name,
         "version": model.version,

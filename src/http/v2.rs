@@ -17,13 +17,12 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::inference::{count_outcome, deadline, with_timing, HasOutcome, StillWanted};
+use super::inference::{count_outcome, deadline, take_model, with_timing, HasOutcome, StillWanted};
 use super::{ApiError, AppState, REQUEST_ID};
 use crate::codec::v2::{self, V2Input};
 use crate::codec::CodecError;
 use crate::config::model_spec::VersionPolicy;
-use crate::config::ModelControl;
-use crate::registry::{ModelState, ServingModel};
+use crate::registry::{ModelLease, ModelState, ServingModel};
 use crate::telemetry::Outcome;
 
 /// The binary tensor extension's header.
@@ -331,7 +330,9 @@ pub async fn infer(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> V2Result<Response> {
-    let model = serving(&state, &name, None)?;
+    let model = take_model(&state, &name, None, &headers)
+        .await
+        .map_err(V2Error::from)?;
     run_infer(model, headers, body).await
 }
 
@@ -342,12 +343,15 @@ pub async fn infer_version(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> V2Result<Response> {
-    let model = serving(&state, &name, Some(parse_version(&name, &version)?))?;
+    let version = Some(parse_version(&name, &version)?);
+    let model = take_model(&state, &name, version, &headers)
+        .await
+        .map_err(V2Error::from)?;
     run_infer(model, headers, body).await
 }
 
 async fn run_infer(
-    model: Arc<ServingModel>,
+    model: ModelLease,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> V2Result<Response> {
@@ -355,7 +359,7 @@ async fn run_infer(
 }
 
 async fn answer_inference(
-    model: Arc<ServingModel>,
+    model: ModelLease,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> V2Result<Response> {
@@ -528,7 +532,10 @@ pub async fn repository_index(State(state): State<AppState>, body: Bytes) -> V2R
                 ModelState::Ready => "READY",
                 ModelState::Loading => "LOADING",
                 ModelState::Unloading => "UNLOADING",
-                ModelState::Unavailable | ModelState::Failed => "UNAVAILABLE",
+                // Triton's states have no "unloaded": the reason says it
+                ModelState::Unavailable | ModelState::Failed | ModelState::Unloaded => {
+                    "UNAVAILABLE"
+                }
             };
             if ready_only && state_name != "READY" {
                 continue;
@@ -537,7 +544,11 @@ pub async fn repository_index(State(state): State<AppState>, body: Bytes) -> V2R
                 "name": name,
                 "version": version.to_string(),
                 "state": state_name,
-                "reason": v.reason.clone().unwrap_or_default(),
+                "reason": match (&v.reason, v.state) {
+                    (Some(r), _) => r.clone(),
+                    (None, ModelState::Unloaded) => "unloaded: the first request loads it".into(),
+                    (None, _) => String::new(),
+                },
             }));
         }
     }
@@ -545,11 +556,11 @@ pub async fn repository_index(State(state): State<AppState>, body: Bytes) -> V2R
 }
 
 fn control_allowed(state: &AppState) -> V2Result<()> {
-    if state.settings.model_control == ModelControl::Explicit {
+    if state.settings.model_control.allows_management() {
         Ok(())
     } else {
         Err(ApiError::BadRequest(format!(
-            "explicit model load / unload is not allowed: model control mode is '{}' (start with --model-control explicit)",
+            "explicit model load / unload is not allowed: model control mode is '{}' (start with --model-control explicit or lazy)",
             state.settings.model_control.as_str()
         ))
         .into())

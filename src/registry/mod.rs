@@ -10,10 +10,12 @@
 //! copy drains its queue before its threads exit and its engines are dropped.
 
 mod fingerprint;
+pub mod memory;
 mod prepare;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -21,8 +23,9 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use self::fingerprint::Fingerprints;
-use self::prepare::prepare;
+use self::memory::{plan_evictions, MemoryBudget, NoRoom, Resident};
 pub use self::prepare::LoadError;
+use self::prepare::{parse, prepare};
 use crate::batcher::ModelHandle;
 use crate::codec::{ImageLimits, ModelCodec};
 use crate::config::model_spec::ModelSpec;
@@ -40,6 +43,8 @@ pub enum ModelState {
     Unloading,
     Unavailable,
     Failed,
+    /// Lazy model control: in the repository, not in memory; the next request loads it.
+    Unloaded,
 }
 
 impl ModelState {
@@ -50,6 +55,7 @@ impl ModelState {
             ModelState::Unloading => "unloading",
             ModelState::Unavailable => "unavailable",
             ModelState::Failed => "failed",
+            ModelState::Unloaded => "unloaded",
         }
     }
 }
@@ -69,6 +75,57 @@ pub struct ServingModel {
     pub loaded_at: SystemTime,
     /// Content fingerprint of the files it was loaded from.
     fingerprint: u64,
+    /// Memory it holds on `device`, measured at load after warm-up (see [`memory`]).
+    pub memory_bytes: u64,
+    /// Requests holding it now ([`ModelLease`]s).
+    leases: AtomicUsize,
+    /// When a request last took it, in microseconds since the registry started.
+    last_used: AtomicU64,
+}
+
+impl ServingModel {
+    /// Whether requests are using it or waiting in its queue.
+    fn busy(&self) -> bool {
+        self.leases.load(Ordering::Acquire) > 0 || self.handle.queued() > 0
+    }
+}
+
+/// A request's hold on a serving model version: while any is alive the version is busy and is
+/// never evicted. `cold` says the request waited for the model to be loaded.
+pub struct ModelLease {
+    model: Arc<ServingModel>,
+    pub cold: bool,
+}
+
+impl ModelLease {
+    fn new(model: Arc<ServingModel>, cold: bool, now_us: u64) -> Self {
+        model.leases.fetch_add(1, Ordering::AcqRel);
+        model.last_used.fetch_max(now_us, Ordering::AcqRel);
+        ModelLease { model, cold }
+    }
+}
+
+impl Clone for ModelLease {
+    fn clone(&self) -> Self {
+        self.model.leases.fetch_add(1, Ordering::AcqRel);
+        ModelLease {
+            model: self.model.clone(),
+            cold: self.cold,
+        }
+    }
+}
+
+impl Drop for ModelLease {
+    fn drop(&mut self) {
+        self.model.leases.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl std::ops::Deref for ModelLease {
+    type Target = Arc<ServingModel>;
+    fn deref(&self) -> &Arc<ServingModel> {
+        &self.model
+    }
 }
 
 impl std::fmt::Debug for ServingModel {
@@ -119,6 +176,8 @@ impl ModelEntry {
             ModelState::Unloading
         } else if self.error.is_some() || has(ModelState::Failed) {
             ModelState::Failed
+        } else if has(ModelState::Unloaded) {
+            ModelState::Unloaded
         } else {
             ModelState::Unavailable
         }
@@ -145,6 +204,9 @@ pub enum LookupError {
         state: ModelState,
         reason: Option<String>,
     },
+    /// Lazy model control: the request's deadline passed while the model was being loaded.
+    #[error("model '{name}' is still loading after {} ms, the request's deadline", waited.as_millis())]
+    LoadTimedOut { name: String, waited: Duration },
 }
 
 /// Why a management operation failed.
@@ -158,6 +220,33 @@ pub enum ManageError {
     LoadFailed { name: String, reason: String },
 }
 
+/// Why a model version was loaded (the `reason` of `aiaas_model_loads_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadReason {
+    /// At start-up.
+    Startup,
+    /// A request found it not in memory (lazy model control).
+    OnDemand,
+    /// Asked for through the management API.
+    Explicit,
+    /// A new model or version found by repository polling.
+    Poll,
+    /// A serving version loaded again: its files changed, or a reload was asked for.
+    Reload,
+}
+
+impl LoadReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadReason::Startup => "startup",
+            LoadReason::OnDemand => "on_demand",
+            LoadReason::Explicit => "explicit",
+            LoadReason::Poll => "poll",
+            LoadReason::Reload => "reload",
+        }
+    }
+}
+
 /// Settings that apply to every model the registry loads.
 #[derive(Debug, Clone, Default)]
 pub struct RegistrySettings {
@@ -167,6 +256,11 @@ pub struct RegistrySettings {
     /// `--idle-poll-us`: each model's queue and engine threads poll for work within its window
     /// before they block.
     pub idle_polling: IdlePolling,
+    /// `--model-memory-budget`: the most model footprint each device holds.
+    pub memory_budget: MemoryBudget,
+    /// `--model-control lazy`: models load when a request needs them and the least recently
+    /// used idle ones are evicted when the budget is full.
+    pub lazy: bool,
 }
 
 /// What `/health/ready` reports.
@@ -194,7 +288,23 @@ pub struct Registry {
     /// The model folders of the last repository scan and when it ran: listings reuse it for
     /// [`SCAN_REUSE`] instead of reading the disk on every request.
     scanned: Mutex<Option<(Instant, Vec<String>)>>,
+    /// One version loads at a time: its footprint is measured alone, and room in the budget is
+    /// made for one load after another.
+    load_gate: tokio::sync::Mutex<()>,
+    /// The last measured footprint of each version, kept after eviction: the estimate for its
+    /// next load.
+    footprints: Mutex<HashMap<(String, u64), u64>>,
+    /// On-demand loads under way: the requests for a model wait on the same load.
+    on_demand: Mutex<HashMap<String, LoadWatch>>,
+    /// The registry's clock for least-recently-used order.
+    epoch: Instant,
 }
+
+/// The outcome of an on-demand load, once it is known.
+type LoadWatch = tokio::sync::watch::Receiver<Option<Result<(), String>>>;
+
+/// How long a request waits for a model to load when neither it nor the model says.
+const DEFAULT_LOAD_WAIT: Duration = Duration::from_secs(30);
 
 /// How long a repository scan answers listings of models that are not loaded.
 const SCAN_REUSE: Duration = Duration::from_secs(1);
@@ -217,20 +327,43 @@ impl Registry {
             required: Mutex::new(None),
             fingerprints: Fingerprints::default(),
             scanned: Mutex::new(None),
+            load_gate: tokio::sync::Mutex::new(()),
+            footprints: Mutex::new(HashMap::new()),
+            on_demand: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
         })
     }
 
+    /// Whether models load on demand (`--model-control lazy`).
+    pub fn is_lazy(&self) -> bool {
+        self.settings.lazy
+    }
+
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
     /// Loads the given models (every model in the repository when `only` is `None`),
-    /// concurrently, and marks them as required for readiness.
+    /// concurrently, and marks them as required for readiness. Under lazy model control only
+    /// the pinned models and those named load now; the others are listed as unloaded.
     pub async fn load_startup(
         self: &Arc<Self>,
         only: Option<&[String]>,
     ) -> Result<(), RepositoryError> {
-        let names = match only {
-            Some(names) => names.to_vec(),
-            None => self.repo.model_names()?,
+        let names = match (only, self.settings.lazy) {
+            (only, true) => {
+                let mut now = only.map(<[String]>::to_vec).unwrap_or_default();
+                for name in self.repo.model_names()? {
+                    if self.register_unloaded(&name) && !now.contains(&name) {
+                        now.push(name);
+                    }
+                }
+                now
+            }
+            (Some(names), false) => names.to_vec(),
+            (None, false) => self.repo.model_names()?,
         };
-        if names.is_empty() {
+        if names.is_empty() && !self.settings.lazy {
             tracing::warn!(repository = %self.repo.root().display(), "no models to load");
         }
         let tasks: Vec<_> = names
@@ -239,7 +372,7 @@ impl Registry {
             .map(|name| {
                 let me = self.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = me.load(&name).await {
+                    if let Err(e) = me.sync(&name, false, LoadReason::Startup).await {
                         tracing::error!(model = %name, error = %e, "start-up load failed");
                     }
                 })
@@ -248,8 +381,59 @@ impl Registry {
         for t in tasks {
             let _ = t.await;
         }
+        if self.settings.lazy {
+            let listed = self.table.load().len();
+            tracing::info!(
+                models = listed,
+                loaded = names.len(),
+                budget = %self.settings.memory_budget,
+                "lazy model control: {} of {listed} models load when first requested",
+                listed.saturating_sub(names.len())
+            );
+        }
         *self.required.lock().expect("required lock") = Some(names.into_iter().collect());
         Ok(())
+    }
+
+    /// Lists a model that is not in memory as unloaded, with the versions its policy selects
+    /// (lazy model control); a model being loaded or in memory is left alone. Returns whether
+    /// it is pinned (and so loads at start-up).
+    fn register_unloaded(&self, name: &str) -> bool {
+        let (source, spec) = match self.spec_on_disk(name) {
+            Ok(found) => found,
+            Err(reason) => {
+                self.set_model_error(name, reason);
+                return false;
+            }
+        };
+        let Ok(_op) = self.op_lock(name).try_lock_owned() else {
+            return spec.pinned;
+        };
+        let available: Vec<u64> = source.versions.iter().map(|v| v.version).collect();
+        let wanted = spec.version_policy.select(&available);
+        self.update(name, |e| {
+            if e.versions.values().any(|v| v.serving.is_some()) {
+                return;
+            }
+            e.error = None;
+            e.versions.retain(|v, _| wanted.contains(v));
+            for v in &wanted {
+                let entry = e.versions.entry(*v).or_insert(VersionEntry {
+                    state: ModelState::Unloaded,
+                    reason: None,
+                    serving: None,
+                });
+                if entry.state != ModelState::Unloaded {
+                    // a failed load is tried again by the next request; say what happened
+                    entry.reason = entry
+                        .reason
+                        .take()
+                        .map(|r| format!("the last load failed: {r}"));
+                    entry.state = ModelState::Unloaded;
+                }
+            }
+        });
+        spec.pinned
     }
 
     fn op_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -265,16 +449,21 @@ impl Registry {
     /// are new or whose files changed, and unloads versions no longer selected. Unchanged
     /// ready versions are left alone.
     pub async fn load(self: &Arc<Self>, name: &str) -> Result<(), ManageError> {
-        self.sync(name, false).await
+        self.sync(name, false, LoadReason::Explicit).await
     }
 
     /// Loads every selected version of `name` again from disk, beside the serving copies,
     /// and swaps them in once warm.
     pub async fn reload(self: &Arc<Self>, name: &str) -> Result<(), ManageError> {
-        self.sync(name, true).await
+        self.sync(name, true, LoadReason::Reload).await
     }
 
-    async fn sync(self: &Arc<Self>, name: &str, force: bool) -> Result<(), ManageError> {
+    async fn sync(
+        self: &Arc<Self>,
+        name: &str,
+        force: bool,
+        reason: LoadReason,
+    ) -> Result<(), ManageError> {
         let lock = self.op_lock(name);
         let _op = lock.lock().await;
         let source = match self.repo.find(name) {
@@ -330,7 +519,7 @@ impl Registry {
                 let me = self.clone();
                 let name = name.to_string();
                 let config = source.config.clone();
-                tokio::spawn(async move { me.load_version(&name, &config, v, force).await })
+                tokio::spawn(async move { me.load_version(&name, &config, v, force, reason).await })
             })
             .collect();
         let mut failures = Vec::new();
@@ -359,6 +548,7 @@ impl Registry {
         config: &Path,
         v: VersionSource,
         force: bool,
+        reason: LoadReason,
     ) -> Result<(), LoadError> {
         let version = v.version;
         let fingerprint = self.fingerprints.of(config, &v.dir).unwrap_or(0);
@@ -372,19 +562,18 @@ impl Registry {
         } else {
             self.set_version(name, version, ModelState::Loading, None, None);
         }
+        let reason = if old.is_some() {
+            LoadReason::Reload
+        } else {
+            reason
+        };
         let started = Instant::now();
-        let (settings, engines) = (self.settings.clone(), self.engines.clone());
-        let (name_owned, config_owned) = (name.to_string(), config.to_path_buf());
-        let loaded = tokio::task::spawn_blocking(move || {
-            prepare(&name_owned, &config_owned, &v, &settings, engines.as_ref())
-        })
-        .await
-        .unwrap_or_else(|e| Err(LoadError::Task(e.to_string())));
-        let p = match loaded {
-            Ok(p) => p,
+        let (p, memory_bytes, _gate) = match self.load_measured(name, config, v).await {
+            Ok(loaded) => loaded,
             Err(err) => {
-                let reason = err.to_string();
-                tracing::error!(model = name, version, error = %reason, "model failed to load");
+                let why = err.to_string();
+                tracing::error!(model = name, version, error = %why, "model failed to load");
+                let transient = matches!(&err, LoadError::NoRoom(r) if r.is_transient());
                 match old {
                     // keep serving the old copy; say why the new one was not taken
                     Some(old) => self.set_version(
@@ -392,11 +581,15 @@ impl Registry {
                         version,
                         ModelState::Ready,
                         Some(format!(
-                            "reload failed, still serving the previous copy: {reason}"
+                            "reload failed, still serving the previous copy: {why}"
                         )),
                         Some(old),
                     ),
-                    None => self.set_version(name, version, ModelState::Failed, Some(reason), None),
+                    // the budget is held by busy models now: a later request tries again
+                    None if transient && self.settings.lazy => {
+                        self.set_version(name, version, ModelState::Unloaded, Some(why), None)
+                    }
+                    None => self.set_version(name, version, ModelState::Failed, Some(why), None),
                 }
                 return Err(err);
             }
@@ -411,6 +604,9 @@ impl Registry {
                 p.spec.batching.max_queue_delay(),
             );
         }
+        self.metrics.model_loaded(name, reason.as_str());
+        self.metrics
+            .set_model_memory(name, version, &p.device, memory_bytes);
         let handle = ModelHandle::spawn(p.batch_config, p.engines, metrics.clone());
         tracing::info!(
             model = name,
@@ -420,10 +616,13 @@ impl Registry {
             max_batch_size = p.spec.batching.max_batch_size,
             load_ms = p.load_time.as_millis() as u64,
             warmup_ms = p.warmup_time.as_millis() as u64,
-            "model ready: {name} v{version} on {} (load {} ms, warm-up {} ms){}",
+            memory_mib = memory_bytes >> 20,
+            reason = reason.as_str(),
+            "model ready: {name} v{version} on {} (load {} ms, warm-up {} ms, {}){}",
             p.device,
             p.load_time.as_millis(),
             p.warmup_time.as_millis(),
+            memory::mib(memory_bytes),
             if old.is_some() { ", swapped in" } else { "" }
         );
         let serving = Arc::new(ServingModel {
@@ -438,13 +637,168 @@ impl Registry {
             warmup_time: p.warmup_time,
             loaded_at: SystemTime::now(),
             fingerprint,
+            memory_bytes,
+            leases: AtomicUsize::new(0),
+            last_used: AtomicU64::new(self.now_us()),
         });
         self.set_version(name, version, ModelState::Ready, None, Some(serving));
+        self.refresh_memory_gauges();
         if let Some(old) = old {
             // requests that found the old copy finish on it; it goes once they are done
             tokio::spawn(retire(old));
         }
         Ok(())
+    }
+
+    /// Parses the version's spec, makes room for it in the memory budget, loads and warms it
+    /// up, and measures its footprint. Returns with the load gate held: the caller puts the
+    /// version in the table before the next load counts what is resident.
+    async fn load_measured(
+        self: &Arc<Self>,
+        name: &str,
+        config: &Path,
+        v: VersionSource,
+    ) -> Result<(prepare::Prepared, u64, tokio::sync::MutexGuard<'_, ()>), LoadError> {
+        let version = v.version;
+        let (name_owned, config_owned) = (name.to_string(), config.to_path_buf());
+        let spec = blocking(move || parse(&name_owned, &config_owned, &v)).await?;
+        let device = self.engines.device(&spec);
+        let file_bytes = std::fs::metadata(&spec.file).map_or(0, |m| m.len());
+        let gate = self.load_gate.lock().await;
+        let key = (name.to_string(), version);
+        let estimate = self
+            .footprints
+            .lock()
+            .expect("footprints lock")
+            .get(&key)
+            .copied()
+            .unwrap_or(file_bytes);
+        self.make_room(name, &device, estimate).await?;
+        let before = self.memory_in_use(&device);
+        let (settings, engines) = (self.settings.clone(), self.engines.clone());
+        let p = blocking(move || prepare(spec, &settings, engines.as_ref())).await?;
+        // resident memory after warm-up, less before; at least the weights' file size (freed
+        // memory the allocator hands out again makes the difference too small)
+        let measured = match (before, self.memory_in_use(&p.device)) {
+            (Some(before), Some(after)) => after.saturating_sub(before).max(file_bytes),
+            _ => file_bytes,
+        };
+        self.footprints
+            .lock()
+            .expect("footprints lock")
+            .insert(key, measured);
+        if measured > estimate {
+            // the first load of a version is estimated from its file: make the rest of the room
+            self.make_room(name, &p.device, measured).await?;
+        }
+        Ok((p, measured, gate))
+    }
+
+    /// Bytes in use on `device` now: the runtime's own count where it keeps one, else the
+    /// process's resident memory for the CPU.
+    fn memory_in_use(&self, device: &str) -> Option<u64> {
+        self.engines
+            .memory_in_use(device)
+            .or_else(|| (device == "cpu").then(memory::process_rss_bytes).flatten())
+    }
+
+    /// Makes `need` bytes of room on `device` for a version of `name` (no-op without a budget
+    /// for it): evicts least recently used idle models under lazy model control, else refuses
+    /// a load that does not fit. Models whose operation lock is held (loading, unloading) count
+    /// as busy, so this never waits on another model's operation.
+    async fn make_room(&self, name: &str, device: &str, need: u64) -> Result<(), NoRoom> {
+        let Some(budget) = self.settings.memory_budget.limit(device) else {
+            return Ok(());
+        };
+        // the snapshot goes before evicting: it holds the victims' serving copies, whose
+        // retirement waits for every holder
+        let table = self.table.load_full();
+        let mut used = 0;
+        let mut resident = Vec::new();
+        let mut locks = HashMap::new();
+        for (model, entry) in table.iter() {
+            let copies: Vec<&Arc<ServingModel>> = entry
+                .versions
+                .values()
+                .filter_map(|v| v.serving.as_ref())
+                .filter(|s| s.device == device)
+                .collect();
+            let bytes: u64 = copies.iter().map(|s| s.memory_bytes).sum();
+            used += bytes;
+            if bytes == 0 || model == name {
+                continue;
+            }
+            let lock = self.op_lock(model).try_lock_owned();
+            resident.push(Resident {
+                name: model.clone(),
+                bytes,
+                last_used: copies
+                    .iter()
+                    .map(|s| s.last_used.load(Ordering::Acquire))
+                    .max()
+                    .unwrap_or(0),
+                pinned: copies.iter().any(|s| s.spec.pinned),
+                busy: lock.is_err() || copies.iter().any(|s| s.busy()),
+            });
+            if let Ok(lock) = lock {
+                locks.insert(model.clone(), lock);
+            }
+        }
+        drop(table);
+        let victims = plan_evictions(device, budget, used, need, &resident, self.settings.lazy)?;
+        for victim in victims {
+            let _op = locks.remove(&victim);
+            self.evict(&victim, name).await;
+        }
+        Ok(())
+    }
+
+    /// Unloads every version of `victim` to make room for `for_whom` (its operation lock held
+    /// by the caller); requests that already hold it finish first.
+    async fn evict(&self, victim: &str, for_whom: &str) {
+        let versions: Vec<u64> = self
+            .entry(victim)
+            .map(|e| {
+                e.versions
+                    .iter()
+                    .filter(|(_, v)| v.serving.is_some())
+                    .map(|(k, _)| *k)
+                    .collect()
+            })
+            .unwrap_or_default();
+        tracing::info!(
+            model = victim,
+            for_model = for_whom,
+            "evicting {victim} (least recently used) to make room for {for_whom}"
+        );
+        for v in versions {
+            self.unload_version(
+                victim,
+                v,
+                &format!("evicted (least recently used) to make room for '{for_whom}'"),
+            )
+            .await;
+        }
+        self.metrics.model_evicted(victim);
+    }
+
+    /// Sets the resident-memory gauges from the table: per device, the footprint of every
+    /// version in memory, and the budget.
+    fn refresh_memory_gauges(&self) {
+        let mut resident: BTreeMap<String, u64> = BTreeMap::new();
+        resident.insert("cpu".into(), 0);
+        for (device, _) in self.settings.memory_budget.named() {
+            resident.insert(device.to_string(), 0);
+        }
+        for entry in self.table.load().values() {
+            for s in entry.versions.values().filter_map(|v| v.serving.as_ref()) {
+                *resident.entry(s.device.clone()).or_default() += s.memory_bytes;
+            }
+        }
+        for (device, bytes) in resident {
+            let budget = self.settings.memory_budget.limit(&device);
+            self.metrics.set_device_memory(&device, bytes, budget);
+        }
     }
 
     /// Unloads every version of `name`: new requests are refused at once, accepted ones
@@ -494,16 +848,19 @@ impl Registry {
                 version,
                 "unloading: draining accepted requests"
             );
+            let device = serving.device.clone();
             retire(serving).await;
             self.metrics.forget_model(name, version);
+            self.metrics.forget_model_memory(name, version, &device);
         }
-        self.set_version(
-            name,
-            version,
-            ModelState::Unavailable,
-            Some(reason.to_string()),
-            None,
-        );
+        // under lazy model control the next request loads it again
+        let state = if self.settings.lazy {
+            ModelState::Unloaded
+        } else {
+            ModelState::Unavailable
+        };
+        self.set_version(name, version, state, Some(reason.to_string()), None);
+        self.refresh_memory_gauges();
         tracing::info!(model = name, version, "unloaded");
     }
 
@@ -537,13 +894,22 @@ impl Registry {
                 return;
             }
         };
-        let known: Vec<String> = self.table.load().keys().cloned().collect();
+        let table = self.table.load_full();
+        let known: Vec<String> = table.keys().cloned().collect();
         let mut tasks = Vec::new();
         for name in &on_disk {
+            let resident = table
+                .get(name)
+                .is_some_and(|e| e.versions.values().any(|v| v.serving.is_some()));
+            // lazy: models not in memory are listed (as unloaded) and wait for a request
+            if self.settings.lazy && !resident {
+                self.register_unloaded(name);
+                continue;
+            }
             let me = self.clone();
             let name = name.clone();
             tasks.push(tokio::spawn(async move {
-                if let Err(e) = me.load(&name).await {
+                if let Err(e) = me.sync(&name, false, LoadReason::Poll).await {
                     tracing::warn!(model = %name, error = %e, "poll: load failed");
                 }
             }));
@@ -626,6 +992,91 @@ impl Registry {
         }
     }
 
+    /// Takes the version that serves `name` for one request. Under lazy model control a model
+    /// that is not in memory is loaded first (requests that arrive meanwhile wait for the same
+    /// load), the wait bounded by `deadline` (else the model's timeout): the lease is then
+    /// `cold`. A model that failed to load is not tried again until the next repository scan.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        name: &str,
+        version: Option<u64>,
+        deadline: Option<Instant>,
+    ) -> Result<ModelLease, LookupError> {
+        let missing = match self.serving(name, version) {
+            Ok(model) => return Ok(ModelLease::new(model, false, self.now_us())),
+            Err(e) => e,
+        };
+        let loads = self.settings.lazy
+            && match &missing {
+                LookupError::NotReady { state, .. } => *state != ModelState::Failed,
+                // a folder added since the last scan
+                LookupError::UnknownModel(_) => self.repo.find(name).is_ok(),
+                _ => false,
+            };
+        if !loads {
+            return Err(missing);
+        }
+        let started = Instant::now();
+        let limit = deadline.unwrap_or_else(|| started + self.load_wait_limit(name));
+        let mut outcome = self.load_on_demand(name);
+        let waited = tokio::time::timeout_at(limit.into(), outcome.wait_for(Option::is_some))
+            .await
+            .map(|r| r.map(|v| v.clone()));
+        self.metrics.load_waited(name, started.elapsed());
+        match waited {
+            Err(_) => Err(LookupError::LoadTimedOut {
+                name: name.to_string(),
+                waited: started.elapsed(),
+            }),
+            Ok(Ok(Some(Ok(())))) => self
+                .serving(name, version)
+                .map(|model| ModelLease::new(model, true, self.now_us())),
+            Ok(Ok(Some(Err(reason)))) => {
+                let state = self.entry(name).map_or(ModelState::Failed, |e| e.state());
+                Err(LookupError::NotReady {
+                    name: name.to_string(),
+                    state,
+                    reason: Some(reason),
+                })
+            }
+            Ok(_) => Err(LookupError::NotReady {
+                name: name.to_string(),
+                state: ModelState::Failed,
+                reason: Some("the loading task failed".into()),
+            }),
+        }
+    }
+
+    /// The load of `name` a request waits for: the one under way, else a new one.
+    fn load_on_demand(self: &Arc<Self>, name: &str) -> LoadWatch {
+        let mut pending = self.on_demand.lock().expect("on-demand lock");
+        if let Some(watch) = pending.get(name) {
+            return watch.clone();
+        }
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        pending.insert(name.to_string(), rx.clone());
+        let (me, name) = (self.clone(), name.to_string());
+        // its own task: a request that gives up does not stop the load the others wait for
+        tokio::spawn(async move {
+            let result = me
+                .sync(&name, false, LoadReason::OnDemand)
+                .await
+                .map_err(|e| match e {
+                    ManageError::LoadFailed { reason, .. } => reason,
+                    other => other.to_string(),
+                });
+            me.on_demand.lock().expect("on-demand lock").remove(&name);
+            let _ = tx.send(Some(result));
+        });
+        rx
+    }
+
+    /// The model's own timeout from its model.toml (requests wait at most that for a load).
+    fn load_wait_limit(&self, name: &str) -> Duration {
+        self.spec_on_disk(name)
+            .map_or(DEFAULT_LOAD_WAIT, |(_, spec)| spec.batching.timeout())
+    }
+
     /// Every model in the table, and every model in the repository not loaded yet (as an
     /// empty entry), sorted by name.
     /// The loaded ones come from memory; the repository is scanned at most once per
@@ -700,6 +1151,15 @@ impl Registry {
             }
         }
     }
+}
+
+/// Runs blocking work (file reads, libtorch) off the async workers.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, LoadError> + Send + 'static,
+) -> Result<T, LoadError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(LoadError::Task(e.to_string())))
 }
 
 /// Lets a serving copy go: waits until requests holding it have finished, its queue has

@@ -38,21 +38,30 @@ pub enum LoadError {
     /// declares are [`LoadError::Engine`] with [`EngineError::Output`].)
     #[error("warm-up at batch {rows} failed: {source}")]
     Warmup { rows: usize, source: EngineError },
+    /// The memory budget has no room for it (see [`super::memory`]).
+    #[error("not loaded: {0}")]
+    NoRoom(#[from] super::memory::NoRoom),
     /// The loading task itself failed (a panic: a bug).
     #[error("loading failed: {0}")]
     Task(String),
 }
 
-/// Parses the spec, loads every engine instance and warms each up: blocking work.
-pub(super) fn prepare(
+/// Reads the version's model.toml: blocking work.
+pub(super) fn parse(
     name: &str,
     config: &std::path::Path,
     v: &VersionSource,
+) -> Result<ModelSpec, LoadError> {
+    Ok(ModelSpec::load(name, config, &v.dir)?)
+}
+
+/// Builds the codec, loads every engine instance and warms each up: blocking work.
+pub(super) fn prepare(
+    spec: ModelSpec,
     settings: &RegistrySettings,
     engines: &dyn EngineFactory,
 ) -> Result<Prepared, LoadError> {
     let started = Instant::now();
-    let spec = ModelSpec::load(name, config, &v.dir)?;
     let codec = ModelCodec::new(&spec, settings.image_limits, settings.max_text_bytes)
         .map_err(LoadError::Codec)?;
     let mut loaded: Vec<Box<dyn Engine>> = Vec::with_capacity(spec.instances);
@@ -75,7 +84,7 @@ pub(super) fn prepare(
         }
     }
     let batch_config = BatchConfig {
-        model: name.to_string(),
+        model: spec.name.clone(),
         max_batch_size: spec.batching.max_batch_size,
         max_queue_delay: spec.batching.max_queue_delay(),
         queue_capacity: spec.batching.queue_capacity,
