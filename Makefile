@@ -9,7 +9,7 @@ PORT ?= 8080
 MODELS ?= ./models
 ARGS ?=
 
-.PHONY: run test test-tools hf-fixtures build setup lint models bench bench-embeddings soak-embeddings fmt
+.PHONY: run test test-tools hf-fixtures build setup lint models bench bench-embeddings soak-embeddings bench-many-models fmt
 
 ## Build (release) and serve the bundled models on http://0.0.0.0:$(PORT)
 run: build
@@ -58,3 +58,8 @@ bench-embeddings: build hf-fixtures
 ## Memory soak of an embedding model under random text lengths (10 minutes)
 soak-embeddings: build hf-fixtures
 	.venv/bin/python bench/embeddings_soak.py
+
+## 60 models (50 CNNs, 10 text classifiers) under lazy loading and a 512 MiB budget, Zipf
+## traffic for 90 s: hit rate, cold-load latency, resident memory over time
+bench-many-models: build
+	.venv/bin/python bench/many_models.py

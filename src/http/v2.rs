@@ -129,6 +129,13 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     (status, Json(json!({ "ready": ready })))
 }
 
+/// The model a metadata or config request describes: under lazy model control one not in
+/// memory is loaded first, since a client asks for metadata right before it infers (Triton's
+/// clients do). Readiness and statistics never load.
+async fn described(state: &AppState, name: &str, version: Option<u64>) -> V2Result<ModelLease> {
+    Ok(take_model(state, name, version, &HeaderMap::new()).await?)
+}
+
 fn serving(state: &AppState, name: &str, version: Option<u64>) -> V2Result<Arc<ServingModel>> {
     Ok(state
         .registry
@@ -162,7 +169,7 @@ pub async fn model_metadata(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> V2Result<Json<Value>> {
-    let model = serving(&state, &name, None)?;
+    let model = described(&state, &name, None).await?;
     Ok(Json(metadata_json(&state, &model)))
 }
 
@@ -171,7 +178,7 @@ pub async fn model_version_metadata(
     State(state): State<AppState>,
     Path((name, version)): Path<(String, String)>,
 ) -> V2Result<Json<Value>> {
-    let model = serving(&state, &name, Some(parse_version(&name, &version)?))?;
+    let model = described(&state, &name, Some(parse_version(&name, &version)?)).await?;
     let mut v = metadata_json(&state, &model);
     v["versions"] = json!([model.version.to_string()]);
     Ok(Json(v))
@@ -201,7 +208,7 @@ pub async fn model_config(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> V2Result<Json<Value>> {
-    let model = serving(&state, &name, None)?;
+    let model = described(&state, &name, None).await?;
     Ok(Json(config_json(&model)))
 }
 
@@ -210,7 +217,7 @@ pub async fn model_version_config(
     State(state): State<AppState>,
     Path((name, version)): Path<(String, String)>,
 ) -> V2Result<Json<Value>> {
-    let model = serving(&state, &name, Some(parse_version(&name, &version)?))?;
+    let model = described(&state, &name, Some(parse_version(&name, &version)?)).await?;
     Ok(Json(config_json(&model)))
 }
 

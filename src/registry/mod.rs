@@ -894,13 +894,20 @@ impl Registry {
                 return;
             }
         };
-        let table = self.table.load_full();
-        let known: Vec<String> = table.keys().cloned().collect();
+        // names and flags only: a table snapshot held across the awaits below would hold the
+        // serving copies that unloads wait to see dropped
+        let (known, resident): (Vec<String>, HashSet<String>) = {
+            let table = self.table.load();
+            let resident = table
+                .iter()
+                .filter(|(_, e)| e.versions.values().any(|v| v.serving.is_some()))
+                .map(|(name, _)| name.clone())
+                .collect();
+            (table.keys().cloned().collect(), resident)
+        };
         let mut tasks = Vec::new();
         for name in &on_disk {
-            let resident = table
-                .get(name)
-                .is_some_and(|e| e.versions.values().any(|v| v.serving.is_some()));
+            let resident = resident.contains(name);
             // lazy: models not in memory are listed (as unloaded) and wait for a request
             if self.settings.lazy && !resident {
                 self.register_unloaded(name);
