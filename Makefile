@@ -59,7 +59,7 @@ bench-embeddings: build hf-fixtures
 soak-embeddings: build hf-fixtures
 	.venv/bin/python bench/embeddings_soak.py
 
-## 60 models (50 CNNs, 10 text classifiers) under lazy loading and a 512 MiB budget, Zipf
+## 60 models (50 CNNs, 10 text classifiers) under lazy loading and a 160 MiB budget, Zipf
 ## traffic for 90 s: hit rate, cold-load latency, resident memory over time
 bench-many-models: build
 	.venv/bin/python bench/many_models.py

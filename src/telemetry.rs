@@ -237,7 +237,7 @@ impl Metrics {
             model_memory: IntGaugeVec::new(
                 Opts::new(
                     "aiaas_model_memory_bytes",
-                    "Memory a loaded model version holds on its device, measured at load after warm-up (resident-memory growth on CPU).",
+                    "Memory a loaded model version holds on its device, measured at load after warm-up (growth of the heap bytes in use on CPU).",
                 ),
                 &["model", "version", "device"],
             )

@@ -32,7 +32,7 @@ pub trait EngineFactory: Send + Sync + 'static {
     }
 
     /// Bytes the runtime holds on `device` now, where it keeps its own count (a CUDA caching
-    /// allocator). `None`: the registry measures the process's resident memory for the CPU
+    /// allocator). `None`: the registry measures the process's heap in use for the CPU
     /// and estimates other devices from the model file's size.
     fn memory_in_use(&self, _device: &str) -> Option<u64> {
         None

@@ -677,8 +677,8 @@ impl Registry {
         let before = self.memory_in_use(&device);
         let (settings, engines) = (self.settings.clone(), self.engines.clone());
         let p = blocking(move || prepare(spec, &settings, engines.as_ref())).await?;
-        // resident memory after warm-up, less before; at least the weights' file size (freed
-        // memory the allocator hands out again makes the difference too small)
+        // memory in use after warm-up, less before; at least the weights' file size (memory
+        // other requests free meanwhile makes the difference too small)
         let measured = match (before, self.memory_in_use(&p.device)) {
             (Some(before), Some(after)) => after.saturating_sub(before).max(file_bytes),
             _ => file_bytes,
@@ -695,11 +695,11 @@ impl Registry {
     }
 
     /// Bytes in use on `device` now: the runtime's own count where it keeps one, else the
-    /// process's resident memory for the CPU.
+    /// process's heap in use for the CPU.
     fn memory_in_use(&self, device: &str) -> Option<u64> {
         self.engines
             .memory_in_use(device)
-            .or_else(|| (device == "cpu").then(memory::process_rss_bytes).flatten())
+            .or_else(|| (device == "cpu").then(memory::heap_in_use_bytes).flatten())
     }
 
     /// Makes `need` bytes of room on `device` for a version of `name` (no-op without a budget
@@ -782,7 +782,7 @@ impl Registry {
         self.metrics.model_evicted(victim);
     }
 
-    /// Sets the resident-memory gauges from the table: per device, the footprint of every
+    /// Sets the model-memory gauges from the table: per device, the footprint of every
     /// version in memory, and the budget.
     fn refresh_memory_gauges(&self) {
         let mut resident: BTreeMap<String, u64> = BTreeMap::new();

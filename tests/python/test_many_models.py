@@ -14,7 +14,7 @@ from many_models import report, scenario  # noqa: E402
 
 
 def test_zipf_traffic_over_60_models_under_a_budget_loses_nothing():
-    r = scenario(seconds=20, concurrency=4, budget_mib=512)
+    r = scenario(seconds=20, concurrency=4, budget_mib=160)
     print(report(r))
     assert r["requests"] > 100
     assert r["failed"] == 0, r["failures"]
