@@ -65,6 +65,7 @@ max_batch_size = 8
 
 struct App {
     router: axum::Router,
+    registry: Arc<Registry>,
     _dir: tempdir::Dir,
 }
 
@@ -121,9 +122,10 @@ async fn app_with(
         allow_unauthenticated_admin: true,
         ..Default::default()
     };
-    let state = aiaas::AppState::new(registry, metrics, http);
+    let state = aiaas::AppState::new(registry.clone(), metrics, http);
     App {
         router: aiaas::app(state),
+        registry,
         _dir: tempdir::Dir(root),
     }
 }
@@ -245,6 +247,7 @@ async fn a_failing_engine_fails_its_request_and_a_failed_load_its_model_only() {
 struct SizedEngines {
     in_use: Arc<AtomicU64>,
     loads: AtomicUsize,
+    load_delay_ms: AtomicU64,
     hold: Arc<std::sync::atomic::AtomicBool>,
     entered: Arc<AtomicUsize>,
 }
@@ -283,6 +286,9 @@ impl EngineFactory for SizedEngines {
             .parse()
             .unwrap();
         let bytes = mib << 20;
+        std::thread::sleep(Duration::from_millis(
+            self.load_delay_ms.load(Ordering::SeqCst),
+        ));
         self.in_use.fetch_add(bytes, Ordering::SeqCst);
         self.loads.fetch_add(1, Ordering::SeqCst);
         Ok(LoadedEngine {
@@ -587,4 +593,75 @@ async fn without_lazy_loading_a_budget_refuses_what_does_not_fit() {
     assert_eq!(states[1].0, "ready", "{states:?}");
     assert_eq!(states[0].0, "failed", "{states:?}");
     assert!(states[0].1.contains("(loaded, 100.0MiB)"), "{states:?}");
+}
+
+#[tokio::test]
+async fn lazy_repository_scans_list_new_models_and_load_nothing_by_themselves() {
+    let (app, engines) =
+        lazy_app(&[("a", "100", false), ("b", "100", false)], "150MiB", true).await;
+    assert_eq!(predict(&app, "a", 1.0).await.0, StatusCode::OK);
+    assert_eq!(predict(&app, "b", 1.0).await.0, StatusCode::OK);
+    assert_eq!(state_of(&app, "a").await.0, "unloaded");
+    // a scan reloads only what is in memory and changed: evicted a stays out
+    app.registry.poll_once().await;
+    assert_eq!(state_of(&app, "a").await.0, "unloaded");
+    assert_eq!(engines.loads.load(Ordering::SeqCst), 2);
+
+    // a folder and a version added on disk: a request loads them before any scan
+    let root = app._dir.0.clone();
+    std::fs::create_dir_all(root.join("c")).unwrap();
+    std::fs::write(
+        root.join("c/model.toml"),
+        format!("pinned = false\n{REGRESSOR}"),
+    )
+    .unwrap();
+    std::fs::write(root.join("c/model.pt"), "10").unwrap();
+    let (status, loaded, body) = predict(&app, "c", 2.0).await;
+    assert_eq!(
+        (status, loaded.as_str()),
+        (StatusCode::OK, "cold"),
+        "{body}"
+    );
+    // the next scan lists what it finds as unloaded
+    std::fs::create_dir_all(root.join("d")).unwrap();
+    std::fs::write(
+        root.join("d/model.toml"),
+        format!("pinned = false\n{REGRESSOR}"),
+    )
+    .unwrap();
+    std::fs::write(root.join("d/model.pt"), "10").unwrap();
+    app.registry.poll_once().await;
+    assert_eq!(state_of(&app, "d").await.0, "unloaded");
+    assert_eq!(engines.loads.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_request_waits_for_a_load_at_most_its_deadline_and_the_load_goes_on() {
+    let (app, engines) = lazy_app(&[("slow", "10", false)], "1GiB", true).await;
+    engines.load_delay_ms.store(600, Ordering::SeqCst);
+    let req = Request::post("/v1/models/slow/predict")
+        .header("content-type", "application/json")
+        .header("x-request-timeout-ms", "100")
+        .body(Body::from(r#"{"instances": [1]}"#))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let response = app.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    // the load the request gave up on finishes for the next one
+    let mut state = String::new();
+    for _ in 0..100 {
+        state = state_of(&app, "slow").await.0;
+        if state == "ready" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(state, "ready");
+    assert_eq!(predict(&app, "slow", 1.0).await.1, "warm");
+    assert_eq!(engines.loads.load(Ordering::SeqCst), 1);
 }

@@ -99,21 +99,22 @@ fn client_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
     Ok(Some(Duration::from_millis(ms)))
 }
 
-/// The model's timeout, shortened by the client's `x-request-timeout-ms` header and by
-/// `extra` (e.g. the v2 `timeout` parameter) when given.
+/// The request's deadline: the model's timeout, shortened by the client's
+/// `x-request-timeout-ms` header and by `extra` (e.g. the v2 `timeout` parameter) when given,
+/// less the time the request already waited for the model to load.
 pub fn deadline(
     headers: &HeaderMap,
-    model_timeout: Duration,
+    model: &ModelLease,
     extra: Option<Duration>,
 ) -> Result<Option<Instant>, ApiError> {
-    let mut timeout = model_timeout;
+    let mut timeout = model.spec.batching.timeout();
     if let Some(client) = client_timeout(headers)? {
         timeout = timeout.min(client);
     }
     if let Some(extra) = extra {
         timeout = timeout.min(extra);
     }
-    Ok(Some(Instant::now() + timeout))
+    Ok(Some(Instant::now() + timeout.saturating_sub(model.waited)))
 }
 
 /// Adds `x-model-version`, `x-batch-size`, `x-queue-time-ms`, `x-inference-time-ms` and
@@ -136,7 +137,7 @@ pub fn with_timing(mut response: Response, model: &ModelLease, results: &[Inferr
     h.insert("x-model-version", num(model.version.to_string()));
     h.insert(
         "x-model-loaded",
-        HeaderValue::from_static(if model.cold { "cold" } else { "warm" }),
+        HeaderValue::from_static(if model.cold() { "cold" } else { "warm" }),
     );
     h.insert("x-batch-size", num(batch_size.to_string()));
     h.insert(

@@ -270,7 +270,7 @@ async fn embed(
     size: usize,
     answer: Answer,
 ) -> Result<Response, OpenAiError> {
-    let deadline = deadline(headers, model.spec.batching.timeout(), None)?;
+    let deadline = deadline(headers, model, None)?;
     let m = model.clone();
     let (wanted, _alive) = StillWanted::new(deadline);
     let items = blocking_if_large(size, move || Ok(tokenise(&m, &inputs, &wanted))).await??;

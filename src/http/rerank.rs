@@ -85,7 +85,7 @@ pub async fn rerank(
         .unwrap_or_default()
         .to_string();
     count_outcome(&model, async {
-        let deadline = deadline(&headers, model.spec.batching.timeout(), None)?;
+        let deadline = deadline(&headers, &model, None)?;
         let m = model.clone();
         // the query is tokenised with every document: that, not the body, is the work
         let work = size.saturating_add(req.query.len().saturating_mul(req.documents.len()));

@@ -81,7 +81,7 @@ async fn answer_prediction(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(body_error)?;
-    let deadline = deadline(headers, model.spec.batching.timeout(), None)?;
+    let deadline = deadline(headers, model, None)?;
     // decoding stops between instances once the client has left or the deadline has passed
     let (wanted, _alive) = StillWanted::new(deadline);
     let content_type = headers

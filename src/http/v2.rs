@@ -395,8 +395,7 @@ async fn answer_inference(
         .to_string();
     // Decoding (images, tokens, large JSON) runs off the async workers, and stops before
     // decoding the inputs once the client has left or the header's deadline has passed.
-    let (wanted, _alive) =
-        StillWanted::new(deadline(&headers, model.spec.batching.timeout(), None)?);
+    let (wanted, _alive) = StillWanted::new(deadline(&headers, &model, None)?);
     let decoding = {
         let model = model.clone();
         tokio::task::spawn_blocking(move || -> Result<_, V2Error> {
@@ -421,7 +420,7 @@ async fn answer_inference(
         .into());
     }
     let timeout = request.timeout_us.map(Duration::from_micros);
-    let deadline = deadline(&headers, model.spec.batching.timeout(), timeout)?;
+    let deadline = deadline(&headers, &model, timeout)?;
     let results = model
         .handle
         .infer(items, deadline)

@@ -3,7 +3,9 @@
 //! Reads are lock-free: the table is an immutable map behind an `ArcSwap`, replaced whole on
 //! every change (changes are rare: loads, unloads, reloads). Operations on one model (load,
 //! reload, unload) are serialised by that model's operation lock — a second one waits for the
-//! first — while different models load concurrently.
+//! first — while different models load concurrently; under a memory budget or lazy model control
+//! loads run one at a time instead, so that each is measured alone and room is made for one
+//! after another (see [`memory`]).
 //!
 //! A reload loads and warms the new copy beside the old one, then swaps the table entry in one
 //! store: requests that found the old copy finish on it, new ones go to the new one. A retired
@@ -94,14 +96,21 @@ impl ServingModel {
 /// never evicted. `cold` says the request waited for the model to be loaded.
 pub struct ModelLease {
     model: Arc<ServingModel>,
-    pub cold: bool,
+    /// How long the request waited for the model to load (zero when it was in memory): it
+    /// counts against the request's deadline.
+    pub waited: Duration,
 }
 
 impl ModelLease {
-    fn new(model: Arc<ServingModel>, cold: bool, now_us: u64) -> Self {
+    fn new(model: Arc<ServingModel>, waited: Duration, now_us: u64) -> Self {
         model.leases.fetch_add(1, Ordering::AcqRel);
         model.last_used.fetch_max(now_us, Ordering::AcqRel);
-        ModelLease { model, cold }
+        ModelLease { model, waited }
+    }
+
+    /// Whether the request waited for its model to be loaded.
+    pub fn cold(&self) -> bool {
+        !self.waited.is_zero()
     }
 }
 
@@ -110,7 +119,7 @@ impl Clone for ModelLease {
         self.model.leases.fetch_add(1, Ordering::AcqRel);
         ModelLease {
             model: self.model.clone(),
-            cold: self.cold,
+            waited: self.waited,
         }
     }
 }
@@ -291,9 +300,12 @@ pub struct Registry {
     /// One version loads at a time: its footprint is measured alone, and room in the budget is
     /// made for one load after another.
     load_gate: tokio::sync::Mutex<()>,
-    /// The last measured footprint of each version, kept after eviction: the estimate for its
-    /// next load.
-    footprints: Mutex<HashMap<(String, u64), u64>>,
+    /// The last measured footprint of each version's files (name, version, fingerprint), kept
+    /// after eviction: the estimate for its next load.
+    footprints: Mutex<HashMap<(String, u64, u64), u64>>,
+    /// Bytes per device of copies unloaded but still draining (their memory not yet freed):
+    /// counted as in use until they are gone.
+    retiring: Mutex<HashMap<String, u64>>,
     /// On-demand loads under way: the requests for a model wait on the same load.
     on_demand: Mutex<HashMap<String, LoadWatch>>,
     /// The registry's clock for least-recently-used order.
@@ -302,6 +314,17 @@ pub struct Registry {
 
 /// The outcome of an on-demand load, once it is known.
 type LoadWatch = tokio::sync::watch::Receiver<Option<Result<(), String>>>;
+
+/// Removes a model's on-demand load from the registry when dropped.
+struct ForgetOnDemand<'a>(&'a Registry, &'a str);
+
+impl Drop for ForgetOnDemand<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut pending) = self.0.on_demand.lock() {
+            pending.remove(self.1);
+        }
+    }
+}
 
 /// How long a request waits for a model to load when neither it nor the model says.
 const DEFAULT_LOAD_WAIT: Duration = Duration::from_secs(30);
@@ -329,6 +352,7 @@ impl Registry {
             scanned: Mutex::new(None),
             load_gate: tokio::sync::Mutex::new(()),
             footprints: Mutex::new(HashMap::new()),
+            retiring: Mutex::new(HashMap::new()),
             on_demand: Mutex::new(HashMap::new()),
             epoch: Instant::now(),
         })
@@ -491,6 +515,23 @@ impl Registry {
         let available: Vec<u64> = source.versions.iter().map(|v| v.version).collect();
         let wanted = spec.version_policy.select(&available);
         self.update(name, |e| e.error = None);
+        // lazy: a repository scan reloads changed versions that are in memory and loads
+        // nothing else (one evicted meanwhile stays out until a request wants it)
+        let loadable: Vec<u64> = if self.settings.lazy && reason == LoadReason::Poll {
+            let entry = self.entry(name);
+            wanted
+                .iter()
+                .copied()
+                .filter(|v| {
+                    entry
+                        .as_ref()
+                        .and_then(|e| e.versions.get(v))
+                        .is_some_and(|ve| ve.serving.is_some())
+                })
+                .collect()
+        } else {
+            wanted.clone()
+        };
 
         // Versions no longer on disk or no longer selected go away.
         let current: Vec<u64> = self
@@ -513,7 +554,7 @@ impl Registry {
         let tasks: Vec<_> = source
             .versions
             .iter()
-            .filter(|v| wanted.contains(&v.version))
+            .filter(|v| loadable.contains(&v.version))
             .cloned()
             .map(|v| {
                 let me = self.clone();
@@ -568,7 +609,8 @@ impl Registry {
             reason
         };
         let started = Instant::now();
-        let (p, memory_bytes, _gate) = match self.load_measured(name, config, v).await {
+        let (p, memory_bytes, _gate) = match self.load_measured(name, config, v, fingerprint).await
+        {
             Ok(loaded) => loaded,
             Err(err) => {
                 let why = err.to_string();
@@ -645,27 +687,43 @@ impl Registry {
         self.refresh_memory_gauges();
         if let Some(old) = old {
             // requests that found the old copy finish on it; it goes once they are done
-            tokio::spawn(retire(old));
+            let me = self.clone();
+            tokio::spawn(async move { me.retire(old).await });
         }
         Ok(())
     }
 
     /// Parses the version's spec, makes room for it in the memory budget, loads and warms it
-    /// up, and measures its footprint. Returns with the load gate held: the caller puts the
-    /// version in the table before the next load counts what is resident.
+    /// up, and measures its footprint. Under a budget (or lazy model control) loads run one at
+    /// a time, each measured alone, and this returns with the load gate held: the caller puts
+    /// the version in the table before the next load counts what is in memory. Otherwise loads
+    /// overlap as before, and a footprint may include another load's memory.
     async fn load_measured(
         self: &Arc<Self>,
         name: &str,
         config: &Path,
         v: VersionSource,
-    ) -> Result<(prepare::Prepared, u64, tokio::sync::MutexGuard<'_, ()>), LoadError> {
+        fingerprint: u64,
+    ) -> Result<
+        (
+            prepare::Prepared,
+            u64,
+            Option<tokio::sync::MutexGuard<'_, ()>>,
+        ),
+        LoadError,
+    > {
         let version = v.version;
         let (name_owned, config_owned) = (name.to_string(), config.to_path_buf());
         let spec = blocking(move || parse(&name_owned, &config_owned, &v)).await?;
         let device = self.engines.device(&spec);
         let file_bytes = std::fs::metadata(&spec.file).map_or(0, |m| m.len());
-        let gate = self.load_gate.lock().await;
-        let key = (name.to_string(), version);
+        let budgeted = self.settings.lazy || !self.settings.memory_budget.is_unlimited();
+        let gate = match budgeted {
+            true => Some(self.load_gate.lock().await),
+            false => None,
+        };
+        // the same files measure the same: a changed file is estimated afresh
+        let key = (name.to_string(), version, fingerprint);
         let estimate = self
             .footprints
             .lock()
@@ -683,14 +741,16 @@ impl Registry {
             (Some(before), Some(after)) => after.saturating_sub(before).max(file_bytes),
             _ => file_bytes,
         };
-        self.footprints
-            .lock()
-            .expect("footprints lock")
-            .insert(key, measured);
         if measured > estimate {
             // the first load of a version is estimated from its file: make the rest of the room
             self.make_room(name, &p.device, measured).await?;
         }
+        // kept only once it fits: a measurement inflated by other requests' memory must not
+        // refuse the model for good
+        self.footprints
+            .lock()
+            .expect("footprints lock")
+            .insert(key, measured);
         Ok((p, measured, gate))
     }
 
@@ -745,7 +805,16 @@ impl Registry {
             }
         }
         drop(table);
+        used += self
+            .retiring
+            .lock()
+            .expect("retiring lock")
+            .get(device)
+            .copied()
+            .unwrap_or(0);
         let victims = plan_evictions(device, budget, used, need, &resident, self.settings.lazy)?;
+        // only the victims stay locked while they drain
+        locks.retain(|model, _| victims.contains(model));
         for victim in victims {
             let _op = locks.remove(&victim);
             self.evict(&victim, name).await;
@@ -849,7 +918,7 @@ impl Registry {
                 "unloading: draining accepted requests"
             );
             let device = serving.device.clone();
-            retire(serving).await;
+            self.retire(serving).await;
             self.metrics.forget_model(name, version);
             self.metrics.forget_model_memory(name, version, &device);
         }
@@ -1001,57 +1070,78 @@ impl Registry {
 
     /// Takes the version that serves `name` for one request. Under lazy model control a model
     /// that is not in memory is loaded first (requests that arrive meanwhile wait for the same
-    /// load), the wait bounded by `deadline` (else the model's timeout): the lease is then
-    /// `cold`. A model that failed to load is not tried again until the next repository scan.
+    /// load), the wait bounded by `deadline` (else the model's timeout): the lease then says how
+    /// long it waited. A model that failed to load is not tried again until the next repository
+    /// scan.
     pub async fn acquire(
         self: &Arc<Self>,
         name: &str,
         version: Option<u64>,
         deadline: Option<Instant>,
     ) -> Result<ModelLease, LookupError> {
-        let missing = match self.serving(name, version) {
-            Ok(model) => return Ok(ModelLease::new(model, false, self.now_us())),
-            Err(e) => e,
-        };
-        let loads = self.settings.lazy
-            && match &missing {
-                LookupError::NotReady { state, .. } => *state != ModelState::Failed,
-                // a folder added since the last scan
-                LookupError::UnknownModel(_) => self.repo.find(name).is_ok(),
-                _ => false,
-            };
-        if !loads {
-            return Err(missing);
-        }
         let started = Instant::now();
-        let limit = deadline.unwrap_or_else(|| started + self.load_wait_limit(name));
-        let mut outcome = self.load_on_demand(name);
-        let waited = tokio::time::timeout_at(limit.into(), outcome.wait_for(Option::is_some))
-            .await
-            .map(|r| r.map(|v| v.clone()));
-        self.metrics.load_waited(name, started.elapsed());
-        match waited {
-            Err(_) => Err(LookupError::LoadTimedOut {
-                name: name.to_string(),
-                waited: started.elapsed(),
-            }),
-            Ok(Ok(Some(Ok(())))) => self
-                .serving(name, version)
-                .map(|model| ModelLease::new(model, true, self.now_us())),
-            Ok(Ok(Some(Err(reason)))) => {
+        let mut limit = None;
+        let mut failure = None;
+        // a model evicted again between its load and this request taking it (a budget that
+        // holds few models) is loaded once more, while the deadline allows
+        for _ in 0..3 {
+            let missing = match self.serving(name, version) {
+                Ok(model) => {
+                    // zero when it was in memory at once
+                    let waited = limit.map_or(Duration::ZERO, |_| started.elapsed());
+                    return Ok(ModelLease::new(model, waited, self.now_us()));
+                }
+                Err(e) => e,
+            };
+            if let Some(reason) = failure.take() {
+                // the load failed and nothing serves: say why
                 let state = self.entry(name).map_or(ModelState::Failed, |e| e.state());
-                Err(LookupError::NotReady {
+                return Err(LookupError::NotReady {
                     name: name.to_string(),
                     state,
                     reason: Some(reason),
-                })
+                });
             }
-            Ok(_) => Err(LookupError::NotReady {
-                name: name.to_string(),
-                state: ModelState::Failed,
-                reason: Some("the loading task failed".into()),
-            }),
+            if !self.loads_on_demand(name, &missing) {
+                return Err(missing);
+            }
+            let limit = *limit.get_or_insert_with(|| {
+                deadline.unwrap_or_else(|| started + self.load_wait_limit(name))
+            });
+            let mut outcome = self.load_on_demand(name);
+            let waited =
+                tokio::time::timeout_at(limit.into(), outcome.wait_for(Option::is_some)).await;
+            self.metrics.load_waited(name, started.elapsed());
+            match waited {
+                Err(_) => {
+                    return Err(LookupError::LoadTimedOut {
+                        name: name.to_string(),
+                        waited: started.elapsed(),
+                    })
+                }
+                Ok(Ok(result)) => failure = result.clone().and_then(Result::err),
+                Ok(Err(_)) => failure = Some("the loading task failed".into()),
+            }
         }
+        self.serving(name, version)
+            .map(|model| ModelLease::new(model, started.elapsed(), self.now_us()))
+    }
+
+    /// Whether a request that found nothing to serve loads the model (lazy model control): a
+    /// model or version not in memory, or on disk since the last scan; not one that failed.
+    fn loads_on_demand(&self, name: &str, missing: &LookupError) -> bool {
+        let on_disk = |version: Option<u64>| {
+            self.repo
+                .find(name)
+                .is_ok_and(|s| version.is_none_or(|v| s.versions.iter().any(|d| d.version == v)))
+        };
+        self.settings.lazy
+            && match missing {
+                LookupError::NotReady { state, .. } => *state != ModelState::Failed,
+                LookupError::UnknownModel(_) => on_disk(None),
+                LookupError::UnknownVersion(_, v) => on_disk(Some(*v)),
+                LookupError::LoadTimedOut { .. } => false,
+            }
     }
 
     /// The load of `name` a request waits for: the one under way, else a new one.
@@ -1065,6 +1155,9 @@ impl Registry {
         let (me, name) = (self.clone(), name.to_string());
         // its own task: a request that gives up does not stop the load the others wait for
         tokio::spawn(async move {
+            // forgets the load however the task ends (a panic included), so that the next
+            // request starts another instead of finding this one's closed channel forever
+            let _forget = ForgetOnDemand(&me, &name);
             let result = me
                 .sync(&name, false, LoadReason::OnDemand)
                 .await
@@ -1072,7 +1165,6 @@ impl Registry {
                     ManageError::LoadFailed { reason, .. } => reason,
                     other => other.to_string(),
                 });
-            me.on_demand.lock().expect("on-demand lock").remove(&name);
             let _ = tx.send(Some(result));
         });
         rx
@@ -1167,6 +1259,33 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .unwrap_or_else(|e| Err(LoadError::Task(e.to_string())))
+}
+
+impl Registry {
+    /// Lets a serving copy go (see [`retire`]), its memory counted as in use on its device
+    /// until it is freed.
+    async fn retire(&self, serving: Arc<ServingModel>) {
+        /// Takes the bytes off the count when the retirement ends, however it ends.
+        struct Counted<'a>(&'a Registry, String, u64);
+        impl Drop for Counted<'_> {
+            fn drop(&mut self) {
+                if let Ok(mut retiring) = self.0.retiring.lock() {
+                    if let Some(slot) = retiring.get_mut(&self.1) {
+                        *slot = slot.saturating_sub(self.2);
+                    }
+                }
+            }
+        }
+        let (device, bytes) = (serving.device.clone(), serving.memory_bytes);
+        *self
+            .retiring
+            .lock()
+            .expect("retiring lock")
+            .entry(device.clone())
+            .or_default() += bytes;
+        let _counted = Counted(self, device, bytes);
+        retire(serving).await;
+    }
 }
 
 /// Lets a serving copy go: waits until requests holding it have finished, its queue has
