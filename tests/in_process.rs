@@ -665,3 +665,50 @@ async fn a_request_waits_for_a_load_at_most_its_deadline_and_the_load_goes_on() 
     assert_eq!(predict(&app, "slow", 1.0).await.1, "warm");
     assert_eq!(engines.loads.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn lazy_loading_serves_versions_and_counts_each_one() {
+    let engines = Arc::new(SizedEngines::default());
+    let toml = format!("pinned = false\n{REGRESSOR}\n[version_policy]\nall = true\n");
+    let app = app_with(
+        &[("m", toml, "")],
+        RegistrySettings {
+            memory_budget: "1GiB".parse().unwrap(),
+            lazy: true,
+            ..Default::default()
+        },
+        engines.clone(),
+    )
+    .await;
+    let root = app._dir.0.clone();
+    for (v, mib) in [(1, "30"), (2, "40")] {
+        std::fs::create_dir_all(root.join(format!("m/{v}"))).unwrap();
+        std::fs::write(root.join(format!("m/{v}/model.pt")), mib).unwrap();
+    }
+    // versions on disk before any scan: asking for one loads the model's selected versions
+    let (status, headers, body) = call_with_headers(
+        &app,
+        "POST",
+        "/v1/models/m/versions/1/predict",
+        Some(json!({"instances": [1]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(headers["x-model-loaded"], "cold");
+    assert_eq!(headers["x-model-version"], "1");
+    let (_, m) = call(&app, "GET", "/v1/models/m", None).await;
+    assert_eq!(m["default_version"], 2, "{m}");
+    let bytes: Vec<u64> = m["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["memory_bytes"].as_u64().unwrap())
+        .collect();
+    assert_eq!(bytes, [30 * MIB, 40 * MIB]);
+    assert_eq!(
+        metric(&app, r#"aiaas_model_memory_resident_bytes{device="cpu"}"#).await,
+        Some((70 * MIB) as f64)
+    );
+    let (status, loaded, _) = predict(&app, "m", 1.0).await;
+    assert_eq!((status, loaded.as_str()), (StatusCode::OK, "warm"));
+}
