@@ -31,6 +31,12 @@ impl Engine for Doubler {
         if values.contains(&666.0) {
             return Err(EngineError::Forward("poisoned input".into()));
         }
+        if values.contains(&999.0) {
+            return Err(EngineError::DeviceFailed {
+                device: "fake".into(),
+                message: "CUDA out of memory. Tried to allocate 2.00 GiB".into(),
+            });
+        }
         let doubled: Vec<f32> = values.iter().map(|v| v * 2.0).collect();
         Ok(vec![
             HostTensor::from_f32(x.shape.clone(), &doubled).unwrap()
@@ -711,4 +717,48 @@ async fn lazy_loading_serves_versions_and_counts_each_one() {
     );
     let (status, loaded, _) = predict(&app, "m", 1.0).await;
     assert_eq!((status, loaded.as_str()), (StatusCode::OK, "warm"));
+}
+
+#[tokio::test]
+async fn a_device_failure_fails_the_batch_with_503_and_the_model_until_it_is_loaded_again() {
+    let app = app(&["twice", "other"]).await;
+    let (status, headers, body) = call_with_headers(
+        &app,
+        "POST",
+        "/v1/models/twice/predict",
+        Some(json!({"instances": [999, 1]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "device_failed");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("device fake failed: CUDA out of memory"),
+        "{message}"
+    );
+    assert!(headers.contains_key("retry-after"));
+    // the model is failed with the reason, found without a request or a scrape
+    let (state, reason) = state_of(&app, "twice").await;
+    assert_eq!(state, "failed", "{reason}");
+    assert!(reason.contains("out of memory"), "{reason}");
+    assert_eq!(
+        metric(
+            &app,
+            r#"aiaas_requests_total{model="twice",outcome="error",version="1"}"#
+        )
+        .await,
+        Some(1.0)
+    );
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/models/twice/predict",
+        Some(json!({"instances": [1]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "model_not_ready");
+    assert_eq!(predict(&app, "other", 2.0).await.0, StatusCode::OK);
+    let (_, ready) = call(&app, "GET", "/health/ready", None).await;
+    assert!(ready.to_string().contains("twice"), "{ready}");
 }

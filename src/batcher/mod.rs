@@ -160,6 +160,9 @@ struct Shared {
     observer: Arc<dyn BatchObserver>,
     /// The queue and engine threads, joined when the model is retired.
     threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The first device failure of an engine (out of memory, a lost device): the model is
+    /// failed from then on.
+    failure: std::sync::Mutex<Option<String>>,
 }
 
 /// A cheap, cloneable handle to one model's queue. When every handle is dropped the queue task
@@ -195,6 +198,7 @@ impl ModelHandle {
             stats: BatchStats::default(),
             observer,
             threads: std::sync::Mutex::new(Vec::new()),
+            failure: std::sync::Mutex::new(None),
         });
         let mut threads = Vec::with_capacity(engines.len() + 1);
         let (free_tx, free_rx) = crossbeam_channel::unbounded::<(usize, Duration)>();
@@ -315,6 +319,11 @@ impl ModelHandle {
                     capacity: cap,
                 }
             })
+    }
+
+    /// The device failure that stopped this model, if one did.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failure.lock().expect("failure lock").clone()
     }
 
     /// Rows waiting in the queue now (the autoscaling signal).
@@ -657,6 +666,19 @@ fn run_job(engine: &mut dyn Engine, job: Job, shared: &Shared) {
     let result = forward(engine, &items, cfg);
     match result {
         Ok(outputs) => reply_all(items, outputs, picked, started, shared),
+        Err(err) if err.is_device_failure() => {
+            // the device, not an item, failed: no retries one by one on it
+            tracing::error!(model = %cfg.model, error = %err, items = items.len(),
+                "device failure: the batch fails and the model stops taking requests");
+            shared
+                .failure
+                .lock()
+                .expect("failure lock")
+                .get_or_insert_with(|| err.to_string());
+            for p in items {
+                fail(p, err.clone(), started, shared);
+            }
+        }
         Err(err) if items.len() > 1 => {
             // One bad item must not fail its neighbours: run each alone to find it.
             tracing::warn!(model = %cfg.model, error = %err, items = items.len(),

@@ -56,6 +56,17 @@ pub enum EngineError {
     Forward(String),
     #[error("model output is unusable: {0}")]
     Output(String),
+    /// The device ran out of memory or stopped working (a lost GPU, a CUDA error that poisons
+    /// its context): the batch fails, and the model with it until it is loaded again.
+    #[error("device {device} failed: {message}")]
+    DeviceFailed { device: String, message: String },
+}
+
+impl EngineError {
+    /// Whether the device, not the input, failed.
+    pub fn is_device_failure(&self) -> bool {
+        matches!(self, EngineError::DeviceFailed { .. })
+    }
 }
 
 /// Facts about the runtime, for logs, metadata and build info.

@@ -182,6 +182,37 @@ impl Engine for TorchEngine {
     fn forward(&mut self, inputs: Vec<HostTensor>) -> Result<Vec<HostTensor>, EngineError> {
         catch_unwind(AssertUnwindSafe(|| self.forward_unguarded(inputs)))
             .unwrap_or_else(|_| Err(EngineError::Forward("libtorch panicked".into())))
+            .map_err(|e| device_failure(&ResolvedDevice(self.device).to_string(), e))
+    }
+}
+
+/// libtorch's messages for a device that ran out of memory or stopped working, as opposed to
+/// an input the model cannot take.
+const DEVICE_FAILURES: &[&str] = &[
+    "out of memory",
+    "DefaultCPUAllocator: can't allocate memory",
+    "DefaultCPUAllocator: not enough memory",
+    "CUDA error",
+    "CUDA driver error",
+    "CUBLAS_STATUS_",
+    "CUDNN_STATUS_",
+    "device-side assert",
+    "illegal memory access",
+    "unspecified launch failure",
+    "no CUDA GPUs are available",
+    "ECC error",
+];
+
+/// A forward error that says the device failed becomes [`EngineError::DeviceFailed`].
+fn device_failure(device: &str, e: EngineError) -> EngineError {
+    match e {
+        EngineError::Forward(message) if DEVICE_FAILURES.iter().any(|m| message.contains(m)) => {
+            EngineError::DeviceFailed {
+                device: device.to_string(),
+                message,
+            }
+        }
+        other => other,
     }
 }
 
@@ -312,7 +343,26 @@ fn from_tensor(t: &Tensor) -> Result<HostTensor, EngineError> {
 
 #[cfg(test)]
 mod tests {
-    use super::first_line;
+    use super::{device_failure, first_line, EngineError};
+
+    #[test]
+    fn device_failures_are_told_from_bad_inputs() {
+        let oom =
+            "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB total capacity)";
+        let lost = "CUDA error: unspecified launch failure";
+        for message in [
+            oom,
+            lost,
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes",
+        ] {
+            let e = device_failure("cuda:0", EngineError::Forward(message.into()));
+            assert!(e.is_device_failure(), "{e}");
+            assert!(e.to_string().starts_with("device cuda:0 failed: "), "{e}");
+        }
+        let shape = "mat1 and mat2 shapes cannot be multiplied (1x3 and 4x5)";
+        let e = device_failure("cuda:0", EngineError::Forward(shape.into()));
+        assert!(!e.is_device_failure(), "{e}");
+    }
 
     #[test]
     fn a_torchscript_error_keeps_its_reason() {

@@ -45,6 +45,9 @@ pub enum ApiError {
     Overloaded(String),
     #[error("{0}")]
     Timeout(String),
+    /// The model's device failed (out of memory, lost): the model is failed.
+    #[error("{0}")]
+    DeviceFailed(String),
     /// The client did not send its request in time.
     #[error("{0}")]
     RequestTimeout(String),
@@ -80,6 +83,7 @@ impl ApiError {
             ),
             ApiError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded", true),
             ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout", false),
+            ApiError::DeviceFailed(_) => (StatusCode::SERVICE_UNAVAILABLE, "device_failed", true),
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout", false),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", false),
             ApiError::RouteNotFound(_) => (StatusCode::NOT_FOUND, "not_found", false),
@@ -138,7 +142,7 @@ impl ApiError {
         match self {
             ApiError::Overloaded(_) | ApiError::ModelNotReady(_) => Outcome::Rejected,
             ApiError::Timeout(_) => Outcome::Timeout,
-            ApiError::Internal(_) => Outcome::Error,
+            ApiError::Internal(_) | ApiError::DeviceFailed(_) => Outcome::Error,
             _ => Outcome::ClientError,
         }
     }
@@ -225,6 +229,9 @@ impl From<InferError> for ApiError {
             InferError::MoreRowsThanQueue { .. } => ApiError::PayloadTooLarge(e.to_string()),
             InferError::Timeout { .. } => ApiError::Timeout(e.to_string()),
             InferError::Stopped { .. } => ApiError::ModelNotReady(e.to_string()),
+            InferError::Engine { source, .. } if source.is_device_failure() => {
+                ApiError::DeviceFailed(e.to_string())
+            }
             InferError::Engine { .. } => ApiError::Internal(e.to_string()),
         }
     }

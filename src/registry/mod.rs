@@ -1050,7 +1050,7 @@ impl Registry {
             state,
             reason,
         };
-        match version {
+        let found = match version {
             None => entry
                 .default_version()
                 .cloned()
@@ -1064,6 +1064,44 @@ impl Registry {
                     (Some(s), ModelState::Ready) => Ok(s.clone()),
                     _ => Err(not_ready(ve.state, ve.reason.clone())),
                 }
+            }
+        }?;
+        match found.handle.failure() {
+            None => Ok(found),
+            Some(reason) => {
+                drop(table);
+                self.fail_after_device_failure(&found, &reason);
+                Err(not_ready(ModelState::Failed, Some(reason)))
+            }
+        }
+    }
+
+    /// Marks a version whose device failed as failed (if the table still holds that copy) and
+    /// lets the copy go: its engines may hold a broken device context. A load brings it back.
+    fn fail_after_device_failure(&self, copy: &Arc<ServingModel>, reason: &str) {
+        let (name, version) = (copy.name.as_str(), copy.version);
+        let mut taken = None;
+        self.update(name, |e| {
+            if let Some(ve) = e.versions.get_mut(&version) {
+                if ve.serving.as_ref().is_some_and(|s| Arc::ptr_eq(s, copy)) {
+                    taken = ve.serving.take();
+                    ve.state = ModelState::Failed;
+                    ve.reason = Some(reason.to_string());
+                }
+            }
+        });
+        if let Some(copy) = taken {
+            tracing::error!(
+                model = name,
+                version,
+                reason,
+                "model failed: its device failed"
+            );
+            self.metrics
+                .forget_model_memory(name, version, &copy.device);
+            self.refresh_memory_gauges();
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(retire(copy));
             }
         }
     }
@@ -1203,7 +1241,22 @@ impl Registry {
         names
     }
 
+    /// The table's entry for `name`, with any version whose device failed marked failed.
     pub fn entry(&self, name: &str) -> Option<Arc<ModelEntry>> {
+        let entry = self.table.load().get(name).cloned()?;
+        let failed: Vec<(Arc<ServingModel>, String)> = entry
+            .versions
+            .values()
+            .filter_map(|v| v.serving.as_ref())
+            .filter_map(|s| s.handle.failure().map(|reason| (s.clone(), reason)))
+            .collect();
+        if failed.is_empty() {
+            return Some(entry);
+        }
+        drop(entry);
+        for (copy, reason) in failed {
+            self.fail_after_device_failure(&copy, &reason);
+        }
         self.table.load().get(name).cloned()
     }
 
@@ -1240,14 +1293,22 @@ impl Registry {
         }
     }
 
-    /// Rows queued per ready model version, for the pending-requests gauge.
+    /// Rows queued per ready model version, for the pending-requests gauge; a version whose
+    /// device failed is marked failed here too, without waiting for a request to find it.
     pub fn refresh_gauges(&self) {
+        let mut failed = Vec::new();
         for (name, entry) in self.table.load().iter() {
             for (version, v) in &entry.versions {
                 if let Some(s) = &v.serving {
                     self.metrics.set_pending(name, *version, s.handle.queued());
+                    if let Some(reason) = s.handle.failure() {
+                        failed.push((s.clone(), reason));
+                    }
                 }
             }
+        }
+        for (copy, reason) in failed {
+            self.fail_after_device_failure(&copy, &reason);
         }
     }
 }
