@@ -822,11 +822,9 @@ impl Registry {
         Ok(())
     }
 
-    /// Unloads every version of `victim` to make room for `for_whom` (its operation lock held
-    /// by the caller); requests that already hold it finish first.
-    async fn evict(&self, victim: &str, for_whom: &str) {
-        let versions: Vec<u64> = self
-            .entry(victim)
+    /// The versions of `name` with a serving copy in memory.
+    fn loaded_versions(&self, name: &str) -> Vec<u64> {
+        self.entry(name)
             .map(|e| {
                 e.versions
                     .iter()
@@ -834,7 +832,13 @@ impl Registry {
                     .map(|(k, _)| *k)
                     .collect()
             })
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// Unloads every version of `victim` to make room for `for_whom` (its operation lock held
+    /// by the caller); requests that already hold it finish first.
+    async fn evict(&self, victim: &str, for_whom: &str) {
+        let versions = self.loaded_versions(victim);
         tracing::info!(
             model = victim,
             for_model = for_whom,
@@ -879,16 +883,7 @@ impl Registry {
         }
         let lock = self.op_lock(name);
         let _op = lock.lock().await;
-        let versions: Vec<u64> = self
-            .entry(name)
-            .map(|e| {
-                e.versions
-                    .iter()
-                    .filter(|(_, v)| v.serving.is_some())
-                    .map(|(k, _)| *k)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let versions = self.loaded_versions(name);
         if versions.is_empty() {
             return Err(ManageError::NotLoaded(name.to_string()));
         }
