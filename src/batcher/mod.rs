@@ -162,7 +162,7 @@ struct Shared {
     threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// The first device failure of an engine (out of memory, a lost device): the model is
     /// failed from then on.
-    failure: std::sync::Mutex<Option<String>>,
+    failure: std::sync::OnceLock<String>,
 }
 
 /// A cheap, cloneable handle to one model's queue. When every handle is dropped the queue task
@@ -198,7 +198,7 @@ impl ModelHandle {
             stats: BatchStats::default(),
             observer,
             threads: std::sync::Mutex::new(Vec::new()),
-            failure: std::sync::Mutex::new(None),
+            failure: std::sync::OnceLock::new(),
         });
         let mut threads = Vec::with_capacity(engines.len() + 1);
         let (free_tx, free_rx) = crossbeam_channel::unbounded::<(usize, Duration)>();
@@ -323,7 +323,7 @@ impl ModelHandle {
 
     /// The device failure that stopped this model, if one did.
     pub fn failure(&self) -> Option<String> {
-        self.shared.failure.lock().expect("failure lock").clone()
+        self.shared.failure.get().cloned()
     }
 
     /// Rows waiting in the queue now (the autoscaling signal).
@@ -670,11 +670,8 @@ fn run_job(engine: &mut dyn Engine, job: Job, shared: &Shared) {
             // the device, not an item, failed: no retries one by one on it
             tracing::error!(model = %cfg.model, error = %err, items = items.len(),
                 "device failure: the batch fails and the model stops taking requests");
-            shared
-                .failure
-                .lock()
-                .expect("failure lock")
-                .get_or_insert_with(|| err.to_string());
+            // the first failure is the reason the model gives from then on
+            let _ = shared.failure.set(err.to_string());
             for p in items {
                 fail(p, err.clone(), started, shared);
             }
