@@ -1,5 +1,6 @@
 //! Embeds libtorch's library directory as an rpath so that `aiaas` starts without
-//! LD_LIBRARY_PATH, and keeps libtorch_cuda linked so that CUDA is found at run time.
+//! LD_LIBRARY_PATH, keeps libtorch_cuda linked so that CUDA is found at run time, and compiles
+//! `src/engine/torch/glue.cpp` (the libtorch calls tch does not expose) against libtorch's headers.
 use std::path::PathBuf;
 
 fn main() {
@@ -18,6 +19,7 @@ fn main() {
     if lib_dir.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
+    compile_glue(&lib_dir);
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/refs/heads");
     let python = std::env::var("PYTHON_INTERPRETER").unwrap_or_else(|_| "python".into());
@@ -37,4 +39,26 @@ fn main() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=AIAAS_GIT_REVISION={revision}");
+}
+
+/// Compiles the C++ glue against the headers beside libtorch's `lib/` (the same libtorch tch
+/// links), with libtorch's C++ ABI. One file, CPU headers only; -O1 is plenty for a few calls.
+fn compile_glue(lib_dir: &std::path::Path) {
+    const GLUE: &str = "src/engine/torch/glue.cpp";
+    println!("cargo:rerun-if-changed={GLUE}");
+    let include = lib_dir.parent().unwrap_or(lib_dir).join("include");
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .opt_level(1)
+        .debug(false)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file(GLUE)
+        .compile("aiaas_torch_glue");
 }

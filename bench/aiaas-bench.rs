@@ -13,8 +13,8 @@ use clap::{Parser, Subcommand};
 use rand::SeedableRng;
 
 use aiaas::codec::{ImageLimits, ModelCodec};
-use aiaas::config::model_spec::{DeviceSpec, ModelSpec};
-use aiaas::engine::torch::{resolve_device, EngineOptions, TorchEngine};
+use aiaas::config::model_spec::{ModelSpec, Placed, Precision};
+use aiaas::engine::torch::{EngineOptions, TorchEngine};
 use aiaas::engine::Engine;
 use demo::Shape;
 
@@ -50,6 +50,15 @@ enum Command {
         /// Each pass takes a random batch size from 1 to the given one, as served batches do.
         #[arg(long)]
         vary: bool,
+        /// Where the engines run: `cpu` or a CUDA device number.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// fp32, fp16 or bf16 (default: the model's `precision`).
+        #[arg(long)]
+        precision: Option<String>,
+        /// Tokens per text (text models' variable length).
+        #[arg(long, default_value_t = 16)]
+        seq_len: usize,
     },
     /// Writes a PNG of a shape (the body the load generator posts).
     Png {
@@ -82,7 +91,28 @@ fn main() -> Result<()> {
             instances,
             threads,
             vary,
-        } => raw(&model, &batch, seconds, instances, threads, vary),
+            device,
+            precision,
+            seq_len,
+        } => {
+            let device = match device.as_str() {
+                "cpu" => Placed::Cpu,
+                n => Placed::Cuda(n.trim_start_matches("cuda:").parse()?),
+            };
+            let precision: Option<Precision> = precision
+                .map(|p| serde_json::from_value(serde_json::json!(p)))
+                .transpose()?;
+            let run = RawRun {
+                seconds,
+                instances,
+                threads,
+                vary,
+                device,
+                precision,
+                seq_len,
+            };
+            raw(&model, &batch, &run)
+        }
         Command::Png { out } => {
             let mut rng = rand::rngs::StdRng::seed_from_u64(7);
             std::fs::write(&out, demo::png(&demo::draw(Shape::Triangle, 64, &mut rng)))
@@ -137,19 +167,33 @@ fn decode(dir: &std::path::Path, body: &std::path::Path, seconds: f64) -> Result
     Ok(())
 }
 
-/// Runs `instances` engines side by side for `seconds` per batch size; prints one JSON line each.
-fn raw(
-    dir: &std::path::Path,
-    batches: &[usize],
+/// How `raw` runs the engines.
+struct RawRun {
     seconds: f64,
     instances: usize,
     threads: usize,
     vary: bool,
-) -> Result<()> {
+    device: Placed,
+    precision: Option<Precision>,
+    seq_len: usize,
+}
+
+/// Runs `instances` engines side by side for `seconds` per batch size; prints one JSON line each.
+fn raw(dir: &std::path::Path, batches: &[usize], run: &RawRun) -> Result<()> {
+    let RawRun {
+        seconds,
+        instances,
+        threads,
+        vary,
+        device,
+        precision,
+        seq_len,
+    } = *run;
     let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model");
     let spec = ModelSpec::load(name, &dir.join("model.toml"), dir)?;
     let codec = ModelCodec::new(&spec, ImageLimits::default(), 0).map_err(anyhow::Error::msg)?;
-    let device = resolve_device(DeviceSpec::Cpu)?;
+    let device = device.into();
+    let precision = precision.unwrap_or(spec.precision);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = if threads > 0 {
         threads
@@ -162,16 +206,19 @@ fn raw(
         let sizes: Vec<usize> = if vary { (1..=b).collect() } else { vec![b] };
         let inputs: Vec<_> = sizes
             .iter()
-            .map(|&n| codec.warmup_item(n, 16).inputs)
+            .map(|&n| codec.warmup_item(n, seq_len).inputs)
             .collect();
         let workers: Vec<_> = (0..instances)
             .map(|k| {
                 let inputs = inputs.clone();
                 let file = spec.file.clone();
+                let output_dtypes: Vec<_> = spec.outputs.iter().map(|o| o.datatype).collect();
                 std::thread::spawn(move || -> Result<(usize, Vec<Duration>)> {
                     let options = EngineOptions {
                         intra_op_threads: Some(threads),
                         channels_last,
+                        precision,
+                        output_dtypes,
                     };
                     let mut engine = TorchEngine::load(&file, device, options)?;
                     for input in inputs.iter().take(3) {
@@ -207,6 +254,8 @@ fn raw(
                 "vary": vary,
                 "instances": instances,
                 "threads": threads,
+                "device": device.to_string(),
+                "precision": precision.to_string(),
                 "iterations": latencies.len(),
                 "items_per_s": throughput,
                 "p50_ms": p50,

@@ -82,6 +82,7 @@ pub struct Metrics {
     rejected: IntCounterVec,
     model_memory: IntGaugeVec,
     resident_memory: IntGaugeVec,
+    gpu_memory: IntGaugeVec,
     memory_budget: IntGaugeVec,
     model_loads: IntCounterVec,
     evictions: IntCounterVec,
@@ -250,6 +251,14 @@ impl Metrics {
                 &["device"],
             )
             .expect("valid gauge"),
+            gpu_memory: IntGaugeVec::new(
+                Opts::new(
+                    "aiaas_gpu_memory_bytes",
+                    "Bytes libtorch's CUDA caching allocator holds on each GPU: allocated (in tensors) and reserved (taken from the driver: allocated plus cached for reuse). Absent without GPUs.",
+                ),
+                &["device", "kind"],
+            )
+            .expect("valid gauge"),
             memory_budget: IntGaugeVec::new(
                 Opts::new(
                     "aiaas_model_memory_budget_bytes",
@@ -312,6 +321,7 @@ impl Metrics {
             Box::new(m.rejected.clone()),
             Box::new(m.model_memory.clone()),
             Box::new(m.resident_memory.clone()),
+            Box::new(m.gpu_memory.clone()),
             Box::new(m.memory_budget.clone()),
             Box::new(m.model_loads.clone()),
             Box::new(m.evictions.clone()),
@@ -432,6 +442,15 @@ impl Metrics {
         let _ =
             self.model_memory
                 .remove_label_values(&[model, version.to_string().as_str(), device]);
+    }
+
+    /// A GPU's allocator bytes.
+    pub fn set_gpu_memory(&self, device: &str, allocated: u64, reserved: u64) {
+        for (kind, bytes) in [("allocated", allocated), ("reserved", reserved)] {
+            self.gpu_memory
+                .with_label_values(&[device, kind])
+                .set(bytes as i64);
+        }
     }
 
     /// The footprint resident on `device` and its budget, if it has one.

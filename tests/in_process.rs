@@ -762,3 +762,115 @@ async fn a_device_failure_fails_the_batch_with_503_and_the_model_until_it_is_loa
     let (_, ready) = call(&app, "GET", "/health/ready", None).await;
     assert!(ready.to_string().contains("twice"), "{ready}");
 }
+
+/// A fake runtime that sees `gpus` CUDA devices: each instance "runs" where model.toml's
+/// placement puts it, and every GPU reports fixed allocator bytes.
+struct FakeGpus {
+    gpus: usize,
+}
+
+impl EngineFactory for FakeGpus {
+    fn load(&self, spec: &ModelSpec, index: usize) -> Result<LoadedEngine, EngineError> {
+        let device = spec
+            .device
+            .instance(index, self.gpus)
+            .map_err(|m| EngineError::Device(spec.device.to_string(), m))?;
+        Ok(LoadedEngine {
+            engine: Box::new(Doubler),
+            device: device.to_string(),
+        })
+    }
+
+    fn visible_gpus(&self) -> usize {
+        self.gpus
+    }
+
+    fn gpu_memory(&self) -> Vec<aiaas::engine::GpuMemory> {
+        (0..self.gpus)
+            .map(|n| aiaas::engine::GpuMemory {
+                device: format!("cuda:{n}"),
+                allocated: (n as u64 + 1) << 20,
+                reserved: (n as u64 + 2) << 20,
+            })
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn instances_spread_over_the_visible_gpus_and_each_shows_its_device() {
+    let placed = |device: &str, instances: usize| {
+        format!("kind = \"regressor\"\ndevice = {device}\ninstances = {instances}\n")
+    };
+    let models = [
+        ("spread", placed("\"cuda\"", 4), ""),
+        ("pinned-list", placed("[\"cuda:1\", \"cuda:0\"]", 3), ""),
+        ("missing", placed("\"cuda:2\"", 1), ""),
+        ("host", placed("\"cpu\"", 2), ""),
+    ];
+    let app = app_with(&models, Default::default(), Arc::new(FakeGpus { gpus: 2 })).await;
+
+    let (status, body) = call(&app, "GET", "/v1/models/spread", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let v = &body["versions"][0];
+    assert_eq!(
+        v["instance_devices"],
+        json!(["cuda:0", "cuda:1", "cuda:0", "cuda:1"])
+    );
+    assert_eq!(v["device"], "cuda:0");
+    assert_eq!(v["precision"], "fp32");
+    // Triton's instance_group: one KIND_GPU group per GPU, its instances counted
+    let (_, config) = call(&app, "GET", "/v2/models/spread/config", None).await;
+    assert_eq!(
+        config["instance_group"],
+        json!([
+            {"name": "spread", "kind": "KIND_GPU", "count": 2, "gpus": [0]},
+            {"name": "spread", "kind": "KIND_GPU", "count": 2, "gpus": [1]},
+        ])
+    );
+
+    let (_, body) = call(&app, "GET", "/v1/models/pinned-list", None).await;
+    assert_eq!(
+        body["versions"][0]["instance_devices"],
+        json!(["cuda:1", "cuda:0", "cuda:1"])
+    );
+    let (_, config) = call(&app, "GET", "/v2/models/host/config", None).await;
+    assert_eq!(
+        config["instance_group"],
+        json!([{"name": "host", "kind": "KIND_CPU", "count": 2}])
+    );
+
+    // a GPU that is not there fails that model with the reason; the others serve
+    let (_, body) = call(&app, "GET", "/v1/models/missing", None).await;
+    assert_eq!(body["state"], "failed", "{body}");
+    let reason = body["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("cuda:2 asked for, 2 CUDA device(s) visible"),
+        "{reason}"
+    );
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/models/spread/predict",
+        Some(json!({"instances": [1.5]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // each GPU's allocator bytes, as the runtime reports them
+    let response = app
+        .router
+        .clone()
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    for line in [
+        "aiaas_gpu_memory_bytes{device=\"cuda:0\",kind=\"allocated\"} 1048576",
+        "aiaas_gpu_memory_bytes{device=\"cuda:1\",kind=\"reserved\"} 3145728",
+    ] {
+        assert!(text.contains(line), "{line} missing from /metrics");
+    }
+}

@@ -39,13 +39,16 @@ impl fmt::Display for ModelKind {
     }
 }
 
-/// Where a model runs.
+/// Where a model's instances run (one entry of model.toml's `device`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceSpec {
-    /// CUDA device 0 when CUDA is available, else the CPU.
+    /// Every visible CUDA device, instances spread round-robin; the CPU when there is none.
     Auto,
     Cpu,
+    /// One CUDA device.
     Cuda(usize),
+    /// Every visible CUDA device, instances spread round-robin (`cuda`); an error without one.
+    AnyCuda,
 }
 
 impl fmt::Display for DeviceSpec {
@@ -54,6 +57,7 @@ impl fmt::Display for DeviceSpec {
             DeviceSpec::Auto => f.write_str("auto"),
             DeviceSpec::Cpu => f.write_str("cpu"),
             DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceSpec::AnyCuda => f.write_str("cuda"),
         }
     }
 }
@@ -64,7 +68,7 @@ impl std::str::FromStr for DeviceSpec {
         match s {
             "auto" => Ok(DeviceSpec::Auto),
             "cpu" => Ok(DeviceSpec::Cpu),
-            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            "cuda" => Ok(DeviceSpec::AnyCuda),
             _ => s
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
@@ -81,6 +85,131 @@ impl<'de> Deserialize<'de> for DeviceSpec {
         String::deserialize(d)?
             .parse()
             .map_err(serde::de::Error::custom)
+    }
+}
+
+/// model.toml's `device`: one device for every instance, or a list that pins instance `i` to
+/// entry `i` (cycling when there are more instances than entries).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement(Vec<DeviceSpec>);
+
+impl Placement {
+    pub fn one(device: DeviceSpec) -> Self {
+        Self(vec![device])
+    }
+
+    /// Where engine instance `index` runs when `gpus` CUDA devices are visible: a listed
+    /// device is taken as it is (and must exist); `cuda` and `auto` take the visible GPUs in
+    /// turn, so N instances spread round-robin over them; `auto` without a GPU is the CPU.
+    pub fn instance(&self, index: usize, gpus: usize) -> Result<Placed, String> {
+        let spec = self.0[index % self.0.len()];
+        match spec {
+            DeviceSpec::Cpu => Ok(Placed::Cpu),
+            DeviceSpec::Auto if gpus == 0 => Ok(Placed::Cpu),
+            DeviceSpec::Auto | DeviceSpec::AnyCuda if gpus > 0 => {
+                // the instances that take turns over the GPUs: those this entry holds
+                Ok(Placed::Cuda((index / self.0.len()) % gpus))
+            }
+            DeviceSpec::Cuda(n) if n < gpus => Ok(Placed::Cuda(n)),
+            _ => Err(format!("{spec} asked for, {gpus} CUDA device(s) visible")),
+        }
+    }
+
+    /// The devices of instances `0..instances`, in order.
+    pub fn instances(&self, instances: usize, gpus: usize) -> Result<Vec<Placed>, String> {
+        (0..instances).map(|i| self.instance(i, gpus)).collect()
+    }
+}
+
+impl fmt::Display for Placement {
+    /// As model.toml spells it: `cuda`, or `["cuda:0", "cuda:1"]` for a list.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.as_slice() {
+            [one] => write!(f, "{one}"),
+            many => {
+                let names: Vec<String> = many.iter().map(|d| format!("\"{d}\"")).collect();
+                write!(f, "[{}]", names.join(", "))
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Placement {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Placement;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a device (auto, cpu, cuda, cuda:N) or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Placement, E> {
+                s.parse().map(Placement::one).map_err(E::custom)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Placement, A::Error> {
+                let mut devices = Vec::new();
+                while let Some(d) = seq.next_element::<DeviceSpec>()? {
+                    devices.push(d);
+                }
+                if devices.is_empty() {
+                    return Err(serde::de::Error::custom(
+                        "device list is empty (name at least one device)",
+                    ));
+                }
+                Ok(Placement(devices))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// A device one engine instance runs on, resolved against the visible GPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placed {
+    Cpu,
+    Cuda(usize),
+}
+
+impl fmt::Display for Placed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Placed::Cpu => f.write_str("cpu"),
+            Placed::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// The floating-point precision a model's weights and floating inputs are cast to once at
+/// load (model.toml's `precision`); its floating outputs are answered as FP32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl Precision {
+    /// The tensor type of its weights and floating inputs.
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::Fp32 => DType::Fp32,
+            Precision::Fp16 => DType::Fp16,
+            Precision::Bf16 => DType::Bf16,
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Bf16 => "bf16",
+        })
     }
 }
 
@@ -386,7 +515,9 @@ struct RawSpec {
     #[serde(default = "default_file")]
     file: PathBuf,
     #[serde(default = "default_device")]
-    device: DeviceSpec,
+    device: Placement,
+    #[serde(default)]
+    precision: Precision,
     #[serde(default = "default_instances")]
     instances: usize,
     #[serde(default)]
@@ -418,8 +549,8 @@ struct RawSpec {
 fn default_file() -> PathBuf {
     PathBuf::from("model.pt")
 }
-fn default_device() -> DeviceSpec {
-    DeviceSpec::Auto
+fn default_device() -> Placement {
+    Placement::one(DeviceSpec::Auto)
 }
 fn default_instances() -> usize {
     1
@@ -433,7 +564,10 @@ pub struct ModelSpec {
     pub description: Option<String>,
     /// The TorchScript file.
     pub file: PathBuf,
-    pub device: DeviceSpec,
+    /// Where its instances run.
+    pub device: Placement,
+    /// The precision its weights and floating inputs are cast to at load.
+    pub precision: Precision,
     /// Engine instances (OS threads, each with its own copy of the module).
     pub instances: usize,
     /// libtorch intra-op threads per instance; 0: the cores shared out between the instances.
@@ -572,6 +706,7 @@ impl ModelSpec {
             description: raw.description,
             file,
             device: raw.device,
+            precision: raw.precision,
             instances: raw.instances,
             intra_op_threads: raw.intra_op_threads,
             pinned: raw.pinned,
@@ -765,7 +900,8 @@ mod tests {
         assert_eq!(s.inputs[0].dims, vec![3, 32, 64]);
         assert_eq!(s.outputs[0].dims, vec![2]);
         assert_eq!(s.batching.max_batch_size, 32);
-        assert_eq!(s.device, DeviceSpec::Auto);
+        assert_eq!(s.device, Placement::one(DeviceSpec::Auto));
+        assert_eq!(s.precision, Precision::Fp32);
     }
 
     #[test]
@@ -809,7 +945,79 @@ mod tests {
     fn devices_parse() {
         assert_eq!("cuda:1".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(1));
         assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::AnyCuda);
         assert!("gpu".parse::<DeviceSpec>().is_err());
+        let s = parse("kind = \"regressor\"\ndevice = [\"cuda:1\", \"cuda:0\"]").unwrap();
+        assert_eq!(
+            s.device,
+            Placement(vec![DeviceSpec::Cuda(1), DeviceSpec::Cuda(0)])
+        );
+        assert_eq!(s.device.to_string(), "[\"cuda:1\", \"cuda:0\"]");
+        let e = parse("kind = \"regressor\"\ndevice = []")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("device list is empty"), "{e}");
+        let e = parse("kind = \"regressor\"\ndevice = [\"cuda:0\", \"tpu\"]");
+        assert!(e.is_err());
+    }
+
+    #[test]
+    fn instances_spread_round_robin_over_the_visible_gpus() {
+        let devices = |placement: &str, instances: usize, gpus: usize| {
+            let s = parse(&format!("kind = \"regressor\"\ndevice = {placement}")).unwrap();
+            s.device
+                .instances(instances, gpus)
+                .map(|v| v.iter().map(ToString::to_string).collect::<Vec<_>>())
+        };
+        // `cuda` and `auto`: the instances take the visible GPUs in turn
+        assert_eq!(
+            devices("\"cuda\"", 5, 2).unwrap(),
+            ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+        );
+        assert_eq!(
+            devices("\"auto\"", 3, 4).unwrap(),
+            ["cuda:0", "cuda:1", "cuda:2"]
+        );
+        assert_eq!(devices("\"auto\"", 2, 0).unwrap(), ["cpu", "cpu"]);
+        let e = devices("\"cuda\"", 2, 0).unwrap_err();
+        assert!(e.contains("0 CUDA device(s) visible"), "{e}");
+        // a list pins instance i to entry i, cycling
+        assert_eq!(
+            devices("[\"cuda:1\", \"cuda:0\"]", 3, 2).unwrap(),
+            ["cuda:1", "cuda:0", "cuda:1"]
+        );
+        assert_eq!(
+            devices("[\"cpu\", \"cuda:0\"]", 2, 1).unwrap(),
+            ["cpu", "cuda:0"]
+        );
+        let e = devices("[\"cuda:0\", \"cuda:3\"]", 2, 2).unwrap_err();
+        assert!(
+            e.contains("cuda:3 asked for, 2 CUDA device(s) visible"),
+            "{e}"
+        );
+        // `cuda` inside a list: the instances that entry holds take the GPUs in turn
+        assert_eq!(
+            devices("[\"cpu\", \"cuda\"]", 4, 2).unwrap(),
+            ["cpu", "cuda:0", "cpu", "cuda:1"]
+        );
+        assert_eq!(devices("\"cuda:1\"", 2, 2).unwrap(), ["cuda:1", "cuda:1"]);
+    }
+
+    #[test]
+    fn precision_parses_and_defaults_to_fp32() {
+        for (text, want) in [
+            ("fp32", Precision::Fp32),
+            ("fp16", Precision::Fp16),
+            ("bf16", Precision::Bf16),
+        ] {
+            let s = parse(&format!("kind = \"regressor\"\nprecision = \"{text}\"")).unwrap();
+            assert_eq!(s.precision, want);
+            assert_eq!(s.precision.to_string(), text);
+        }
+        let e = parse("kind = \"regressor\"\nprecision = \"int8\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown variant") && e.contains("bf16"), "{e}");
     }
 
     #[test]

@@ -22,13 +22,17 @@ pub trait EngineFactory: Send + Sync + 'static {
     /// Loads instance `index` of the model `spec` describes.
     fn load(&self, spec: &ModelSpec, index: usize) -> Result<LoadedEngine, EngineError>;
 
-    /// The device the model's instances will run on (`cpu`, `cuda:0`), known before loading
-    /// so that room can be made for it in the memory budget.
+    /// CUDA devices the runtime sees (none by default: a runtime without CUDA).
+    fn visible_gpus(&self) -> usize {
+        0
+    }
+
+    /// The device the model's first instance will run on (`cpu`, `cuda:0`), known before
+    /// loading so that room can be made for the model in that device's memory budget.
     fn device(&self, spec: &ModelSpec) -> String {
-        match spec.device {
-            crate::config::model_spec::DeviceSpec::Auto => "cpu".into(),
-            d => d.to_string(),
-        }
+        spec.device
+            .instance(0, self.visible_gpus())
+            .map_or_else(|_| spec.device.to_string(), |d| d.to_string())
     }
 
     /// Bytes the runtime holds on `device` now, where it keeps its own count (a CUDA caching
@@ -37,6 +41,20 @@ pub trait EngineFactory: Send + Sync + 'static {
     fn memory_in_use(&self, _device: &str) -> Option<u64> {
         None
     }
+
+    /// Each GPU's allocator bytes, for the `aiaas_gpu_memory_bytes` gauges; empty without GPUs.
+    fn gpu_memory(&self) -> Vec<GpuMemory> {
+        Vec::new()
+    }
+}
+
+/// What a GPU's caching allocator holds: bytes in tensors, and bytes taken from the driver
+/// (in tensors plus cached for reuse).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuMemory {
+    pub device: String,
+    pub allocated: u64,
+    pub reserved: u64,
 }
 
 /// One engine instance and the device it runs on (`cpu`, `cuda:0`).

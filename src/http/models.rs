@@ -144,6 +144,8 @@ fn version_json(version: u64, e: &VersionEntry) -> Value {
         let stats = s.handle.stats();
         let obj = v.as_object_mut().expect("object");
         obj.insert("device".into(), json!(s.device));
+        obj.insert("instance_devices".into(), json!(s.instance_devices));
+        obj.insert("precision".into(), json!(s.spec.precision));
         obj.insert("memory_bytes".into(), json!(s.memory_bytes));
         obj.insert("load_ms".into(), json!(s.load_time.as_millis() as u64));
         obj.insert("warmup_ms".into(), json!(s.warmup_time.as_millis() as u64));

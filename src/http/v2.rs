@@ -221,6 +221,30 @@ pub async fn model_version_config(
     Ok(Json(config_json(&model)))
 }
 
+/// Triton's `instance_group`: one group per device, `count` instances on it; a GPU group names
+/// its device in `gpus` (Triton puts `count` instances on each GPU listed).
+fn instance_groups(model: &ServingModel) -> Vec<Value> {
+    let mut groups: Vec<(&str, usize)> = Vec::new();
+    for d in &model.instance_devices {
+        match groups.iter_mut().find(|(g, _)| g == d) {
+            Some((_, count)) => *count += 1,
+            None => groups.push((d, 1)),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(device, count)| match device.strip_prefix("cuda:") {
+            Some(n) => json!({
+                "name": model.name,
+                "kind": "KIND_GPU",
+                "count": count,
+                "gpus": [n.parse::<u64>().unwrap_or(0)],
+            }),
+            None => json!({"name": model.name, "kind": "KIND_CPU", "count": count}),
+        })
+        .collect()
+}
+
 fn config_json(model: &ServingModel) -> Value {
     let spec = &model.spec;
     let b = &spec.batching;
@@ -228,11 +252,6 @@ fn config_json(model: &ServingModel) -> Value {
         VersionPolicy::Latest(n) => json!({"latest": {"num_versions": n}}),
         VersionPolicy::Specific(v) => json!({"specific": {"versions": v}}),
         VersionPolicy::All(_) => json!({"all": {}}),
-    };
-    let kind = if model.device.starts_with("cuda") {
-        "KIND_GPU"
-    } else {
-        "KIND_CPU"
     };
     json!({
         "name": model.name,
@@ -253,7 +272,7 @@ fn config_json(model: &ServingModel) -> Value {
                 "max_queue_size": b.queue_capacity,
             },
         },
-        "instance_group": [{"name": model.name, "kind": kind, "count": spec.instances}],
+        "instance_group": instance_groups(model),
         "parameters": {},
     })
 }

@@ -69,8 +69,11 @@ pub struct ServingModel {
     pub spec: Arc<ModelSpec>,
     pub codec: Arc<ModelCodec>,
     pub handle: ModelHandle,
-    /// The device it runs on, e.g. `cpu` or `cuda:0`.
+    /// The device of its first instance, e.g. `cpu` or `cuda:0`: the one the memory budget
+    /// counts it on.
     pub device: String,
+    /// Each engine instance's device, in order.
+    pub instance_devices: Vec<String>,
     pub metrics: Arc<ModelMetrics>,
     pub load_time: Duration,
     pub warmup_time: Duration,
@@ -647,21 +650,26 @@ impl Registry {
             );
         }
         self.metrics.model_loaded(name, reason.as_str());
+        let (device, devices) = (p.device().to_string(), p.devices_summary());
         self.metrics
-            .set_model_memory(name, version, &p.device, memory_bytes);
+            .set_model_memory(name, version, &device, memory_bytes);
         let handle = ModelHandle::spawn(p.batch_config, p.engines, metrics.clone());
         tracing::info!(
             model = name,
             version,
-            device = %p.device,
+            device = %devices,
+            precision = %p.spec.precision,
             instances = p.spec.instances,
             max_batch_size = p.spec.batching.max_batch_size,
             load_ms = p.load_time.as_millis() as u64,
             warmup_ms = p.warmup_time.as_millis() as u64,
             memory_mib = memory_bytes >> 20,
             reason = reason.as_str(),
-            "model ready: {name} v{version} on {} (load {} ms, warm-up {} ms, {}){}",
-            p.device,
+            "model ready: {name} v{version} on {devices}{} (load {} ms, warm-up {} ms, {}){}",
+            match p.spec.precision {
+                crate::config::model_spec::Precision::Fp32 => String::new(),
+                other => format!(" in {other}"),
+            },
             p.load_time.as_millis(),
             p.warmup_time.as_millis(),
             memory::mib(memory_bytes),
@@ -673,7 +681,8 @@ impl Registry {
             spec: Arc::new(p.spec),
             codec: Arc::new(p.codec),
             handle,
-            device: p.device,
+            device,
+            instance_devices: p.devices,
             metrics,
             load_time: p.load_time,
             warmup_time: p.warmup_time,
@@ -737,13 +746,13 @@ impl Registry {
         let p = blocking(move || prepare(spec, &settings, engines.as_ref())).await?;
         // memory in use after warm-up, less before; at least the weights' file size (memory
         // other requests free meanwhile makes the difference too small)
-        let measured = match (before, self.memory_in_use(&p.device)) {
+        let measured = match (before, self.memory_in_use(p.device())) {
             (Some(before), Some(after)) => after.saturating_sub(before).max(file_bytes),
             _ => file_bytes,
         };
         if measured > estimate {
             // the first load of a version is estimated from its file: make the rest of the room
-            self.make_room(name, &p.device, measured).await?;
+            self.make_room(name, p.device(), measured).await?;
         }
         // kept only once it fits: a measurement inflated by other requests' memory must not
         // refuse the model for good
@@ -1288,8 +1297,9 @@ impl Registry {
         }
     }
 
-    /// Rows queued per ready model version, for the pending-requests gauge; a version whose
-    /// device failed is marked failed here too, without waiting for a request to find it.
+    /// Rows queued per ready model version, for the pending-requests gauge, and each GPU's
+    /// allocator bytes; a version whose device failed is marked failed here too, without
+    /// waiting for a request to find it.
     pub fn refresh_gauges(&self) {
         let mut failed = Vec::new();
         for (name, entry) in self.table.load().iter() {
@@ -1304,6 +1314,10 @@ impl Registry {
         }
         for (copy, reason) in failed {
             self.fail_after_device_failure(&copy, &reason);
+        }
+        for gpu in self.engines.gpu_memory() {
+            self.metrics
+                .set_gpu_memory(&gpu.device, gpu.allocated, gpu.reserved);
         }
     }
 }

@@ -17,9 +17,28 @@ pub(super) struct Prepared {
     pub codec: ModelCodec,
     pub engines: Vec<Box<dyn Engine>>,
     pub batch_config: BatchConfig,
-    pub device: String,
+    /// Each instance's device, in order (`cpu`, `cuda:0`, ...).
+    pub devices: Vec<String>,
     pub load_time: Duration,
     pub warmup_time: Duration,
+}
+
+impl Prepared {
+    /// The first instance's device: the one the memory budget counts the model on.
+    pub fn device(&self) -> &str {
+        self.devices.first().map_or("cpu", String::as_str)
+    }
+
+    /// Its devices for a log line: `cpu`, or `cuda:0, cuda:1` where instances differ.
+    pub fn devices_summary(&self) -> String {
+        let mut seen: Vec<&str> = Vec::new();
+        for d in &self.devices {
+            if !seen.contains(&d.as_str()) {
+                seen.push(d);
+            }
+        }
+        seen.join(", ")
+    }
 }
 
 /// Why a model version could not be loaded.
@@ -65,15 +84,16 @@ pub(super) fn prepare(
     let codec = ModelCodec::new(&spec, settings.image_limits, settings.max_text_bytes)
         .map_err(LoadError::Codec)?;
     let mut loaded: Vec<Box<dyn Engine>> = Vec::with_capacity(spec.instances);
-    let mut device = String::new();
+    let mut devices = Vec::with_capacity(spec.instances);
     for index in 0..spec.instances {
         let instance = engines.load(&spec, index)?;
-        device = instance.device;
+        devices.push(instance.device);
         loaded.push(instance.engine);
     }
     let load_time = started.elapsed();
     let warm = Instant::now();
-    let shapes = warmup_shapes(&spec);
+    let on_gpu = devices.iter().any(|d| d.starts_with("cuda"));
+    let shapes = warmup_shapes(&spec, on_gpu);
     for engine in &mut loaded {
         for &(rows, var_len) in &shapes {
             let item = codec.warmup_item(rows, var_len);
@@ -94,7 +114,7 @@ pub(super) fn prepare(
         tokens: spec.token_batching.clone(),
     };
     Ok(Prepared {
-        device,
+        devices,
         warmup_time: warm.elapsed(),
         load_time,
         spec,
@@ -108,9 +128,23 @@ pub(super) fn prepare(
 /// text model with padding buckets, one row at every bucket, and a full batch (as many rows as
 /// the token budget lets through) at the smallest and at the largest bucket, so that every
 /// length the batcher pads to has run and the allocator has seen the largest batch before the
-/// model is ready.
-fn warmup_shapes(spec: &ModelSpec) -> Vec<(usize, usize)> {
+/// model is ready. On a GPU the full batches are also run at every power of two below them:
+/// each size loads its own kernels and settles its own allocator blocks, which would otherwise
+/// stall the first requests that form such a batch.
+fn warmup_shapes(spec: &ModelSpec, on_gpu: bool) -> Vec<(usize, usize)> {
     let max_rows = spec.batching.max_batch_size;
+    let rows_up_to = |full: usize| -> Vec<usize> {
+        let mut rows: Vec<usize> = match on_gpu {
+            true => std::iter::successors(Some(2usize), |r| r.checked_mul(2))
+                .take_while(|&r| r < full)
+                .collect(),
+            false => Vec::new(),
+        };
+        if full > 1 {
+            rows.push(full);
+        }
+        rows
+    };
     let mut shapes = Vec::new();
     match &spec.token_batching {
         Some(t) if !t.sequence_buckets.is_empty() => {
@@ -124,17 +158,17 @@ fn warmup_shapes(spec: &ModelSpec) -> Vec<(usize, usize)> {
                 *t.sequence_buckets.last().unwrap_or(&1),
             );
             for len in [first, last] {
-                if full(len) > 1 && !shapes.contains(&(full(len), len)) {
-                    shapes.push((full(len), len));
+                for rows in rows_up_to(full(len)) {
+                    if !shapes.contains(&(rows, len)) {
+                        shapes.push((rows, len));
+                    }
                 }
             }
         }
         _ => {
             let len = spec.text.as_ref().map_or(8, |t| t.max_length.min(16));
             shapes.push((1, len));
-            if max_rows > 1 {
-                shapes.push((max_rows, len));
-            }
+            shapes.extend(rows_up_to(max_rows).into_iter().map(|rows| (rows, len)));
         }
     }
     shapes
@@ -175,4 +209,28 @@ fn check_outputs(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::warmup_shapes;
+    use crate::config::model_spec::ModelSpec;
+    use std::path::Path;
+
+    fn spec(extra: &str) -> ModelSpec {
+        let text = format!("kind = \"regressor\"\n{extra}");
+        ModelSpec::parse("m", &text, Path::new("/m/model.toml"), Path::new("/m")).unwrap()
+    }
+
+    #[test]
+    fn a_gpu_warms_every_power_of_two_up_to_a_full_batch() {
+        let s = spec("[batching]\nmax_batch_size = 24");
+        assert_eq!(warmup_shapes(&s, false), [(1, 8), (24, 8)]);
+        assert_eq!(
+            warmup_shapes(&s, true),
+            [(1, 8), (2, 8), (4, 8), (8, 8), (16, 8), (24, 8)]
+        );
+        let one = spec("[batching]\nmax_batch_size = 1");
+        assert_eq!(warmup_shapes(&one, true), [(1, 8)]);
+    }
 }

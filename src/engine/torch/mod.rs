@@ -1,12 +1,15 @@
-//! The libtorch engine: loads a TorchScript module onto a device and runs forward passes.
+//! The libtorch engine: loads a TorchScript module onto a device, in the model's precision, and
+//! runs forward passes. `glue` holds the few libtorch calls tch does not expose.
+
+mod glue;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
-use super::{Engine, EngineError, EngineFactory, LoadedEngine, RuntimeInfo};
-use crate::config::model_spec::{DeviceSpec, ModelSpec};
+use super::{Engine, EngineError, EngineFactory, GpuMemory, LoadedEngine, RuntimeInfo};
+use crate::config::model_spec::{ModelSpec, Placed, Precision};
 use crate::tensor::{DType, HostTensor};
 
 /// libtorch version this binary was built against (from the build script).
@@ -15,8 +18,13 @@ pub const TORCH_VERSION: &str = env!("AIAAS_TORCH_VERSION");
 pub fn runtime_info() -> RuntimeInfo {
     RuntimeInfo {
         torch_version: TORCH_VERSION,
-        cuda_devices: tch::Cuda::device_count().max(0) as usize,
+        cuda_devices: visible_gpus(),
     }
+}
+
+/// CUDA devices libtorch sees.
+fn visible_gpus() -> usize {
+    tch::Cuda::device_count().max(0) as usize
 }
 
 /// Sizes libtorch's inter-op thread pool. The pool is process-wide (one per server, not per
@@ -38,6 +46,21 @@ pub fn interop_threads() -> usize {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResolvedDevice(Device);
 
+impl ResolvedDevice {
+    pub fn cpu() -> Self {
+        Self(Device::Cpu)
+    }
+}
+
+impl From<Placed> for ResolvedDevice {
+    fn from(p: Placed) -> Self {
+        match p {
+            Placed::Cpu => Self(Device::Cpu),
+            Placed::Cuda(n) => Self(Device::Cuda(n)),
+        }
+    }
+}
+
 impl std::fmt::Display for ResolvedDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
@@ -49,35 +72,22 @@ impl std::fmt::Display for ResolvedDevice {
     }
 }
 
-/// `auto` is CUDA device 0 when available, else the CPU; `cuda:N` must exist.
-pub fn resolve_device(spec: DeviceSpec) -> Result<ResolvedDevice, EngineError> {
-    match spec {
-        DeviceSpec::Cpu => Ok(ResolvedDevice(Device::Cpu)),
-        DeviceSpec::Auto => Ok(ResolvedDevice(Device::cuda_if_available())),
-        DeviceSpec::Cuda(n) => {
-            let count = tch::Cuda::device_count().max(0) as usize;
-            if n < count {
-                Ok(ResolvedDevice(Device::Cuda(n)))
-            } else {
-                Err(EngineError::Device(
-                    spec.to_string(),
-                    format!("{count} CUDA device(s) visible"),
-                ))
-            }
-        }
-    }
-}
-
 /// The libtorch runtime: each instance loads the model's TorchScript file onto its device.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TorchEngines;
 
 impl EngineFactory for TorchEngines {
-    fn load(&self, spec: &ModelSpec, _index: usize) -> Result<LoadedEngine, EngineError> {
-        let device = resolve_device(spec.device)?;
+    fn load(&self, spec: &ModelSpec, index: usize) -> Result<LoadedEngine, EngineError> {
+        let device: ResolvedDevice = spec
+            .device
+            .instance(index, visible_gpus())
+            .map_err(|m| EngineError::Device(spec.device.to_string(), m))?
+            .into();
         let options = EngineOptions {
             intra_op_threads: Some(intra_op_threads(spec)),
             channels_last: spec.channels_last,
+            precision: spec.precision,
+            output_dtypes: spec.outputs.iter().map(|o| o.datatype).collect(),
         };
         let engine = TorchEngine::load(&spec.file, device, options)?;
         Ok(LoadedEngine {
@@ -86,8 +96,25 @@ impl EngineFactory for TorchEngines {
         })
     }
 
-    fn device(&self, spec: &ModelSpec) -> String {
-        resolve_device(spec.device).map_or_else(|_| spec.device.to_string(), |d| d.to_string())
+    fn visible_gpus(&self) -> usize {
+        visible_gpus()
+    }
+
+    fn memory_in_use(&self, device: &str) -> Option<u64> {
+        let n = device.strip_prefix("cuda:")?.parse().ok()?;
+        glue::cuda_memory(n).map(|(allocated, _)| allocated)
+    }
+
+    fn gpu_memory(&self) -> Vec<GpuMemory> {
+        (0..visible_gpus())
+            .filter_map(|n| {
+                glue::cuda_memory(n).map(|(allocated, reserved)| GpuMemory {
+                    device: format!("cuda:{n}"),
+                    allocated,
+                    reserved,
+                })
+            })
+            .collect()
     }
 }
 
@@ -102,26 +129,47 @@ fn intra_op_threads(spec: &ModelSpec) -> usize {
 }
 
 /// How an engine instance runs its module.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct EngineOptions {
     /// libtorch intra-op threads on the forward thread (`None`: libtorch's default).
     pub intra_op_threads: Option<usize>,
     /// Feed 4-D inputs in channels-last memory format (NHWC strides): oneDNN convolutions and
     /// the vectorised max-pooling kernel are much faster so on CPU, with identical results.
     pub channels_last: bool,
+    /// The precision the module's floating state and floating inputs are cast to at load.
+    pub precision: Precision,
+    /// The declared type of each output: a floating output of a reduced-precision module is
+    /// answered in its declared floating type, else FP32.
+    pub output_dtypes: Vec<DType>,
 }
 
 /// One loaded copy of a TorchScript module on one device.
 pub struct TorchEngine {
     module: CModule,
     device: Device,
+    transfer: Transfer,
+    /// The kind floating inputs are cast to; `None` at fp32 (inputs go in as they come).
+    input_kind: Option<Kind>,
     options: EngineOptions,
     thread_configured: bool,
 }
 
+/// How a batch reaches the device, chosen once per engine: the one place where the CPU and
+/// the GPU paths part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transfer {
+    /// The CPU computes on the host tensor itself.
+    Host,
+    /// A GPU: the batch is copied once into pinned (page-locked) host memory and from there to
+    /// the device without blocking, on the engine thread's own CUDA stream; the outputs come
+    /// back in one blocking copy each, which waits for the stream's work.
+    Pinned,
+}
+
 impl TorchEngine {
-    /// Loads `path` onto `device`, in eval mode. The thread count is applied on the thread that
-    /// runs the forward passes (libtorch keeps it per thread).
+    /// Loads `path` onto `device`, in eval mode, its floating state cast to the precision
+    /// asked for. The thread count and the CUDA stream are applied on the thread that runs the
+    /// forward passes (libtorch keeps both per thread).
     pub fn load(
         path: &Path,
         device: ResolvedDevice,
@@ -134,16 +182,87 @@ impl TorchEngine {
         if !path.is_file() {
             return Err(load_err("file not found".into()));
         }
+        if options.precision == Precision::Fp16 && device.0 == Device::Cpu {
+            return Err(load_err(
+                "precision fp16 needs a CUDA device: the CPU has no half-precision arithmetic (libtorch emulates it, a convolution 7x slower than fp32, and some operators have none); use bf16 or fp32 on the CPU".into(),
+            ));
+        }
         let mut module = catch_unwind(|| CModule::load_on_device(path, device.0))
             .map_err(|_| load_err("libtorch panicked while loading".into()))?
             .map_err(|e| load_err(first_line(&e.to_string())))?;
         module.f_set_eval().map_err(|e| load_err(e.to_string()))?;
+        let input_kind = match options.precision {
+            Precision::Fp32 => None,
+            p => Some(kind_of(p.dtype())),
+        };
+        if let Some(kind) = input_kind {
+            glue::cast_floating(&mut module, kind).map_err(|e| {
+                load_err(format!(
+                    "cannot cast to {}: {}",
+                    options.precision,
+                    first_line(&e)
+                ))
+            })?;
+        }
+        let transfer = match device.0 {
+            Device::Cuda(_) => Transfer::Pinned,
+            _ => Transfer::Host,
+        };
         Ok(Self {
             module,
             device: device.0,
+            transfer,
+            input_kind,
             options,
             thread_configured: false,
         })
+    }
+
+    /// Once, on the forward thread: libtorch's thread count, and on a GPU a CUDA stream of its
+    /// own, so that instances sharing the device overlap their copies and kernels.
+    fn configure_thread(&mut self) {
+        if let Some(n) = self.options.intra_op_threads {
+            tch::set_num_threads(n as i32);
+        }
+        if let Device::Cuda(n) = self.device {
+            glue::use_own_cuda_stream(n);
+        }
+        self.thread_configured = true;
+    }
+
+    /// An input on the device, in the module's precision and memory format.
+    fn input(&self, t: &HostTensor) -> Result<Tensor, EngineError> {
+        let err = |e: tch::TchError| EngineError::Forward(first_line(&e.to_string()));
+        let mut tensor = match self.transfer {
+            Transfer::Host => to_tensor(t)?,
+            Transfer::Pinned => to_device_pinned(t, self.device)?,
+        };
+        if let Some(kind) = self.input_kind {
+            if t.dtype.is_float() && kind_of(t.dtype) != kind {
+                tensor = tensor.f_to_kind(kind).map_err(err)?;
+            }
+        }
+        if self.options.channels_last && t.shape.len() == 4 {
+            tensor = channels_last(&tensor)?;
+        }
+        Ok(tensor)
+    }
+
+    /// Output `index` as answered: a reduced-precision module's floating outputs in their
+    /// declared floating type, else FP32.
+    fn output(&self, index: usize, t: Tensor) -> Result<Tensor, EngineError> {
+        if self.input_kind.is_none() || !t.is_floating_point() {
+            return Ok(t);
+        }
+        let want = match self.options.output_dtypes.get(index) {
+            Some(d) if d.is_float() => kind_of(*d),
+            _ => Kind::Float,
+        };
+        if t.kind() == want {
+            return Ok(t);
+        }
+        t.f_to_kind(want)
+            .map_err(|e| EngineError::Output(first_line(&e.to_string())))
     }
 
     /// The forward pass; [`Engine::forward`] wraps it so that a libtorch panic is an error.
@@ -152,29 +271,22 @@ impl TorchEngine {
         inputs: Vec<HostTensor>,
     ) -> Result<Vec<HostTensor>, EngineError> {
         if !self.thread_configured {
-            if let Some(n) = self.options.intra_op_threads {
-                tch::set_num_threads(n as i32);
-            }
-            self.thread_configured = true;
+            self.configure_thread();
         }
         let _guard = tch::no_grad_guard();
-        let tensors = inputs
+        let ivalues = inputs
             .iter()
-            .map(|t| {
-                let tensor = to_tensor(t, self.device)?;
-                if self.options.channels_last && t.shape.len() == 4 {
-                    channels_last(&tensor)
-                } else {
-                    Ok(tensor)
-                }
-            })
+            .map(|t| self.input(t).map(IValue::Tensor))
             .collect::<Result<Vec<_>, _>>()?;
-        let ivalues: Vec<IValue> = tensors.into_iter().map(IValue::Tensor).collect();
         let out = self
             .module
             .forward_is(&ivalues)
             .map_err(|e| EngineError::Forward(first_line(&e.to_string())))?;
-        collect_outputs(out)?.iter().map(from_tensor).collect()
+        collect_outputs(out)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| from_tensor(&self.output(i, t)?))
+            .collect()
     }
 }
 
@@ -267,17 +379,39 @@ fn dtype_of(kind: Kind) -> Option<DType> {
     })
 }
 
-fn to_tensor(t: &HostTensor, device: Device) -> Result<Tensor, EngineError> {
+/// A host tensor as a CPU tensor (libtorch copies the bytes: `HostTensor` data has no alignment
+/// guarantee that kernels could rely on).
+fn to_tensor(t: &HostTensor) -> Result<Tensor, EngineError> {
     let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-    let tensor = Tensor::f_from_data_size(&t.data, &shape, kind_of(t.dtype))
-        .map_err(|e| EngineError::Forward(first_line(&e.to_string())))?;
-    if device == Device::Cpu {
-        Ok(tensor)
-    } else {
-        tensor
-            .f_to_device(device)
-            .map_err(|e| EngineError::Forward(first_line(&e.to_string())))
-    }
+    Tensor::f_from_data_size(&t.data, &shape, kind_of(t.dtype))
+        .map_err(|e| EngineError::Forward(first_line(&e.to_string())))
+}
+
+/// A host tensor on a GPU: its bytes copied once into pinned host memory, then to the device
+/// without blocking the thread (libtorch's pinned-memory pool keeps the buffer from reuse until
+/// the copy is done). Falls back to an ordinary copy where pinned memory cannot be had.
+fn to_device_pinned(t: &HostTensor, device: Device) -> Result<Tensor, EngineError> {
+    let err = |e: tch::TchError| EngineError::Forward(first_line(&e.to_string()));
+    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    let kind = kind_of(t.dtype);
+    let host = match glue::empty_pinned(&shape, kind) {
+        Some(pinned) => {
+            if !t.data.is_empty() {
+                // SAFETY: a fresh contiguous tensor of exactly t.data.len() bytes (same shape
+                // and element type as the host tensor), written before anything reads it.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        t.data.as_ptr(),
+                        pinned.data_ptr().cast::<u8>(),
+                        t.data.len(),
+                    );
+                }
+            }
+            pinned
+        }
+        None => to_tensor(t)?,
+    };
+    host.f_to_device_(device, kind, true, false).map_err(err)
 }
 
 /// The same NCHW tensor with NHWC strides (what `memory_format=torch.channels_last` gives).

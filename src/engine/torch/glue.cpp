@@ -1,0 +1,144 @@
+// What tch does not expose of libtorch: casting a module's floating-point state (weights,
+// buffers and the tensor constants a traced or frozen graph keeps inline), a CUDA stream per
+// engine thread, and the CUDA caching allocator's statistics. Only CPU headers are used: CUDA is
+// reached through libtorch's device-generic interfaces, so this builds against any libtorch and
+// the CUDA parts answer "no" where CUDA is absent. Every entry point catches C++ exceptions: an
+// exception must not cross into Rust.
+
+#include <torch/script.h>
+#include <c10/core/CachingDeviceAllocator.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+
+#include <cstring>
+#include <limits>
+#include <string>
+
+namespace {
+
+char* copy_message(const char* what) {
+  char* out = static_cast<char*>(std::malloc(std::strlen(what) + 1));
+  if (out) std::strcpy(out, what);
+  return out;
+}
+
+// A floating tensor in the target type; fp16's range is far narrower than fp32's, so values
+// beyond it (a traced `finfo(float32).min` mask constant) become fp16's largest finite values
+// rather than infinities, whose products with zero would be NaN.
+at::Tensor cast(const at::Tensor& t, at::ScalarType type) {
+  if (type == at::kHalf) {
+    const double max = 65504.0;
+    return t.clamp(-max, max).to(type);
+  }
+  return t.to(type);
+}
+
+int64_t cast_constants(torch::jit::Block* block, at::ScalarType type) {
+  int64_t n = 0;
+  for (torch::jit::Node* node : block->nodes()) {
+    if (node->kind() == c10::prim::Constant && node->hasAttribute(c10::attr::value) &&
+        node->kindOf(c10::attr::value) == torch::jit::AttributeKind::t) {
+      const at::Tensor& value = node->t(c10::attr::value);
+      if (value.is_floating_point() && value.scalar_type() != type) {
+        at::Tensor cast_value = cast(value, type);
+        node->t_(c10::attr::value, cast_value);
+        node->output()->inferTypeFrom(cast_value);
+        n++;
+      }
+    }
+    for (torch::jit::Block* sub : node->blocks()) n += cast_constants(sub, type);
+  }
+  return n;
+}
+
+}  // namespace
+
+extern "C" {
+
+void aiaas_free_message(char* message) { std::free(message); }
+
+// Casts the floating-point parameters, buffers and graph constants of `module` (a
+// torch::jit::Module*) and of its submodules to `scalar_type` (c10::ScalarType's number);
+// integer ones (token type ids, position ids, counters) keep their type. Returns how many
+// tensors were cast, or -1 with `*error` set (free it with aiaas_free_message).
+int64_t aiaas_cast_floating(void* module, int scalar_type, char** error) {
+  try {
+    auto& m = *static_cast<torch::jit::Module*>(module);
+    const auto type = static_cast<at::ScalarType>(scalar_type);
+    int64_t n = 0;
+    torch::NoGradGuard no_grad;
+    for (at::Tensor t : m.parameters()) {
+      if (t.is_floating_point() && t.scalar_type() != type) {
+        t.set_data(cast(t, type));
+        n++;
+      }
+    }
+    for (at::Tensor t : m.buffers()) {
+      if (t.is_floating_point() && t.scalar_type() != type) {
+        t.set_data(cast(t, type));
+        n++;
+      }
+    }
+    for (const torch::jit::Module& sub : m.modules()) {
+      for (const torch::jit::Method& method : sub.get_methods()) {
+        n += cast_constants(method.graph()->block(), type);
+      }
+    }
+    return n;
+  } catch (const std::exception& e) {
+    *error = copy_message(e.what());
+    return -1;
+  }
+}
+
+// Makes a stream from libtorch's pool the current stream of CUDA device `device` on the
+// calling thread, so that this thread's copies and kernels queue apart from other threads'.
+// Returns false where CUDA is absent or the call fails.
+bool aiaas_use_own_cuda_stream(int device) {
+  try {
+    if (!at::hasCUDA()) return false;
+    c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
+    const c10::Device d(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device));
+    impl.setDevice(d);
+    impl.exchangeStream(impl.getStreamFromGlobalPool(d, false));
+    return true;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+// The CUDA caching allocator's bytes on `device`: allocated to tensors, and reserved from the
+// driver (allocated plus cached). Returns false where CUDA is absent or the call fails.
+bool aiaas_cuda_memory(int device, int64_t* allocated, int64_t* reserved) {
+  try {
+    if (!at::hasCUDA()) return false;
+    const auto stats = c10::getDeviceAllocator(c10::DeviceType::CUDA)
+                           ->getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    *allocated = stats.allocated_bytes[all].current;
+    *reserved = stats.reserved_bytes[all].current;
+    return true;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+}  // extern "C"
+
+extern "C" {
+
+// A new uninitialised tensor of `dims` and `scalar_type` in pinned (page-locked) host memory,
+// from libtorch's caching host allocator, as tch's `at::Tensor*`; null where CUDA is absent
+// or the call fails.
+void* aiaas_empty_pinned(const int64_t* dims, size_t ndims, int scalar_type) {
+  try {
+    if (!at::hasCUDA()) return nullptr;
+    auto options = at::TensorOptions()
+                       .dtype(static_cast<at::ScalarType>(scalar_type))
+                       .pinned_memory(true);
+    return new at::Tensor(at::empty(at::IntArrayRef(dims, ndims), options));
+  } catch (const std::exception&) {
+    return nullptr;
+  }
+}
+
+}  // extern "C"

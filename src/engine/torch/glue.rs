@@ -1,0 +1,88 @@
+//! Safe wrappers over `glue.cpp`: the libtorch calls tch does not expose.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+
+use tch::{CModule, Kind, Tensor};
+
+extern "C" {
+    fn aiaas_free_message(message: *mut c_char);
+    fn aiaas_cast_floating(module: *mut c_void, scalar_type: c_int, error: *mut *mut c_char)
+        -> i64;
+    fn aiaas_use_own_cuda_stream(device: c_int) -> bool;
+    fn aiaas_cuda_memory(device: c_int, allocated: *mut i64, reserved: *mut i64) -> bool;
+    fn aiaas_empty_pinned(dims: *const i64, ndims: usize, scalar_type: c_int) -> *mut c_void;
+}
+
+/// libtorch's `torch::jit::Module*` behind a [`CModule`]. tch keeps exactly that pointer as the
+/// struct's only field and has no accessor for it; the size check below fails the build should
+/// a tch release change the layout.
+fn module_ptr(module: &mut CModule) -> *mut c_void {
+    const _: () = assert!(std::mem::size_of::<CModule>() == std::mem::size_of::<*mut c_void>());
+    // SAFETY: CModule is a single raw pointer (checked above); reading it does not move or
+    // free the module, which outlives the call through the `&mut` borrow.
+    unsafe { *std::ptr::from_mut(module).cast::<*mut c_void>() }
+}
+
+/// Casts the floating-point parameters, buffers and inline tensor constants of `module` and
+/// its submodules to `kind`, leaving integer ones as they are; returns how many were cast.
+pub fn cast_floating(module: &mut CModule, kind: Kind) -> Result<usize, String> {
+    let mut error: *mut c_char = std::ptr::null_mut();
+    // SAFETY: a live module pointer, a valid scalar type number and an out-pointer for the
+    // message; the C++ side catches every exception.
+    let n = unsafe { aiaas_cast_floating(module_ptr(module), scalar_type(kind)?, &mut error) };
+    if n >= 0 {
+        return Ok(n as usize);
+    }
+    if error.is_null() {
+        return Err("libtorch failed to cast the module".into());
+    }
+    // SAFETY: a NUL-terminated string malloc'ed by the C++ side, freed once here.
+    let message = unsafe { CStr::from_ptr(error) }
+        .to_string_lossy()
+        .into_owned();
+    unsafe { aiaas_free_message(error) };
+    Err(message)
+}
+
+/// c10::ScalarType's number of `kind`.
+fn scalar_type(kind: Kind) -> Result<c_int, String> {
+    Ok(match kind {
+        Kind::Uint8 => 0,
+        Kind::Int8 => 1,
+        Kind::Int16 => 2,
+        Kind::Int => 3,
+        Kind::Int64 => 4,
+        Kind::Half => 5,
+        Kind::Float => 6,
+        Kind::Double => 7,
+        Kind::Bool => 11,
+        Kind::BFloat16 => 15,
+        other => return Err(format!("no tensor type for {other:?}")),
+    })
+}
+
+/// An uninitialised tensor in pinned (page-locked) host memory, which the GPU copies from
+/// without the driver staging it first; `None` without CUDA.
+pub fn empty_pinned(shape: &[i64], kind: Kind) -> Option<Tensor> {
+    let scalar_type = scalar_type(kind).ok()?;
+    // SAFETY: a live slice of dims; the C++ side catches every exception.
+    let ptr = unsafe { aiaas_empty_pinned(shape.as_ptr(), shape.len(), scalar_type) };
+    // SAFETY: a non-null result is a heap `at::Tensor*` of our own, which is what tch's
+    // Tensor owns (and deletes on drop).
+    (!ptr.is_null()).then(|| unsafe { Tensor::from_ptr(ptr.cast::<torch_sys::C_tensor>()) })
+}
+
+/// Gives the calling thread a CUDA stream of its own on `device` (from libtorch's pool), so
+/// that engine instances sharing a GPU overlap their copies and kernels. False without CUDA.
+pub fn use_own_cuda_stream(device: usize) -> bool {
+    // SAFETY: plain values in, the C++ side catches every exception.
+    unsafe { aiaas_use_own_cuda_stream(device as c_int) }
+}
+
+/// The CUDA caching allocator's `(allocated, reserved)` bytes on `device`; `None` without CUDA.
+pub fn cuda_memory(device: usize) -> Option<(u64, u64)> {
+    let (mut allocated, mut reserved) = (0i64, 0i64);
+    // SAFETY: out-pointers to two live i64s; the C++ side catches every exception.
+    let ok = unsafe { aiaas_cuda_memory(device as c_int, &mut allocated, &mut reserved) };
+    ok.then_some((allocated.max(0) as u64, reserved.max(0) as u64))
+}
