@@ -9,7 +9,7 @@ PORT ?= 8080
 MODELS ?= ./models
 ARGS ?=
 
-.PHONY: run test test-tools hf-fixtures build setup lint models bench bench-embeddings soak-embeddings bench-many-models fmt
+.PHONY: run test test-tools hf-fixtures build setup lint models bench bench-embeddings soak-embeddings bench-many-models gpu-bundle gpu-dry-run fmt
 
 ## Build (release) and serve the bundled models on http://0.0.0.0:$(PORT)
 run: build
@@ -63,3 +63,11 @@ soak-embeddings: build hf-fixtures
 ## traffic for 90 s: hit rate, cold-load latency, resident memory over time
 bench-many-models: build
 	.venv/bin/python bench/many_models.py
+
+## The GPU check's bundle (.gpu/bundle.tar.xz) for a lent GPU machine: bench/gpu/check.sh runs it
+gpu-bundle: setup hf-fixtures
+	bench/gpu/bundle.sh
+
+## The GPU check on this machine's CPU, briefly: proves the script before a GPU run
+gpu-dry-run: gpu-bundle
+	PATH="$$PWD/.venv/bin:$$PATH" DEVICE=cpu SECS=1 AIAAS_NO_TORCH_PATH=1 OUT=target/gpu-dry-run bash bench/gpu/check.sh

@@ -60,6 +60,23 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         seq_len: usize,
     },
+    /// Posts one body over N keep-alive connections for a while (HTTP/1.1, loopback; what the
+    /// GPU check uses where no load generator is installed); prints one JSON line.
+    Load {
+        /// Full URL, e.g. http://127.0.0.1:8080/v1/models/image-cnn/predict.
+        #[arg(long)]
+        url: String,
+        /// The request body.
+        #[arg(long)]
+        body: PathBuf,
+        #[arg(long, default_value = "application/json")]
+        content_type: String,
+        /// Connections, each sending its next request when the last is answered.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
     /// Writes a PNG of a shape (the body the load generator posts).
     Png {
         #[arg(long)]
@@ -113,6 +130,13 @@ fn main() -> Result<()> {
             };
             raw(&model, &batch, &run)
         }
+        Command::Load {
+            url,
+            body,
+            content_type,
+            concurrency,
+            seconds,
+        } => load(&url, &body, &content_type, concurrency, seconds),
         Command::Png { out } => {
             let mut rng = rand::rngs::StdRng::seed_from_u64(7);
             std::fs::write(&out, demo::png(&demo::draw(Shape::Triangle, 64, &mut rng)))
@@ -263,4 +287,116 @@ fn raw(dir: &std::path::Path, batches: &[usize], run: &RawRun) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `concurrency` keep-alive connections post `body` to `url` for `seconds`.
+fn load(
+    url: &str,
+    body: &std::path::Path,
+    content_type: &str,
+    concurrency: usize,
+    seconds: f64,
+) -> Result<()> {
+    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let body = std::fs::read(body).with_context(|| format!("reading {}", body.display()))?;
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    let request = std::sync::Arc::new(request);
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (host, request) = (host.to_string(), request.clone());
+            std::thread::spawn(move || -> (Vec<Duration>, u64) {
+                let (mut latencies, mut failed) = (Vec::new(), 0u64);
+                let mut conn: Option<std::io::BufReader<std::net::TcpStream>> = None;
+                while Instant::now() < deadline {
+                    let c = match conn.as_mut() {
+                        Some(c) => c,
+                        None => match std::net::TcpStream::connect(&host) {
+                            Ok(s) => {
+                                let _ = s.set_nodelay(true);
+                                conn.insert(std::io::BufReader::new(s))
+                            }
+                            Err(_) => {
+                                failed += 1;
+                                std::thread::sleep(Duration::from_millis(10));
+                                continue;
+                            }
+                        },
+                    };
+                    let t = Instant::now();
+                    match exchange(c, &request) {
+                        Ok(200) => latencies.push(t.elapsed()),
+                        Ok(_) => failed += 1,
+                        Err(_) => {
+                            failed += 1;
+                            conn = None;
+                        }
+                    }
+                }
+                (latencies, failed)
+            })
+        })
+        .collect();
+    let (mut latencies, mut failed) = (Vec::new(), 0);
+    for w in workers {
+        let (l, f) = w.join().map_err(|_| anyhow::anyhow!("worker panicked"))?;
+        latencies.extend(l);
+        failed += f;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "url": url, "concurrency": concurrency, "seconds": elapsed,
+            "ok": latencies.len(), "failed": failed,
+            "requests_per_s": latencies.len() as f64 / elapsed,
+            "p50_ms": pct(0.50), "p99_ms": pct(0.99),
+        })
+    );
+    Ok(())
+}
+
+/// Sends one request on a keep-alive connection and reads its answer; returns the status.
+fn exchange(c: &mut std::io::BufReader<std::net::TcpStream>, request: &[u8]) -> Result<u16> {
+    use std::io::{BufRead, Read, Write};
+    c.get_mut().write_all(request)?;
+    let mut line = String::new();
+    c.read_line(&mut line)?;
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no status line")?;
+    let mut length = 0usize;
+    loop {
+        line.clear();
+        if c.read_line(&mut line)? == 0 {
+            anyhow::bail!("connection closed");
+        }
+        let header = line.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = header.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse()?;
+            }
+        }
+    }
+    let mut body = vec![0u8; length];
+    c.read_exact(&mut body)?;
+    Ok(status)
 }

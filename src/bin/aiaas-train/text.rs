@@ -96,9 +96,11 @@ impl TextNet {
 
     /// Mean of the non-padding token embeddings, so that padding never changes a result.
     fn logits(&self, ids: &Tensor) -> Tensor {
-        let mask = ids.ne(PAD_ID).to_kind(Kind::Float).unsqueeze(-1);
-        let summed = (ids.apply(&self.embedding) * &mask).sum_dim_intlist(1, false, Kind::Float);
-        let count = mask.sum_dim_intlist(1, false, Kind::Float).clamp_min(1.0);
+        // a boolean mask and sums in the embeddings' own type: a trace of `to_kind(Float)` would
+        // fix the CPU as the device and fp32 as the type in the served graph
+        let mask = ids.ne(PAD_ID).unsqueeze(-1);
+        let summed = (ids.apply(&self.embedding) * &mask).sum_dim_intlist(1, false, None);
+        let count = mask.sum_dim_intlist(1, false, None).clamp_min(1);
         (summed / count).apply(&self.hidden).relu().apply(&self.out)
     }
 }

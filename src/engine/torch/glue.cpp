@@ -6,6 +6,7 @@
 // exception must not cross into Rust.
 
 #include <torch/script.h>
+#include <ATen/autocast_mode.h>
 #include <c10/core/CachingDeviceAllocator.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 
@@ -138,6 +139,26 @@ void* aiaas_empty_pinned(const int64_t* dims, size_t ndims, int scalar_type) {
     return new at::Tensor(at::empty(at::IntArrayRef(dims, ndims), options));
   } catch (const std::exception&) {
     return nullptr;
+  }
+}
+
+}  // extern "C"
+
+extern "C" {
+
+// Turns autocast on or off for the calling thread: while on, on `cuda` (else the CPU) the
+// operators autocast lists run in `scalar_type`, and their floating inputs of another type are
+// cast to it (what lets a graph that fixes fp32 somewhere run with reduced-precision weights).
+// The cast cache is off: it only serves training. Returns false where the call fails.
+bool aiaas_autocast(bool cuda, int scalar_type, bool enabled) {
+  try {
+    const auto device = cuda ? c10::DeviceType::CUDA : c10::DeviceType::CPU;
+    at::autocast::set_autocast_enabled(device, enabled);
+    at::autocast::set_autocast_dtype(device, static_cast<at::ScalarType>(scalar_type));
+    at::autocast::set_autocast_cache_enabled(false);
+    return true;
+  } catch (const std::exception&) {
+    return false;
   }
 }
 

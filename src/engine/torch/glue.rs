@@ -10,6 +10,7 @@ extern "C" {
         -> i64;
     fn aiaas_use_own_cuda_stream(device: c_int) -> bool;
     fn aiaas_cuda_memory(device: c_int, allocated: *mut i64, reserved: *mut i64) -> bool;
+    fn aiaas_autocast(cuda: bool, scalar_type: c_int, enabled: bool) -> bool;
     fn aiaas_empty_pinned(dims: *const i64, ndims: usize, scalar_type: c_int) -> *mut c_void;
 }
 
@@ -85,4 +86,27 @@ pub fn cuda_memory(device: usize) -> Option<(u64, u64)> {
     // SAFETY: out-pointers to two live i64s; the C++ side catches every exception.
     let ok = unsafe { aiaas_cuda_memory(device as c_int, &mut allocated, &mut reserved) };
     ok.then_some((allocated.max(0) as u64, reserved.max(0) as u64))
+}
+
+/// Autocast to `kind` on the calling thread (on CUDA when `cuda`, else the CPU) until the
+/// guard drops: thread-local state must not outlive the forward pass, since warm-up runs on a
+/// shared loading thread.
+pub struct Autocast {
+    cuda: bool,
+    scalar_type: c_int,
+}
+
+impl Autocast {
+    pub fn on(cuda: bool, kind: Kind) -> Option<Self> {
+        let scalar_type = scalar_type(kind).ok()?;
+        // SAFETY: plain values in, the C++ side catches every exception.
+        unsafe { aiaas_autocast(cuda, scalar_type, true) }.then_some(Self { cuda, scalar_type })
+    }
+}
+
+impl Drop for Autocast {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { aiaas_autocast(self.cuda, self.scalar_type, false) };
+    }
 }

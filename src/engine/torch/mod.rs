@@ -150,8 +150,12 @@ pub struct TorchEngine {
     transfer: Transfer,
     /// The kind floating inputs are cast to; `None` at fp32 (inputs go in as they come).
     input_kind: Option<Kind>,
+    /// Reduced precision through autocast: on once a forward failed on a dtype the graph fixes.
+    autocast: bool,
     options: EngineOptions,
-    thread_configured: bool,
+    /// The thread the per-thread settings were applied on (warm-up runs on a loading thread,
+    /// requests on the engine's own).
+    configured_on: Option<std::thread::ThreadId>,
 }
 
 /// How a batch reaches the device, chosen once per engine: the one place where the CPU and
@@ -213,21 +217,61 @@ impl TorchEngine {
             device: device.0,
             transfer,
             input_kind,
+            autocast: false,
             options,
-            thread_configured: false,
+            configured_on: None,
         })
     }
 
-    /// Once, on the forward thread: libtorch's thread count, and on a GPU a CUDA stream of its
-    /// own, so that instances sharing the device overlap their copies and kernels.
+    /// Once per thread that runs forward passes: libtorch's thread count, and on a GPU a CUDA
+    /// stream of its own (so that instances sharing the device overlap their copies and
+    /// kernels). libtorch keeps both per thread.
     fn configure_thread(&mut self) {
+        let me = std::thread::current().id();
+        if self.configured_on == Some(me) {
+            return;
+        }
         if let Some(n) = self.options.intra_op_threads {
             tch::set_num_threads(n as i32);
         }
         if let Device::Cuda(n) = self.device {
             glue::use_own_cuda_stream(n);
         }
-        self.thread_configured = true;
+        self.configured_on = Some(me);
+    }
+
+    /// Autocast for one forward pass, where this engine runs under it.
+    fn autocast_guard(&self) -> Option<glue::Autocast> {
+        match (self.autocast, self.input_kind) {
+            (true, Some(kind)) => glue::Autocast::on(matches!(self.device, Device::Cuda(_)), kind),
+            _ => None,
+        }
+    }
+
+    /// The forward pass on the module; a reduced-precision module whose graph fixes a floating
+    /// dtype somewhere (a traced `.float()`, `sum(dtype=float32)`) fails on mixed types: it is
+    /// retried once under autocast, which stays on for this engine from then on.
+    fn run(&mut self, inputs: &[IValue]) -> Result<IValue, EngineError> {
+        let forward = |engine: &Self| {
+            let _autocast = engine.autocast_guard();
+            engine
+                .module
+                .forward_is(inputs)
+                .map_err(|e| EngineError::Forward(first_line(&e.to_string())))
+        };
+        match forward(self) {
+            Err(EngineError::Forward(m))
+                if !self.autocast && self.input_kind.is_some() && mixed_types(&m) =>
+            {
+                tracing::warn!(
+                    precision = %self.options.precision,
+                    "the model's graph fixes a floating type ({m}); running it under autocast"
+                );
+                self.autocast = true;
+                forward(self)
+            }
+            other => other,
+        }
     }
 
     /// An input on the device, in the module's precision and memory format.
@@ -270,18 +314,13 @@ impl TorchEngine {
         &mut self,
         inputs: Vec<HostTensor>,
     ) -> Result<Vec<HostTensor>, EngineError> {
-        if !self.thread_configured {
-            self.configure_thread();
-        }
+        self.configure_thread();
         let _guard = tch::no_grad_guard();
         let ivalues = inputs
             .iter()
             .map(|t| self.input(t).map(IValue::Tensor))
             .collect::<Result<Vec<_>, _>>()?;
-        let out = self
-            .module
-            .forward_is(&ivalues)
-            .map_err(|e| EngineError::Forward(first_line(&e.to_string())))?;
+        let out = self.run(&ivalues)?;
         collect_outputs(out)?
             .into_iter()
             .enumerate()
@@ -296,6 +335,13 @@ impl Engine for TorchEngine {
             .unwrap_or_else(|_| Err(EngineError::Forward("libtorch panicked".into())))
             .map_err(|e| device_failure(&ResolvedDevice(self.device).to_string(), e))
     }
+}
+
+/// Whether libtorch's message says two floating types met where one was expected.
+fn mixed_types(message: &str) -> bool {
+    ["same dtype", "scalar type", "should be the same", "dtype"]
+        .iter()
+        .any(|m| message.contains(m))
 }
 
 /// libtorch's messages for a device that ran out of memory or stopped working, as opposed to
