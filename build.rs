@@ -47,7 +47,23 @@ fn compile_glue(lib_dir: &std::path::Path) {
     const GLUE: &str = "src/engine/torch/glue.cpp";
     println!("cargo:rerun-if-changed={GLUE}");
     let include = lib_dir.parent().unwrap_or(lib_dir).join("include");
-    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    // libtorch's C++ ABI, as torch-sys finds it: the environment, else the torch package's
+    // own flag, else the new ABI (every torch wheel since 2.7)
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| {
+        let python = std::env::var("PYTHON_INTERPRETER").unwrap_or_else(|_| "python".into());
+        std::process::Command::new(python)
+            .args([
+                "-c",
+                "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))",
+            ])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map_or_else(
+                || "1".into(),
+                |o| String::from_utf8_lossy(&o.stdout).trim().to_string(),
+            )
+    });
     cc::Build::new()
         .cpp(true)
         .pic(true)

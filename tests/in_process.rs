@@ -772,8 +772,7 @@ struct FakeGpus {
 impl EngineFactory for FakeGpus {
     fn load(&self, spec: &ModelSpec, index: usize) -> Result<LoadedEngine, EngineError> {
         let device = spec
-            .device
-            .instance(index, self.gpus)
+            .instance_device(index, self.gpus)
             .map_err(|m| EngineError::Device(spec.device.to_string(), m))?;
         Ok(LoadedEngine {
             engine: Box::new(Doubler),
@@ -812,19 +811,32 @@ async fn instances_spread_over_the_visible_gpus_and_each_shows_its_device() {
     let (status, body) = call(&app, "GET", "/v1/models/spread", None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let v = &body["versions"][0];
-    assert_eq!(
-        v["instance_devices"],
-        json!(["cuda:0", "cuda:1", "cuda:0", "cuda:1"])
+    // the round-robin starts at a GPU chosen by the model's name, then alternates
+    let devices: Vec<&str> = v["instance_devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap())
+        .collect();
+    let (first, other) = (
+        devices[0],
+        if devices[0] == "cuda:0" {
+            "cuda:1"
+        } else {
+            "cuda:0"
+        },
     );
-    assert_eq!(v["device"], "cuda:0");
+    assert_eq!(devices, [first, other, first, other], "{body}");
+    assert_eq!(v["device"], first);
     assert_eq!(v["precision"], "fp32");
     // Triton's instance_group: one KIND_GPU group per GPU, its instances counted
     let (_, config) = call(&app, "GET", "/v2/models/spread/config", None).await;
+    let gpu = |d: &str| d.trim_start_matches("cuda:").parse::<u64>().unwrap();
     assert_eq!(
         config["instance_group"],
         json!([
-            {"name": "spread", "kind": "KIND_GPU", "count": 2, "gpus": [0]},
-            {"name": "spread", "kind": "KIND_GPU", "count": 2, "gpus": [1]},
+            {"name": "spread", "kind": "KIND_GPU", "count": 2, "gpus": [gpu(first)]},
+            {"name": "spread", "kind": "KIND_GPU", "count": 2, "gpus": [gpu(other)]},
         ])
     );
 

@@ -52,6 +52,8 @@ def http(method, url, body=None, content_type="application/json", timeout=60):
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+    except OSError as e:  # refused, reset, timed out: a server that died
+        return 0, str(e).encode()
 
 
 def repository(work, tag, device, precision, big_batches):
@@ -78,7 +80,7 @@ class Server:
             [str(work / "bin" / "aiaas"), "--models", str(repo), "--port", str(port), "--log-format", "text"],
             stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
         started = time.time()
-        while time.time() - started < 600:
+        while time.time() - started < 240:
             text = self.log_path.read_text(errors="replace")
             # ready, or done trying (a model that failed keeps the server from being ready)
             if re.search(r"INFO ready took_ms|start-up loading finished", text):
@@ -91,6 +93,8 @@ class Server:
                             if "model ready" in l or "failed to load" in l]
 
     def stop(self):
+        if self.proc.poll() is not None:
+            return
         self.proc.terminate()
         try:
             self.proc.wait(30)
@@ -98,10 +102,11 @@ class Server:
             self.proc.kill()
 
     def models(self):
-        return json.loads(http("GET", self.url + "/v1/models")[1])["models"]
+        status, body = http("GET", self.url + "/v1/models")
+        return json.loads(body)["models"] if status == 200 else []
 
     def gpu_memory(self):
-        text = http("GET", self.url + "/metrics")[1].decode()
+        text = http("GET", self.url + "/metrics")[1].decode(errors="replace")
         return {f"{d}/{k}": int(float(v)) for d, k, v in
                 re.findall(r'aiaas_gpu_memory_bytes\{device="([^"]+)",kind="([^"]+)"\} (\S+)', text)}
 
@@ -219,7 +224,28 @@ def main():
     precisions = ["fp32", "bf16"] + (["fp16"] if args.device.startswith("cuda") else [])
     for i, precision in enumerate(precisions):
         log(f">> {precision} on {args.device}")
-        server = Server(work, repository(work, precision, args.device, precision, True), 18201 + i, out, precision)
+        try:
+            results["runs"][precision] = run_precision(work, out, args, precision, i, reference, seq_len)
+        except Exception as e:  # keep what the other precisions measured
+            log(f"{precision} failed: {e!r}")
+            results["runs"][precision] = {"error": repr(e), "startup_s": 0, "ready_lines": [],
+                                          "gpu_memory_after_warmup": {}, "answers": {}}
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_summary(results, args, out)
+    failed = [f"{p}/{m}" for p, run in results["runs"].items() for m, c in run["answers"].items() if not c["ok"]]
+    failed += [p for p, run in results["runs"].items() if "error" in run]
+    if failed:
+        log(f"answers outside tolerance, or runs that failed: {failed}")
+        return 1
+    return 0
+
+
+def run_precision(work, out, args, precision, i, reference, seq_len):
+    """One precision on the device: answers against the CPU's, then (but for fp16) the served
+    load and, with the server stopped, the raw forward."""
+    repo = repository(work, precision, args.device, precision, True)
+    server = Server(work, repo, 18201 + i, out, precision)
+    try:
         run = {"startup_s": server.startup_s, "ready_lines": server.ready_lines,
                "instance_devices": {m["name"]: [v.get("instance_devices") for v in m["versions"]]
                                     for m in server.models()},
@@ -230,16 +256,18 @@ def main():
         if precision != "fp16":
             run["served"] = served(work, server, args.seconds)
             run["gpu_memory_after_load"] = server.gpu_memory()
-            metrics = http("GET", server.url + "/metrics")[1].decode()
-            run["batch_metrics"] = [l for l in metrics.splitlines()
-                                    if l.startswith(("aiaas_batch_size_sum", "aiaas_batch_size_count",
-                                                     "aiaas_compute_duration_seconds_sum", "aiaas_compute_duration_seconds_count"))]
+            metrics = http("GET", server.url + "/metrics")[1].decode(errors="replace")
+            run["batch_metrics"] = [l for l in metrics.splitlines() if l.startswith((
+                "aiaas_batch_size_sum", "aiaas_batch_size_count",
+                "aiaas_compute_duration_seconds_sum", "aiaas_compute_duration_seconds_count"))]
+    finally:
         server.stop()
-        if precision != "fp16":
-            run["raw"] = raw(work, args.device, precision, seq_len, args.seconds)
-        results["runs"][precision] = run
+    if precision != "fp16":
+        run["raw"] = raw(work, args.device, precision, seq_len, args.seconds)
+    return run
 
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+
+def write_summary(results, args, out):
     lines = [f"# GPU check on {args.device}", ""]
     for precision, run in results["runs"].items():
         lines.append(f"## {precision} (start-up {run['startup_s']:.1f} s)")
@@ -262,11 +290,6 @@ def main():
         lines.append("")
     (out / "summary.md").write_text("\n".join(lines))
     log("\n".join(lines))
-    failed = [f"{p}/{m}" for p, run in results["runs"].items() for m, c in run["answers"].items() if not c["ok"]]
-    if failed:
-        log(f"answers outside tolerance: {failed}")
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

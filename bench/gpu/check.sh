@@ -12,8 +12,10 @@ if [ -z "${AIAAS_NO_TORCH_PATH:-}" ]; then
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-tar -C "$work" -xJf .gpu/bundle.tar.xz
-python3 bench/gpu/weights.py fill "$work/models/minilm/model.pt"
+# python's tarfile (lzma in the standard library): the machine may have no xz program
+python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+  .gpu/bundle.tar.xz "$work" || { echo "cannot extract .gpu/bundle.tar.xz (make gpu-bundle)"; exit 1; }
+python3 bench/gpu/weights.py fill "$work/models/minilm/model.pt" || exit 1
 (nvidia-smi || echo "no nvidia-smi") > "$OUT/nvidia-smi-before.txt" 2>&1
 python3 bench/gpu/check.py --work "$work" --out "$OUT" --device "${DEVICE:-cuda:0}" \
   --seconds "${SECS:-6}" 2>&1 | tee "$OUT/check.log"

@@ -100,15 +100,16 @@ impl Placement {
 
     /// Where engine instance `index` runs when `gpus` CUDA devices are visible: a listed
     /// device is taken as it is (and must exist); `cuda` and `auto` take the visible GPUs in
-    /// turn, so N instances spread round-robin over them; `auto` without a GPU is the CPU.
-    pub fn instance(&self, index: usize, gpus: usize) -> Result<Placed, String> {
+    /// turn from GPU `start`, so N instances spread round-robin over them; `auto` without a
+    /// GPU is the CPU.
+    pub fn instance(&self, index: usize, gpus: usize, start: usize) -> Result<Placed, String> {
         let spec = self.0[index % self.0.len()];
         match spec {
             DeviceSpec::Cpu => Ok(Placed::Cpu),
             DeviceSpec::Auto if gpus == 0 => Ok(Placed::Cpu),
             DeviceSpec::Auto | DeviceSpec::AnyCuda if gpus > 0 => {
                 // the instances that take turns over the GPUs: those this entry holds
-                Ok(Placed::Cuda((index / self.0.len()) % gpus))
+                Ok(Placed::Cuda((start + index / self.0.len()) % gpus))
             }
             DeviceSpec::Cuda(n) if n < gpus => Ok(Placed::Cuda(n)),
             _ => Err(format!("{spec} asked for, {gpus} CUDA device(s) visible")),
@@ -116,8 +117,15 @@ impl Placement {
     }
 
     /// The devices of instances `0..instances`, in order.
-    pub fn instances(&self, instances: usize, gpus: usize) -> Result<Vec<Placed>, String> {
-        (0..instances).map(|i| self.instance(i, gpus)).collect()
+    pub fn instances(
+        &self,
+        instances: usize,
+        gpus: usize,
+        start: usize,
+    ) -> Result<Vec<Placed>, String> {
+        (0..instances)
+            .map(|i| self.instance(i, gpus, start))
+            .collect()
     }
 }
 
@@ -606,6 +614,18 @@ pub enum SpecError {
 }
 
 impl ModelSpec {
+    /// Where its engine instance `index` runs when `gpus` CUDA devices are visible. Models
+    /// placed on `cuda` or `auto` start their round-robin at a GPU chosen by their name (a
+    /// stable hash), so that single-instance models spread over the GPUs rather than all
+    /// landing on the first; a reload lands where the model was.
+    pub fn instance_device(&self, index: usize, gpus: usize) -> Result<Placed, String> {
+        let start = self.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        self.device
+            .instance(index, gpus, (start % gpus.max(1) as u64) as usize)
+    }
+
     /// Reads `config` (a model.toml); relative files in it resolve against `files_dir`.
     pub fn load(name: &str, config: &Path, files_dir: &Path) -> Result<Self, SpecError> {
         let text = std::fs::read_to_string(config).map_err(|source| SpecError::Read {
@@ -966,7 +986,7 @@ mod tests {
         let devices = |placement: &str, instances: usize, gpus: usize| {
             let s = parse(&format!("kind = \"regressor\"\ndevice = {placement}")).unwrap();
             s.device
-                .instances(instances, gpus)
+                .instances(instances, gpus, 0)
                 .map(|v| v.iter().map(ToString::to_string).collect::<Vec<_>>())
         };
         // `cuda` and `auto`: the instances take the visible GPUs in turn
@@ -1001,6 +1021,32 @@ mod tests {
             ["cpu", "cuda:0", "cpu", "cuda:1"]
         );
         assert_eq!(devices("\"cuda:1\"", 2, 2).unwrap(), ["cuda:1", "cuda:1"]);
+        // a round-robin starts where it is told
+        let s = parse("kind = \"regressor\"\ndevice = \"cuda\"").unwrap();
+        let from_2: Vec<String> = s
+            .device
+            .instances(3, 3, 2)
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(from_2, ["cuda:2", "cuda:0", "cuda:1"]);
+    }
+
+    #[test]
+    fn single_instance_models_spread_over_the_gpus_by_name() {
+        let on = |name: &str| {
+            let text = "kind = \"regressor\"\ndevice = \"cuda\"";
+            let s =
+                ModelSpec::parse(name, text, Path::new("/m/model.toml"), Path::new("/m")).unwrap();
+            // the same name lands on the same GPU every time
+            assert_eq!(s.instance_device(0, 4), s.instance_device(0, 4));
+            s.instance_device(0, 4).unwrap()
+        };
+        let used: std::collections::BTreeSet<String> = (0..16)
+            .map(|i| on(&format!("model-{i}")).to_string())
+            .collect();
+        assert!(used.len() >= 3, "16 models used only {used:?}");
     }
 
     #[test]

@@ -30,9 +30,22 @@ pub trait EngineFactory: Send + Sync + 'static {
     /// The device the model's first instance will run on (`cpu`, `cuda:0`), known before
     /// loading so that room can be made for the model in that device's memory budget.
     fn device(&self, spec: &ModelSpec) -> String {
-        spec.device
-            .instance(0, self.visible_gpus())
+        spec.instance_device(0, self.visible_gpus())
             .map_or_else(|_| spec.device.to_string(), |d| d.to_string())
+    }
+
+    /// Every device the model's instances will run on, each once, first instance's first.
+    fn devices(&self, spec: &ModelSpec) -> Vec<String> {
+        let mut devices = vec![self.device(spec)];
+        for index in 1..spec.instances {
+            if let Ok(d) = spec.instance_device(index, self.visible_gpus()) {
+                let d = d.to_string();
+                if !devices.contains(&d) {
+                    devices.push(d);
+                }
+            }
+        }
+        devices
     }
 
     /// Bytes the runtime holds on `device` now, where it keeps its own count (a CUDA caching

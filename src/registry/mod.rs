@@ -725,6 +725,7 @@ impl Registry {
         let (name_owned, config_owned) = (name.to_string(), config.to_path_buf());
         let spec = blocking(move || parse(&name_owned, &config_owned, &v)).await?;
         let device = self.engines.device(&spec);
+        let devices = self.engines.devices(&spec);
         let file_bytes = std::fs::metadata(&spec.file).map_or(0, |m| m.len());
         let budgeted = self.settings.lazy || !self.settings.memory_budget.is_unlimited();
         let gate = match budgeted {
@@ -741,12 +742,13 @@ impl Registry {
             .copied()
             .unwrap_or(file_bytes);
         self.make_room(name, &device, estimate).await?;
-        let before = self.memory_in_use(&device);
+        let before = self.memory_in_use_on(&devices);
         let (settings, engines) = (self.settings.clone(), self.engines.clone());
         let p = blocking(move || prepare(spec, &settings, engines.as_ref())).await?;
-        // memory in use after warm-up, less before; at least the weights' file size (memory
-        // other requests free meanwhile makes the difference too small)
-        let measured = match (before, self.memory_in_use(p.device())) {
+        // memory in use after warm-up, less before, over every device its instances use; at
+        // least the weights' file size (memory other requests free meanwhile makes the
+        // difference too small)
+        let measured = match (before, self.memory_in_use_on(&devices)) {
             (Some(before), Some(after)) => after.saturating_sub(before).max(file_bytes),
             _ => file_bytes,
         };
@@ -769,6 +771,11 @@ impl Registry {
         self.engines
             .memory_in_use(device)
             .or_else(|| (device == "cpu").then(memory::heap_in_use_bytes).flatten())
+    }
+
+    /// Bytes in use over `devices` together; `None` where one of them has no count.
+    fn memory_in_use_on(&self, devices: &[String]) -> Option<u64> {
+        devices.iter().map(|d| self.memory_in_use(d)).sum()
     }
 
     /// Makes `need` bytes of room on `device` for a version of `name` (no-op without a budget

@@ -88,21 +88,46 @@ int64_t aiaas_cast_floating(void* module, int scalar_type, char** error) {
   } catch (const std::exception& e) {
     *error = copy_message(e.what());
     return -1;
+  } catch (...) {
+    *error = copy_message("unknown C++ exception");
+    return -1;
   }
 }
 
-// Makes a stream from libtorch's pool the current stream of CUDA device `device` on the
-// calling thread, so that this thread's copies and kernels queue apart from other threads'.
-// Returns false where CUDA is absent or the call fails.
-bool aiaas_use_own_cuda_stream(int device) {
+// A stream from libtorch's pool on CUDA device `device`, as its id in `*id`. Returns false
+// where CUDA is absent or the call fails.
+bool aiaas_cuda_pool_stream(int device, int64_t* id) {
   try {
     if (!at::hasCUDA()) return false;
     c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
     const c10::Device d(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device));
-    impl.setDevice(d);
-    impl.exchangeStream(impl.getStreamFromGlobalPool(d, false));
+    *id = impl.getStreamFromGlobalPool(d, false).id();
     return true;
-  } catch (const std::exception&) {
+  } catch (...) {
+    return false;
+  }
+}
+
+// Makes stream `id` of CUDA device `device` the calling thread's current stream there; the
+// stream it replaces goes to `*previous`. Returns false where the call fails.
+bool aiaas_cuda_exchange_stream(int device, int64_t id, int64_t* previous) {
+  try {
+    c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
+    const c10::Device d(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device));
+    *previous = impl.exchangeStream(c10::Stream(c10::Stream::UNSAFE, d, id)).id();
+    return true;
+  } catch (...) {
+    return false;
+  }
+}
+
+// Waits for everything queued on CUDA device `device`.
+bool aiaas_cuda_synchronize(int device) {
+  try {
+    c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
+    impl.synchronizeDevice(static_cast<c10::DeviceIndex>(device));
+    return true;
+  } catch (...) {
     return false;
   }
 }
@@ -112,13 +137,19 @@ bool aiaas_use_own_cuda_stream(int device) {
 bool aiaas_cuda_memory(int device, int64_t* allocated, int64_t* reserved) {
   try {
     if (!at::hasCUDA()) return false;
-    const auto stats = c10::getDeviceAllocator(c10::DeviceType::CUDA)
-                           ->getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    auto* allocator = c10::getDeviceAllocator(c10::DeviceType::CUDA);
+    if (!allocator->initialized()) {
+      // CUDA not used yet: nothing allocated (its statistics would throw)
+      *allocated = 0;
+      *reserved = 0;
+      return true;
+    }
+    const auto stats = allocator->getDeviceStats(static_cast<c10::DeviceIndex>(device));
     const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
     *allocated = stats.allocated_bytes[all].current;
     *reserved = stats.reserved_bytes[all].current;
     return true;
-  } catch (const std::exception&) {
+  } catch (...) {
     return false;
   }
 }
@@ -137,7 +168,7 @@ void* aiaas_empty_pinned(const int64_t* dims, size_t ndims, int scalar_type) {
                        .dtype(static_cast<at::ScalarType>(scalar_type))
                        .pinned_memory(true);
     return new at::Tensor(at::empty(at::IntArrayRef(dims, ndims), options));
-  } catch (const std::exception&) {
+  } catch (...) {
     return nullptr;
   }
 }
@@ -146,19 +177,34 @@ void* aiaas_empty_pinned(const int64_t* dims, size_t ndims, int scalar_type) {
 
 extern "C" {
 
-// Turns autocast on or off for the calling thread: while on, on `cuda` (else the CPU) the
-// operators autocast lists run in `scalar_type`, and their floating inputs of another type are
-// cast to it (what lets a graph that fixes fp32 somewhere run with reduced-precision weights).
-// The cast cache is off: it only serves training. Returns false where the call fails.
-bool aiaas_autocast(bool cuda, int scalar_type, bool enabled) {
+// Turns autocast on for the calling thread: on `cuda` (else the CPU) the operators autocast
+// lists run in `scalar_type`, and their floating inputs of another type are cast to it (what
+// lets a graph that fixes fp32 somewhere run with reduced-precision weights). The cast cache is
+// off: it only serves training. What it replaces goes to `saved` (3 values) for
+// aiaas_autocast_exit. Returns false where the call fails.
+bool aiaas_autocast_enter(bool cuda, int scalar_type, int64_t* saved) {
   try {
     const auto device = cuda ? c10::DeviceType::CUDA : c10::DeviceType::CPU;
-    at::autocast::set_autocast_enabled(device, enabled);
+    saved[0] = at::autocast::is_autocast_enabled(device);
+    saved[1] = static_cast<int64_t>(at::autocast::get_autocast_dtype(device));
+    saved[2] = at::autocast::is_autocast_cache_enabled();
+    at::autocast::set_autocast_enabled(device, true);
     at::autocast::set_autocast_dtype(device, static_cast<at::ScalarType>(scalar_type));
     at::autocast::set_autocast_cache_enabled(false);
     return true;
-  } catch (const std::exception&) {
+  } catch (...) {
     return false;
+  }
+}
+
+// Puts back what aiaas_autocast_enter replaced.
+void aiaas_autocast_exit(bool cuda, const int64_t* saved) {
+  try {
+    const auto device = cuda ? c10::DeviceType::CUDA : c10::DeviceType::CPU;
+    at::autocast::set_autocast_enabled(device, saved[0] != 0);
+    at::autocast::set_autocast_dtype(device, static_cast<at::ScalarType>(saved[1]));
+    at::autocast::set_autocast_cache_enabled(saved[2] != 0);
+  } catch (...) {
   }
 }
 

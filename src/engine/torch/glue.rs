@@ -8,9 +8,12 @@ extern "C" {
     fn aiaas_free_message(message: *mut c_char);
     fn aiaas_cast_floating(module: *mut c_void, scalar_type: c_int, error: *mut *mut c_char)
         -> i64;
-    fn aiaas_use_own_cuda_stream(device: c_int) -> bool;
+    fn aiaas_cuda_pool_stream(device: c_int, id: *mut i64) -> bool;
+    fn aiaas_cuda_exchange_stream(device: c_int, id: i64, previous: *mut i64) -> bool;
+    fn aiaas_cuda_synchronize(device: c_int) -> bool;
     fn aiaas_cuda_memory(device: c_int, allocated: *mut i64, reserved: *mut i64) -> bool;
-    fn aiaas_autocast(cuda: bool, scalar_type: c_int, enabled: bool) -> bool;
+    fn aiaas_autocast_enter(cuda: bool, scalar_type: c_int, saved: *mut i64) -> bool;
+    fn aiaas_autocast_exit(cuda: bool, saved: *const i64);
     fn aiaas_empty_pinned(dims: *const i64, ndims: usize, scalar_type: c_int) -> *mut c_void;
 }
 
@@ -73,11 +76,45 @@ pub fn empty_pinned(shape: &[i64], kind: Kind) -> Option<Tensor> {
     (!ptr.is_null()).then(|| unsafe { Tensor::from_ptr(ptr.cast::<torch_sys::C_tensor>()) })
 }
 
-/// Gives the calling thread a CUDA stream of its own on `device` (from libtorch's pool), so
-/// that engine instances sharing a GPU overlap their copies and kernels. False without CUDA.
-pub fn use_own_cuda_stream(device: usize) -> bool {
-    // SAFETY: plain values in, the C++ side catches every exception.
-    unsafe { aiaas_use_own_cuda_stream(device as c_int) }
+/// A CUDA stream of libtorch's pool on `device`, as its id; `None` without CUDA.
+pub fn cuda_pool_stream(device: usize) -> Option<i64> {
+    let mut id = 0i64;
+    // SAFETY: an out-pointer to a live i64; the C++ side catches every exception.
+    unsafe { aiaas_cuda_pool_stream(device as c_int, &mut id) }.then_some(id)
+}
+
+/// Stream `id` as the calling thread's current stream on `device` until the guard drops (the
+/// stream it replaced comes back): an engine's copies and kernels queue on its own stream
+/// whichever thread runs it, warm-up's loading thread included.
+pub struct StreamGuard {
+    device: c_int,
+    previous: i64,
+}
+
+impl StreamGuard {
+    pub fn on(device: usize, id: i64) -> Option<Self> {
+        let mut previous = 0i64;
+        // SAFETY: an out-pointer to a live i64; the C++ side catches every exception.
+        let ok = unsafe { aiaas_cuda_exchange_stream(device as c_int, id, &mut previous) };
+        ok.then_some(Self {
+            device: device as c_int,
+            previous,
+        })
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let mut ignored = 0i64;
+        // SAFETY: as above.
+        unsafe { aiaas_cuda_exchange_stream(self.device, self.previous, &mut ignored) };
+    }
+}
+
+/// Waits for all work queued on CUDA device `device`.
+pub fn cuda_synchronize(device: usize) -> bool {
+    // SAFETY: a plain value in; the C++ side catches every exception.
+    unsafe { aiaas_cuda_synchronize(device as c_int) }
 }
 
 /// The CUDA caching allocator's `(allocated, reserved)` bytes on `device`; `None` without CUDA.
@@ -89,24 +126,26 @@ pub fn cuda_memory(device: usize) -> Option<(u64, u64)> {
 }
 
 /// Autocast to `kind` on the calling thread (on CUDA when `cuda`, else the CPU) until the
-/// guard drops: thread-local state must not outlive the forward pass, since warm-up runs on a
-/// shared loading thread.
+/// guard drops, which puts back the thread's previous autocast settings: thread-local state
+/// must not outlive the forward pass, since warm-up runs on a shared loading thread.
 pub struct Autocast {
     cuda: bool,
-    scalar_type: c_int,
+    saved: [i64; 3],
 }
 
 impl Autocast {
     pub fn on(cuda: bool, kind: Kind) -> Option<Self> {
         let scalar_type = scalar_type(kind).ok()?;
-        // SAFETY: plain values in, the C++ side catches every exception.
-        unsafe { aiaas_autocast(cuda, scalar_type, true) }.then_some(Self { cuda, scalar_type })
+        let mut saved = [0i64; 3];
+        // SAFETY: room for the 3 values it saves; the C++ side catches every exception.
+        unsafe { aiaas_autocast_enter(cuda, scalar_type, saved.as_mut_ptr()) }
+            .then_some(Self { cuda, saved })
     }
 }
 
 impl Drop for Autocast {
     fn drop(&mut self) {
-        // SAFETY: as above.
-        unsafe { aiaas_autocast(self.cuda, self.scalar_type, false) };
+        // SAFETY: the 3 values aiaas_autocast_enter saved.
+        unsafe { aiaas_autocast_exit(self.cuda, self.saved.as_ptr()) };
     }
 }

@@ -79,8 +79,7 @@ pub struct TorchEngines;
 impl EngineFactory for TorchEngines {
     fn load(&self, spec: &ModelSpec, index: usize) -> Result<LoadedEngine, EngineError> {
         let device: ResolvedDevice = spec
-            .device
-            .instance(index, visible_gpus())
+            .instance_device(index, visible_gpus())
             .map_err(|m| EngineError::Device(spec.device.to_string(), m))?
             .into();
         let options = EngineOptions {
@@ -165,15 +164,16 @@ enum Transfer {
     /// The CPU computes on the host tensor itself.
     Host,
     /// A GPU: the batch is copied once into pinned (page-locked) host memory and from there to
-    /// the device without blocking, on the engine thread's own CUDA stream; the outputs come
-    /// back in one blocking copy each, which waits for the stream's work.
-    Pinned,
+    /// the device without blocking, on the engine's own CUDA stream (from libtorch's pool; the
+    /// thread's current stream otherwise), made current for each forward pass whichever thread
+    /// runs it; the outputs come back in one blocking copy each, which waits for the stream.
+    Pinned { device: usize, stream: Option<i64> },
 }
 
 impl TorchEngine {
     /// Loads `path` onto `device`, in eval mode, its floating state cast to the precision
-    /// asked for. The thread count and the CUDA stream are applied on the thread that runs the
-    /// forward passes (libtorch keeps both per thread).
+    /// asked for. The thread count is applied on the thread that runs the forward passes
+    /// (libtorch keeps it per thread).
     pub fn load(
         path: &Path,
         device: ResolvedDevice,
@@ -207,9 +207,17 @@ impl TorchEngine {
                     first_line(&e)
                 ))
             })?;
+            if let Device::Cuda(n) = device.0 {
+                // the casts were queued on this thread's stream; the engine's own stream does
+                // not wait for it
+                glue::cuda_synchronize(n);
+            }
         }
         let transfer = match device.0 {
-            Device::Cuda(_) => Transfer::Pinned,
+            Device::Cuda(n) => Transfer::Pinned {
+                device: n,
+                stream: glue::cuda_pool_stream(n),
+            },
             _ => Transfer::Host,
         };
         Ok(Self {
@@ -223,9 +231,8 @@ impl TorchEngine {
         })
     }
 
-    /// Once per thread that runs forward passes: libtorch's thread count, and on a GPU a CUDA
-    /// stream of its own (so that instances sharing the device overlap their copies and
-    /// kernels). libtorch keeps both per thread.
+    /// Once per thread that runs forward passes: libtorch's intra-op thread count, which it
+    /// keeps per thread.
     fn configure_thread(&mut self) {
         let me = std::thread::current().id();
         if self.configured_on == Some(me) {
@@ -234,10 +241,19 @@ impl TorchEngine {
         if let Some(n) = self.options.intra_op_threads {
             tch::set_num_threads(n as i32);
         }
-        if let Device::Cuda(n) = self.device {
-            glue::use_own_cuda_stream(n);
-        }
         self.configured_on = Some(me);
+    }
+
+    /// The engine's own CUDA stream as the current one for one forward pass, so that engines
+    /// sharing a GPU overlap their copies and kernels.
+    fn stream_guard(&self) -> Option<glue::StreamGuard> {
+        match self.transfer {
+            Transfer::Pinned {
+                device,
+                stream: Some(id),
+            } => glue::StreamGuard::on(device, id),
+            _ => None,
+        }
     }
 
     /// Autocast for one forward pass, where this engine runs under it.
@@ -250,7 +266,7 @@ impl TorchEngine {
 
     /// The forward pass on the module; a reduced-precision module whose graph fixes a floating
     /// dtype somewhere (a traced `.float()`, `sum(dtype=float32)`) fails on mixed types: it is
-    /// retried once under autocast, which stays on for this engine from then on.
+    /// retried once under autocast, which stays on for this engine once that works.
     fn run(&mut self, inputs: &[IValue]) -> Result<IValue, EngineError> {
         let forward = |engine: &Self| {
             let _autocast = engine.autocast_guard();
@@ -263,12 +279,17 @@ impl TorchEngine {
             Err(EngineError::Forward(m))
                 if !self.autocast && self.input_kind.is_some() && mixed_types(&m) =>
             {
-                tracing::warn!(
-                    precision = %self.options.precision,
-                    "the model's graph fixes a floating type ({m}); running it under autocast"
-                );
                 self.autocast = true;
-                forward(self)
+                let retried = forward(self);
+                if retried.is_ok() {
+                    tracing::warn!(
+                        precision = %self.options.precision,
+                        "the model's graph fixes a floating type ({m}); running it under autocast"
+                    );
+                } else {
+                    self.autocast = false;
+                }
+                retried
             }
             other => other,
         }
@@ -279,7 +300,7 @@ impl TorchEngine {
         let err = |e: tch::TchError| EngineError::Forward(first_line(&e.to_string()));
         let mut tensor = match self.transfer {
             Transfer::Host => to_tensor(t)?,
-            Transfer::Pinned => to_device_pinned(t, self.device)?,
+            Transfer::Pinned { .. } => to_device_pinned(t, self.device)?,
         };
         if let Some(kind) = self.input_kind {
             if t.dtype.is_float() && kind_of(t.dtype) != kind {
@@ -315,6 +336,7 @@ impl TorchEngine {
         inputs: Vec<HostTensor>,
     ) -> Result<Vec<HostTensor>, EngineError> {
         self.configure_thread();
+        let _stream = self.stream_guard();
         let _guard = tch::no_grad_guard();
         let ivalues = inputs
             .iter()
@@ -337,11 +359,15 @@ impl Engine for TorchEngine {
     }
 }
 
-/// Whether libtorch's message says two floating types met where one was expected.
+/// Whether libtorch's message says two floating types met where one was expected (`mat1 and
+/// mat2 must have the same dtype, but got Float and BFloat16`, `Input type (float) and bias
+/// type (c10::BFloat16) should be the same`, `expected scalar type BFloat16 but found Float`).
 fn mixed_types(message: &str) -> bool {
-    ["same dtype", "scalar type", "should be the same", "dtype"]
+    let mismatch = ["same dtype", "expected scalar type", "should be the same"]
         .iter()
-        .any(|m| message.contains(m))
+        .any(|m| message.contains(m));
+    let reduced = ["BFloat16", "Half"].iter().any(|t| message.contains(t));
+    mismatch && reduced
 }
 
 /// libtorch's messages for a device that ran out of memory or stopped working, as opposed to
@@ -441,7 +467,7 @@ fn to_device_pinned(t: &HostTensor, device: Device) -> Result<Tensor, EngineErro
     let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
     let kind = kind_of(t.dtype);
     let host = match glue::empty_pinned(&shape, kind) {
-        Some(pinned) => {
+        Some(pinned) if pinned.numel() * t.dtype.size() == t.data.len() => {
             if !t.data.is_empty() {
                 // SAFETY: a fresh contiguous tensor of exactly t.data.len() bytes (same shape
                 // and element type as the host tensor), written before anything reads it.
@@ -455,7 +481,9 @@ fn to_device_pinned(t: &HostTensor, device: Device) -> Result<Tensor, EngineErro
             }
             pinned
         }
-        None => to_tensor(t)?,
+        // no pinned memory, or a host tensor whose bytes do not fill its shape (which
+        // from_data_size refuses with the reason)
+        _ => to_tensor(t)?,
     };
     host.f_to_device_(device, kind, true, false).map_err(err)
 }
@@ -542,6 +570,23 @@ mod tests {
         let shape = "mat1 and mat2 shapes cannot be multiplied (1x3 and 4x5)";
         let e = device_failure("cuda:0", EngineError::Forward(shape.into()));
         assert!(!e.is_device_failure(), "{e}");
+    }
+
+    #[test]
+    fn only_mixed_floating_types_call_for_autocast() {
+        for message in [
+            "RuntimeError: mat1 and mat2 must have the same dtype, but got Float and BFloat16",
+            "Input type (float) and bias type (c10::BFloat16) should be the same",
+            "expected scalar type Half but found Float",
+        ] {
+            assert!(super::mixed_types(message), "{message}");
+        }
+        for message in [
+            "expected scalar type Long but found Int",
+            "mat1 and mat2 shapes cannot be multiplied (1x3 and 4x5)",
+        ] {
+            assert!(!super::mixed_types(message), "{message}");
+        }
     }
 
     #[test]
