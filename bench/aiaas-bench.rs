@@ -31,35 +31,7 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Forward passes straight through the engine: one JSON line per batch size.
-    Raw {
-        /// Model folder (with model.toml).
-        #[arg(long, default_value = "models/image-cnn")]
-        model: PathBuf,
-        /// Batch sizes to measure.
-        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
-        batch: Vec<usize>,
-        /// Seconds per batch size.
-        #[arg(long, default_value_t = 5.0)]
-        seconds: f64,
-        /// Engine instances running side by side, each on its own thread.
-        #[arg(long, default_value_t = 1)]
-        instances: usize,
-        /// libtorch intra-op threads per instance (0 = cores / instances, as the server does).
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
-        /// Each pass takes a random batch size from 1 to the given one, as served batches do.
-        #[arg(long)]
-        vary: bool,
-        /// Where the engines run: `cpu` or a CUDA device number.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// fp32, fp16 or bf16 (default: the model's `precision`).
-        #[arg(long)]
-        precision: Option<String>,
-        /// Tokens per text (text models' variable length).
-        #[arg(long, default_value_t = 16)]
-        seq_len: usize,
-    },
+    Raw(RawArgs),
     /// Posts one body over N keep-alive connections for a while (HTTP/1.1, loopback; what the
     /// GPU check uses where no load generator is installed); prints one JSON line.
     Load {
@@ -99,37 +71,41 @@ enum Command {
     },
 }
 
+/// What `raw` measures and how the engines run.
+#[derive(Debug, clap::Args)]
+struct RawArgs {
+    /// Model folder (with model.toml).
+    #[arg(long, default_value = "models/image-cnn")]
+    model: PathBuf,
+    /// Batch sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    batch: Vec<usize>,
+    /// Seconds per batch size.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Engine instances running side by side, each on its own thread.
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
+    /// libtorch intra-op threads per instance (0 = cores / instances, as the server does).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Each pass takes a random batch size from 1 to the given one, as served batches do.
+    #[arg(long)]
+    vary: bool,
+    /// Where the engines run: `cpu` or a CUDA device number.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// fp32, fp16 or bf16 (default: the model's `precision`).
+    #[arg(long)]
+    precision: Option<String>,
+    /// Tokens per text (text models' variable length).
+    #[arg(long, default_value_t = 16)]
+    seq_len: usize,
+}
+
 fn main() -> Result<()> {
     match Args::parse().command {
-        Command::Raw {
-            model,
-            batch,
-            seconds,
-            instances,
-            threads,
-            vary,
-            device,
-            precision,
-            seq_len,
-        } => {
-            let device = match device.as_str() {
-                "cpu" => Placed::Cpu,
-                n => Placed::Cuda(n.trim_start_matches("cuda:").parse()?),
-            };
-            let precision: Option<Precision> = precision
-                .map(|p| serde_json::from_value(serde_json::json!(p)))
-                .transpose()?;
-            let run = RawRun {
-                seconds,
-                instances,
-                threads,
-                vary,
-                device,
-                precision,
-                seq_len,
-            };
-            raw(&model, &batch, &run)
-        }
+        Command::Raw(args) => raw(&args),
         Command::Load {
             url,
             body,
@@ -191,28 +167,27 @@ fn decode(dir: &std::path::Path, body: &std::path::Path, seconds: f64) -> Result
     Ok(())
 }
 
-/// How `raw` runs the engines.
-struct RawRun {
-    seconds: f64,
-    instances: usize,
-    threads: usize,
-    vary: bool,
-    device: Placed,
-    precision: Option<Precision>,
-    seq_len: usize,
-}
-
 /// Runs `instances` engines side by side for `seconds` per batch size; prints one JSON line each.
-fn raw(dir: &std::path::Path, batches: &[usize], run: &RawRun) -> Result<()> {
-    let RawRun {
+fn raw(args: &RawArgs) -> Result<()> {
+    let RawArgs {
+        model: ref dir,
+        batch: ref batches,
         seconds,
         instances,
         threads,
         vary,
-        device,
-        precision,
+        ref device,
+        ref precision,
         seq_len,
-    } = *run;
+    } = *args;
+    let device = match device.as_str() {
+        "cpu" => Placed::Cpu,
+        n => Placed::Cuda(n.trim_start_matches("cuda:").parse()?),
+    };
+    let precision: Option<Precision> = precision
+        .as_ref()
+        .map(|p| serde_json::from_value(serde_json::json!(p)))
+        .transpose()?;
     let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model");
     let spec = ModelSpec::load(name, &dir.join("model.toml"), dir)?;
     let codec = ModelCodec::new(&spec, ImageLimits::default(), 0).map_err(anyhow::Error::msg)?;

@@ -170,6 +170,17 @@ async fn call_with_headers(
     (status, headers, json)
 }
 
+/// `/v1/models/{name}` says the model failed, for a reason containing `reason`.
+async fn assert_failed(app: &App, name: &str, reason: &str) {
+    let (status, body) = call(app, "GET", &format!("/v1/models/{name}"), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "failed", "{body}");
+    assert!(
+        body["reason"].as_str().unwrap_or_default().contains(reason),
+        "{body}"
+    );
+}
+
 #[tokio::test]
 async fn predictions_go_through_the_factorys_engine_on_v1_and_v2() {
     let app = app(&["twice"]).await;
@@ -222,16 +233,7 @@ async fn a_failing_engine_fails_its_request_and_a_failed_load_its_model_only() {
     .await;
     assert_eq!(status, StatusCode::OK);
     // the load error names the runtime's reason; the model is failed, the other ready
-    let (status, body) = call(&app, "GET", "/v1/models/broken", None).await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(body["state"], "failed");
-    assert!(
-        body["reason"]
-            .as_str()
-            .unwrap()
-            .contains("the fake runtime refuses it"),
-        "{body}"
-    );
+    assert_failed(&app, "broken", "the fake runtime refuses it").await;
     let (status, body) = call(
         &app,
         "POST",
@@ -852,13 +854,12 @@ async fn instances_spread_over_the_visible_gpus_and_each_shows_its_device() {
     );
 
     // a GPU that is not there fails that model with the reason; the others serve
-    let (_, body) = call(&app, "GET", "/v1/models/missing", None).await;
-    assert_eq!(body["state"], "failed", "{body}");
-    let reason = body["reason"].as_str().unwrap_or_default();
-    assert!(
-        reason.contains("cuda:2 asked for, 2 CUDA device(s) visible"),
-        "{reason}"
-    );
+    assert_failed(
+        &app,
+        "missing",
+        "cuda:2 asked for, 2 CUDA device(s) visible",
+    )
+    .await;
     let (status, body) = call(
         &app,
         "POST",

@@ -53,25 +53,31 @@ fn cosine(a: &[f64], b: &[f64]) -> f64 {
     dot / (norm(a) * norm(b))
 }
 
-async fn embeddings(
+/// `model`'s predictions for `instances` on /v1 (which must answer 200).
+async fn predictions(
     c: &reqwest::Client,
     s: &Server,
     model: &str,
-    texts: &[Value],
-) -> Vec<Vec<f64>> {
+    instances: &Value,
+) -> Vec<Value> {
     let r = post_json(
         c,
         &s.url(&format!("/v1/models/{model}/predict")),
-        &json!({ "instances": texts }),
+        &json!({ "instances": instances }),
     )
     .await;
     assert_eq!(r.status, 200, "{model}: {}", r.text());
-    r.json()["predictions"]
-        .as_array()
+    r.json()["predictions"].as_array().unwrap().clone()
+}
+
+/// The largest difference between two classifier predictions' per-label scores.
+fn score_diff(a: &Value, b: &Value) -> f64 {
+    a["scores"]
+        .as_object()
         .unwrap()
         .iter()
-        .map(|p| floats(&p["embedding"]))
-        .collect()
+        .map(|(label, x)| (x.as_f64().unwrap() - b["scores"][label].as_f64().unwrap()).abs())
+        .fold(0.0, f64::max)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -129,10 +135,7 @@ async fn bf16_answers_within_tolerance_of_fp32_and_fp16_is_refused_on_the_cpu() 
             answers.push(r.json()["predictions"][0].clone());
         }
         assert_eq!(answers[0]["label"], answers[1]["label"], "{file}");
-        for (label, fp32) in answers[0]["scores"].as_object().unwrap() {
-            let bf16 = answers[1]["scores"][label].as_f64().unwrap();
-            worst = worst.max((fp32.as_f64().unwrap() - bf16).abs());
-        }
+        worst = worst.max(score_diff(&answers[0], &answers[1]));
     }
     // noise images: scores far from 0 and 1, where a precision loss shows
     let mut seed = 7u64;
@@ -153,28 +156,11 @@ async fn bf16_answers_within_tolerance_of_fp32_and_fp16_is_refused_on_the_cpu() 
             .collect();
         json!(pixels)
     };
-    let images: Vec<Value> = (0..4).map(|_| noise()).collect();
-    let mut scores = Vec::new();
-    for model in ["cnn", "cnn-bf16"] {
-        let r = post_json(
-            &c,
-            &s.url(&format!("/v1/models/{model}/predict")),
-            &json!({ "instances": images }),
-        )
-        .await;
-        assert_eq!(r.status, 200, "{model}: {}", r.text());
-        scores.push(r.json()["predictions"].clone());
-    }
-    for (a, b) in scores[0]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(scores[1].as_array().unwrap())
-    {
-        for (label, fp32) in a["scores"].as_object().unwrap() {
-            let bf16 = b["scores"][label].as_f64().unwrap();
-            worst = worst.max((fp32.as_f64().unwrap() - bf16).abs());
-        }
+    let images = Value::Array((0..4).map(|_| noise()).collect());
+    let fp32 = predictions(&c, &s, "cnn", &images).await;
+    let bf16 = predictions(&c, &s, "cnn-bf16", &images).await;
+    for (a, b) in fp32.iter().zip(&bf16) {
+        worst = worst.max(score_diff(a, b));
     }
     println!("demo CNN: bf16 scores within {worst:.2e} of fp32");
     assert!(
@@ -188,8 +174,11 @@ async fn bf16_answers_within_tolerance_of_fp32_and_fp16_is_refused_on_the_cpu() 
     let reference = reference("minilm");
     let items = reference["items"].as_array().unwrap();
     let texts: Vec<Value> = items.iter().map(|i| i["text"].clone()).collect();
-    let fp32 = embeddings(&c, &s, "minilm", &texts).await;
-    let bf16 = embeddings(&c, &s, "minilm-bf16", &texts).await;
+    let texts = Value::Array(texts);
+    let embeddings =
+        |p: Vec<Value>| -> Vec<Vec<f64>> { p.iter().map(|p| floats(&p["embedding"])).collect() };
+    let fp32 = embeddings(predictions(&c, &s, "minilm", &texts).await);
+    let bf16 = embeddings(predictions(&c, &s, "minilm-bf16", &texts).await);
     let (mut min_cos, mut max_d, mut max_ref_d) = (1f64, 0f64, 0f64);
     for ((a, b), item) in fp32.iter().zip(&bf16).zip(items) {
         min_cos = min_cos.min(cosine(a, b));
@@ -216,29 +205,12 @@ async fn bf16_answers_within_tolerance_of_fp32_and_fp16_is_refused_on_the_cpu() 
         "what a lovely day",
         "boring and far too long"
     ]);
-    let mut answers = Vec::new();
-    for model in ["fixed-dtype", "fixed-dtype-bf16"] {
-        let r = post_json(
-            &c,
-            &s.url(&format!("/v1/models/{model}/predict")),
-            &json!({ "instances": texts }),
-        )
-        .await;
-        assert_eq!(r.status, 200, "{model}: {}", r.text());
-        answers.push(r.json()["predictions"].clone());
-    }
+    let fp32 = predictions(&c, &s, "fixed-dtype", &texts).await;
+    let bf16 = predictions(&c, &s, "fixed-dtype-bf16", &texts).await;
     let mut worst = 0f64;
-    for (a, b) in answers[0]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(answers[1].as_array().unwrap())
-    {
+    for (a, b) in fp32.iter().zip(&bf16) {
         assert_eq!(a["label"], b["label"]);
-        for (label, fp32) in a["scores"].as_object().unwrap() {
-            worst =
-                worst.max((fp32.as_f64().unwrap() - b["scores"][label].as_f64().unwrap()).abs());
-        }
+        worst = worst.max(score_diff(a, b));
     }
     assert!(
         worst < BF16_SCORE_TOLERANCE,

@@ -270,10 +270,7 @@ impl TorchEngine {
     fn run(&mut self, inputs: &[IValue]) -> Result<IValue, EngineError> {
         let forward = |engine: &Self| {
             let _autocast = engine.autocast_guard();
-            engine
-                .module
-                .forward_is(inputs)
-                .map_err(|e| EngineError::Forward(first_line(&e.to_string())))
+            engine.module.forward_is(inputs).map_err(forward_error)
         };
         match forward(self) {
             Err(EngineError::Forward(m))
@@ -297,14 +294,13 @@ impl TorchEngine {
 
     /// An input on the device, in the module's precision and memory format.
     fn input(&self, t: &HostTensor) -> Result<Tensor, EngineError> {
-        let err = |e: tch::TchError| EngineError::Forward(first_line(&e.to_string()));
         let mut tensor = match self.transfer {
             Transfer::Host => to_tensor(t)?,
             Transfer::Pinned { .. } => to_device_pinned(t, self.device)?,
         };
         if let Some(kind) = self.input_kind {
             if t.dtype.is_float() && kind_of(t.dtype) != kind {
-                tensor = tensor.f_to_kind(kind).map_err(err)?;
+                tensor = tensor.f_to_kind(kind).map_err(forward_error)?;
             }
         }
         if self.options.channels_last && t.shape.len() == 4 {
@@ -400,6 +396,11 @@ fn device_failure(device: &str, e: EngineError) -> EngineError {
     }
 }
 
+/// A libtorch error in a forward pass, its reason only.
+fn forward_error(e: tch::TchError) -> EngineError {
+    EngineError::Forward(first_line(&e.to_string()))
+}
+
 /// libtorch's messages carry a C++ backtrace after the first line; clients need only the reason.
 /// A TorchScript interpreter error's first line only says that an operation failed: its reason
 /// is the last `...Error: ` line of the TorchScript traceback.
@@ -455,15 +456,13 @@ fn dtype_of(kind: Kind) -> Option<DType> {
 /// guarantee that kernels could rely on).
 fn to_tensor(t: &HostTensor) -> Result<Tensor, EngineError> {
     let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-    Tensor::f_from_data_size(&t.data, &shape, kind_of(t.dtype))
-        .map_err(|e| EngineError::Forward(first_line(&e.to_string())))
+    Tensor::f_from_data_size(&t.data, &shape, kind_of(t.dtype)).map_err(forward_error)
 }
 
 /// A host tensor on a GPU: its bytes copied once into pinned host memory, then to the device
 /// without blocking the thread (libtorch's pinned-memory pool keeps the buffer from reuse until
 /// the copy is done). Falls back to an ordinary copy where pinned memory cannot be had.
 fn to_device_pinned(t: &HostTensor, device: Device) -> Result<Tensor, EngineError> {
-    let err = |e: tch::TchError| EngineError::Forward(first_line(&e.to_string()));
     let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
     let kind = kind_of(t.dtype);
     let host = match glue::empty_pinned(&shape, kind) {
@@ -485,7 +484,8 @@ fn to_device_pinned(t: &HostTensor, device: Device) -> Result<Tensor, EngineErro
         // from_data_size refuses with the reason)
         _ => to_tensor(t)?,
     };
-    host.f_to_device_(device, kind, true, false).map_err(err)
+    host.f_to_device_(device, kind, true, false)
+        .map_err(forward_error)
 }
 
 /// The same NCHW tensor with NHWC strides (what `memory_format=torch.channels_last` gives).
@@ -493,7 +493,7 @@ fn channels_last(t: &Tensor) -> Result<Tensor, EngineError> {
     t.f_permute([0, 2, 3, 1])
         .and_then(|p| p.f_contiguous())
         .and_then(|p| p.f_permute([0, 3, 1, 2]))
-        .map_err(|e| EngineError::Forward(first_line(&e.to_string())))
+        .map_err(forward_error)
 }
 
 fn collect_outputs(out: IValue) -> Result<Vec<Tensor>, EngineError> {
