@@ -13,9 +13,10 @@ use clap::{Parser, Subcommand};
 use rand::SeedableRng;
 
 use aiaas::codec::{ImageLimits, ModelCodec};
-use aiaas::config::model_spec::{ModelSpec, Placed, Precision};
+use aiaas::config::model_spec::{Placed, Precision};
 use aiaas::engine::torch::{EngineOptions, TorchEngine};
 use aiaas::engine::Engine;
+use aiaas::registry::spec::load_spec;
 use demo::Shape;
 
 #[derive(Debug, Parser)]
@@ -137,7 +138,7 @@ fn main() -> Result<()> {
 /// Decodes `body` through the model's codec for `seconds`; prints one JSON line.
 fn decode(dir: &std::path::Path, body: &std::path::Path, seconds: f64) -> Result<()> {
     let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model");
-    let spec = ModelSpec::load(name, &dir.join("model.toml"), dir)?;
+    let spec = load_spec(name, &dir.join("model.toml"), dir)?;
     let codec = ModelCodec::new(&spec, ImageLimits::default(), 0).map_err(anyhow::Error::msg)?;
     let bytes = std::fs::read(body).with_context(|| format!("reading {}", body.display()))?;
     let image = bytes.starts_with(b"\x89PNG") || bytes.starts_with(&[0xff, 0xd8]);
@@ -189,7 +190,7 @@ fn raw(args: &RawArgs) -> Result<()> {
         .map(|p| serde_json::from_value(serde_json::json!(p)))
         .transpose()?;
     let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model");
-    let spec = ModelSpec::load(name, &dir.join("model.toml"), dir)?;
+    let spec = load_spec(name, &dir.join("model.toml"), dir)?;
     let codec = ModelCodec::new(&spec, ImageLimits::default(), 0).map_err(anyhow::Error::msg)?;
     let device = device.into();
     let precision = precision.unwrap_or(spec.precision);
@@ -200,7 +201,7 @@ fn raw(args: &RawArgs) -> Result<()> {
         (cores / instances).max(1)
     };
     // as the server runs it
-    let channels_last = spec.channels_last;
+    let channels_last = spec.channels_last();
     for &b in batches {
         let sizes: Vec<usize> = if vary { (1..=b).collect() } else { vec![b] };
         let inputs: Vec<_> = sizes

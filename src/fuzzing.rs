@@ -6,8 +6,10 @@ use std::sync::OnceLock;
 
 use serde_json::Value;
 
+use crate::codec::image::ImageSpec;
+use crate::codec::text::TextSpec;
 use crate::codec::{ImageCodec, ImageLimits, Instance, ModelCodec};
-use crate::config::model_spec::{ImageSpec, ModelSpec, TextSpec};
+use crate::registry::spec::parse_spec;
 
 fn limits() -> ImageLimits {
     ImageLimits {
@@ -62,7 +64,7 @@ pub fn v2_parse(data: &[u8]) {
 }
 
 fn codec(toml: &str) -> ModelCodec {
-    let spec = ModelSpec::parse(
+    let spec = parse_spec(
         "fuzz",
         toml,
         Path::new("/fuzz/model.toml"),

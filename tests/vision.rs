@@ -12,9 +12,11 @@ mod common;
 
 use serde_json::{json, Value};
 
+use aiaas::codec::image::{Crop, ImageSpec, Resize};
 use aiaas::codec::{ImageCodec, ImageLimits};
-use aiaas::config::model_spec::{Crop, ModelSpec, Resize};
+use aiaas::registry::spec::load_spec;
 use common::*;
+use serde::Deserialize;
 
 fn fixture() -> std::path::PathBuf {
     common::hf::fixtures().join("resnet18")
@@ -39,19 +41,19 @@ fn diff(a: &[f32], b: &[f32]) -> (f32, f32) {
     (max, d.iter().sum::<f32>() / d.len() as f32)
 }
 
-fn codec(spec: &ModelSpec) -> ImageCodec {
-    ImageCodec::new(spec.image.clone().unwrap(), ImageLimits::default())
+fn codec(image: &ImageSpec) -> ImageCodec {
+    ImageCodec::new(image.clone(), ImageLimits::default())
 }
 
 #[test]
 fn shorter_side_and_centre_crop_preprocess_as_torchvision() {
     let dir = fixture();
-    let spec = ModelSpec::load("resnet18", &dir.join("model.toml"), &dir).unwrap();
+    let spec = load_spec("resnet18", &dir.join("model.toml"), &dir).unwrap();
+    let spec = ImageSpec::deserialize(spec.tables["image"].clone()).unwrap();
     let mut stretched = spec.clone();
-    let image = stretched.image.as_mut().unwrap();
-    image.resize = Resize::Stretch;
-    image.crop = Crop::None;
-    image.resize_to = None;
+    stretched.resize = Resize::Stretch;
+    stretched.crop = Crop::None;
+    stretched.resize_to = None;
     for img in reference()["images"].as_array().unwrap() {
         let expected = f32s(
             &std::fs::read(

@@ -138,8 +138,8 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::batcher::Item;
     use crate::tensor::HostTensor;
+    use crate::tensor::Item;
 
     fn text(len: usize) -> Pending {
         let ids = HostTensor::from_i64(vec![1, len], &vec![7; len]).unwrap();
@@ -166,6 +166,7 @@ mod tests {
                 max_batch_tokens,
                 sequence_buckets: vec![16, 32, 64, 128],
                 group_by_length,
+                max_length: 128,
             }),
         }
     }

@@ -1,15 +1,93 @@
 //! Images: encoded bytes or pixel arrays to a normalised CHW float tensor.
 
+use serde::Deserialize;
 use std::collections::VecDeque;
 use std::io::Cursor;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::CodecError;
-use crate::config::model_spec::{ImageSpec, Interpolation, Resize};
 use crate::tensor::{DType, HostTensor};
 use base64::Engine as _;
 use image::{imageops::FilterType, DynamicImage, ImageReader};
+
+/// Image pre-processing: decoded images are converted to RGB (or grey), resized to
+/// `width` x `height` (stretched, or the shorter side scaled to `resize_to` and the centre
+/// cropped, as torchvision's `Resize` + `CenterCrop`), then each channel becomes
+/// `(pixel * scale - mean) / std`, laid out CHW.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSpec {
+    pub width: u32,
+    pub height: u32,
+    #[serde(default = "default_channels")]
+    pub channels: usize,
+    #[serde(default = "default_scale")]
+    pub scale: f32,
+    #[serde(default)]
+    pub mean: Option<Vec<f32>>,
+    #[serde(default)]
+    pub std: Option<Vec<f32>>,
+    #[serde(default)]
+    pub resize: Resize,
+    /// With `resize = "shorter-side"`: the shorter side's length after resizing (default: the
+    /// larger of `width` and `height`).
+    #[serde(default)]
+    pub resize_to: Option<u32>,
+    #[serde(default)]
+    pub crop: Crop,
+    #[serde(default)]
+    pub interpolation: Interpolation,
+}
+
+/// How a decoded image reaches the model's input size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Resize {
+    /// Straight to `width` x `height`, aspect ratio not kept.
+    #[default]
+    Stretch,
+    /// The shorter side to `resize_to`, aspect ratio kept (torchvision's `Resize(n)`).
+    ShorterSide,
+}
+
+/// What is cut from the resized image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Crop {
+    #[default]
+    None,
+    /// The centre `width` x `height` (torchvision's `CenterCrop`).
+    Center,
+}
+
+/// The resampling filter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Interpolation {
+    #[default]
+    Bilinear,
+    Nearest,
+    Bicubic,
+}
+
+fn default_channels() -> usize {
+    3
+}
+fn default_scale() -> f32 {
+    1.0 / 255.0
+}
+
+impl ImageSpec {
+    pub fn mean(&self) -> Vec<f32> {
+        self.mean
+            .clone()
+            .unwrap_or_else(|| vec![0.0; self.channels])
+    }
+    pub fn std(&self) -> Vec<f32> {
+        self.std.clone().unwrap_or_else(|| vec![1.0; self.channels])
+    }
+}
 
 /// Bounds on images accepted for decoding, checked from the header before any pixel is decoded.
 #[derive(Debug, Clone, Copy)]

@@ -13,10 +13,10 @@ pub mod v2;
 
 use serde_json::Value;
 
-use crate::batcher::{Inferred, Item};
 use crate::config::model_spec::{ModelSpec, TensorSpec};
+use crate::tensor::{Inferred, Item};
 
-pub use self::kinds::{Embedder, ModelAdapter, PairScorer, Signature};
+pub use self::kinds::{Embedder, ModelAdapter, PairScorer};
 
 pub use self::image::{DecodeBudget, ImageCodec, ImageLimits};
 pub use self::instance::{numeric_instances, Instance};

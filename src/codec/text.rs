@@ -2,11 +2,31 @@
 //! inputs a model takes, truncated by the tokenizer itself so that special tokens such as
 //! `[CLS]` and `[SEP]` are kept.
 
+use serde::Deserialize;
+use std::path::PathBuf;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 use super::CodecError;
-use crate::config::model_spec::TextSpec;
 use crate::tensor::HostTensor;
+
+/// Text pre-processing with a Hugging Face `tokenizer.json`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextSpec {
+    #[serde(default = "default_tokenizer")]
+    pub tokenizer: PathBuf,
+    /// Longer inputs are truncated to this many tokens, by the tokenizer (special tokens such
+    /// as `[CLS]` and `[SEP]` are kept).
+    pub max_length: usize,
+    /// Token id that pads shorter sequences in a batch; default: the tokenizer's own pad id
+    /// (its `padding` section, else its `[PAD]` or `<pad>` token), else 0.
+    #[serde(default)]
+    pub pad_id: Option<i64>,
+}
+
+fn default_tokenizer() -> PathBuf {
+    PathBuf::from("tokenizer.json")
+}
 
 /// Tokenises strings for one model.
 pub struct TextCodec {

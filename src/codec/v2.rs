@@ -11,9 +11,9 @@ use serde_json::{json, Map, Value};
 
 use super::instance::Grid;
 use super::{CodecError, ModelCodec};
-use crate::batcher::{Inferred, Item};
 use crate::config::model_spec::TensorSpec;
 use crate::tensor::{byte_len, checked_scalar_bytes, DType, HostTensor};
+use crate::tensor::{Inferred, Item};
 
 /// A v2 datatype: a numeric tensor type, or BYTES (strings, encoded images).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

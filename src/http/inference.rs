@@ -11,9 +11,9 @@ use axum::http::{HeaderMap, HeaderValue};
 use axum::response::Response;
 
 use super::{ApiError, AppState, InferenceLog};
-use crate::batcher::Inferred;
 use crate::registry::{ModelLease, ServingModel};
 use crate::telemetry::Outcome;
+use crate::tensor::Inferred;
 
 /// Above this body size, decoding moves off the async workers.
 const INLINE_DECODE_BYTES: usize = 32 << 10;

@@ -23,11 +23,11 @@ use super::inference::{
 };
 use super::v1::body_error;
 use super::{ApiError, AppState, ErrorLog};
-use crate::batcher::Item;
 use crate::codec::instance::json_type;
 use crate::codec::Embedder;
 use crate::registry::{ModelLease, ServingModel};
 use crate::telemetry::Outcome;
+use crate::tensor::Item;
 
 /// The paths whose errors take OpenAI's shape.
 pub const OPENAI_PATHS: [&str; 1] = ["/v1/embeddings"];

@@ -21,8 +21,8 @@ use super::inference::{
 };
 use super::v1::body_error;
 use super::{ApiError, AppState, REQUEST_ID};
-use crate::batcher::Item;
 use crate::registry::ServingModel;
+use crate::tensor::Item;
 
 #[derive(Debug, Deserialize)]
 struct RerankRequest {

@@ -18,9 +18,9 @@ use super::inference::{
     count_outcome, deadline, decode_inline_or_blocking, take_model, with_timing, StillWanted,
 };
 use super::{ApiError, AppState};
-use crate::batcher::{Inferred, Item};
 use crate::codec::v1::{parse_request, Parameters, Scores};
 use crate::registry::{ModelLease, ServingModel};
+use crate::tensor::{Inferred, Item};
 
 /// curl's `-d` default Content-Type.
 const FORM_URLENCODED: &str = "application/x-www-form-urlencoded";

@@ -14,6 +14,7 @@
 mod fingerprint;
 pub mod memory;
 mod prepare;
+pub mod spec;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -1274,7 +1275,7 @@ impl Registry {
     /// The model's folder and parsed spec from disk (for models not loaded).
     pub fn spec_on_disk(&self, name: &str) -> Result<(ModelSource, ModelSpec), String> {
         let source = self.repo.find(name).map_err(|e| e.to_string())?;
-        let spec = ModelSpec::load(name, &source.config, &source.dir).map_err(|e| e.to_string())?;
+        let spec = spec::load_spec(name, &source.config, &source.dir).map_err(|e| e.to_string())?;
         Ok((source, spec))
     }
 

@@ -71,7 +71,7 @@ pub(super) fn parse(
     config: &std::path::Path,
     v: &VersionSource,
 ) -> Result<ModelSpec, LoadError> {
-    Ok(ModelSpec::load(name, config, &v.dir)?)
+    Ok(super::spec::load_spec(name, config, &v.dir)?)
 }
 
 /// Builds the codec, loads every engine instance and warms each up: blocking work.
@@ -166,7 +166,10 @@ fn warmup_shapes(spec: &ModelSpec, on_gpu: bool) -> Vec<(usize, usize)> {
             }
         }
         _ => {
-            let len = spec.text.as_ref().map_or(8, |t| t.max_length.min(16));
+            let len = spec
+                .token_batching
+                .as_ref()
+                .map_or(8, |t| t.max_length.min(16));
             shapes.push((1, len));
             shapes.extend(rows_up_to(max_rows).into_iter().map(|rows| (rows, len)));
         }
@@ -215,11 +218,12 @@ fn check_outputs(
 mod tests {
     use super::warmup_shapes;
     use crate::config::model_spec::ModelSpec;
+    use crate::registry::spec::parse_spec;
     use std::path::Path;
 
     fn spec(extra: &str) -> ModelSpec {
         let text = format!("kind = \"regressor\"\n{extra}");
-        ModelSpec::parse("m", &text, Path::new("/m/model.toml"), Path::new("/m")).unwrap()
+        parse_spec("m", &text, Path::new("/m/model.toml"), Path::new("/m")).unwrap()
     }
 
     #[test]

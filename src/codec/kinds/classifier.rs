@@ -1,13 +1,16 @@
 //! What image and text classifiers share: per-label scores (a softmax when configured), the
 //! /v1 prediction (`label`, `score`, `scores`, `top_k`) and the v2 `labels` output.
 
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::{tensor_outputs, Signature};
-use crate::batcher::Inferred;
 use crate::codec::v2::{V2Data, V2Output, V2TensorMeta, V2Type};
 use crate::codec::{OutputOptions, DEFAULT_TOP_K, MANY_LABELS};
 use crate::config::model_spec::{ModelSpec, TensorSpec};
+use crate::tensor::Inferred;
 use crate::tensor::{DType, HostTensor};
 
 /// The v2 output that holds each row's best label.
@@ -16,6 +19,84 @@ pub const LABELS_OUTPUT: &str = "labels";
 /// A classifier's default output: `scores` FP32 `[labels]`.
 pub fn scores_output(labels: usize) -> TensorSpec {
     TensorSpec::new("scores", DType::Fp32, vec![labels as i64])
+}
+
+/// How classifier outputs are reported.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    #[serde(default)]
+    pub labels: Option<Vec<String>>,
+    /// A file with one label per line, beside model.toml (instead of `labels`).
+    #[serde(default)]
+    pub labels_file: Option<PathBuf>,
+    /// Apply softmax to the model's output (set when the model returns logits).
+    #[serde(default)]
+    pub softmax: bool,
+    /// Independent labels: a sigmoid per label instead of a softmax over them.
+    #[serde(default)]
+    pub multi_label: bool,
+}
+
+impl OutputSpec {
+    /// The labels: `labels`, those of `labels_file`, or `id2label` of a Hugging Face
+    /// `config.json` beside the model file (none when there is none).
+    pub fn labels(&self, spec: &ModelSpec) -> Result<Vec<String>, String> {
+        match (&self.labels, &self.labels_file) {
+            (Some(_), Some(_)) => {
+                Err("set either output.labels or output.labels_file, not both".into())
+            }
+            (Some(l), None) => Ok(l.clone()),
+            (None, Some(f)) => {
+                let path = spec.resolve(f);
+                Ok(std::fs::read_to_string(&path)
+                    .map_err(|e| format!("cannot read labels file {}: {e}", path.display()))?
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(String::from)
+                    .collect())
+            }
+            (None, None) => id2label(&spec.file),
+        }
+    }
+}
+
+/// Labels from `id2label` in a Hugging Face `config.json` beside the model file, when there is
+/// one; none otherwise.
+fn id2label(model_file: &Path) -> Result<Vec<String>, String> {
+    let path: PathBuf = model_file
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(Vec::new());
+    };
+    let config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let Some(map) = config.get("id2label").and_then(|m| m.as_object()) else {
+        return Ok(Vec::new());
+    };
+    let mut labels = vec![None; map.len()];
+    for (id, label) in map {
+        let i: usize = id
+            .parse()
+            .ok()
+            .filter(|&i| i < labels.len())
+            .ok_or_else(|| {
+                format!(
+                    "{}: id2label has id '{id}'; ids are 0..{}",
+                    path.display(),
+                    labels.len()
+                )
+            })?;
+        labels[i] = Some(label.as_str().unwrap_or_default().to_string());
+    }
+    labels
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| l.ok_or_else(|| format!("{}: id2label lacks id {i}", path.display())))
+        .collect()
 }
 
 /// A classifier's labels and what turns its first output into scores.
@@ -37,10 +118,10 @@ enum Activation {
 }
 
 impl Classifier {
-    pub fn new(spec: &ModelSpec) -> Self {
-        let activation = if spec.multi_label {
+    pub fn new(spec: &ModelSpec, output: &OutputSpec) -> Self {
+        let activation = if output.multi_label {
             Activation::Sigmoid
-        } else if spec.softmax {
+        } else if output.softmax {
             Activation::Softmax
         } else {
             Activation::None

@@ -1,29 +1,32 @@
 //! One adapter per model kind: everything that depends on what a model is.
 //!
-//! Each kind's file has a [`Registration`]: how its model.toml becomes the model's tensors
-//! (declared ones checked, or the kind's defaults: config's parser asks it) and its
-//! [`ModelAdapter`], chosen once when a model loads ([`adapter_for`]). The adapter turns /v1
-//! instances, encoded payloads (a raw image body, a v2 BYTES element) and v2 tensors into
-//! batcher [`Item`]s, says what the model's v2 inputs and outputs are, and turns output rows into
-//! answers. The HTTP layer, the v2 codec and the model.toml parser never ask which kind a model
-//! is; a new kind is a new file here, a name in [`ModelKind`] and one line in [`registration`].
+//! Each kind's file declares a [`Kind`]: its name in model.toml, the kind step (it reads the
+//! kind's own model.toml tables, checks them and decides the model's signature, labels, token
+//! batching and memory format: [`complete`]) and its [`ModelAdapter`], chosen once when a model
+//! loads ([`adapter_for`]). The adapter turns /v1 instances, encoded payloads (a raw image
+//! body, a v2 BYTES element) and v2 tensors into batcher [`Item`]s, says what the model's v2
+//! inputs and outputs are, and turns output rows into answers. The HTTP layer, the v2 codec and
+//! config never ask which kind a model is. Adding a kind is its file here plus one line in
+//! [`KINDS`].
 
 mod classifier;
-mod embedding;
-mod image;
+mod image_classifier;
 mod regressor;
 mod reranker;
 mod tensor;
-mod text;
+mod text_classifier;
+mod text_embedding;
 mod tokens;
 
 use serde_json::Value;
 
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
 use super::v2::{V2Data, V2Input, V2Output, V2TensorMeta, V2Type};
 use super::{check_dims, CodecError, ImageLimits, Instance, OutputOptions};
-use crate::batcher::{Inferred, Item};
-use crate::config::model_spec::{Declared, ModelKind, ModelSpec, TensorSpec};
-use crate::tensor::{DType, HostTensor};
+use crate::config::model_spec::{ModelSpec, Signature, TensorSpec, TokenBatching};
+use crate::tensor::{DType, HostTensor, Inferred, Item};
 
 /// What a model of one kind takes and answers. Implementations are plain data and code: no
 /// HTTP, no libtorch.
@@ -133,55 +136,136 @@ pub trait PairScorer: Send + Sync {
     fn relevance(&self, result: &Inferred) -> (f64, f64);
 }
 
-/// A model's declared input and output tensors.
-#[derive(Debug, Clone)]
-pub struct Signature {
-    pub inputs: Vec<TensorSpec>,
-    pub outputs: Vec<TensorSpec>,
+/// A model kind.
+pub struct Kind {
+    /// Its name in model.toml (`kind = "..."`).
+    pub name: &'static str,
+    /// What it serves, in a few words.
+    pub summary: &'static str,
+    /// The kind step: reads the kind's own tables of the spec (and the tensors model.toml
+    /// declares), checks them and decides what the kind decides.
+    declare: fn(&ModelSpec, Declared) -> Result<Declaration, String>,
+    /// The adapter of a model of this kind (its spec completed by the kind step); fails when a
+    /// component (e.g. its tokenizer) cannot be loaded.
+    adapter: fn(&ModelSpec, &Limits) -> Result<Box<dyn ModelAdapter>, String>,
 }
 
-impl Signature {
-    pub fn new(inputs: Vec<TensorSpec>, outputs: Vec<TensorSpec>) -> Self {
-        Self { inputs, outputs }
-    }
+/// Every kind the server serves, in the order the docs list them. A new kind is its file plus
+/// one line here.
+pub const KINDS: &[&Kind] = &[
+    &image_classifier::KIND,
+    &text_classifier::KIND,
+    &text_embedding::KIND,
+    &reranker::KIND,
+    &regressor::KIND,
+    &tensor::KIND,
+];
 
-    fn of(spec: &ModelSpec) -> Self {
-        Self {
-            inputs: spec.inputs.clone(),
-            outputs: spec.outputs.clone(),
+/// The kind model.toml names `name`.
+pub fn kind(name: &str) -> Result<&'static Kind, String> {
+    KINDS
+        .iter()
+        .copied()
+        .find(|k| k.name == name)
+        .ok_or_else(|| {
+            let names: Vec<String> = KINDS.iter().map(|k| format!("`{}`", k.name)).collect();
+            format!(
+                "kind: unknown variant `{name}`, expected one of {}",
+                names.join(", ")
+            )
+        })
+}
+
+/// The tensors model.toml declares (`[[inputs]]`, `[[outputs]]`), if any: every kind may
+/// declare them; each decides what it makes of them.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Declared {
+    #[serde(default)]
+    pub inputs: Option<Vec<TensorSpec>>,
+    #[serde(default)]
+    pub outputs: Option<Vec<TensorSpec>>,
+}
+
+/// The tables of a kind that reads none of its own (only the declared tensors).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoTables {}
+
+/// What a kind decides about a model.
+#[derive(Debug, Clone, Default)]
+pub struct Declaration {
+    pub signature: Signature,
+    /// The labels its outputs score (classifiers).
+    pub labels: Vec<String>,
+    /// Whether 4-D inputs go channels-last unless model.toml says.
+    pub channels_last: bool,
+    /// Text kinds: the longest text in tokens (the model gets token batching).
+    pub max_text_length: Option<usize>,
+}
+
+/// The kind step: completes a spec that config parsed with what its kind decides (signature,
+/// labels, token batching, memory format), after checking the kind's tables and the checks
+/// every signature must pass.
+pub fn complete(spec: &mut ModelSpec) -> Result<(), String> {
+    let kind = kind(&spec.kind)?;
+    let declared: Declared = Declared::deserialize(toml::Value::Table(
+        spec.tables
+            .iter()
+            .filter(|(k, _)| matches!(k.as_str(), "inputs" | "outputs"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    ))
+    .map_err(|e| e.to_string())?;
+    let d = (kind.declare)(spec, declared)?;
+    check_signature(&d.signature)?;
+    spec.token_batching = match d.max_text_length {
+        Some(max_length) => Some(TokenBatching::resolve(&spec.batching, max_length)?),
+        None if spec.batching.max_batch_tokens.is_some()
+            || spec.batching.sequence_buckets.is_some()
+            || spec.batching.group_by_length.is_some() =>
+        {
+            return Err("batching.max_batch_tokens, sequence_buckets and group_by_length apply to text models (with a [text] table)".into())
+        }
+        None => None,
+    };
+    spec.inputs = d.signature.inputs;
+    spec.outputs = d.signature.outputs;
+    spec.labels = d.labels;
+    spec.channels_last.get_or_insert(d.channels_last);
+    Ok(())
+}
+
+/// The checks every kind's signature passes.
+fn check_signature(s: &Signature) -> Result<(), String> {
+    if s.inputs.is_empty() || s.outputs.is_empty() {
+        return Err("a model needs at least one input and one output".into());
+    }
+    for t in s.inputs.iter().chain(&s.outputs) {
+        if t.dims.iter().any(|&d| d == 0 || d < -1) {
+            return Err(format!(
+                "tensor '{}': dims must be positive or -1 (variable), got {:?}",
+                t.name, t.dims
+            ));
         }
     }
-}
-
-/// Builds a kind's adapter from the model's spec, signature and the payload limits.
-type BuildAdapter = fn(&ModelSpec, Signature, &Limits) -> Result<Box<dyn ModelAdapter>, String>;
-
-/// What the server knows of one kind: how model.toml becomes its tensors, and its adapter.
-pub struct Registration {
-    /// The model's inputs and outputs from model.toml: those declared, checked, or the kind's
-    /// defaults; an error says what model.toml lacks or gets wrong.
-    pub declare: fn(&Declared) -> Result<Signature, String>,
-    /// The adapter of a model of this kind; fails when a component (e.g. its tokenizer) cannot
-    /// be loaded.
-    adapter: BuildAdapter,
-    /// Answers labels and scores (labels may come from a Hugging Face config.json).
-    pub classifier: bool,
-    /// Takes images (4-D inputs go channels-last by default).
-    pub images: bool,
-    /// Reads model.toml's `[embedding]` table.
-    pub takes_embedding: bool,
-}
-
-/// The registration of `kind`: the one place that maps a kind to its file.
-pub fn registration(kind: ModelKind) -> Registration {
-    match kind {
-        ModelKind::ImageClassifier => image::REGISTRATION,
-        ModelKind::TextClassifier => text::REGISTRATION,
-        ModelKind::TextEmbedding => embedding::REGISTRATION,
-        ModelKind::Reranker => reranker::REGISTRATION,
-        ModelKind::Regressor => regressor::REGISTRATION,
-        ModelKind::Tensor => tensor::REGISTRATION,
+    for (i, t) in s.inputs.iter().enumerate() {
+        if s.inputs[..i].iter().any(|o| o.name == t.name) {
+            return Err(format!("input name '{}' appears twice", t.name));
+        }
     }
+    Ok(())
+}
+
+/// The kind's own tables of `spec` (all but the declared tensors) as the kind's `T`, which
+/// refuses tables the kind does not read.
+fn tables<T: DeserializeOwned>(spec: &ModelSpec) -> Result<T, String> {
+    let own: toml::Table = spec
+        .tables
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "inputs" | "outputs"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    T::deserialize(toml::Value::Table(own)).map_err(|e| e.to_string())
 }
 
 /// The limits adapters enforce on payloads.
@@ -192,8 +276,9 @@ pub struct Limits {
     pub max_text_bytes: usize,
 }
 
-/// The adapter of `spec`'s kind; fails when a component cannot load (e.g. its tokenizer).
-/// Images larger than `image_limits` and texts over `max_text_bytes` (0: no limit) are refused.
+/// The adapter of `spec`'s kind (`spec` completed by [`complete`]); fails when a component
+/// cannot load (e.g. its tokenizer). Images larger than `image_limits` and texts over
+/// `max_text_bytes` (0: no limit) are refused.
 pub fn adapter_for(
     spec: &ModelSpec,
     image_limits: ImageLimits,
@@ -203,7 +288,7 @@ pub fn adapter_for(
         image: image_limits,
         max_text_bytes,
     };
-    (registration(spec.kind).adapter)(spec, Signature::of(spec), &limits)
+    (kind(&spec.kind)?.adapter)(spec, &limits)
 }
 
 fn invalid(m: impl Into<String>) -> CodecError {

@@ -3,30 +3,33 @@
 
 use serde_json::{json, Value};
 
-use super::{ModelAdapter, Registration, Signature};
-use crate::batcher::{Inferred, Item};
+use super::{tables, Declaration, Declared, Kind, ModelAdapter, NoTables};
 use crate::codec::instance::tensor_from_f64;
 use crate::codec::{CodecError, Instance, OutputOptions};
-use crate::config::model_spec::{Declared, TensorSpec};
+use crate::config::model_spec::{Signature, TensorSpec};
 use crate::tensor::DType;
+use crate::tensor::{Inferred, Item};
 
-pub const REGISTRATION: Registration = Registration {
-    declare,
-    adapter: |_, signature, _| Ok(Box::new(Regressor::new(signature))),
-    classifier: false,
-    images: false,
-    takes_embedding: false,
+pub const KIND: Kind = Kind {
+    name: "regressor",
+    summary: "number arrays in, number arrays out",
+    declare: |spec, d| {
+        tables::<NoTables>(spec)?;
+        Ok(Declaration {
+            signature: declare(d)?,
+            ..Declaration::default()
+        })
+    },
+    adapter: |spec, _| Ok(Box::new(Regressor::new(spec.signature()))),
 };
 
 /// One FP32 input of fixed `[features]` (default `x` `[1]`) and one output (default `y` `[1]`).
-fn declare(d: &Declared) -> Result<Signature, String> {
+fn declare(d: Declared) -> Result<Signature, String> {
     let inputs = d
         .inputs
-        .map(<[_]>::to_vec)
         .unwrap_or_else(|| vec![TensorSpec::new("x", DType::Fp32, vec![1])]);
     let outputs = d
         .outputs
-        .map(<[_]>::to_vec)
         .unwrap_or_else(|| vec![TensorSpec::new("y", DType::Fp32, vec![1])]);
     if inputs.len() != 1 || outputs.len() != 1 {
         return Err("a regressor has exactly one input and one output".into());
@@ -49,7 +52,7 @@ impl Regressor {
 
 impl ModelAdapter for Regressor {
     fn kind(&self) -> &'static str {
-        "regressor"
+        KIND.name
     }
 
     fn signature(&self) -> &Signature {

@@ -3,39 +3,53 @@
 //! logit and its sigmoid, `{"score", "logit", "tokens"}`. v2 takes two BYTES inputs, `query`
 //! and `document`, row by row, and returns `logits` and `score`.
 
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::classifier::sigmoid;
-use super::tokens::{declare_token_inputs, v2_texts, TokenInputs};
-use super::{invalid, tensor_outputs, Limits, ModelAdapter, PairScorer, Registration, Signature};
-use crate::batcher::{Inferred, Item};
+use super::tokens::{declare_token_inputs, text_table, v2_texts, TokenInputs};
+use super::{
+    invalid, tables, tensor_outputs, Declaration, Declared, Kind, Limits, ModelAdapter, PairScorer,
+};
+use crate::codec::text::TextSpec;
 use crate::codec::v2::{V2Data, V2Input, V2Output, V2TensorMeta, V2Type};
 use crate::codec::{CodecError, Instance, OutputOptions};
-use crate::config::model_spec::{Declared, ModelSpec, TensorSpec};
+use crate::config::model_spec::{ModelSpec, Signature, TensorSpec};
 use crate::tensor::{DType, HostTensor};
+use crate::tensor::{Inferred, Item};
 
 /// The v2 output holding the sigmoid of each pair's logit.
 pub const SCORE_OUTPUT: &str = "score";
 
-pub const REGISTRATION: Registration = Registration {
+pub const KIND: Kind = Kind {
+    name: "reranker",
+    summary: "(query, document) pairs in, a relevance score each out (a cross-encoder)",
     declare,
-    adapter: |spec, signature, limits: &Limits| {
-        Ok(Box::new(Reranker::new(spec, signature, limits)?))
-    },
-    classifier: false,
-    images: false,
-    takes_embedding: false,
+    adapter: |spec, limits| Ok(Box::new(Reranker::new(spec, limits)?)),
 };
+
+/// The model.toml tables of a reranker.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Tables {
+    text: Option<TextSpec>,
+}
 
 /// Token inputs (default `input_ids` and `attention_mask`) and output `logits` `[1]` unless
 /// declared.
-fn declare(d: &Declared) -> Result<Signature, String> {
-    let inputs = declare_token_inputs(d, &["input_ids", "attention_mask"])?;
+fn declare(spec: &ModelSpec, d: Declared) -> Result<Declaration, String> {
+    let t: Tables = tables(spec)?;
+    let text = text_table(spec, t.text)?;
+    let inputs = declare_token_inputs(spec, d.inputs, &["input_ids", "attention_mask"])?;
     let outputs = d
         .outputs
-        .map(<[_]>::to_vec)
         .unwrap_or_else(|| vec![TensorSpec::new("logits", DType::Fp32, vec![1])]);
-    Ok(Signature::new(inputs, outputs))
+    Ok(Declaration {
+        signature: Signature::new(inputs, outputs),
+        labels: Vec::new(),
+        channels_last: false,
+        max_text_length: Some(text.max_length),
+    })
 }
 
 pub struct Reranker {
@@ -44,7 +58,9 @@ pub struct Reranker {
 }
 
 impl Reranker {
-    pub fn new(spec: &ModelSpec, signature: Signature, limits: &Limits) -> Result<Self, String> {
+    pub fn new(spec: &ModelSpec, limits: &Limits) -> Result<Self, String> {
+        let t: Tables = tables(spec)?;
+        let signature = spec.signature();
         if signature.outputs[0].dims != [1] {
             return Err(format!(
                 "a reranker's output '{}' is one logit per pair: dims [1]",
@@ -52,7 +68,7 @@ impl Reranker {
             ));
         }
         Ok(Self {
-            tokens: TokenInputs::new(spec, &signature, limits)?,
+            tokens: TokenInputs::new(spec, &text_table(spec, t.text)?, limits)?,
             signature,
         })
     }
@@ -84,7 +100,7 @@ impl PairScorer for Reranker {
 
 impl ModelAdapter for Reranker {
     fn kind(&self) -> &'static str {
-        "reranker"
+        KIND.name
     }
 
     fn signature(&self) -> &Signature {

@@ -4,31 +4,34 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{ModelAdapter, Registration, Signature};
-use crate::batcher::{Inferred, Item};
+use super::{tables, Declaration, Declared, Kind, ModelAdapter, NoTables};
 use crate::codec::instance::{tensor_from_f64, Grid};
 use crate::codec::{check_dims, CodecError, Instance, OutputOptions};
-use crate::config::model_spec::Declared;
+use crate::config::model_spec::Signature;
+use crate::tensor::{Inferred, Item};
 
 /// Most numbers in one input of one instance given as a JSON object.
 const MAX_OBJECT_INPUT_NUMBERS: usize = 64 << 20;
 
-pub const REGISTRATION: Registration = Registration {
-    declare,
-    adapter: |_, signature, _| Ok(Box::new(TensorModel::new(signature))),
-    classifier: false,
-    images: false,
-    takes_embedding: false,
+pub const KIND: Kind = Kind {
+    name: "tensor",
+    summary: "raw tensors in and out, mapped one to one to the TorchScript signature",
+    declare: |spec, d| {
+        tables::<NoTables>(spec)?;
+        Ok(Declaration {
+            signature: declare(d)?,
+            ..Declaration::default()
+        })
+    },
+    adapter: |spec, _| Ok(Box::new(TensorModel::new(spec.signature()))),
 };
 
 /// Inputs and outputs as declared; there are no defaults.
-fn declare(d: &Declared) -> Result<Signature, String> {
+fn declare(d: Declared) -> Result<Signature, String> {
     Ok(Signature::new(
         d.inputs
-            .map(<[_]>::to_vec)
             .ok_or("kind tensor needs [[inputs]] (name, datatype, dims)")?,
         d.outputs
-            .map(<[_]>::to_vec)
             .ok_or("kind tensor needs [[outputs]] (name, datatype, dims)")?,
     ))
 }
@@ -45,7 +48,7 @@ impl TensorModel {
 
 impl ModelAdapter for TensorModel {
     fn kind(&self) -> &'static str {
-        "tensor"
+        KIND.name
     }
 
     fn signature(&self) -> &Signature {

@@ -2,36 +2,46 @@
 //! (`input_ids`, `attention_mask`, `token_type_ids`, in the model's order), their pad values,
 //! and texts from v2 BYTES inputs.
 
-use super::{bytes_rows, invalid, Limits, Signature};
-use crate::batcher::Item;
-use crate::codec::image::{decode_share, BudgetShare};
-use crate::codec::text::Tokens;
-use crate::codec::v2::V2Input;
-use crate::codec::{CodecError, DecodeBudget, Instance, TextCodec};
 use std::path::Path;
 
-use crate::config::model_spec::{Declared, ModelKind, ModelSpec, TensorSpec};
+use super::{bytes_rows, invalid, Limits};
+use crate::codec::image::{decode_share, BudgetShare};
+use crate::codec::text::{TextSpec, Tokens};
+use crate::codec::v2::V2Input;
+use crate::codec::{CodecError, DecodeBudget, Instance, TextCodec};
+use crate::config::model_spec::{ModelSpec, TensorSpec};
 use crate::config::torchscript;
-use crate::tensor::DType;
+use crate::tensor::{DType, Item};
 
 /// The token inputs a text model may take, filled by the server from the tokenizer.
 pub const TOKEN_INPUTS: [&str; 3] = ["input_ids", "attention_mask", "token_type_ids"];
 
-/// What the text kinds share in model.toml: a `[text]` table and token inputs by name, those
-/// declared, else those the TorchScript forward names, else `default` (the demo's
-/// text-classifier takes token ids only; transformers take their mask too).
-pub fn declare_token_inputs(d: &Declared, default: &[&str]) -> Result<Vec<TensorSpec>, String> {
-    let text = d.text.ok_or(format!(
+/// What the text kinds share in model.toml: a `[text]` table, its tokenizer resolved against
+/// the model's folders.
+pub fn text_table(spec: &ModelSpec, text: Option<TextSpec>) -> Result<TextSpec, String> {
+    let mut text = text.ok_or(format!(
         "kind {} needs a [text] table (max_length, tokenizer)",
-        d.kind
+        spec.kind
     ))?;
     if text.max_length == 0 {
         return Err("text.max_length must be positive".into());
     }
+    text.tokenizer = spec.resolve(&text.tokenizer);
+    Ok(text)
+}
+
+/// Token inputs by name: those declared, else those the TorchScript forward names, else
+/// `default` (the demo's text-classifier takes token ids only; transformers take their mask
+/// too).
+pub fn declare_token_inputs(
+    spec: &ModelSpec,
+    declared: Option<Vec<TensorSpec>>,
+    default: &[&str],
+) -> Result<Vec<TensorSpec>, String> {
     let token = |name: &str| TensorSpec::new(name, DType::Int64, vec![-1]);
-    let inputs = match d.inputs {
-        Some(inputs) => inputs.to_vec(),
-        None => match forward_token_inputs(d.model_file, d.kind)? {
+    let inputs = match declared {
+        Some(inputs) => inputs,
+        None => match forward_token_inputs(&spec.file, &spec.kind)? {
             Some(names) => names.iter().map(|n| token(n)).collect(),
             None => default.iter().map(|n| token(n)).collect(),
         },
@@ -40,7 +50,7 @@ pub fn declare_token_inputs(d: &Declared, default: &[&str]) -> Result<Vec<Tensor
         if !TOKEN_INPUTS.contains(&input.name.as_str()) {
             return Err(format!(
                 "input '{}': a {} model's inputs are filled from the tokenizer, so each is one of {TOKEN_INPUTS:?}",
-                input.name, d.kind
+                input.name, spec.kind
             ));
         }
         if input.datatype != DType::Int64 || input.dims != [-1] {
@@ -57,7 +67,7 @@ pub fn declare_token_inputs(d: &Declared, default: &[&str]) -> Result<Vec<Tensor
 /// the file cannot be read as TorchScript here (its load reports that) or its arguments carry no
 /// names (`argument_1`, ...: tch's traces). An argument the server cannot fill from the
 /// tokenizer, unless it has a default, makes the model unusable without `[[inputs]]`.
-fn forward_token_inputs(model_file: &Path, kind: ModelKind) -> Result<Option<Vec<String>>, String> {
+fn forward_token_inputs(model_file: &Path, kind: &str) -> Result<Option<Vec<String>>, String> {
     let Ok(args) = torchscript::forward_args(model_file) else {
         return Ok(None);
     };
@@ -103,14 +113,11 @@ pub struct TokenInputs {
 const TOKENIZING_BYTES_PER_TEXT_BYTE: u64 = 64;
 
 impl TokenInputs {
-    pub fn new(spec: &ModelSpec, signature: &Signature, limits: &Limits) -> Result<Self, String> {
-        let text = spec
-            .text
-            .as_ref()
-            .ok_or(format!("a {} model needs a [text] section", spec.kind))?;
+    /// The token inputs of `spec` (its signature completed), tokenised as `text` says.
+    pub fn new(spec: &ModelSpec, text: &TextSpec, limits: &Limits) -> Result<Self, String> {
         Ok(Self {
             text: TextCodec::load(text, limits.max_text_bytes)?,
-            names: signature.inputs.iter().map(|i| i.name.clone()).collect(),
+            names: spec.inputs.iter().map(|i| i.name.clone()).collect(),
             budget: limits.image.budget,
         })
     }

@@ -84,7 +84,7 @@ impl EngineFactory for TorchEngines {
             .into();
         let options = EngineOptions {
             intra_op_threads: Some(intra_op_threads(spec)),
-            channels_last: spec.channels_last,
+            channels_last: spec.channels_last(),
             precision: spec.precision,
             output_dtypes: spec.outputs.iter().map(|o| o.datatype).collect(),
         };

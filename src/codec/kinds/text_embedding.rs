@@ -4,37 +4,71 @@
 //! /v1 answers `{"embedding": [...], "tokens": n}`; v2 takes BYTES `text` and returns FP32
 //! `embedding` `[N, H]`.
 
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::text::{decode_v2_texts, text_v2_input};
-use super::tokens::{declare_token_inputs, TokenInputs};
-use super::{Embedder, Limits, ModelAdapter, Registration, Signature};
-use crate::batcher::{Inferred, Item};
+use super::text_classifier::{decode_v2_texts, text_v2_input};
+use super::tokens::{declare_token_inputs, text_table, TokenInputs};
+use super::{tables, Declaration, Declared, Embedder, Kind, Limits, ModelAdapter};
+use crate::codec::text::TextSpec;
 use crate::codec::v2::{V2Data, V2Input, V2Output, V2TensorMeta, V2Type};
 use crate::codec::{CodecError, Instance, OutputOptions};
-use crate::config::model_spec::{Declared, EmbeddingSpec, ModelSpec, Pooling};
+use crate::config::model_spec::{ModelSpec, Signature};
 use crate::tensor::{DType, HostTensor};
+use crate::tensor::{Inferred, Item};
 
 /// The v2 output of embedding models.
 pub const EMBEDDING_OUTPUT: &str = "embedding";
 
-pub const REGISTRATION: Registration = Registration {
+pub const KIND: Kind = Kind {
+    name: "text-embedding",
+    summary: "strings in, one vector each out (pooled and normalised as [embedding] says)",
     declare,
-    adapter: |spec, signature, limits: &Limits| {
-        Ok(Box::new(TextEmbedding::new(spec, signature, limits)?))
-    },
-    classifier: false,
-    images: false,
-    takes_embedding: true,
+    adapter: |spec, limits| Ok(Box::new(TextEmbedding::new(spec, limits)?)),
 };
+
+/// The model.toml tables of a text-embedding model.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Tables {
+    text: Option<TextSpec>,
+    embedding: Option<EmbeddingSpec>,
+}
+
+/// How a `text-embedding` model's output becomes one vector per text.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingSpec {
+    #[serde(default)]
+    pub pooling: Pooling,
+    /// L2-normalise the vector.
+    #[serde(default)]
+    pub normalize: bool,
+}
+
+/// Pooling over a model's token states `[N, T, H]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// The model already returns one vector per text, `[N, H]`.
+    #[default]
+    None,
+    /// The mean of the states of real (unpadded) tokens.
+    Mean,
+    /// The first token's state (`[CLS]`).
+    Cls,
+}
 
 /// Token inputs (default `input_ids` and `attention_mask`) and a declared output that fits
 /// the pooling: token states `[-1, hidden]` to pool, or the model's own vector `[hidden]`.
-fn declare(d: &Declared) -> Result<Signature, String> {
-    let inputs = declare_token_inputs(d, &["input_ids", "attention_mask"])?;
-    let outputs = d.outputs.map(<[_]>::to_vec).ok_or("a text-embedding model needs [[outputs]]: its token states [-1, hidden] (pooling mean or cls) or its vector [hidden] (pooling none)")?;
+fn declare(spec: &ModelSpec, d: Declared) -> Result<Declaration, String> {
+    let t: Tables = tables(spec)?;
+    let text = text_table(spec, t.text)?;
+    let pooling = t.embedding.unwrap_or_default().pooling;
+    let inputs = declare_token_inputs(spec, d.inputs, &["input_ids", "attention_mask"])?;
+    let outputs = d.outputs.ok_or("a text-embedding model needs [[outputs]]: its token states [-1, hidden] (pooling mean or cls) or its vector [hidden] (pooling none)")?;
     let first = outputs.first().ok_or("a model needs at least one output")?;
-    let states = d.pooling != Pooling::None;
+    let states = pooling != Pooling::None;
     let dims_ok = match first.dims.as_slice() {
         [-1, h] => states && *h > 0,
         [h] => !states && *h > 0,
@@ -45,7 +79,7 @@ fn declare(d: &Declared) -> Result<Signature, String> {
             "output '{}' is FP32 with dims {}: pooling '{}' {}",
             first.name,
             if states { "[-1, hidden]" } else { "[hidden]" },
-            serde_json::to_value(d.pooling)
+            serde_json::to_value(pooling)
                 .ok()
                 .and_then(|v| v.as_str().map(String::from))
                 .unwrap_or_default(),
@@ -56,7 +90,12 @@ fn declare(d: &Declared) -> Result<Signature, String> {
             }
         ));
     }
-    Ok(Signature::new(inputs, outputs))
+    Ok(Declaration {
+        signature: Signature::new(inputs, outputs),
+        labels: Vec::new(),
+        channels_last: false,
+        max_text_length: Some(text.max_length),
+    })
 }
 
 pub struct TextEmbedding {
@@ -68,7 +107,9 @@ pub struct TextEmbedding {
 }
 
 impl TextEmbedding {
-    pub fn new(spec: &ModelSpec, signature: Signature, limits: &Limits) -> Result<Self, String> {
+    pub fn new(spec: &ModelSpec, limits: &Limits) -> Result<Self, String> {
+        let t: Tables = tables(spec)?;
+        let signature = spec.signature();
         let dimension = signature.outputs[0]
             .dims
             .last()
@@ -77,8 +118,8 @@ impl TextEmbedding {
             .ok_or("a text-embedding model's output has a fixed last dimension (its size)")?
             as usize;
         Ok(Self {
-            tokens: TokenInputs::new(spec, &signature, limits)?,
-            embedding: spec.embedding,
+            tokens: TokenInputs::new(spec, &text_table(spec, t.text)?, limits)?,
+            embedding: t.embedding.unwrap_or_default(),
             dimension,
             signature,
         })
@@ -137,7 +178,7 @@ impl Embedder for TextEmbedding {
 
 impl ModelAdapter for TextEmbedding {
     fn kind(&self) -> &'static str {
-        "text-embedding"
+        KIND.name
     }
 
     fn signature(&self) -> &Signature {

@@ -3,35 +3,50 @@
 
 use serde_json::Value;
 
-use super::classifier::scores_output;
-use super::classifier::Classifier;
-use super::{bytes_rows, Limits, ModelAdapter, Registration, Signature};
-use crate::batcher::{Inferred, Item};
-use crate::codec::v2::{V2Data, V2Input, V2Output, V2TensorMeta};
-use crate::codec::{CodecError, ImageCodec, ImageLimits, Instance, OutputOptions};
-use crate::config::model_spec::{Crop, Declared, ModelSpec, Resize, TensorSpec};
-use crate::tensor::DType;
+use serde::Deserialize;
 
-pub const REGISTRATION: Registration = Registration {
+use super::classifier::{scores_output, Classifier, OutputSpec};
+use super::{bytes_rows, tables, Declaration, Declared, Kind, ModelAdapter};
+use crate::codec::image::{Crop, ImageSpec, Resize};
+use crate::codec::v2::{V2Data, V2Input, V2Output, V2TensorMeta};
+use crate::codec::{CodecError, ImageCodec, Instance, OutputOptions};
+use crate::config::model_spec::{ModelSpec, Signature, TensorSpec};
+use crate::tensor::DType;
+use crate::tensor::{Inferred, Item};
+
+pub const KIND: Kind = Kind {
+    name: "image-classifier",
+    summary: "encoded images or pixel arrays in, per-label scores out",
     declare,
-    adapter: |spec, signature, limits: &Limits| {
-        Ok(Box::new(ImageClassifier::new(
-            spec,
-            signature,
-            limits.image,
-        )?))
+    adapter: |spec, limits| {
+        let t: Tables = tables(spec)?;
+        Ok(Box::new(ImageClassifier {
+            signature: spec.signature(),
+            image: ImageCodec::new(image_table(t.image)?, limits.image),
+            classifier: Classifier::new(spec, &t.output),
+        }))
     },
-    classifier: true,
-    images: true,
-    takes_embedding: false,
 };
 
+/// The model.toml tables of an image classifier.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Tables {
+    image: Option<ImageSpec>,
+    #[serde(default)]
+    output: OutputSpec,
+}
+
+fn image_table(image: Option<ImageSpec>) -> Result<ImageSpec, String> {
+    image.ok_or_else(|| "kind image-classifier needs an [image] table (width, height)".into())
+}
+
 /// An `[image]` table that makes sense, labels, and the input `image` FP32
-/// `[channels, height, width]` and output `scores` `[labels]` unless declared.
-fn declare(d: &Declared) -> Result<Signature, String> {
-    let img = d
-        .image
-        .ok_or("kind image-classifier needs an [image] table (width, height)")?;
+/// `[channels, height, width]` and output `scores` `[labels]` unless declared; 4-D inputs go
+/// channels-last.
+fn declare(spec: &ModelSpec, d: Declared) -> Result<Declaration, String> {
+    let t: Tables = tables(spec)?;
+    let img = image_table(t.image)?;
     if img.width == 0 || img.height == 0 {
         return Err("image.width and image.height must be positive".into());
     }
@@ -72,18 +87,22 @@ fn declare(d: &Declared) -> Result<Signature, String> {
             }
             _ => {}
         }
-    if d.labels.is_empty() {
+    let labels = t.output.labels(spec)?;
+    if labels.is_empty() {
         return Err("an image-classifier needs output.labels or output.labels_file".into());
     }
     let dims = vec![img.channels as i64, img.height as i64, img.width as i64];
-    Ok(Signature::new(
-        d.inputs
-            .map(<[_]>::to_vec)
-            .unwrap_or_else(|| vec![TensorSpec::new("image", DType::Fp32, dims)]),
-        d.outputs
-            .map(<[_]>::to_vec)
-            .unwrap_or_else(|| vec![scores_output(d.labels.len())]),
-    ))
+    Ok(Declaration {
+        signature: Signature::new(
+            d.inputs
+                .unwrap_or_else(|| vec![TensorSpec::new("image", DType::Fp32, dims)]),
+            d.outputs
+                .unwrap_or_else(|| vec![scores_output(labels.len())]),
+        ),
+        labels,
+        channels_last: true,
+        max_text_length: None,
+    })
 }
 
 pub struct ImageClassifier {
@@ -92,27 +111,9 @@ pub struct ImageClassifier {
     classifier: Classifier,
 }
 
-impl ImageClassifier {
-    pub fn new(
-        spec: &ModelSpec,
-        signature: Signature,
-        limits: ImageLimits,
-    ) -> Result<Self, String> {
-        let image = spec
-            .image
-            .clone()
-            .ok_or("an image-classifier needs an [image] section")?;
-        Ok(Self {
-            signature,
-            image: ImageCodec::new(image, limits),
-            classifier: Classifier::new(spec),
-        })
-    }
-}
-
 impl ModelAdapter for ImageClassifier {
     fn kind(&self) -> &'static str {
-        "image-classifier"
+        KIND.name
     }
 
     fn signature(&self) -> &Signature {

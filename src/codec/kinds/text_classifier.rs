@@ -5,56 +5,68 @@
 
 use serde_json::Value;
 
-use super::classifier::scores_output;
-use super::classifier::Classifier;
-use super::tokens::{declare_token_inputs, v2_texts, TokenInputs};
-use super::{Limits, ModelAdapter, Registration, Signature};
-use crate::batcher::{Inferred, Item};
+use serde::Deserialize;
+
+use super::classifier::{scores_output, Classifier, OutputSpec};
+use super::tokens::{declare_token_inputs, text_table, v2_texts, TokenInputs};
+use super::{tables, Declaration, Declared, Kind, ModelAdapter};
+use crate::codec::text::TextSpec;
 use crate::codec::v2::{V2Input, V2Output, V2TensorMeta, V2Type};
 use crate::codec::{CodecError, Instance, OutputOptions};
-use crate::config::model_spec::{Declared, ModelSpec};
+use crate::config::model_spec::{ModelSpec, Signature};
+use crate::tensor::{Inferred, Item};
 
 /// The input of text models in v2.
 pub const TEXT_INPUT: &str = "text";
 
-pub const REGISTRATION: Registration = Registration {
+pub const KIND: Kind = Kind {
+    name: "text-classifier",
+    summary: "strings in (tokenised with tokenizer.json), per-label scores out",
     declare,
-    adapter: |spec, signature, limits: &Limits| {
-        Ok(Box::new(TextClassifier::new(spec, signature, limits)?))
+    adapter: |spec, limits| {
+        let t: Tables = tables(spec)?;
+        Ok(Box::new(TextClassifier {
+            tokens: TokenInputs::new(spec, &text_table(spec, t.text)?, limits)?,
+            classifier: Classifier::new(spec, &t.output),
+            signature: spec.signature(),
+        }))
     },
-    classifier: true,
-    images: false,
-    takes_embedding: false,
 };
+
+/// The model.toml tables of a text classifier.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Tables {
+    text: Option<TextSpec>,
+    #[serde(default)]
+    output: OutputSpec,
+}
 
 /// Labels, token inputs (default `input_ids`, as the demo model), and output `scores`
 /// `[labels]` unless declared.
-fn declare(d: &Declared) -> Result<Signature, String> {
-    if d.labels.is_empty() {
+fn declare(spec: &ModelSpec, d: Declared) -> Result<Declaration, String> {
+    let t: Tables = tables(spec)?;
+    let text = text_table(spec, t.text)?;
+    let labels = t.output.labels(spec)?;
+    if labels.is_empty() {
         return Err("a text-classifier needs output.labels, output.labels_file, or id2label in a config.json beside the model".into());
     }
-    let inputs = declare_token_inputs(d, &["input_ids"])?;
+    let inputs = declare_token_inputs(spec, d.inputs, &["input_ids"])?;
     let outputs = d
         .outputs
-        .map(<[_]>::to_vec)
-        .unwrap_or_else(|| vec![scores_output(d.labels.len())]);
-    Ok(Signature::new(inputs, outputs))
+        .unwrap_or_else(|| vec![scores_output(labels.len())]);
+    Ok(Declaration {
+        signature: Signature::new(inputs, outputs),
+        labels,
+        channels_last: false,
+        max_text_length: Some(text.max_length),
+    })
 }
 
 pub struct TextClassifier {
     signature: Signature,
     tokens: TokenInputs,
     classifier: Classifier,
-}
-
-impl TextClassifier {
-    pub fn new(spec: &ModelSpec, signature: Signature, limits: &Limits) -> Result<Self, String> {
-        Ok(Self {
-            tokens: TokenInputs::new(spec, &signature, limits)?,
-            classifier: Classifier::new(spec),
-            signature,
-        })
-    }
 }
 
 /// The v2 input of every text kind but the reranker: BYTES strings.
@@ -82,7 +94,7 @@ pub fn decode_v2_texts(
 
 impl ModelAdapter for TextClassifier {
     fn kind(&self) -> &'static str {
-        "text-classifier"
+        KIND.name
     }
 
     fn signature(&self) -> &Signature {

@@ -1,7 +1,12 @@
 //! Plain host-side tensors: the currency between codec, batcher and engine.
 //!
 //! A [`HostTensor`] is a dtype, a shape and little-endian row-major bytes. It knows nothing of
-//! libtorch; the engine converts it at the last moment.
+//! libtorch; the engine converts it at the last moment. An [`Item`] is one request's tensors on
+//! their way to the batcher, an [`Inferred`] its result on the way back.
+
+mod item;
+
+pub use self::item::{Inferred, Item};
 
 use std::fmt;
 
