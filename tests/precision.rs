@@ -1,5 +1,5 @@
 //! Reduced precision on the CPU, against full precision: the demo CNN and the real
-//! all-MiniLM-L6-v2 served with `precision = "bf16"` answer within the tolerance README states
+//! all-MiniLM-L6-v2 served with `precision = "bf16"` answer within the tolerance docs/GPU.md states
 //! of the same models in fp32 (and of sentence-transformers' own embeddings); `fp16` on the CPU
 //! is refused at load with its reason, the other models serving; and without a GPU there are
 //! no GPU memory gauges.
@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use common::hf::*;
 use common::*;
 
-/// README's stated tolerances for bf16 against fp32 ("Precision").
+/// docs/GPU.md's stated tolerances for bf16 against fp32 (its precision table).
 const BF16_SCORE_TOLERANCE: f64 = 0.02;
 const BF16_EMBEDDING_MIN_COSINE: f64 = 0.999;
 const BF16_EMBEDDING_TOLERANCE: f64 = 0.02;

@@ -4,7 +4,7 @@
    MiniLM.
 2. For fp32, bf16 and fp16, a server with every model on the device answers the same inputs:
    the differences from the CPU's answers are recorded (fp32 must be within 1e-4; bf16 and fp16
-   within README's tolerance: scores 0.02, embeddings cosine >= 0.999 and 0.02 per component).
+   within docs/GPU.md's tolerance: scores 0.02, embeddings cosine >= 0.999 and 0.02 per component).
 3. For fp32 and bf16: served throughput and p50/p99 of MiniLM embeddings (/v1/embeddings) and
    image-cnn (PNG bytes) at concurrency 1, 16, 64, 256 (aiaas-bench load), beside the raw
    forward (aiaas-bench raw: the engine alone, no HTTP, no batcher) at batch sizes 1-256 on the

@@ -1,11 +1,11 @@
-"""Regenerates the example images for the bundled image-cnn model (used by README.md's curl
-examples): a filled circle, square or triangle in the inverse colour of a solid 64x64 RGB
-background, like the training data (src/bin/aiaas-train/demo.rs) and tests/python/conftest.py's draw_shape.
+"""Regenerates the example images for the bundled image-cnn model (used by the curl examples
+of README.md and docs/API.md): a filled circle, square or triangle in the inverse colour of a
+solid 64x64 RGB background, like the training data (src/bin/aiaas-train/demo.rs) and tests/python/conftest.py's draw_shape.
 
     python3 docs/examples/make.py      # needs Pillow; writes next to this file
 
 The seeds are fixed and were checked against the served model (each image gets its own label
-with a score above 0.99); tests/python/test_readme.py checks the README's answers again.
+with a score above 0.99); tests/python/test_readme.py checks the documented answers again.
 """
 
 import random

@@ -1,4 +1,5 @@
-"""The repository's top level holds only the documented entries, and README.md names each."""
+"""The repository's top level holds only the documented entries, and docs/ARCHITECTURE.md's
+source layout names each."""
 
 import re
 import shutil
@@ -32,13 +33,13 @@ def test_top_level_entries_are_documented():
     assert not extra, f"undocumented top-level entries tracked by git: {extra}"
 
 
-def test_readme_layout_names_every_top_level_entry():
-    # the "Source layout" paragraph and the list after it, up to the next section
-    readme = (ROOT / "README.md").read_text()
-    start = readme.find("Source layout")
-    assert start >= 0, "README.md has no 'Source layout' section"
-    end = readme.find("\n## ", start)
-    layout = readme[start:end if end >= 0 else None]
+def test_source_layout_names_every_top_level_entry():
+    # the "Source layout" section, up to the next one
+    page = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    start = page.find("## Source layout")
+    assert start >= 0, "docs/ARCHITECTURE.md has no 'Source layout' section"
+    end = page.find("\n## ", start + 1)
+    layout = page[start:end if end >= 0 else None]
     missing = sorted(e for e in DOCUMENTED
                      if not re.search(rf"`{re.escape(e)}(/[^`]*)?`", layout))
-    assert not missing, f"README.md's source layout does not mention: {missing}"
+    assert not missing, f"docs/ARCHITECTURE.md's source layout does not mention: {missing}"

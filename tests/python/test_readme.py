@@ -1,11 +1,12 @@
-"""README.md's curl examples, run verbatim against a server on the bundled models.
+"""The curl examples of README.md and docs/*.md, run verbatim against a server.
 
-Every `curl` command in the "Quick start" and "API" sections (```sh blocks, `\\` continuations
-joined) is one test case, run in README order through `bash -c` from the repository root, with
-only `localhost:8080` replaced by the test server's address. Each must answer 2xx, and when the
-README shows the answer (`# {...}` after the command), the real answer must have the same shape:
-the same keys at every level and the same value types (`...` abridges: more elements of the same
-kind in an array, more keys in an object, more digits in a number).
+Every `curl` command in a ```sh block (`\\` continuations joined) of README.md and of each
+docs/*.md is one test case, run in file order through `bash -c` from the repository root, with
+only `localhost:8080` replaced by the test server's address: the bundled models, or the Hugging
+Face fixtures for the sections HF_SECTIONS names. Each must answer 2xx, and when the page shows
+the answer (`# {...}` after the command), the real answer must have the same shape: the same keys
+at every level and the same value types (`...` abridges: more elements of the same kind in an
+array, more keys in an object, more digits in a number).
 """
 
 import json
@@ -18,12 +19,20 @@ import pytest
 
 from conftest import ROOT, Server
 
-README = ROOT / "README.md"
-SECTIONS = ("Quick start", "API", "Embeddings and rerank")
-# sections whose examples run against the Hugging Face fixtures (minilm, cross-encoder)
-HF_SECTIONS = ("Embeddings and rerank",)
-# the curl examples README.md has today; fewer found means the extraction broke
-MIN_EXAMPLES = 18
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# the curl examples each page has today; fewer found means the extraction broke
+MIN_EXAMPLES = {"README.md": 4, "docs/API.md": 21, "docs/DEPLOYMENT.md": 2}
+# (page, section) whose examples run against the Hugging Face fixtures (minilm, cross-encoder); a
+# section is its `## ` heading, or `## heading/### heading`, and covers its sub-sections
+HF_SECTIONS = {
+    ("README.md", "One example per API/OpenAI embeddings"),
+    ("README.md", "One example per API/Rerank"),
+    ("docs/API.md", "Embeddings and rerank"),
+}
+# (page, section) whose curl examples are not for a local server, and why
+NOT_RUN = {
+    ("docs/DEPLOYMENT.md", "Kubernetes/KServe"): "an InferenceService behind a cluster's ingress",
+}
 HOST = "localhost:8080"
 # curl's own output is untouched; the status goes to stderr, one line per transfer
 WRAPPER = "curl() { command curl -sS -w '%{stderr}\\nREADME_HTTP_STATUS %{http_code}\\n' \"$@\"; }\n" \
@@ -32,6 +41,7 @@ WRAPPER = "curl() { command curl -sS -w '%{stderr}\\nREADME_HTTP_STATUS %{http_c
 
 @dataclass
 class Example:
+    page: str  # relative to the repository root
     section: str
     line: int
     command: str
@@ -43,28 +53,32 @@ class Example:
         method = "POST" if re.search(r"\s(-d|--data\S*|-X\s*POST)\b", self.command) else "GET"
         if re.search(r"-X\s*DELETE", self.command):
             method = "DELETE"
-        return f"{self.section} L{self.line} {method} {path.group(1) if path else '?'}"
+        return f"{self.page} L{self.line} {method} {path.group(1) if path else '?'}"
+
+    def is_in(self, declared):
+        """Whether this example's section is one of `declared` (page, section) or under one."""
+        return any(self.page == page and (self.section == s or self.section.startswith(s + "/"))
+                   for page, s in declared)
 
 
 def sections(text):
-    """(section name, first line number, lines) of the `## ` sections named in SECTIONS; a
-    section runs to the next `## ` heading and keeps its `###` sub-sections, whose names
-    become the examples' section names."""
-    lines = text.splitlines()
-    out, current, sub = [], None, None
-    for i, line in enumerate(lines, 1):
-        if line.startswith("## "):
-            current = line[3:].strip() if line[3:].strip() in SECTIONS else None
-            sub = current
+    """(section name, line number, line) for every line: a section runs from its `## ` heading to
+    the next one (lines before the first are the section ""), and a `### ` sub-section is named
+    `section/sub-section`. Headings inside code blocks are not headings."""
+    out, current, sub, fenced = [], "", "", False
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("## "):
+            current = sub = line[3:].strip()
             continue
-        if current and line.startswith("### "):
+        elif not fenced and line.startswith("### "):
             sub = f"{current}/{line[4:].split(':')[0].strip()}"  # "Predict: `POST ...`" -> Predict
-        if current:
-            out.append((sub, i, line))
+        out.append((sub, i, line))
     return out
 
 
-def extract(text):
+def extract(page, text):
     examples, in_sh, pending = [], False, None
     logical = []  # (section, line, text) with continuations joined
     buf, start = None, None
@@ -98,12 +112,13 @@ def extract(text):
         pending = None
         if re.match(r"curl\s", s):
             # a trailing comment on the command line itself is not an answer
-            pending = Example(section, i, s, "")
+            pending = Example(page, section, i, s, "")
             examples.append(pending)
     return examples
 
 
-EXAMPLES = extract(README.read_text())
+FOUND = [e for p in PAGES for e in extract(p.relative_to(ROOT).as_posix(), p.read_text())]
+EXAMPLES = [e for e in FOUND if not e.is_in(NOT_RUN)]
 
 
 @pytest.fixture(scope="module")
@@ -126,18 +141,25 @@ def hf_readme_server():
 
 
 def test_examples_found():
-    assert len(EXAMPLES) >= MIN_EXAMPLES, [e.id for e in EXAMPLES]
-    assert any(e.section == "Quick start" for e in EXAMPLES)
-    assert any(e.section.startswith(HF_SECTIONS) for e in EXAMPLES)
+    ids = [e.id for e in EXAMPLES]
+    for page, least in MIN_EXAMPLES.items():
+        assert (ROOT / page).exists(), f"MIN_EXAMPLES names {page}, which does not exist"
+        found = sum(e.page == page for e in EXAMPLES)
+        assert found >= least, f"{page}: {found} examples found, at least {least} expected: {ids}"
+    assert len(EXAMPLES) >= sum(MIN_EXAMPLES.values()), ids
+    for declared in (HF_SECTIONS, NOT_RUN):
+        for page, section in declared:
+            assert any(e.is_in({(page, section)}) for e in FOUND), \
+                f"{page}: no curl example in section {section!r} (renamed or moved?)"
     for e in EXAMPLES:
-        assert HOST in e.command, f"README.md line {e.line}: use {HOST} in examples: {e.command}"
+        assert HOST in e.command, f"{e.page} line {e.line}: use {HOST} in examples: {e.command}"
 
 
 ELLIPSIS = "\u0000..."
 
 
 def parse_shown(text):
-    """The README's JSON answer with its `...` abridgements: after a digit, dropped (more
+    """The page's JSON answer with its `...` abridgements: after a digit, dropped (more
     digits); elsewhere, an ELLIPSIS element in an array or an ELLIPSIS key in an object."""
     out, stack, in_str, esc, i = [], [], False, False, 0
     while i < len(text):
@@ -183,23 +205,23 @@ def kind(v):
 
 def same_shape(shown, real, where="answer"):
     """Assertion errors naming the first place where `real` does not look like `shown`."""
-    assert kind(shown) == kind(real), f"{where}: README shows {kind(shown)}, server answered {real!r}"
+    assert kind(shown) == kind(real), f"{where}: the page shows {kind(shown)}, server answered {real!r}"
     if isinstance(shown, dict):
         abridged = ELLIPSIS in shown
         keys = set(shown) - {ELLIPSIS}
         missing, extra = keys - set(real), set(real) - keys
         assert not missing, f"{where}: keys {sorted(missing)} not in the answer {sorted(real)}"
         assert abridged or not extra, \
-            f"{where}: the answer has keys {sorted(extra)} the README does not show (or abridge with ...)"
+            f"{where}: the answer has keys {sorted(extra)} the page does not show (or abridge with ...)"
         for k in keys:
             same_shape(shown[k], real[k], f"{where}.{k}")
     elif isinstance(shown, list):
         abridged = ELLIPSIS in shown
         items = [v for v in shown if v != ELLIPSIS]
         if abridged:
-            assert len(real) >= len(items), f"{where}: {len(real)} elements, README shows {len(items)}"
+            assert len(real) >= len(items), f"{where}: {len(real)} elements, the page shows {len(items)}"
         else:
-            assert len(real) == len(items), f"{where}: {len(real)} elements, README shows {len(items)}"
+            assert len(real) == len(items), f"{where}: {len(real)} elements, the page shows {len(items)}"
         for n, v in enumerate(real):
             if n < len(items):
                 same_shape(items[n], v, f"{where}[{n}]")
@@ -220,10 +242,10 @@ def run(example, server):
                     reason="needs curl and bash")
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.id for e in EXAMPLES])
 def test_readme_example(example, request):
-    hf = example.section.split("/")[0] in HF_SECTIONS
+    hf = example.is_in(HF_SECTIONS)
     server = request.getfixturevalue("hf_readme_server" if hf else "readme_server")
     code, statuses, body, stderr = run(example, server)
-    where = f"README.md line {example.line}: {example.command}"
+    where = f"{example.page} line {example.line}: {example.command}"
     assert statuses, f"{where}\nno HTTP status (did curl run?); stderr: {stderr}"
     assert all(200 <= s < 300 for s in statuses), f"{where}\nstatus {statuses}: {body[:2000]}"
     assert code == 0, f"{where}\nexit status {code}; stderr: {stderr}\n{body[:2000]}"
@@ -235,7 +257,7 @@ def test_readme_example(example, request):
         try:
             real = json.loads(body)
         except ValueError:
-            pytest.fail(f"{where}\nthe README shows JSON, the answer is not: {body[:2000]}")
+            pytest.fail(f"{where}\nthe page shows JSON, the answer is not: {body[:2000]}")
         same_shape(shown, real)
     else:
         # a text answer (e.g. metrics through grep): its first word is in the output
