@@ -1,9 +1,25 @@
 //! aiaas: TorchScript models behind a REST API, with a dynamic batcher per model.
 //!
-//! Layers, each knowing only the one below: [`http`] → [`codec`] / [`registry`] → [`batcher`] →
-//! [`engine`]. [`tensor`] is the plain-data currency between them; [`engine::torch`] is the only
-//! module that touches libtorch; [`connections`] is the accept loop with its timeouts and cap.
-//! [`idle_poll`] is the optional `--idle-poll-us` CPU polling.
+//! Layers, lowest first; each imports only layers below it (`tests/architecture.rs` holds the
+//! table and fails on an import against it):
+//!
+//! ```text
+//! server       start-up, shutdown; wires everything below            (all)
+//! http         routes, dialects (native, KServe v2, OpenAI), errors   registry, codec, config, telemetry, tensor
+//! registry     models by name: table, lifecycle, on-demand loads,     batcher, codec, engine, config, telemetry,
+//!              polling, memory ledger; the kind step (spec.rs)        repository, idle_poll, tensor
+//! telemetry    Prometheus metrics                                     batcher, config, tensor
+//! codec        payloads <-> tensors per model kind (kinds/)           config, tensor
+//! batcher      one queue per model, batches to engine threads        engine, config, tensor
+//! engine       the only module that touches libtorch                  config, tensor
+//! config       model.toml's shared settings and server choices        tensor
+//! tensor       plain host tensors, Item and Inferred                  -
+//! ```
+//!
+//! Beside them: [`repository`] (model folders on disk), [`connections`] (the accept loop with
+//! its timeouts and cap), [`idle_poll`] (the optional `--idle-poll-us` CPU polling). Config
+//! knows no model kind: a kind's file under [`codec::kinds`] reads its own model.toml tables,
+//! and [`registry::spec`] runs that kind step for every reader of a model.toml.
 
 pub mod batcher;
 pub mod codec;

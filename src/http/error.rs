@@ -5,8 +5,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::batcher::InferError;
 use crate::codec::CodecError;
+use crate::registry::InferError;
 use crate::registry::{LookupError, ManageError, ModelState};
 use crate::repository::RepositoryError;
 use crate::telemetry::Outcome;

@@ -29,6 +29,9 @@ use self::fingerprint::Fingerprints;
 use self::memory::{plan_evictions, MemoryBudget, NoRoom, Resident};
 pub use self::prepare::LoadError;
 use self::prepare::{parse, prepare};
+/// Why a request to a model's queue was not answered: part of the registry's API, since its
+/// models' handles return it.
+pub use crate::batcher::InferError;
 use crate::batcher::ModelHandle;
 use crate::codec::{ImageLimits, ModelCodec};
 use crate::config::model_spec::ModelSpec;

@@ -16,7 +16,6 @@ use crate::tensor::{Inferred, Item};
 
 pub const KIND: Kind = Kind {
     name: "image-classifier",
-    summary: "encoded images or pixel arrays in, per-label scores out",
     declare,
     adapter: |spec, limits| {
         let t: Tables = tables(spec)?;

@@ -140,8 +140,6 @@ pub trait PairScorer: Send + Sync {
 pub struct Kind {
     /// Its name in model.toml (`kind = "..."`).
     pub name: &'static str,
-    /// What it serves, in a few words.
-    pub summary: &'static str,
     /// The kind step: reads the kind's own tables of the spec (and the tensors model.toml
     /// declares), checks them and decides what the kind decides.
     declare: fn(&ModelSpec, Declared) -> Result<Declaration, String>,

@@ -12,7 +12,6 @@ use crate::tensor::{Inferred, Item};
 
 pub const KIND: Kind = Kind {
     name: "regressor",
-    summary: "number arrays in, number arrays out",
     declare: |spec, d| {
         tables::<NoTables>(spec)?;
         Ok(Declaration {

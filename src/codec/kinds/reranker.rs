@@ -23,7 +23,6 @@ pub const SCORE_OUTPUT: &str = "score";
 
 pub const KIND: Kind = Kind {
     name: "reranker",
-    summary: "(query, document) pairs in, a relevance score each out (a cross-encoder)",
     declare,
     adapter: |spec, limits| Ok(Box::new(Reranker::new(spec, limits)?)),
 };

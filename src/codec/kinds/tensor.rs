@@ -15,7 +15,6 @@ const MAX_OBJECT_INPUT_NUMBERS: usize = 64 << 20;
 
 pub const KIND: Kind = Kind {
     name: "tensor",
-    summary: "raw tensors in and out, mapped one to one to the TorchScript signature",
     declare: |spec, d| {
         tables::<NoTables>(spec)?;
         Ok(Declaration {

@@ -21,7 +21,6 @@ pub const TEXT_INPUT: &str = "text";
 
 pub const KIND: Kind = Kind {
     name: "text-classifier",
-    summary: "strings in (tokenised with tokenizer.json), per-label scores out",
     declare,
     adapter: |spec, limits| {
         let t: Tables = tables(spec)?;

@@ -22,7 +22,6 @@ pub const EMBEDDING_OUTPUT: &str = "embedding";
 
 pub const KIND: Kind = Kind {
     name: "text-embedding",
-    summary: "strings in, one vector each out (pooled and normalised as [embedding] says)",
     declare,
     adapter: |spec, limits| Ok(Box::new(TextEmbedding::new(spec, limits)?)),
 };
