@@ -53,15 +53,20 @@ pub struct RegistrySettings {
     pub lazy: bool,
 }
 
+/// The registry (see the module documentation): what it is given, then each room's state.
 pub struct Registry {
     repo: ModelRepository,
     settings: RegistrySettings,
     /// How engines are built: libtorch in the server, a fake in tests.
     engines: Arc<dyn EngineFactory>,
     metrics: Arc<Metrics>,
+    /// The table, its write lock, the models required for readiness, the last scan.
     table: Table,
+    /// One operation lock per model, and the fingerprints of loaded files.
     lifecycle: Lifecycle,
+    /// On-demand loads under way.
     on_demand: OnDemand,
+    /// Footprints, copies being retired, the load gate and the least-recently-used clock.
     ledger: MemoryLedger,
 }
 
