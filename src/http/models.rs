@@ -141,7 +141,7 @@ fn version_json(version: u64, e: &VersionEntry) -> Value {
         "reason": e.reason,
     });
     if let Some(s) = &e.serving {
-        let stats = s.handle.stats();
+        let stats = s.batched().stats();
         let obj = v.as_object_mut().expect("object");
         obj.insert("device".into(), json!(s.device));
         obj.insert("instance_devices".into(), json!(s.instance_devices));
@@ -161,7 +161,7 @@ fn version_json(version: u64, e: &VersionEntry) -> Value {
                 "inferred_rows": stats.inferred_rows,
                 "forward_passes": stats.forward_passes,
                 "average_batch_size": stats.average_batch_size(),
-                "queued": s.handle.queued(),
+                "queued": s.runner.queued(),
             }),
         );
         if stats.real_tokens > 0 {

@@ -275,7 +275,7 @@ async fn embed(
     let (wanted, _alive) = StillWanted::new(deadline);
     let items = blocking_if_large(size, move || Ok(tokenise(&m, &inputs, &wanted))).await??;
     let results = model
-        .handle
+        .batched()
         .infer(items, deadline)
         .await
         .map_err(ApiError::from)?;

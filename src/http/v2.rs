@@ -282,7 +282,7 @@ fn duration(count: u64, ns: u64) -> Value {
 }
 
 fn stats_json(model: &ServingModel) -> Value {
-    let s = model.handle.stats();
+    let s = model.batched().stats();
     let (ok, ok_ns) = model.metrics.success.get();
     let (fail, fail_ns) = model.metrics.failure.get();
     let computed = s.inferred_items;
@@ -441,7 +441,7 @@ async fn answer_inference(
     let timeout = request.timeout_us.map(Duration::from_micros);
     let deadline = deadline(&headers, &model, timeout)?;
     let results = model
-        .handle
+        .batched()
         .infer(items, deadline)
         .await
         .map_err(ApiError::from)?;

@@ -172,6 +172,7 @@ pub fn tensor_from_f64(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::instance::RAGGED;
     use serde_json::json;
 
     #[test]
