@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use serde_json::Value;
 
 use crate::codec::image::ImageSpec;
-use crate::codec::text::TextSpec;
+use crate::codec::tokenizer::TextSpec;
 use crate::codec::{ImageCodec, ImageLimits, Instance, ModelCodec};
 use crate::registry::spec::parse_spec;
 

@@ -117,7 +117,8 @@ fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter definition")
 }
 
-const MV: &[&str] = &["model", "version"];
+/// The labels of per-model metrics.
+const MODEL_VERSION: &[&str] = &["model", "version"];
 
 impl Metrics {
     /// Creates and registers every metric; `build` labels the `aiaas_build_info` series.
@@ -133,31 +134,31 @@ impl Metrics {
                 "aiaas_request_duration_seconds",
                 "End-to-end duration of prediction requests, from the first byte read to the response, in seconds.",
                 LATENCY_BUCKETS,
-                MV,
+                MODEL_VERSION,
             ),
             queue_duration: histogram(
                 "aiaas_queue_duration_seconds",
                 "Time items waited in the batch queue before their forward pass started, in seconds.",
                 LATENCY_BUCKETS,
-                MV,
+                MODEL_VERSION,
             ),
             compute_duration: histogram(
                 "aiaas_compute_duration_seconds",
                 "Duration of forward passes (stacking inputs and splitting outputs included), in seconds.",
                 LATENCY_BUCKETS,
-                MV,
+                MODEL_VERSION,
             ),
             batch_size: histogram(
                 "aiaas_batch_size",
                 "Rows per forward pass.",
                 BATCH_BUCKETS,
-                MV,
+                MODEL_VERSION,
             ),
             batch_tokens: histogram(
                 "aiaas_batch_tokens",
                 "Text models: tokens per forward pass, padding included (rows x padded sequence length), the size the token budget bounds.",
                 TOKEN_BUCKETS,
-                MV,
+                MODEL_VERSION,
             ),
             tokens: counter(
                 "aiaas_tokens_total",
@@ -167,19 +168,19 @@ impl Metrics {
             inferences: counter(
                 "aiaas_inferences_total",
                 "Rows (examples) inferred successfully.",
-                MV,
+                MODEL_VERSION,
             ),
             executions: counter(
                 "aiaas_executions_total",
                 "Forward passes executed successfully; inferences / executions is the mean batch size.",
-                MV,
+                MODEL_VERSION,
             ),
             pending: IntGaugeVec::new(
                 Opts::new(
                     "aiaas_pending_requests",
                     "Rows waiting in the batch queue now: the signal to autoscale on.",
                 ),
-                MV,
+                MODEL_VERSION,
             )
             .expect("valid gauge"),
             model_state: IntGaugeVec::new(
@@ -195,7 +196,7 @@ impl Metrics {
                     "aiaas_model_load_duration_seconds",
                     "Time the last load of a model version took, warm-up included, in seconds.",
                 ),
-                MV,
+                MODEL_VERSION,
             )
             .expect("valid gauge"),
             batch_cap: IntGaugeVec::new(
@@ -203,7 +204,7 @@ impl Metrics {
                     "aiaas_batch_cap",
                     "Largest batch the queue forms now: max_batch_size, or the adaptive cap under a latency target.",
                 ),
-                MV,
+                MODEL_VERSION,
             )
             .expect("valid gauge"),
             queue_delay: GaugeVec::new(
@@ -211,7 +212,7 @@ impl Metrics {
                     "aiaas_queue_delay_seconds",
                     "How long the oldest request may wait for a batch to fill now: max_queue_delay, or the adaptive delay.",
                 ),
-                MV,
+                MODEL_VERSION,
             )
             .expect("valid gauge"),
             http_requests: counter(

@@ -3,11 +3,17 @@
 //! A [`ModelCodec`] is built once per loaded model from its spec, around the adapter of the
 //! model's kind ([`kinds`], one file per kind). It knows the model's signature and
 //! pre-processing, nothing of HTTP or libtorch.
+//!
+//! The pieces the kinds share: [`image`] (encoded images or pixel arrays to a CHW tensor),
+//! [`tokenizer`] (a `tokenizer.json` to token inputs), [`budget`] (the server's decode budget,
+//! which both take a share of), [`instance`] (/v1 JSON instances), [`v1`] and [`v2`] (the
+//! native and KServe wire formats).
 
+pub mod budget;
 pub mod image;
 pub mod instance;
 pub mod kinds;
-pub mod text;
+pub mod tokenizer;
 pub mod v1;
 pub mod v2;
 
@@ -18,9 +24,10 @@ use crate::tensor::{Inferred, Item};
 
 pub use self::kinds::{Embedder, ModelAdapter, PairScorer};
 
-pub use self::image::{DecodeBudget, ImageCodec, ImageLimits};
+pub use self::budget::DecodeBudget;
+pub use self::image::{ImageCodec, ImageLimits};
 pub use self::instance::{numeric_instances, Instance};
-pub use self::text::TextCodec;
+pub use self::tokenizer::TextCodec;
 
 /// Why a payload cannot become a model input.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -11,7 +11,7 @@ use super::tokens::{declare_token_inputs, text_table, v2_texts, TokenInputs};
 use super::{
     invalid, tables, tensor_outputs, Declaration, Declared, Kind, Limits, ModelAdapter, PairScorer,
 };
-use crate::codec::text::TextSpec;
+use crate::codec::tokenizer::TextSpec;
 use crate::codec::v2::{V2Data, V2Input, V2Output, V2TensorMeta, V2Type};
 use crate::codec::{CodecError, Instance, OutputOptions};
 use crate::config::model_spec::{ModelSpec, Signature, TensorSpec};

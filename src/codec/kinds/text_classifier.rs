@@ -10,7 +10,7 @@ use serde::Deserialize;
 use super::classifier::{scores_output, Classifier, OutputSpec};
 use super::tokens::{declare_token_inputs, text_table, v2_texts, TokenInputs};
 use super::{tables, Declaration, Declared, Kind, ModelAdapter};
-use crate::codec::text::TextSpec;
+use crate::codec::tokenizer::TextSpec;
 use crate::codec::v2::{V2Input, V2Output, V2TensorMeta, V2Type};
 use crate::codec::{CodecError, Instance, OutputOptions};
 use crate::config::model_spec::{ModelSpec, Signature};

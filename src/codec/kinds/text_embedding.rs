@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::text_classifier::{decode_v2_texts, text_v2_input};
 use super::tokens::{declare_token_inputs, text_table, TokenInputs};
 use super::{tables, Declaration, Declared, Embedder, Kind, Limits, ModelAdapter};
-use crate::codec::text::TextSpec;
+use crate::codec::tokenizer::TextSpec;
 use crate::codec::v2::{V2Data, V2Input, V2Output, V2TensorMeta, V2Type};
 use crate::codec::{CodecError, Instance, OutputOptions};
 use crate::config::model_spec::{ModelSpec, Signature};

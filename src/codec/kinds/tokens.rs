@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use super::{bytes_rows, invalid, Limits};
-use crate::codec::image::{decode_share, BudgetShare};
-use crate::codec::text::{TextSpec, Tokens};
+use crate::codec::budget::{decode_share, BudgetShare};
+use crate::codec::tokenizer::{TextSpec, Tokens};
 use crate::codec::v2::V2Input;
 use crate::codec::{CodecError, DecodeBudget, Instance, TextCodec};
 use crate::config::model_spec::{ModelSpec, TensorSpec};
