@@ -189,6 +189,18 @@ pub struct Declared {
 #[serde(deny_unknown_fields)]
 struct NoTables {}
 
+/// The declaration of a kind that reads no tables of its own: its signature alone.
+fn tensors_only(
+    spec: &ModelSpec,
+    signature: Result<Signature, String>,
+) -> Result<Declaration, String> {
+    tables::<NoTables>(spec)?;
+    Ok(Declaration {
+        signature: signature?,
+        ..Declaration::default()
+    })
+}
+
 /// What a kind decides about a model.
 #[derive(Debug, Clone, Default)]
 pub struct Declaration {

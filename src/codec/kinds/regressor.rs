@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use super::{tables, Declaration, Declared, Kind, ModelAdapter, NoTables};
+use super::{tensors_only, Declared, Kind, ModelAdapter};
 use crate::codec::instance::tensor_from_f64;
 use crate::codec::{CodecError, Instance, OutputOptions};
 use crate::config::model_spec::{Signature, TensorSpec};
@@ -12,13 +12,7 @@ use crate::tensor::{Inferred, Item};
 
 pub const KIND: Kind = Kind {
     name: "regressor",
-    declare: |spec, d| {
-        tables::<NoTables>(spec)?;
-        Ok(Declaration {
-            signature: declare(d)?,
-            ..Declaration::default()
-        })
-    },
+    declare: |spec, d| tensors_only(spec, declare(d)),
     adapter: |spec, _| Ok(Box::new(Regressor::new(spec.signature()))),
 };
 

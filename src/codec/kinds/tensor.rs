@@ -4,7 +4,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{tables, Declaration, Declared, Kind, ModelAdapter, NoTables};
+use super::{tensors_only, Declared, Kind, ModelAdapter};
 use crate::codec::instance::{tensor_from_f64, Grid};
 use crate::codec::{check_dims, CodecError, Instance, OutputOptions};
 use crate::config::model_spec::Signature;
@@ -15,13 +15,7 @@ const MAX_OBJECT_INPUT_NUMBERS: usize = 64 << 20;
 
 pub const KIND: Kind = Kind {
     name: "tensor",
-    declare: |spec, d| {
-        tables::<NoTables>(spec)?;
-        Ok(Declaration {
-            signature: declare(d)?,
-            ..Declaration::default()
-        })
-    },
+    declare: |spec, d| tensors_only(spec, declare(d)),
     adapter: |spec, _| Ok(Box::new(TensorModel::new(spec.signature()))),
 };
 
