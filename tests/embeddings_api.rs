@@ -100,7 +100,12 @@ async fn openai_embeddings_equal_sentence_transformers_and_v1_predict() {
     assert_eq!(decoded.len(), 384);
     // the same request as floats: the same numbers (a vector computed alone, padded to its own
     // bucket, may differ from the one computed in the batch above in the last bits)
-    let r = embeddings(&c, &s, json!({"model": "minilm", "input": items[0]["text"]})).await;
+    let r = embeddings(
+        &c,
+        &s,
+        json!({"model": "minilm", "input": items[0]["text"]}),
+    )
+    .await;
     assert!(max_diff(&decoded, &vectors(&r.json())[0]) < 1e-7);
     assert!(max_diff(&decoded, &got[0]) < 1e-5);
 

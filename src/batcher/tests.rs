@@ -5,7 +5,7 @@
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 
 use super::*;
-use crate::tensor::DType;
+use crate::tensor::{DType, HostTensor};
 
 /// Doubles its single FP32 input; records every batch's row count; optionally waits for a
 /// permit before each forward pass; fails any batch that contains the value 666.
