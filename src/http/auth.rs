@@ -9,13 +9,13 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{header, HeaderValue};
+use axum::http::header;
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::{v2::V2Error, ApiError, AppState};
+use super::{ApiError, AppState, Dialect};
 
 /// What a key may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,26 +152,10 @@ fn is_loopback(req: &Request) -> bool {
         .is_some_and(|c| c.0.ip().is_loopback())
 }
 
-/// An auth failure in the answering API's error format (v2 routes: `{"error": "..."}`).
-fn refuse(req: &Request, err: ApiError) -> Response {
-    let unauthorized = err.status() == axum::http::StatusCode::UNAUTHORIZED;
-    let mut r = if req.uri().path().starts_with("/v2") {
-        V2Error::from(err).into_response()
-    } else {
-        err.into_response()
-    };
-    if unauthorized {
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"aiaas\""),
-        );
-    }
-    r
-}
-
-/// Middleware: lets a request through if its key (or lack of one) may use `access`.
+/// Middleware: lets a request through if its key (or lack of one) may use `access`; a refusal
+/// (401, 403) is answered in the route's `dialect`.
 pub async fn authorize(
-    State((state, access)): State<(AppState, Access)>,
+    State((state, access, dialect)): State<(AppState, Access, Dialect)>,
     req: Request,
     next: Next,
 ) -> Response {
@@ -186,35 +170,28 @@ pub async fn authorize(
         let scope = match bearer(&req) {
             None => {
                 state.metrics.reject("unauthenticated");
-                return refuse(
-                    &req,
-                    ApiError::Unauthorized(
-                        "an API key is required: Authorization: Bearer <key>".into(),
-                    ),
-                );
+                return dialect.error_response(ApiError::Unauthorized(
+                    "an API key is required: Authorization: Bearer <key>".into(),
+                ));
             }
             Some(k) => keys.scope_of(k),
         };
         match (scope, access) {
             (None, _) => {
                 state.metrics.reject("unauthenticated");
-                return refuse(&req, ApiError::Unauthorized("invalid API key".into()));
+                return dialect.error_response(ApiError::Unauthorized("invalid API key".into()));
             }
             (Some(Scope::Infer), Access::Admin) => {
                 state.metrics.reject("forbidden");
-                return refuse(
-                    &req,
-                    ApiError::Forbidden(
-                        "this key's scope is 'infer'; model management needs an 'admin' key".into(),
-                    ),
-                );
+                return dialect.error_response(ApiError::Forbidden(
+                    "this key's scope is 'infer'; model management needs an 'admin' key".into(),
+                ));
             }
             _ => {}
         }
     } else if access == Access::Admin && !s.allow_unauthenticated_admin && !is_loopback(&req) {
         state.metrics.reject("forbidden");
-        return refuse(
-            &req,
+        return dialect.error_response(
             ApiError::Forbidden(
                 "model management without API keys is only allowed from loopback; configure --api-keys-file or start with --allow-unauthenticated-admin".into(),
             ),

@@ -1,9 +1,11 @@
-//! One error type for every handler and the single place that maps errors to HTTP.
+//! One error type for every handler, the single place that maps an error to its status and
+//! code, and what every dialect's error answer shares ([`error_answer`]). The native dialect's
+//! answer is [`ApiError`]'s `IntoResponse`; v2's and OpenAI's live with their routes.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::codec::CodecError;
 use crate::registry::InferError;
@@ -18,7 +20,8 @@ pub struct ErrorLog {
     pub message: String,
 }
 
-/// Everything a handler can fail with. Body: `{"error": {"code": "...", "message": "..."}}`.
+/// Everything a handler or middleware can fail with. Native body:
+/// `{"error": {"code": "...", "message": "..."}}`.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{0}")]
@@ -60,36 +63,28 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    /// Status, stable code and whether to add `Retry-After`.
-    fn parts(&self) -> (StatusCode, &'static str, bool) {
+    /// Status and stable code.
+    fn parts(&self) -> (StatusCode, &'static str) {
         match self {
-            ApiError::ModelNotFound(_) => (StatusCode::NOT_FOUND, "model_not_found", false),
-            ApiError::ModelNotReady(_) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "model_not_ready", true)
+            ApiError::ModelNotFound(_) => (StatusCode::NOT_FOUND, "model_not_found"),
+            ApiError::ModelNotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "model_not_ready"),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::LoadFailed(_) => (StatusCode::UNPROCESSABLE_ENTITY, "load_failed"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::MalformedBody(_) => (StatusCode::BAD_REQUEST, "malformed_body"),
+            ApiError::InvalidInput(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input"),
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
-            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", false),
-            ApiError::LoadFailed(_) => (StatusCode::UNPROCESSABLE_ENTITY, "load_failed", false),
-            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", false),
-            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", false),
-            ApiError::MalformedBody(_) => (StatusCode::BAD_REQUEST, "malformed_body", false),
-            ApiError::InvalidInput(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", false),
-            ApiError::PayloadTooLarge(_) => {
-                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", false)
-            }
-            ApiError::UnsupportedMediaType(_) => (
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                false,
-            ),
-            ApiError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded", true),
-            ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout", false),
-            ApiError::DeviceFailed(_) => (StatusCode::SERVICE_UNAVAILABLE, "device_failed", true),
-            ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout", false),
-            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", false),
-            ApiError::RouteNotFound(_) => (StatusCode::NOT_FOUND, "not_found", false),
-            ApiError::MethodNotAllowed => {
-                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", false)
-            }
+            ApiError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            ApiError::DeviceFailed(_) => (StatusCode::SERVICE_UNAVAILABLE, "device_failed"),
+            ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::RouteNotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
         }
     }
 
@@ -148,31 +143,41 @@ impl ApiError {
     }
 }
 
+/// The native dialect's error answer.
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, _, retry) = self.parts();
         let log = self.log();
-        let mut response = (
-            status,
-            Json(json!({"error": {"code": log.code, "message": log.message}})),
-        )
-            .into_response();
-        // logged once, on the request's log line, by the observing middleware
-        response.extensions_mut().insert(log);
-        if retry {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        if status == StatusCode::PAYLOAD_TOO_LARGE || status == StatusCode::REQUEST_TIMEOUT {
-            // The body may be left unread: the connection cannot carry another request, and a
-            // client that reused it would see its next request fail.
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        response
+        let body = json!({"error": {"code": log.code, "message": log.message}});
+        error_answer(self.status(), body, log)
     }
+}
+
+/// An error answer in any dialect: `body` (the dialect's shape) with `status` (the dialect's),
+/// the error for the request's log line, and the headers its status calls for whatever the
+/// dialect: `Retry-After` on 503, `Connection: close` on 413 and 408, `WWW-Authenticate` on 401.
+pub(super) fn error_answer(status: StatusCode, body: Value, log: ErrorLog) -> Response {
+    let mut response = (status, Json(body)).into_response();
+    // logged once, on the request's log line, by the observing middleware
+    response.extensions_mut().insert(log);
+    let headers = response.headers_mut();
+    match status {
+        StatusCode::SERVICE_UNAVAILABLE => {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        // The body may be left unread: the connection cannot carry another request, and a
+        // client that reused it would see its next request fail.
+        StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT => {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        StatusCode::UNAUTHORIZED => {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"aiaas\""),
+            );
+        }
+        _ => {}
+    }
+    response
 }
 
 impl From<CodecError> for ApiError {

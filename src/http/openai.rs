@@ -5,32 +5,29 @@
 //! "encoding_format"?: "float" | "base64", "dimensions"?: n, "user"?: "..."}`. Answer:
 //! `{"object": "list", "data": [{"object": "embedding", "index", "embedding"}], "model",
 //! "usage": {"prompt_tokens", "total_tokens"}}`. Errors on this route take OpenAI's shape,
-//! `{"error": {"message", "type", "param", "code"}}` ([`openai_error_shape`]), with the statuses
+//! `{"error": {"message", "type", "param", "code"}}` ([`error_response`]), with the statuses
 //! of the rest of the API.
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::middleware::Next;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::error::error_answer;
 use super::inference::{
     blocking_if_large, count_outcome, deadline, take_model, with_timing, HasOutcome, StillWanted,
 };
 use super::v1::body_error;
-use super::{ApiError, AppState, ErrorLog};
+use super::{ApiError, AppState};
 use crate::codec::instance::json_type;
 use crate::codec::Embedder;
 use crate::registry::{ModelLease, ServingModel};
 use crate::telemetry::Outcome;
 use crate::tensor::Item;
-
-/// The paths whose errors take OpenAI's shape.
-pub const OPENAI_PATHS: [&str; 1] = ["/v1/embeddings"];
 
 /// An error and the request field it is about (OpenAI's `param`).
 #[derive(Debug)]
@@ -38,10 +35,6 @@ pub struct OpenAiError {
     error: ApiError,
     param: Option<&'static str>,
 }
-
-/// The `param` of an error answer, for [`openai_error_shape`] (a response extension).
-#[derive(Debug, Clone, Copy)]
-struct ErrorParam(&'static str);
 
 impl OpenAiError {
     fn on(param: &'static str, error: ApiError) -> Self {
@@ -66,52 +59,28 @@ impl HasOutcome for OpenAiError {
 
 impl IntoResponse for OpenAiError {
     fn into_response(self) -> Response {
-        let mut response = self.error.into_response();
-        if let Some(p) = self.param {
-            response.extensions_mut().insert(ErrorParam(p));
-        }
-        response
+        error_response(self.error, self.param)
     }
 }
 
-/// Gives every error answer on an OpenAI route OpenAI's shape: the API's `code` and `message`
-/// plus `type` (from the status) and `param`. Headers (`WWW-Authenticate`, `Retry-After`) and
-/// the status stay; the log line still reads the error from [`ErrorLog`].
-pub async fn openai_error_shape(req: Request, next: Next) -> Response {
-    if !OPENAI_PATHS.contains(&req.uri().path()) {
-        return next.run(req).await;
-    }
-    let response = next.run(req).await;
-    let status = response.status();
-    if !(status.is_client_error() || status.is_server_error()) {
-        return response;
-    }
-    let log = response.extensions().get::<ErrorLog>().cloned();
-    let param = response.extensions().get::<ErrorParam>().map(|p| p.0);
-    let (code, message) = match &log {
-        Some(l) => (l.code, l.message.clone()),
-        None => (
-            "error",
-            status.canonical_reason().unwrap_or("error").to_string(),
-        ),
-    };
+/// An error answer in OpenAI's shape: the API's status, `code` and `message`, plus `type`
+/// (from the status) and `param` (the request field it is about, if any), and the headers
+/// every dialect's error answer carries.
+pub fn error_response(err: ApiError, param: Option<&'static str>) -> Response {
+    let status = err.status();
+    let log = err.log();
     let (kind, code) = match status {
         StatusCode::UNAUTHORIZED => ("authentication_error", "invalid_api_key"),
-        StatusCode::FORBIDDEN => ("permission_error", code),
+        StatusCode::FORBIDDEN => ("permission_error", log.code),
         StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
-            ("rate_limit_error", code)
+            ("rate_limit_error", log.code)
         }
-        s if s.is_server_error() => ("server_error", code),
-        _ => ("invalid_request_error", code),
+        s if s.is_server_error() => ("server_error", log.code),
+        _ => ("invalid_request_error", log.code),
     };
-    let body = json!({"error": {"message": message, "type": kind, "param": param, "code": code}});
-    let (mut parts, _) = response.into_parts();
-    parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    Response::from_parts(parts, Body::from(body.to_string()))
+    let body =
+        json!({"error": {"message": log.message, "type": kind, "param": param, "code": code}});
+    error_answer(status, body, log)
 }
 
 #[derive(Debug, Deserialize)]

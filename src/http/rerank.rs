@@ -1,6 +1,6 @@
 //! `POST /v1/rerank`: documents ranked by relevance to a query, served by `reranker` models
 //! (cross-encoders), in the shape Cohere's and Jina's clients use (text-embeddings-inference's
-//! own `/rerank` takes `texts` and answers a bare array: see README.md).
+//! own `/rerank` takes `texts` and answers a bare array: see docs/API.md).
 //!
 //! Request: `{"model", "query", "documents": ["text" | {"text"}, ...], "top_n"?,
 //! "return_documents"?}`. Answer: `{"id", "model", "results": [{"index", "relevance_score",

@@ -3,8 +3,9 @@
 //! InferenceRESTClient and perf_analyzer work unchanged.
 //!
 //! Bodies are read as bytes whatever the Content-Type (tritonclient sends none). Errors are
-//! `{"error": "message"}` with Triton's statuses: 400 invalid, 404 unknown, 503 queue full or
-//! timed out, 500 internal. v2 requests go through the same per-model batcher as /v1.
+//! `{"error": "message"}` with Triton's statuses ([`error_response`]): 400 invalid, 404
+//! unknown, 503 queue full or timed out, 500 internal. v2 requests go through the same
+//! per-model batcher as /v1.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
+use super::error::error_answer;
 use super::inference::{count_outcome, deadline, take_model, with_timing, HasOutcome, StillWanted};
 use super::{ApiError, AppState, REQUEST_ID};
 use crate::codec::v2::{self, V2Input};
@@ -36,37 +38,35 @@ pub const EXTENSIONS: &[&str] = &[
     "statistics",
 ];
 
-/// A v2 error: Triton's status mapping and body, keeping the outcome and log fields of the
-/// [`ApiError`] it came from.
-#[derive(Debug)]
-pub struct V2Error {
-    status: StatusCode,
-    message: String,
-    outcome: Outcome,
-    log: super::ErrorLog,
+/// A v2 error answer: `{"error": "message"}` with Triton's statuses (invalid input and an
+/// unsupported media type are 400, a passed deadline 503), and the headers every dialect's
+/// error answer carries.
+pub fn error_response(err: ApiError) -> Response {
+    let status = match err.status() {
+        StatusCode::UNPROCESSABLE_ENTITY | StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            StatusCode::BAD_REQUEST
+        }
+        StatusCode::GATEWAY_TIMEOUT => StatusCode::SERVICE_UNAVAILABLE,
+        s => s,
+    };
+    let log = err.log();
+    let body = json!({ "error": log.message });
+    error_answer(status, body, log)
 }
+
+/// A v2 handler's error: an [`ApiError`] answered in v2's shape ([`error_response`]).
+#[derive(Debug)]
+pub struct V2Error(ApiError);
 
 impl From<ApiError> for V2Error {
     fn from(e: ApiError) -> Self {
-        let status = match e.status() {
-            StatusCode::UNPROCESSABLE_ENTITY | StatusCode::UNSUPPORTED_MEDIA_TYPE => {
-                StatusCode::BAD_REQUEST
-            }
-            StatusCode::GATEWAY_TIMEOUT => StatusCode::SERVICE_UNAVAILABLE,
-            s => s,
-        };
-        V2Error {
-            status,
-            message: e.to_string(),
-            outcome: e.outcome(),
-            log: e.log(),
-        }
+        V2Error(e)
     }
 }
 
 impl HasOutcome for V2Error {
     fn outcome(&self) -> Outcome {
-        self.outcome
+        self.0.outcome()
     }
 }
 
@@ -78,19 +78,7 @@ impl From<CodecError> for V2Error {
 
 impl IntoResponse for V2Error {
     fn into_response(self) -> Response {
-        let mut r = (self.status, Json(json!({ "error": self.message }))).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        if self.status == StatusCode::PAYLOAD_TOO_LARGE
-            || self.status == StatusCode::REQUEST_TIMEOUT
-        {
-            r.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        r.extensions_mut().insert(self.log);
-        r
+        error_response(self.0)
     }
 }
 
