@@ -11,6 +11,7 @@
 //! telemetry    Prometheus metrics                                     batcher, config, tensor
 //! codec        payloads <-> tensors per model kind (kinds/)           config, tensor
 //! batcher      one queue per model, batches to engine threads        engine, config, tensor
+//! generate     sampling, stop strings, streamed detokenisation       engine, config, tensor
 //! engine       the only module that touches libtorch                  config, tensor
 //! config       model.toml's shared settings and server choices        tensor
 //! tensor       plain host tensors, Item and Inferred                  -
@@ -28,6 +29,7 @@ pub mod connections;
 pub mod engine;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod generate;
 pub mod http;
 pub mod idle_poll;
 pub mod registry;

@@ -13,6 +13,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("config", &["tensor"]),
     ("engine", &["config", "tensor"]),
     ("batcher", &["engine", "config", "tensor"]),
+    ("generate", &["engine", "config", "tensor"]),
     ("codec", &["config", "tensor"]),
     ("telemetry", &["batcher", "config", "tensor"]),
     ("repository", &["config"]),

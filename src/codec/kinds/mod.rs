@@ -145,8 +145,11 @@ pub struct Kind {
     declare: fn(&ModelSpec, Declared) -> Result<Declaration, String>,
     /// The adapter of a model of this kind (its spec completed by the kind step); fails when a
     /// component (e.g. its tokenizer) cannot be loaded.
-    adapter: fn(&ModelSpec, &Limits) -> Result<Box<dyn ModelAdapter>, String>,
+    adapter: BuildAdapter,
 }
+
+/// Builds a kind's adapter from a completed spec and the payload limits.
+type BuildAdapter = fn(&ModelSpec, &Limits) -> Result<Box<dyn ModelAdapter>, String>;
 
 /// Every kind the server serves, in the order the docs list them. A new kind is its file plus
 /// one line here.
