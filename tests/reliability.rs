@@ -1,7 +1,7 @@
 //! Reliability and security over real HTTP: API keys and scopes, limits, deadlines, the
 //! concurrency limit, graceful shutdown under load, and the OpenAPI contract's coverage.
 
-mod common;
+pub mod common;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -1,7 +1,7 @@
 //! Core serving, end to end: the real binary on an ephemeral port, the bundled TorchScript
 //! models, real HTTP.
 
-mod common;
+pub mod common;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
