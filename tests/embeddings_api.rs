@@ -4,7 +4,7 @@
 //! server's own /v1 predict. The `openai` Python package's view is in
 //! tests/python/test_openai.py.
 
-mod common;
+pub mod common;
 
 use base64::Engine as _;
 use serde_json::{json, Value};

@@ -1,7 +1,7 @@
 //! Hostile clients: what one client sends must cost the server a bounded amount and must not
 //! make it lie, open up, or forge its logs.
 
-mod common;
+pub mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -1,7 +1,7 @@
 //! Model management on a running server: listing, metadata, load, unload, reload, versions,
 //! repository polling, path safety and memory, with real TorchScript models over HTTP.
 
-mod common;
+pub mod common;
 
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -2,7 +2,7 @@
 //! the server on loopback, request-scoped JSON logs, and the Grafana dashboard's queries.
 //! promtool and prometheus come from the Debian package `prometheus` (`make test` installs it).
 
-mod common;
+pub mod common;
 
 use std::collections::BTreeSet;
 use std::io::Write;

@@ -4,7 +4,7 @@
 //! is refused at load with its reason, the other models serving; and without a GPU there are
 //! no GPU memory gauges.
 
-mod common;
+pub mod common;
 
 use serde_json::{json, Value};
 

@@ -1,7 +1,7 @@
 //! Core serving, end to end: the real binary on an ephemeral port, the bundled TorchScript
 //! models, real HTTP.
 
-mod common;
+pub mod common;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -155,6 +155,7 @@ async fn text_classifier_reads_chinese_and_english() {
     let instances: Vec<&str> = cases.iter().map(|c| c.0).collect();
     let r = post_json(&c, &url, &json!({"instances": instances})).await;
     let p = predictions(&r);
+    assert_eq!(p.len(), cases.len(), "one prediction per instance: {p:?}");
     for ((text, want), got) in cases.iter().zip(&p) {
         assert_eq!(got["label"], *want, "{text}: {got}");
     }
@@ -515,7 +516,9 @@ async fn padded_text_batches_equal_single_results() {
         Some("4"),
         "one request's instances share a pass"
     );
-    for (p, a) in predictions(&r).iter().zip(&alone) {
+    let batched = predictions(&r);
+    assert_eq!(batched.len(), alone.len(), "one prediction per instance");
+    for (p, a) in batched.iter().zip(&alone) {
         assert_close(&scores(p), a, 1e-5);
     }
 }
@@ -785,6 +788,11 @@ fn wait_asleep(
         let now = threads_named(pid, prefix);
         let asleep = now.iter().all(|(_, t)| t.state == 'S');
         let slept_again = after.is_none_or(|before| {
+            assert_eq!(
+                before.len(),
+                now.len(),
+                "{prefix}: threads came or went: {now:?}"
+            );
             let mut again = before
                 .iter()
                 .zip(&now)

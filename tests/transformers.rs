@@ -4,7 +4,7 @@
 //! the project's torch by `tests/fixtures/hf/build.py` into `.fixtures/hf` (`make test` builds
 //! them once: `.ci/hf-fixtures.sh`).
 
-mod common;
+pub mod common;
 
 use serde_json::{json, Value};
 

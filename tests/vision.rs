@@ -8,7 +8,7 @@
 //! tensor exactly (1e-4, the same forward); and for a JPEG, the logits as the server's
 //! probabilities show them.
 
-mod common;
+pub mod common;
 
 use serde_json::{json, Value};
 

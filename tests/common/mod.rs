@@ -1,7 +1,9 @@
 //! Test support: a real `aiaas` process on an ephemeral port, temporary repositories, and
 //! reqwest helpers.
-// each test binary uses its own subset of these helpers
-#![allow(dead_code)]
+//!
+//! Test files declare it `pub mod common;`. Each test binary compiles this module anew
+//! and calls a part of it; declared `pub`, its public items are the binary's API rather than
+//! dead code where that binary does not call them, while private ones are still checked.
 
 /// The demo shapes generator the trainer uses, for fresh images to classify.
 #[path = "../../src/bin/aiaas-train/demo.rs"]

@@ -9,8 +9,9 @@
 //! `cargo run --release --bin aiaas-train -- --out models` rebuilds every artifact in `models/`
 //! (model.pt, model.toml, tokenizer.json) from a fixed seed.
 
-#[allow(dead_code)] // its PNG and JPEG encoders serve the tests and the benchmark, which include it
-mod demo;
+// pub, as an API: the tests and the benchmark include it by path for its PNG and JPEG encoders,
+// which the trainer does not call
+pub mod demo;
 mod text;
 
 use std::path::{Path, PathBuf};
