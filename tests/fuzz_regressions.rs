@@ -5,8 +5,11 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+/// What a fuzz target runs on its input.
+type Target = fn(&[u8]);
+
 /// Each fuzz target of tests/fuzz/fuzz_targets, by name, and what it runs.
-const TARGETS: [(&str, fn(&[u8])); 4] = [
+const TARGETS: [(&str, Target); 4] = [
     ("image_decode", aiaas::fuzzing::image_decode),
     ("v2_parse", aiaas::fuzzing::v2_parse),
     ("json_instances", aiaas::fuzzing::json_instances),
