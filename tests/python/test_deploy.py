@@ -285,8 +285,8 @@ def test_autoscaling_metric_matches_the_adapter_rule_and_the_server(rendered):
     assert rule["name"]["as"] == "aiaas_pending_requests"
     assert rule["seriesQuery"].startswith("aiaas_pending_requests{")
     assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
-    # The gauge the server exports (src/telemetry.rs registers it under this name).
-    assert "aiaas_pending_requests" in (ROOT / "src/telemetry.rs").read_text()
+    # The gauge the server exports (src/telemetry/mod.rs registers it under this name).
+    assert "aiaas_pending_requests" in (ROOT / "src/telemetry/mod.rs").read_text()
 
 
 # --------------------------------------------------------------------------------- KServe

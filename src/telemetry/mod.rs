@@ -2,17 +2,23 @@
 //!
 //! Every metric carries the `aiaas_` prefix, HELP text, base units and, when per model, the
 //! `model` and `version` labels. Per-model label values are resolved once at load time
-//! ([`ModelMetrics`]), so the hot path touches only atomics.
+//! ([`ModelMetrics`], in `model.rs`), so the hot path touches only atomics. `logging.rs` sets
+//! up tracing.
+
+mod logging;
+mod model;
+
+pub use self::logging::init_logging;
+use self::model::TextSeries;
+pub use self::model::{ModelMetrics, RequestTotals};
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{
-    core::Collector, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
-    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    core::Collector, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
-
-use crate::batcher::BatchObserver;
 
 /// Latency buckets from 100 µs to 10 s (roughly 1-2.5-5 per decade).
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -515,116 +521,6 @@ impl Metrics {
     }
 }
 
-/// One model version's metric handles, and request totals for the v2 statistics extension.
-pub struct ModelMetrics {
-    /// Successful requests and their cumulative duration (ns).
-    pub success: RequestTotals,
-    /// Failed requests and their cumulative duration (ns).
-    pub failure: RequestTotals,
-    outcomes: [IntCounter; 6],
-    request_duration: Histogram,
-    queue_duration: Histogram,
-    compute_duration: Histogram,
-    batch_size: Histogram,
-    text: TextSeries,
-    inferences: IntCounter,
-    executions: IntCounter,
-    load_duration: Gauge,
-    batch_cap: IntGauge,
-    queue_delay: Gauge,
-}
-
-/// A text model's token series, created at its first batch (other models never have them).
-struct TextSeries {
-    batch_tokens: HistogramVec,
-    tokens: IntCounterVec,
-    labels: [String; 2],
-    /// (batch tokens, real tokens, padded tokens)
-    resolved: std::sync::OnceLock<(Histogram, IntCounter, IntCounter)>,
-}
-
-impl TextSeries {
-    fn observe(&self, real: usize, padded: usize) {
-        let (batch, real_total, padded_total) = self.resolved.get_or_init(|| {
-            let [model, version] = &self.labels;
-            let l = [model.as_str(), version.as_str()];
-            let kind = |k: &str| self.tokens.with_label_values(&[l[0], l[1], k]);
-            (
-                self.batch_tokens.with_label_values(&l),
-                kind("real"),
-                kind("padded"),
-            )
-        });
-        batch.observe(padded as f64);
-        real_total.inc_by(real as u64);
-        padded_total.inc_by(padded as u64);
-    }
-}
-
-impl ModelMetrics {
-    /// Records a finished request: its outcome and, for successes, its duration.
-    pub fn request(&self, outcome: Outcome, duration: Duration) {
-        let i = Outcome::ALL
-            .iter()
-            .position(|o| *o == outcome)
-            .expect("outcome in ALL");
-        self.outcomes[i].inc();
-        if outcome == Outcome::Success {
-            self.request_duration.observe(duration.as_secs_f64());
-            self.success.add(duration);
-        } else {
-            self.failure.add(duration);
-        }
-    }
-
-    pub fn loaded(&self, took: Duration) {
-        self.load_duration.set(took.as_secs_f64());
-    }
-}
-
-impl BatchObserver for ModelMetrics {
-    fn dispatched(&self, queue_time: Duration) {
-        self.queue_duration.observe(queue_time.as_secs_f64());
-    }
-    fn tuned(&self, cap: usize, delay: Duration) {
-        self.batch_cap.set(cap as i64);
-        self.queue_delay.set(delay.as_secs_f64());
-    }
-    fn batch_tokens(&self, real: usize, padded: usize) {
-        self.text.observe(real, padded);
-    }
-    fn batch_done(&self, rows: usize, _items: usize, compute_time: Duration, ok: bool) {
-        if ok {
-            self.batch_size.observe(rows as f64);
-            self.compute_duration.observe(compute_time.as_secs_f64());
-            self.inferences.inc_by(rows as u64);
-            self.executions.inc();
-        }
-    }
-}
-
-/// A count of requests and their total duration.
-#[derive(Debug, Default)]
-pub struct RequestTotals {
-    count: std::sync::atomic::AtomicU64,
-    ns: std::sync::atomic::AtomicU64,
-}
-
-impl RequestTotals {
-    fn add(&self, d: Duration) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.count.fetch_add(1, Relaxed);
-        self.ns
-            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
-    }
-
-    /// (count, total nanoseconds)
-    pub fn get(&self) -> (u64, u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        (self.count.load(Relaxed), self.ns.load(Relaxed))
-    }
-}
-
 /// What the binary is and runs on.
 #[derive(Debug, Clone)]
 pub struct BuildInfo {
@@ -633,28 +529,4 @@ pub struct BuildInfo {
     pub torch_version: &'static str,
     /// Devices libtorch can use, e.g. `cpu` or `cpu,cuda:0`.
     pub devices: String,
-}
-
-/// Installs the global tracing subscriber: `RUST_LOG` wins over `level`; `json` selects JSON
-/// lines.
-pub fn init_logging(level: &str, json: bool) {
-    use tracing_subscriber::{fmt, EnvFilter};
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let builder = fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::stdout().is_terminal());
-    let result = if json {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .try_init()
-    } else {
-        builder.try_init()
-    };
-    let _ = result; // already initialised (tests): keep the first subscriber
 }
