@@ -1,0 +1,293 @@
+//! The generative decoder against transformers, on the checkpoints `make llm-fixtures` builds
+//! (each with transformers' own logits and greedy tokens for a few prompts): last-position
+//! logits within 1e-4 in fp32, greedy decoding token for token, the same tokens whichever
+//! sequences share the steps, every KV block back after release, and an architecture the
+//! decoder does not implement refused by name.
+
+use std::path::{Path, PathBuf};
+
+use aiaas::config::model_spec::Precision;
+use aiaas::engine::{
+    BlockAllocator, DecodeInput, Decoder, DecoderOptions, EngineError, Logits, PrefillInput,
+    TorchDecoder,
+};
+
+/// Every checkpoint the fixtures hold, one per family and loading path.
+const CHECKPOINTS: &[&str] = &[
+    "smollm2-135m-instruct",
+    "llama-gqa",
+    "llama-tied",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "llama-sharded",
+    "llama-no-arch",
+];
+
+/// transformers' answers for one prompt.
+#[derive(serde::Deserialize)]
+struct Prompt {
+    ids: Vec<u32>,
+    /// File of the last position's logits, little-endian f32.
+    logits: String,
+    /// `generate(do_sample=False)`'s new tokens.
+    greedy: Vec<u32>,
+}
+
+#[derive(serde::Deserialize)]
+struct Reference {
+    prompts: Vec<Prompt>,
+}
+
+/// The fixtures folder: `AIAAS_LLM_FIXTURES`, else `.fixtures/llm`.
+fn fixtures() -> PathBuf {
+    let dir = std::env::var_os("AIAAS_LLM_FIXTURES").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join(".fixtures/llm"),
+        PathBuf::from,
+    );
+    let missing: Vec<&&str> = CHECKPOINTS
+        .iter()
+        .filter(|c| !dir.join(c).join("reference.json").is_file())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "LLM fixtures {missing:?} missing in {}: run `make llm-fixtures`",
+        dir.display()
+    );
+    dir
+}
+
+fn reference(dir: &Path) -> Reference {
+    let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn logits_file(dir: &Path, name: &str) -> Vec<f32> {
+    std::fs::read(dir.join(name))
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+fn load(dir: &Path, precision: Precision) -> TorchDecoder {
+    let options = DecoderOptions {
+        precision,
+        kv_blocks: 64,
+        ..DecoderOptions::default()
+    };
+    TorchDecoder::load(dir, options).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "logits of different lengths");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Greedy decoding of `prompts` together (one prefill, then decode steps over all of them):
+/// each sequence's `steps` new tokens and its prompt's logits. Every block goes back after.
+fn greedy(
+    decoder: &mut TorchDecoder,
+    blocks: &mut BlockAllocator,
+    prompts: &[&[u32]],
+    steps: usize,
+) -> (Vec<Vec<u32>>, Vec<Logits>) {
+    let mut tables: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    for (table, p) in tables.iter_mut().zip(prompts) {
+        blocks.reserve(table, p.len()).unwrap();
+    }
+    let inputs: Vec<PrefillInput> = prompts
+        .iter()
+        .zip(&tables)
+        .map(|(p, t)| PrefillInput {
+            tokens: p,
+            start: 0,
+            blocks: t,
+        })
+        .collect();
+    let first = decoder.prefill(&inputs).unwrap();
+    let mut out: Vec<Vec<u32>> = first.iter().map(|l| vec![argmax(l)]).collect();
+    for _ in 1..steps {
+        for ((table, p), toks) in tables.iter_mut().zip(prompts).zip(&out) {
+            blocks.reserve(table, p.len() + toks.len()).unwrap();
+        }
+        let inputs: Vec<DecodeInput> = prompts
+            .iter()
+            .zip(&tables)
+            .zip(&out)
+            .map(|((p, t), toks)| DecodeInput {
+                token: *toks.last().unwrap(),
+                position: p.len() + toks.len() - 1,
+                blocks: t,
+            })
+            .collect();
+        let logits = decoder.decode(&inputs).unwrap();
+        for (toks, l) in out.iter_mut().zip(&logits) {
+            toks.push(argmax(l));
+        }
+    }
+    for table in &mut tables {
+        blocks.release(table);
+    }
+    (out, first)
+}
+
+#[test]
+fn fp32_logits_and_greedy_tokens_are_transformers() {
+    let root = fixtures();
+    for name in CHECKPOINTS {
+        let dir = root.join(name);
+        let reference = reference(&dir);
+        let mut decoder = load(&dir, Precision::Fp32);
+        let mut blocks = BlockAllocator::new(&decoder.kv());
+        for (i, prompt) in reference.prompts.iter().enumerate() {
+            let want = logits_file(&dir, &prompt.logits);
+            let (tokens, logits) = greedy(
+                &mut decoder,
+                &mut blocks,
+                &[&prompt.ids],
+                prompt.greedy.len(),
+            );
+            let diff = max_abs_diff(&logits[0], &want);
+            assert!(diff <= 1e-4, "{name} prompt {i}: logits differ by {diff}");
+            assert_eq!(tokens[0], prompt.greedy, "{name} prompt {i}: greedy tokens");
+        }
+    }
+}
+
+/// A prompt computed in two pieces (the second attending over the first's cached keys)
+/// ends on the logits of the whole.
+#[test]
+fn a_prompt_in_pieces_ends_where_the_whole_prompt_does() {
+    let root = fixtures();
+    for name in ["llama-gqa", "mistral", "qwen3"] {
+        let dir = root.join(name);
+        let reference = reference(&dir);
+        let prompt = reference.prompts.iter().max_by_key(|p| p.ids.len()).unwrap();
+        let mut decoder = load(&dir, Precision::Fp32);
+        let mut blocks = BlockAllocator::new(&decoder.kv());
+        let mut table = Vec::new();
+        blocks.reserve(&mut table, prompt.ids.len()).unwrap();
+        let cut = prompt.ids.len() / 3;
+        let piece = |tokens, start| PrefillInput {
+            tokens,
+            start,
+            blocks: &table,
+        };
+        decoder.prefill(&[piece(&prompt.ids[..cut], 0)]).unwrap();
+        let logits = decoder
+            .prefill(&[piece(&prompt.ids[cut..], cut)])
+            .unwrap();
+        let diff = max_abs_diff(&logits[0], &logits_file(&dir, &prompt.logits));
+        assert!(diff <= 1e-4, "{name}: logits differ by {diff}");
+    }
+}
+
+/// A sequence's greedy tokens alone and sharing its prefill and decode steps with two others
+/// are the same; every block is free again once the sequences are released.
+#[test]
+fn batch_composition_changes_no_tokens_and_blocks_come_back() {
+    let root = fixtures();
+    for name in ["smollm2-135m-instruct", "llama-gqa", "qwen2"] {
+        let dir = root.join(name);
+        let reference = reference(&dir);
+        let prompts: Vec<&[u32]> = reference.prompts.iter().map(|p| &p.ids[..]).collect();
+        assert!(prompts.len() >= 3, "{name}: three prompts to batch");
+        let mut decoder = load(&dir, Precision::Fp32);
+        let mut blocks = BlockAllocator::new(&decoder.kv());
+        let total = blocks.free_blocks();
+        let (alone, alone_logits) = greedy(&mut decoder, &mut blocks, &prompts[..1], 16);
+        let (batched, batched_logits) = greedy(&mut decoder, &mut blocks, &prompts[..3], 16);
+        assert_eq!(batched[0], alone[0], "{name}: tokens alone and batched");
+        let diff = max_abs_diff(&alone_logits[0], &batched_logits[0]);
+        assert!(diff <= 1e-4, "{name}: batched logits differ by {diff}");
+        for (i, p) in reference.prompts.iter().enumerate().take(3) {
+            assert_eq!(batched[i], p.greedy, "{name} prompt {i} batched");
+        }
+        assert_eq!(blocks.free_blocks(), total, "{name}: blocks not given back");
+    }
+}
+
+/// bf16 weights and cache: the logits stay near fp32's (bf16 keeps 8 bits of mantissa).
+#[test]
+fn bf16_stays_near_the_fp32_reference() {
+    let root = fixtures();
+    for name in ["smollm2-135m-instruct", "qwen3"] {
+        let dir = root.join(name);
+        let reference = reference(&dir);
+        let mut decoder = load(&dir, Precision::Bf16);
+        let mut blocks = BlockAllocator::new(&decoder.kv());
+        for (i, prompt) in reference.prompts.iter().enumerate() {
+            let want = logits_file(&dir, &prompt.logits);
+            let (_, logits) = greedy(&mut decoder, &mut blocks, &[&prompt.ids], 1);
+            let spread = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            let diff = max_abs_diff(&logits[0], &want);
+            assert!(
+                diff <= 0.05 * spread,
+                "{name} prompt {i}: bf16 logits differ by {diff} (largest {spread})"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_architecture_the_decoder_does_not_implement_is_refused_by_name() {
+    let dir = std::env::temp_dir().join(format!("aiaas-gpt2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64,
+            "n_layer": 2, "n_head": 4, "vocab_size": 256}"#,
+    )
+    .unwrap();
+    let result = TorchDecoder::load(&dir, DecoderOptions::default());
+    std::fs::remove_dir_all(&dir).unwrap();
+    match result {
+        Err(EngineError::Load { message, .. }) => {
+            assert!(
+                message.contains("unsupported architecture GPT2LMHeadModel"),
+                "{message}"
+            );
+        }
+        Err(other) => panic!("not a load error: {other}"),
+        Ok(_) => panic!("GPT2LMHeadModel loaded"),
+    }
+}
+
+/// Out-of-range inputs are errors the scheduler can handle, not panics.
+#[test]
+fn tokens_and_blocks_outside_the_model_are_refused() {
+    let dir = fixtures().join("llama-tied");
+    let mut decoder = load(&dir, Precision::Fp32);
+    let table = vec![0u32];
+    let kv = decoder.kv();
+    let cases: [(&[u32], usize, &[u32], &str); 4] = [
+        (&[1_000_000], 0, &table, "outside the vocabulary"),
+        (&[1, 2], 0, &[kv.num_blocks as u32], "outside the pool"),
+        (&[1; 17], 0, &table, "need 2 blocks"),
+        (&[1], kv.context_len, &table, "beyond the context"),
+    ];
+    for (tokens, start, blocks, expected) in cases {
+        let e = decoder
+            .prefill(&[PrefillInput {
+                tokens,
+                start,
+                blocks,
+            }])
+            .unwrap_err();
+        assert!(e.to_string().contains(expected), "{e}");
+    }
+}
