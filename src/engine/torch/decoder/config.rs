@@ -132,8 +132,7 @@ fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
 impl DecoderConfig {
     /// Reads `config.json`'s text; the error says what is missing or unsupported.
     pub fn parse(json: &str) -> Result<Self, String> {
-        let raw: RawConfig =
-            serde_json::from_str(json).map_err(|e| format!("config.json: {e}"))?;
+        let raw: RawConfig = serde_json::from_str(json).map_err(|e| format!("config.json: {e}"))?;
         let family = family(&raw)?;
         let need = |v: Option<usize>, key: &str| {
             v.filter(|&n| n > 0)
@@ -160,13 +159,14 @@ impl DecoderConfig {
             ));
         }
         if head_dim % 2 != 0 {
-            return Err(format!("head_dim {head_dim} is odd: rotary embeddings rotate pairs"));
+            return Err(format!(
+                "head_dim {head_dim} is odd: rotary embeddings rotate pairs"
+            ));
         }
         if let Some(act) = raw.hidden_act.as_deref().filter(|a| *a != "silu") {
             return Err(format!("hidden_act {act} is not supported (only silu)"));
         }
-        let max_position_embeddings =
-            need(raw.max_position_embeddings, "max_position_embeddings")?;
+        let max_position_embeddings = need(raw.max_position_embeddings, "max_position_embeddings")?;
         let (rope_theta, rope_scaling) = rope(&raw, max_position_embeddings)?;
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias) = match family {
@@ -316,19 +316,24 @@ mod tests {
     fn config(extra: &str) -> Result<DecoderConfig, String> {
         DecoderConfig::parse(&format!(
             r#"{{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                "num_attention_heads": 4, "vocab_size": 256, "max_position_embeddings": 128{extra}}}"#
+                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
+                "max_position_embeddings": 128{extra}}}"#
         ))
     }
 
     #[test]
     fn architectures_decide_the_family_and_model_type_stands_in_for_them() {
-        let c = config(r#", "architectures": ["Qwen2ForCausalLM"], "model_type": "llama""#).unwrap();
+        let c =
+            config(r#", "architectures": ["Qwen2ForCausalLM"], "model_type": "llama""#).unwrap();
         assert_eq!(c.family, Family::Qwen2);
         assert!(c.qkv_bias && !c.o_bias);
         let c = config(r#", "architectures": null, "model_type": "llama""#).unwrap();
-        assert_eq!((c.family, c.num_kv_heads, c.head_dim), (Family::Llama, 4, 16));
+        assert_eq!((c.family, c.head_dim), (Family::Llama, 16));
         let e = config(r#", "architectures": ["GPT2LMHeadModel"]"#).unwrap_err();
-        assert!(e.contains("unsupported architecture GPT2LMHeadModel"), "{e}");
+        assert!(
+            e.contains("unsupported architecture GPT2LMHeadModel"),
+            "{e}"
+        );
         let e = config(r#", "model_type": "gpt2""#).unwrap_err();
         assert!(e.contains("unsupported model_type gpt2"), "{e}");
     }
@@ -337,13 +342,17 @@ mod tests {
     fn rope_comes_from_either_table_and_unknown_scalings_are_refused() {
         let c = config(r#", "model_type": "llama", "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#).unwrap();
         assert_eq!(c.rope_theta, 500000.0);
-        assert_eq!(c.rope_scaling.unwrap().original_max_position_embeddings, 8192);
+        assert_eq!(
+            c.rope_scaling.unwrap().original_max_position_embeddings,
+            8192
+        );
         let c = config(r#", "model_type": "llama", "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}"#).unwrap();
         assert_eq!((c.rope_theta, c.rope_scaling), (100000.0, None));
         let c = config(r#", "model_type": "llama", "rope_scaling": null"#).unwrap();
         assert_eq!((c.rope_theta, c.rope_scaling), (10000.0, None));
-        let e = config(r#", "model_type": "llama", "rope_scaling": {"type": "yarn", "factor": 4.0}"#)
-            .unwrap_err();
+        let e =
+            config(r#", "model_type": "llama", "rope_scaling": {"type": "yarn", "factor": 4.0}"#)
+                .unwrap_err();
         assert!(e.contains("rope scaling type yarn"), "{e}");
     }
 
@@ -360,9 +369,18 @@ mod tests {
     }
 
     #[test]
+    fn absent_key_value_heads_default_as_transformers_does() {
+        let json = r#"{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 256,
+            "max_position_embeddings": 128}"#;
+        assert_eq!(DecoderConfig::parse(json).unwrap().num_kv_heads, 4);
+        let e = DecoderConfig::parse(&json.replace("llama", "mistral")).unwrap_err();
+        assert!(e.contains("cannot share 8 key/value heads"), "{e}");
+    }
+
+    #[test]
     fn qwen3_keeps_its_explicit_head_size() {
-        let c = config(r#", "model_type": "qwen3", "head_dim": 32, "num_key_value_heads": 2"#)
-            .unwrap();
+        let c = config(r#", "model_type": "qwen3", "head_dim": 32"#).unwrap();
         assert_eq!((c.head_dim, c.num_kv_heads, c.qk_norm), (32, 2, true));
         let e = config(r#", "model_type": "llama", "hidden_act": "gelu""#).unwrap_err();
         assert!(e.contains("gelu"), "{e}");

@@ -117,7 +117,10 @@ impl BlockAllocator {
             });
         }
         for _ in 0..needed {
-            let block = self.free.pop().expect("bug: counted free blocks are missing");
+            let block = self
+                .free
+                .pop()
+                .expect("bug: counted free blocks are missing");
             self.in_use[block as usize] = true;
             table.push(block);
         }
@@ -165,7 +168,7 @@ mod tests {
         assert_eq!(x.len(), 2);
         a.release(&mut x);
         assert!(x.is_empty());
-        a.reserve(&mut y, 12).unwrap();
+        a.reserve(&mut y, 13).unwrap();
         assert_eq!(y, vec![2, 3, 4, 0]);
         a.release(&mut y);
         assert_eq!(a.free_blocks(), 5);

@@ -19,8 +19,8 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 pub use self::config::{DecoderConfig, Family, Llama3Scaling};
-pub use self::kv::{BlockAllocator, OutOfBlocks};
 use self::kv::KvPool;
+pub use self::kv::{BlockAllocator, OutOfBlocks};
 use self::model::{Model, Step, StepSeq};
 use self::weights::Checkpoint;
 use super::{device_failure, first_line, kind_of, ResolvedDevice};
@@ -234,13 +234,20 @@ impl TorchDecoder {
                 )));
             }
             let table = &c.blocks[..needed];
-            if let Some(b) = table.iter().find(|&&b| b as usize >= self.geometry.num_blocks) {
+            if let Some(b) = table
+                .iter()
+                .find(|&&b| b as usize >= self.geometry.num_blocks)
+            {
                 return Err(bad(format!(
                     "block {b} is outside the pool of {}",
                     self.geometry.num_blocks
                 )));
             }
-            if let Some(t) = c.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            if let Some(t) = c
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.config.vocab_size)
+            {
                 return Err(bad(format!(
                     "token {t} is outside the vocabulary of {}",
                     self.config.vocab_size

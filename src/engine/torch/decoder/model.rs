@@ -154,9 +154,18 @@ impl Model {
         let mut x = Tensor::embedding(&self.embed, &step.tokens, -1, false, false);
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x);
-            let mut q = layer.q.forward(&h).view([tokens, self.heads, self.head_dim]);
-            let mut k = layer.k.forward(&h).view([tokens, self.kv_heads, self.head_dim]);
-            let v = layer.v.forward(&h).view([tokens, self.kv_heads, self.head_dim]);
+            let mut q = layer
+                .q
+                .forward(&h)
+                .view([tokens, self.heads, self.head_dim]);
+            let mut k = layer
+                .k
+                .forward(&h)
+                .view([tokens, self.kv_heads, self.head_dim]);
+            let v = layer
+                .v
+                .forward(&h)
+                .view([tokens, self.kv_heads, self.head_dim]);
             if let Some((q_norm, k_norm)) = &layer.qk_norm {
                 q = q_norm.forward(&q);
                 k = k_norm.forward(&k);
@@ -174,7 +183,7 @@ impl Model {
             } else {
                 Tensor::cat(&outs, 0)
             };
-            x = x + layer.o.forward(&attended);
+            x += layer.o.forward(&attended);
             let h = layer.post_attention_norm.forward(&x);
             x = &x + layer.mlp.forward(&h);
         }

@@ -1,7 +1,8 @@
 //! A checkpoint's tensors, read from its safetensors files (`model.safetensors`, or the shards
 //! `model.safetensors.index.json` names) through a memory map, one tensor at a time: each is
-//! copied into a libtorch tensor, cast to the model's precision and moved to its device, and its
-//! pages of the map are dropped at once, so that loading never holds two copies of the weights.
+//! cast from the map straight into a libtorch tensor of the model's precision (one copy) and
+//! moved to its device, and its pages of the map are dropped at once, so that loading never
+//! holds more than the weights and one tensor's pages.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -117,8 +118,28 @@ impl Checkpoint {
         let (start, end) = info.data_offsets;
         let (start, end) = (shard.data_start + start, shard.data_start + end);
         let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-        let copied = Tensor::f_from_data_size(&shard.map[start..end], &dims, stored)
-            .map_err(|e| format!("cannot read {name}: {e}"))?;
+        let bytes = &shard.map[start..end];
+        let place = |t: Tensor| {
+            t.f_to_device(self.device)
+                .map_err(|e| format!("cannot place {name}: {e}"))
+        };
+        let tensor = if (bytes.as_ptr() as usize).is_multiple_of(stored.elt_size_in_bytes()) {
+            // SAFETY: `bytes` holds the tensor's elements (safetensors checked the offsets
+            // against the shape and dtype), aligned for them, and outlives the view, which is
+            // only read: the cast with copy makes a tensor of its own from it at once.
+            let view =
+                unsafe { Tensor::f_from_blob(bytes.as_ptr(), &dims, &[], stored, Device::Cpu) };
+            place(
+                view.and_then(|v| v.f_to_dtype(self.kind, false, true))
+                    .map_err(|e| format!("cannot read {name}: {e}"))?,
+            )?
+        } else {
+            // unaligned data (a header not padded to 8 bytes) is copied out first
+            let copied = Tensor::f_from_data_size(bytes, &dims, stored)
+                .and_then(|t| t.f_to_dtype(self.kind, false, false))
+                .map_err(|e| format!("cannot read {name}: {e}"))?;
+            place(copied)?
+        };
         // SAFETY: a read-only shared map of a file only read here: the dropped pages are read
         // again from the file on the next touch, with the same bytes.
         unsafe {
@@ -127,10 +148,6 @@ impl Checkpoint {
                 .map
                 .unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start);
         }
-        let tensor = copied
-            .f_to_dtype(self.kind, false, false)
-            .and_then(|t| t.f_to_device(self.device))
-            .map_err(|e| format!("cannot place {name}: {e}"))?;
         self.taken.insert(name.to_string());
         Ok(tensor)
     }
@@ -194,7 +211,10 @@ fn read_index(path: &Path) -> Result<HashMap<String, String>, String> {
         .values()
         .find(|f| f.contains('/') || f.contains('\\'))
     {
-        return Err(format!("{}: shard {f} is outside the folder", path.display()));
+        return Err(format!(
+            "{}: shard {f} is outside the folder",
+            path.display()
+        ));
     }
     Ok(index.weight_map)
 }
