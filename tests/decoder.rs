@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use aiaas::config::model_spec::Precision;
 use aiaas::engine::{
-    BlockAllocator, DecodeInput, Decoder, DecoderOptions, EngineError, Logits, PrefillInput,
-    TorchDecoder,
+    BlockAllocator, DecodeInput, Decoder, DecoderOptions, EngineError, Family, Logits,
+    PrefillInput, TorchDecoder,
 };
 
 /// Every checkpoint the fixtures hold, one per family and loading path.
@@ -387,6 +387,18 @@ fn an_architecture_the_decoder_does_not_implement_is_refused_by_name() {
         Err(other) => panic!("not a load error: {other}"),
         Ok(_) => panic!("GPT2LMHeadModel loaded"),
     }
+}
+
+#[test]
+fn a_config_without_architectures_falls_back_to_model_type() {
+    let dir = fixtures().join("llama-no-arch");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert!(
+        config["architectures"].is_null(),
+        "the fixture names architectures"
+    );
+    assert_eq!(load(&dir, Precision::Fp32).config().family, Family::Llama);
 }
 
 /// Out-of-range inputs are errors the scheduler can handle, not panics.

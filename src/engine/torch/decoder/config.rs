@@ -28,11 +28,6 @@ const FAMILIES: &[(Family, &str, &str)] = &[
 ];
 
 impl Family {
-    /// The architecture name transformers writes in `architectures`.
-    pub fn architecture(self) -> &'static str {
-        FAMILIES.iter().find(|f| f.0 == self).map_or("", |f| f.1)
-    }
-
     fn supported() -> String {
         FAMILIES.iter().map(|f| f.1).collect::<Vec<_>>().join(", ")
     }

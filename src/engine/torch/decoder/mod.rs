@@ -297,9 +297,8 @@ impl TorchDecoder {
                     .map_err(|e| EngineError::Output(first_line(&e.to_string())))
             })
         }));
-        let device = ResolvedDevice(self.device).to_string();
         ran.unwrap_or_else(|p| Err(EngineError::Forward(panic_message(p.as_ref()))))
-            .map_err(|e| device_failure(&device, e))
+            .map_err(|e| device_failure(&ResolvedDevice(self.device).to_string(), e))
     }
 }
 
