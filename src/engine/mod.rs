@@ -4,6 +4,11 @@
 
 pub mod torch;
 
+pub use torch::decoder::{
+    BlockAllocator, DecodeInput, Decoder, DecoderConfig, DecoderOptions, Family, KvGeometry,
+    Logits, OutOfBlocks, PrefillInput, TorchDecoder,
+};
+
 use crate::config::model_spec::ModelSpec;
 use crate::tensor::HostTensor;
 

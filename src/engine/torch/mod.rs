@@ -1,6 +1,7 @@
 //! The libtorch engine: loads a TorchScript module onto a device, in the model's precision, and
 //! runs forward passes. `glue` holds the few libtorch calls tch does not expose.
 
+pub mod decoder;
 mod glue;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -1,0 +1,206 @@
+//! The paged KV cache. [`KvPool`] is the memory: per layer, a key and a value tensor of
+//! `[blocks, block_size, kv_heads, head_dim]` allocated once at load, written at the slots of a
+//! step's new positions and gathered block by block for attention. [`BlockAllocator`] hands the
+//! blocks out: plain Rust with no libtorch in it, owned by the scheduler, which gives each
+//! sequence a block table (`Vec<u32>`, the blocks holding its positions in order).
+
+use tch::{Device, Kind, Tensor};
+
+use super::KvGeometry;
+
+/// Every layer's keys and values, in blocks of `block_size` positions.
+pub(super) struct KvPool {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    block_size: i64,
+    kv_heads: i64,
+    head_dim: i64,
+}
+
+impl KvPool {
+    pub fn new(
+        layers: usize,
+        blocks: usize,
+        block_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        kind: Kind,
+        device: Device,
+    ) -> Self {
+        let shape = [
+            blocks as i64,
+            block_size as i64,
+            kv_heads as i64,
+            head_dim as i64,
+        ];
+        let zeros = || Tensor::zeros(shape, (kind, device));
+        Self {
+            keys: (0..layers).map(|_| zeros()).collect(),
+            values: (0..layers).map(|_| zeros()).collect(),
+            block_size: block_size as i64,
+            kv_heads: kv_heads as i64,
+            head_dim: head_dim as i64,
+        }
+    }
+
+    /// Writes a step's new keys and values (`[tokens, kv_heads, head_dim]`) of `layer` at
+    /// `slots` (`[tokens]`, each `block * block_size + offset`).
+    pub fn write(&mut self, layer: usize, slots: &Tensor, k: &Tensor, v: &Tensor) {
+        let flat = [-1, self.kv_heads, self.head_dim];
+        // in place through views of the pool; the returned aliases are not needed
+        let _ = self.keys[layer].view(flat).index_copy_(0, slots, k);
+        let _ = self.values[layer].view(flat).index_copy_(0, slots, v);
+    }
+
+    /// The keys and values of `layer` at positions `from..to` of the sequence whose block
+    /// table is `blocks` (`[blocks]`, int64), as `[to - from, kv_heads, head_dim]` each.
+    pub fn read(&self, layer: usize, blocks: &Tensor, from: i64, to: i64) -> (Tensor, Tensor) {
+        let first = from / self.block_size;
+        let last = (to - 1) / self.block_size;
+        let blocks = blocks.narrow(0, first, last - first + 1);
+        let skip = from - first * self.block_size;
+        let gather = |pool: &Tensor| {
+            pool.index_select(0, &blocks)
+                .view([-1, self.kv_heads, self.head_dim])
+                .narrow(0, skip, to - from)
+        };
+        (gather(&self.keys[layer]), gather(&self.values[layer]))
+    }
+}
+
+/// Hands out the KV pool's blocks: a free list of block ids, each sequence's block table grown
+/// as its positions need and given back whole.
+#[derive(Debug)]
+pub struct BlockAllocator {
+    block_size: usize,
+    /// Free blocks, the next one handed out last.
+    free: Vec<u32>,
+    /// Whether each block is handed out, to catch a block given back twice.
+    in_use: Vec<bool>,
+}
+
+/// The pool has fewer free blocks than a sequence needs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{needed} more KV blocks needed, {free} free")]
+pub struct OutOfBlocks {
+    pub needed: usize,
+    pub free: usize,
+}
+
+impl BlockAllocator {
+    pub fn new(geometry: &KvGeometry) -> Self {
+        let blocks = geometry.num_blocks as u32;
+        Self {
+            block_size: geometry.block_size,
+            free: (0..blocks).rev().collect(),
+            in_use: vec![false; geometry.num_blocks],
+        }
+    }
+
+    /// Blocks not handed out.
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Blocks that hold `positions` positions.
+    pub fn blocks_for(&self, positions: usize) -> usize {
+        positions.div_ceil(self.block_size)
+    }
+
+    /// Grows `table` to hold `positions` positions; takes nothing when the blocks are short.
+    pub fn reserve(&mut self, table: &mut Vec<u32>, positions: usize) -> Result<(), OutOfBlocks> {
+        let needed = self.blocks_for(positions).saturating_sub(table.len());
+        if needed > self.free.len() {
+            return Err(OutOfBlocks {
+                needed,
+                free: self.free.len(),
+            });
+        }
+        for _ in 0..needed {
+            let block = self
+                .free
+                .pop()
+                .expect("bug: counted free blocks are missing");
+            self.in_use[block as usize] = true;
+            table.push(block);
+        }
+        Ok(())
+    }
+
+    /// Gives a sequence's blocks back, emptying its table.
+    pub fn release(&mut self, table: &mut Vec<u32>) {
+        for block in table.drain(..).rev() {
+            let used = &mut self.in_use[block as usize];
+            assert!(*used, "bug: KV block {block} given back but not handed out");
+            *used = false;
+            self.free.push(block);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allocator(blocks: usize) -> BlockAllocator {
+        BlockAllocator::new(&KvGeometry {
+            block_size: 4,
+            num_blocks: blocks,
+            bytes_per_block: 0,
+            context_len: 64,
+        })
+    }
+
+    #[test]
+    fn tables_grow_by_whole_blocks_and_come_back_whole() {
+        let mut a = allocator(5);
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        a.reserve(&mut x, 5).unwrap();
+        assert_eq!(x, vec![0, 1]);
+        a.reserve(&mut x, 8).unwrap();
+        assert_eq!(x.len(), 2);
+        a.reserve(&mut y, 9).unwrap();
+        assert_eq!(y, vec![2, 3, 4]);
+        assert_eq!(
+            a.reserve(&mut x, 9),
+            Err(OutOfBlocks { needed: 1, free: 0 })
+        );
+        assert_eq!(x.len(), 2);
+        a.release(&mut x);
+        assert!(x.is_empty());
+        a.reserve(&mut y, 13).unwrap();
+        assert_eq!(y, vec![2, 3, 4, 0]);
+        a.release(&mut y);
+        assert_eq!(a.free_blocks(), 5);
+    }
+
+    #[test]
+    #[should_panic(expected = "given back but not handed out")]
+    fn a_block_given_back_twice_is_a_bug() {
+        let mut a = allocator(2);
+        let mut x = Vec::new();
+        a.reserve(&mut x, 1).unwrap();
+        let mut copy = x.clone();
+        a.release(&mut x);
+        a.release(&mut copy);
+    }
+
+    #[test]
+    fn the_pool_reads_back_what_was_written_across_blocks() {
+        let mut pool = KvPool::new(1, 4, 2, 1, 1, Kind::Float, Device::Cpu);
+        // a sequence in blocks 3 and 1: positions 0..4 at slots 6, 7, 2, 3
+        let table = Tensor::from_slice(&[3i64, 1]);
+        let slots = Tensor::from_slice(&[6i64, 7, 2, 3]);
+        let k = Tensor::from_slice(&[10.0f32, 11.0, 12.0, 13.0]).view([4, 1, 1]);
+        pool.write(0, &slots, &k, &(&k * 2.0));
+        let (k, v) = pool.read(0, &table, 1, 4);
+        assert_eq!(
+            Vec::<f32>::try_from(k.flatten(0, -1)).unwrap(),
+            vec![11.0, 12.0, 13.0]
+        );
+        assert_eq!(
+            Vec::<f32>::try_from(v.flatten(0, -1)).unwrap(),
+            vec![22.0, 24.0, 26.0]
+        );
+    }
+}
