@@ -221,14 +221,8 @@ pub struct Declaration {
 /// every signature must pass.
 pub fn complete(spec: &mut ModelSpec) -> Result<(), String> {
     let kind = kind(&spec.kind)?;
-    let declared: Declared = Declared::deserialize(toml::Value::Table(
-        spec.tables
-            .iter()
-            .filter(|(k, _)| matches!(k.as_str(), "inputs" | "outputs"))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    ))
-    .map_err(|e| e.to_string())?;
+    let declared: Declared = Declared::deserialize(toml::Value::Table(split_tables(spec).0))
+        .map_err(|e| e.to_string())?;
     let d = (kind.declare)(spec, declared)?;
     check_signature(&d.signature)?;
     spec.token_batching = match d.max_text_length {
@@ -272,13 +266,15 @@ fn check_signature(s: &Signature) -> Result<(), String> {
 /// The kind's own tables of `spec` (all but the declared tensors) as the kind's `T`, which
 /// refuses tables the kind does not read.
 fn tables<T: DeserializeOwned>(spec: &ModelSpec) -> Result<T, String> {
-    let own: toml::Table = spec
-        .tables
+    T::deserialize(toml::Value::Table(split_tables(spec).1)).map_err(|e| e.to_string())
+}
+
+/// The spec's tables parted into the declared tensors (`inputs`, `outputs`) and the kind's own.
+fn split_tables(spec: &ModelSpec) -> (toml::Table, toml::Table) {
+    spec.tables
         .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "inputs" | "outputs"))
         .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    T::deserialize(toml::Value::Table(own)).map_err(|e| e.to_string())
+        .partition(|(k, _)| matches!(k.as_str(), "inputs" | "outputs"))
 }
 
 /// The limits adapters enforce on payloads.

@@ -136,11 +136,6 @@ impl ModelSpec {
         Signature::new(self.inputs.clone(), self.outputs.clone())
     }
 
-    /// The model.toml this spec was read from.
-    pub fn config_path(&self) -> PathBuf {
-        self.config_dir.join("model.toml")
-    }
-
     /// A file named in model.toml: a relative one is looked up in the version folder first,
     /// then beside model.toml.
     pub fn resolve(&self, file: &Path) -> PathBuf {
