@@ -320,9 +320,10 @@ pub fn routes() -> Vec<RouteInfo> {
 /// [`dialect_routes`]), then what every request goes through: compression, the request id, its
 /// observation (span, log line, metrics), and `Connection: close` while draining.
 pub fn app(state: AppState) -> Router {
+    let routes = table();
     let mut router = Router::new();
     for dialect in Dialect::ALL {
-        router = router.merge(dialect_routes(&state, dialect));
+        router = router.merge(dialect_routes(&state, &routes, dialect));
     }
     router
         .layer(
@@ -348,7 +349,11 @@ pub fn app(state: AppState) -> Router {
 /// concurrency limit; then the body guards and the shaping of foreign error answers. Every
 /// refusal on these routes, an unknown method's 405 included, is answered in `dialect`; a path
 /// no route matches gets the native dialect's 404.
-fn dialect_routes(state: &AppState, dialect: Dialect) -> Router<AppState> {
+fn dialect_routes(
+    state: &AppState,
+    routes: &[(RouteInfo, MethodRouter<AppState>)],
+    dialect: Dialect,
+) -> Router<AppState> {
     let mut router = Router::new();
     for access in [
         Access::Public,
@@ -357,11 +362,11 @@ fn dialect_routes(state: &AppState, dialect: Dialect) -> Router<AppState> {
         Access::Admin,
     ] {
         let mut group = Router::new();
-        for (info, handler) in table()
-            .into_iter()
+        for (info, handler) in routes
+            .iter()
             .filter(|(i, _)| i.dialect == dialect && i.access == access)
         {
-            group = group.route(info.path, handler);
+            group = group.route(info.path, handler.clone());
         }
         if !group.has_routes() {
             // a route layer on no routes is refused by axum
