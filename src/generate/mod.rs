@@ -4,5 +4,6 @@
 //! joins them here.
 
 pub mod detok;
+pub mod observe;
 pub mod sampling;
 pub mod stop;
