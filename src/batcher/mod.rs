@@ -56,6 +56,11 @@ pub enum InferError {
     Stopped { model: String },
     #[error("model '{model}': {source}")]
     Engine { model: String, source: EngineError },
+    /// The model generates text (it has a scheduler, not a batch queue).
+    #[error(
+        "'{model}' is a text-generation model: use POST /v1/chat/completions or /v1/completions"
+    )]
+    NotBatched { model: String },
 }
 
 /// Batching parameters of one model.

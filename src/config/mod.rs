@@ -1,6 +1,7 @@
 //! Configuration: model specifications (`model.toml`) and server-wide choices.
 
 pub mod model_spec;
+pub mod size;
 pub mod torchscript;
 
 use serde::Serialize;

@@ -27,6 +27,21 @@ pub trait EngineFactory: Send + Sync + 'static {
     /// Loads instance `index` of the model `spec` describes.
     fn load(&self, spec: &ModelSpec, index: usize) -> Result<LoadedEngine, EngineError>;
 
+    /// Loads a generative model's decoder from its checkpoint folder `dir`, with a KV pool of
+    /// `kv.blocks` blocks (text-generation models; a runtime without decoders refuses).
+    fn load_decoder(
+        &self,
+        spec: &ModelSpec,
+        dir: &std::path::Path,
+        kv: DecoderKv,
+    ) -> Result<LoadedDecoder, EngineError> {
+        let _ = (spec, kv);
+        Err(EngineError::Load {
+            path: dir.display().to_string(),
+            message: "this runtime does not run generative models".into(),
+        })
+    }
+
     /// CUDA devices the runtime sees (none by default: a runtime without CUDA).
     fn visible_gpus(&self) -> usize {
         0
@@ -73,6 +88,21 @@ pub struct GpuMemory {
     pub device: String,
     pub allocated: u64,
     pub reserved: u64,
+}
+
+/// A decoder's KV pool and context, as the model's settings ask.
+#[derive(Debug, Clone, Copy)]
+pub struct DecoderKv {
+    pub block_size: usize,
+    pub blocks: usize,
+    /// The longest sequence; `None`: the checkpoint's.
+    pub max_context: Option<usize>,
+}
+
+/// A loaded decoder and the device it runs on.
+pub struct LoadedDecoder {
+    pub decoder: Box<dyn Decoder>,
+    pub device: String,
 }
 
 /// One engine instance and the device it runs on (`cpu`, `cuda:0`).

@@ -4,6 +4,10 @@
 //! joins them here.
 
 pub mod detok;
+pub mod generator;
 pub mod observe;
 pub mod sampling;
+pub mod scheduler;
+pub mod settings;
 pub mod stop;
+pub mod template;

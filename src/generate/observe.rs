@@ -50,8 +50,7 @@ pub trait GenerationObserver: Send + Sync + 'static {
     fn step(&self, _prompt_tokens: usize, _decode_tokens: usize, _compute_time: Duration) {}
     /// The scheduler's state after a step or a change: sequences running (including those
     /// paused for a slow reader), waiting, and KV blocks in use of the pool's total.
-    fn state(&self, _running: usize, _waiting: usize, _blocks_used: usize, _blocks_total: usize) {
-    }
+    fn state(&self, _running: usize, _waiting: usize, _blocks_used: usize, _blocks_total: usize) {}
 }
 
 /// A no-op observer.

@@ -230,7 +230,9 @@ impl From<InferError> for ApiError {
     fn from(e: InferError) -> Self {
         match &e {
             InferError::QueueFull { .. } => ApiError::Overloaded(e.to_string()),
-            InferError::MoreRowsThanMaxBatch { .. } => ApiError::InvalidInput(e.to_string()),
+            InferError::MoreRowsThanMaxBatch { .. } | InferError::NotBatched { .. } => {
+                ApiError::InvalidInput(e.to_string())
+            }
             InferError::MoreRowsThanQueue { .. } => ApiError::PayloadTooLarge(e.to_string()),
             InferError::Timeout { .. } => ApiError::Timeout(e.to_string()),
             InferError::Stopped { .. } => ApiError::ModelNotReady(e.to_string()),

@@ -81,6 +81,11 @@ pub async fn take_model(
     Ok(state.registry.acquire(name, version, client).await?)
 }
 
+/// The deadline the client's `x-request-timeout-ms` sets, if it sent one.
+pub fn client_deadline(headers: &HeaderMap) -> Result<Option<Instant>, ApiError> {
+    Ok(client_timeout(headers)?.map(|t| Instant::now() + t))
+}
+
 /// The client's `x-request-timeout-ms`, if it sent one.
 fn client_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
     let Some(v) = headers.get(TIMEOUT_HEADER) else {

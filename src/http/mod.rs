@@ -4,6 +4,7 @@
 
 mod admin;
 pub mod auth;
+mod chat;
 mod dialect;
 mod error;
 mod health;
@@ -162,6 +163,20 @@ fn table() -> Vec<(RouteInfo, MethodRouter<AppState>)> {
             Infer,
             OpenAi,
             post(openai::embeddings),
+        ),
+        r(
+            "POST",
+            "/v1/chat/completions",
+            Infer,
+            OpenAi,
+            post(chat::chat_completions),
+        ),
+        r(
+            "POST",
+            "/v1/completions",
+            Infer,
+            OpenAi,
+            post(chat::completions),
         ),
         r("POST", "/v1/rerank", Infer, Native, post(rerank::rerank)),
         r(

@@ -141,7 +141,7 @@ fn version_json(version: u64, e: &VersionEntry) -> Value {
         "reason": e.reason,
     });
     if let Some(s) = &e.serving {
-        let stats = s.batched().stats();
+        let stats = s.stats();
         let obj = v.as_object_mut().expect("object");
         obj.insert("device".into(), json!(s.device));
         obj.insert("instance_devices".into(), json!(s.instance_devices));

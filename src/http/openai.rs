@@ -33,14 +33,22 @@ use crate::tensor::Item;
 #[derive(Debug)]
 pub struct OpenAiError {
     error: ApiError,
-    param: Option<&'static str>,
+    param: Option<std::borrow::Cow<'static, str>>,
 }
 
 impl OpenAiError {
-    fn on(param: &'static str, error: ApiError) -> Self {
+    pub(super) fn on(param: &'static str, error: ApiError) -> Self {
         Self {
             error,
-            param: Some(param),
+            param: Some(param.into()),
+        }
+    }
+
+    /// An error about a field the request named itself (e.g. one the route does not know).
+    pub(super) fn on_named(param: String, error: ApiError) -> Self {
+        Self {
+            error,
+            param: Some(param.into()),
         }
     }
 }
@@ -59,14 +67,14 @@ impl HasOutcome for OpenAiError {
 
 impl IntoResponse for OpenAiError {
     fn into_response(self) -> Response {
-        error_response(self.error, self.param)
+        error_response(self.error, self.param.as_deref())
     }
 }
 
 /// An error answer in OpenAI's shape: the API's status, `code` and `message`, plus `type`
 /// (from the status) and `param` (the request field it is about, if any), and the headers
 /// every dialect's error answer carries.
-pub fn error_response(err: ApiError, param: Option<&'static str>) -> Response {
+pub fn error_response(err: ApiError, param: Option<&str>) -> Response {
     let status = err.status();
     let log = err.log();
     let (kind, code) = match status {
@@ -245,6 +253,7 @@ async fn embed(
     let items = blocking_if_large(size, move || Ok(tokenise(&m, &inputs, &wanted))).await??;
     let results = model
         .batched()
+        .map_err(ApiError::from)?
         .infer(items, deadline)
         .await
         .map_err(ApiError::from)?;

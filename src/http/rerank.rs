@@ -92,7 +92,7 @@ pub async fn rerank(
         let (wanted, _alive) = StillWanted::new(deadline);
         let (items, req) =
             blocking_if_large(work, move || Ok((pairs(&m, &req, &wanted)?, req))).await?;
-        let results = model.batched().infer(items, deadline).await?;
+        let results = model.batched()?.infer(items, deadline).await?;
         let scorer = model.codec.pair_scorer().expect("checked before");
         let mut ranked = Vec::with_capacity(results.len());
         for (i, r) in results.iter().enumerate() {

@@ -137,7 +137,7 @@ async fn answer_prediction(
         }
     };
 
-    let results = model.batched().infer(items, deadline).await?;
+    let results = model.batched()?.infer(items, deadline).await?;
     let opts = params.output_options();
     let predictions: Vec<Value> = results
         .iter()

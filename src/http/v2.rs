@@ -270,7 +270,7 @@ fn duration(count: u64, ns: u64) -> Value {
 }
 
 fn stats_json(model: &ServingModel) -> Value {
-    let s = model.batched().stats();
+    let s = model.stats();
     let (ok, ok_ns) = model.metrics.success.get();
     let (fail, fail_ns) = model.metrics.failure.get();
     let computed = s.inferred_items;
@@ -430,6 +430,7 @@ async fn answer_inference(
     let deadline = deadline(&headers, &model, timeout)?;
     let results = model
         .batched()
+        .map_err(ApiError::from)?
         .infer(items, deadline)
         .await
         .map_err(ApiError::from)?;

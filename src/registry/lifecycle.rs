@@ -304,7 +304,26 @@ impl Registry {
         let (device, devices) = (p.device().to_string(), p.devices_summary());
         self.metrics
             .set_model_memory(name, version, &device, memory_bytes);
-        let runner = Runner::spawn_batched(p.batch_config, p.engines, metrics.clone());
+        let runner = Runner::spawn(
+            p.work,
+            name,
+            metrics.clone(),
+            Arc::new(crate::generate::observe::NoGenerationObserver),
+        );
+        let generation = match &runner {
+            Runner::Generative(g) => {
+                let kv = g.scheduler().geometry();
+                format!(
+                    "; KV cache {} tokens ({} blocks of {}, {}), context {} tokens",
+                    kv.num_blocks * kv.block_size,
+                    kv.num_blocks,
+                    kv.block_size,
+                    memory::mib(kv.bytes_per_block * kv.num_blocks as u64),
+                    kv.context_len
+                )
+            }
+            Runner::Batched(_) => String::new(),
+        };
         tracing::info!(
             model = name,
             version,
@@ -316,7 +335,7 @@ impl Registry {
             warmup_ms = p.warmup_time.as_millis() as u64,
             memory_mib = memory_bytes >> 20,
             reason = reason.as_str(),
-            "model ready: {name} v{version} on {devices}{} (load {} ms, warm-up {} ms, {}){}",
+            "model ready: {name} v{version} on {devices}{} (load {} ms, warm-up {} ms, {}){}{generation}",
             match p.spec.precision {
                 crate::config::model_spec::Precision::Fp32 => String::new(),
                 other => format!(" in {other}"),

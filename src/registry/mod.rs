@@ -35,6 +35,13 @@ pub use self::table::{LookupError, ModelEntry, ModelState, Readiness, VersionEnt
 /// Why a request to a model's queue was not answered: part of the registry's API, since its
 /// models' handles return it.
 pub use crate::batcher::InferError;
+/// What the API layer uses of generative models: part of the registry's API, since its
+/// generative models answer with them.
+pub mod generate {
+    pub use crate::generate::generator::{GenerateError, GenerateParams, Generator};
+    pub use crate::generate::sampling::{ParamError, MAX_TOP_LOGPROBS};
+    pub use crate::generate::scheduler::{Event, Finish, SequenceError, SubmitError, TokenInfo};
+}
 use crate::codec::ImageLimits;
 use crate::engine::EngineFactory;
 use crate::idle_poll::IdlePolling;

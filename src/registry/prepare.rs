@@ -2,25 +2,50 @@
 //! through the registry's [`EngineFactory`], warm each up and check its outputs against the
 //! declared signature. Blocking work, run off the async workers.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::RegistrySettings;
 use crate::batcher::BatchConfig;
+use crate::codec::kinds::text_generation;
 use crate::codec::ModelCodec;
-use crate::config::model_spec::{ModelSpec, SpecError};
-use crate::engine::{Engine, EngineError, EngineFactory};
+use crate::config::model_spec::{ModelSpec, Precision, SpecError};
+use crate::engine::{
+    DecodeInput, Decoder, DecoderConfig, DecoderKv, Engine, EngineError, EngineFactory,
+    PrefillInput,
+};
+use crate::generate::generator::CheckpointText;
+use crate::generate::settings::GenerationSettings;
 use crate::repository::VersionSource;
 
 /// A model version loaded and warmed up, before its queue starts.
 pub(super) struct Prepared {
     pub spec: ModelSpec,
     pub codec: ModelCodec,
-    pub engines: Vec<Box<dyn Engine>>,
-    pub batch_config: BatchConfig,
+    /// What runs it.
+    pub work: Work,
     /// Each instance's device, in order (`cpu`, `cuda:0`, ...).
     pub devices: Vec<String>,
     pub load_time: Duration,
     pub warmup_time: Duration,
+}
+
+/// What a prepared model runs on: engine instances behind a batch queue, or a decoder behind
+/// a scheduler.
+pub(super) enum Work {
+    Batched {
+        engines: Vec<Box<dyn Engine>>,
+        config: BatchConfig,
+    },
+    Generative(Box<GenerativeParts>),
+}
+
+/// A generative model's pieces, before its scheduler starts.
+pub(super) struct GenerativeParts {
+    pub decoder: Box<dyn Decoder>,
+    pub text: CheckpointText,
+    pub settings: GenerationSettings,
+    pub vocab_size: usize,
 }
 
 impl Prepared {
@@ -83,6 +108,9 @@ pub(super) fn prepare(
     let started = Instant::now();
     let codec = ModelCodec::new(&spec, settings.image_limits, settings.max_text_bytes)
         .map_err(LoadError::Codec)?;
+    if spec.kind == text_generation::KIND.name {
+        return prepare_generative(spec, codec, engines, started);
+    }
     let mut loaded: Vec<Box<dyn Engine>> = Vec::with_capacity(spec.instances);
     let mut devices = Vec::with_capacity(spec.instances);
     for index in 0..spec.instances {
@@ -119,8 +147,83 @@ pub(super) fn prepare(
         load_time,
         spec,
         codec,
-        engines: loaded,
-        batch_config,
+        work: Work::Batched {
+            engines: loaded,
+            config: batch_config,
+        },
+    })
+}
+
+/// Bytes one position of a checkpoint's KV cache takes in `precision`, and its config.
+pub(super) fn kv_bytes_per_token(
+    dir: &Path,
+    precision: Precision,
+) -> Result<(u64, DecoderConfig), LoadError> {
+    let load_err = |message: String| {
+        LoadError::Engine(EngineError::Load {
+            path: dir.display().to_string(),
+            message,
+        })
+    };
+    let json = std::fs::read_to_string(dir.join("config.json"))
+        .map_err(|e| load_err(format!("config.json: {e}")))?;
+    let config = DecoderConfig::parse(&json).map_err(load_err)?;
+    let bytes =
+        2 * config.num_layers * config.num_kv_heads * config.head_dim * precision.dtype().size();
+    Ok((bytes as u64, config))
+}
+
+/// Loads a text-generation model's decoder with its KV pool, its tokenizer and chat template,
+/// and warms it up with a short prompt and one decode step.
+fn prepare_generative(
+    spec: ModelSpec,
+    codec: ModelCodec,
+    engines: &dyn EngineFactory,
+    started: Instant,
+) -> Result<Prepared, LoadError> {
+    let settings = text_generation::generation_settings(&spec).map_err(LoadError::Codec)?;
+    let dir = text_generation::checkpoint_dir(&spec, &settings);
+    let (per_token, config) = kv_bytes_per_token(&dir, spec.precision)?;
+    let blocks = settings.kv_blocks(per_token).map_err(LoadError::Codec)?;
+    let text = CheckpointText::load(&dir).map_err(LoadError::Codec)?;
+    let kv = DecoderKv {
+        block_size: settings.block_size,
+        blocks,
+        max_context: settings.context_length,
+    };
+    let mut loaded = engines.load_decoder(&spec, &dir, kv)?;
+    let load_time = started.elapsed();
+    let warm = Instant::now();
+    let geometry = loaded.decoder.kv();
+    let tokens: Vec<u32> = (0..geometry.block_size.min(8) as u32).collect();
+    let table: Vec<u32> = vec![0];
+    let warmed = loaded
+        .decoder
+        .prefill(&[PrefillInput {
+            tokens: &tokens,
+            start: 0,
+            blocks: &table,
+        }])
+        .and_then(|_| {
+            loaded.decoder.decode(&[DecodeInput {
+                token: 0,
+                position: tokens.len(),
+                blocks: &table,
+            }])
+        });
+    warmed.map_err(|source| LoadError::Warmup { rows: 1, source })?;
+    Ok(Prepared {
+        devices: vec![loaded.device],
+        warmup_time: warm.elapsed(),
+        load_time,
+        spec,
+        codec,
+        work: Work::Generative(Box::new(GenerativeParts {
+            decoder: loaded.decoder,
+            text,
+            settings,
+            vocab_size: config.vocab_size,
+        })),
     })
 }
 

@@ -9,23 +9,66 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::batcher::{BatchConfig, BatchObserver, ModelHandle};
+use super::prepare::Work;
+use crate::batcher::{BatchConfig, BatchObserver, InferError, ModelHandle, StatsSnapshot};
 use crate::codec::ModelCodec;
 use crate::config::model_spec::ModelSpec;
 use crate::engine::Engine;
+use crate::generate::generator::Generator;
+use crate::generate::observe::GenerationObserver;
+use crate::generate::scheduler::{SchedulerConfig, SchedulerHandle};
 use crate::telemetry::ModelMetrics;
 
 /// How a serving model runs its work.
 #[derive(Debug, Clone)]
 pub enum Runner {
     /// A batch queue over its engine instances: requests are answered from batched forward
-    /// passes. (Next: `Generative(...)` for a generative scheduler.)
+    /// passes.
     Batched(ModelHandle),
+    /// A generative model's scheduler: sequences stepped together over a paged KV cache.
+    Generative(Arc<Generator>),
 }
 
 impl Runner {
+    /// Starts what runs a prepared model: its batch queue, or its generative scheduler
+    /// reporting to `observer`.
+    pub(super) fn spawn(
+        work: Work,
+        model: &str,
+        metrics: Arc<ModelMetrics>,
+        observer: Arc<dyn GenerationObserver>,
+    ) -> Runner {
+        let parts = match work {
+            Work::Batched { engines, config } => {
+                return Self::spawn_batched(config, engines, metrics)
+            }
+            Work::Generative(parts) => *parts,
+        };
+        let s = &parts.settings;
+        let config = SchedulerConfig {
+            model: model.to_string(),
+            max_sequences: s.max_sequences,
+            max_waiting: s.max_waiting,
+            max_step_tokens: s.max_step_tokens,
+            stream_buffer: s.stream_buffer,
+            stall_timeout: s.stall_timeout(),
+        };
+        let scheduler = SchedulerHandle::spawn(
+            parts.decoder,
+            parts.text.tokenizer.clone(),
+            config,
+            observer,
+        );
+        Runner::Generative(Arc::new(Generator::new(
+            scheduler,
+            parts.text,
+            parts.settings,
+            parts.vocab_size,
+        )))
+    }
+
     /// Starts a batch queue over `engines`, reporting to `metrics`.
-    pub(super) fn spawn_batched(
+    fn spawn_batched(
         config: BatchConfig,
         engines: Vec<Box<dyn Engine>>,
         metrics: Arc<ModelMetrics>,
@@ -39,6 +82,7 @@ impl Runner {
     pub fn queued(&self) -> usize {
         match self {
             Runner::Batched(handle) => handle.queued(),
+            Runner::Generative(g) => g.scheduler().queued(),
         }
     }
 
@@ -51,6 +95,7 @@ impl Runner {
     pub fn failure(&self) -> Option<String> {
         match self {
             Runner::Batched(handle) => handle.failure(),
+            Runner::Generative(g) => g.scheduler().failure(),
         }
     }
 
@@ -58,10 +103,17 @@ impl Runner {
     /// is gone, the work it accepted is answered and its threads have exited (dropping its
     /// engines and so their memory).
     pub(super) async fn retire(self) {
-        let retired = match self {
-            Runner::Batched(handle) => handle.retire(),
-        };
-        let _ = tokio::task::spawn_blocking(move || retired.wait()).await;
+        match self {
+            Runner::Batched(handle) => {
+                let retired = handle.retire();
+                let _ = tokio::task::spawn_blocking(move || retired.wait()).await;
+            }
+            Runner::Generative(g) => {
+                let retired = g.scheduler().clone().retire();
+                drop(g);
+                let _ = tokio::task::spawn_blocking(move || retired.wait()).await;
+            }
+        }
     }
 }
 
@@ -93,11 +145,26 @@ pub struct ServingModel {
 }
 
 impl ServingModel {
-    /// The batch queue that takes its work. Every model is batched for now, so this is the
-    /// queue itself; with a second kind of runner it becomes an `Option`.
-    pub fn batched(&self) -> &ModelHandle {
+    /// The batch queue that takes its work; a generative model has none.
+    pub fn batched(&self) -> Result<&ModelHandle, InferError> {
         match &self.runner {
-            Runner::Batched(handle) => handle,
+            Runner::Batched(handle) => Ok(handle),
+            Runner::Generative(_) => Err(InferError::NotBatched {
+                model: self.name.clone(),
+            }),
+        }
+    }
+
+    /// Its batch queue's counters (zero for a generative model).
+    pub fn stats(&self) -> StatsSnapshot {
+        self.batched().map(|q| q.stats()).unwrap_or_default()
+    }
+
+    /// The generative model, if it is one.
+    pub fn generator(&self) -> Option<&Arc<Generator>> {
+        match &self.runner {
+            Runner::Generative(g) => Some(g),
+            Runner::Batched(_) => None,
         }
     }
 

@@ -16,6 +16,7 @@ mod reranker;
 mod tensor;
 mod text_classifier;
 mod text_embedding;
+pub mod text_generation;
 mod tokens;
 
 use serde_json::Value;
@@ -157,6 +158,7 @@ pub const KINDS: &[&Kind] = &[
     &image_classifier::KIND,
     &text_classifier::KIND,
     &text_embedding::KIND,
+    &text_generation::KIND,
     &reranker::KIND,
     &regressor::KIND,
     &tensor::KIND,

@@ -9,7 +9,10 @@ use std::path::Path;
 
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
-use super::{Engine, EngineError, EngineFactory, GpuMemory, LoadedEngine, RuntimeInfo};
+use super::{
+    DecoderKv, Engine, EngineError, EngineFactory, GpuMemory, LoadedDecoder, LoadedEngine,
+    RuntimeInfo,
+};
 use crate::config::model_spec::{ModelSpec, Placed, Precision};
 use crate::tensor::{DType, HostTensor};
 
@@ -92,6 +95,33 @@ impl EngineFactory for TorchEngines {
         let engine = TorchEngine::load(&spec.file, device, options)?;
         Ok(LoadedEngine {
             engine: Box::new(engine),
+            device: device.to_string(),
+        })
+    }
+
+    fn load_decoder(
+        &self,
+        spec: &ModelSpec,
+        dir: &Path,
+        kv: DecoderKv,
+    ) -> Result<LoadedDecoder, EngineError> {
+        let device: ResolvedDevice = spec
+            .instance_device(0, visible_gpus())
+            .map_err(|m| EngineError::Device(spec.device.to_string(), m))?
+            .into();
+        let decoder = decoder::TorchDecoder::load(
+            dir,
+            decoder::DecoderOptions {
+                precision: spec.precision,
+                device,
+                block_size: kv.block_size,
+                kv_blocks: kv.blocks,
+                max_context: kv.max_context,
+                intra_op_threads: Some(intra_op_threads(spec)),
+            },
+        )?;
+        Ok(LoadedDecoder {
+            decoder: Box::new(decoder),
             device: device.to_string(),
         })
     }

@@ -14,7 +14,7 @@ pub async fn limit_concurrency(
     next: Next,
 ) -> Response {
     match state.concurrency.clone().try_acquire_owned() {
-        Ok(_permit) => next.run(req).await,
+        Ok(permit) => super::hold_while_streaming(next.run(req).await, permit),
         Err(_) => {
             state.metrics.reject("concurrency_limit");
             dialect.error_response(ApiError::Overloaded(format!(

@@ -39,7 +39,7 @@ impl Drop for InFlight {
 /// template (never by raw path).
 pub async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let _in_flight = InFlight::new(&state);
+    let in_flight = InFlight::new(&state);
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -95,7 +95,7 @@ pub async fn observe(State(state): State<AppState>, req: Request, next: Next) ->
     } else {
         tracing::info!(total_ms, "{} {} {}", method, route, status.as_u16());
     }
-    response
+    super::hold_while_streaming(response, in_flight)
 }
 
 /// The metrics label of a request method: the standard ones by name, anything else `other`,

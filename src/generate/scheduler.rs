@@ -1,0 +1,728 @@
+//! One generative model's scheduler: continuous batching over its paged KV cache.
+//!
+//! One OS thread owns the model's [`Decoder`], its [`BlockAllocator`] and every sequence (the
+//! batcher's single-owner pattern: no locks around them). Each iteration it
+//! 1. takes new requests into the waiting queue, and ends sequences whose client left, whose
+//!    deadline passed, or whose stream has been unread for longer than the stall bound;
+//! 2. admits waiting sequences, oldest first, while the running batch has room and the pool has
+//!    free blocks for their tokens;
+//! 3. plans one step: each running sequence's next token, then prompt tokens, oldest first,
+//!    within the step's token budget (long prompts are computed in pieces over several steps).
+//!    A sequence that needs a block when none is free takes one from a paused sequence, else
+//!    from the newest running one, which is preempted: its blocks go back to the pool, and it
+//!    waits at the head of the queue to be recomputed (prompt and answer so far);
+//! 4. runs the step as one forward pass over all of them, and samples, detokenises and stops
+//!    each sequence whose tokens are all computed.
+//!
+//! A sequence joins the batch at the step after it arrives and leaves at the step it finishes,
+//! freeing its blocks at once. Its events go through a bounded channel: a client that stops
+//! reading fills it, and its sequence pauses (it is not stepped, and its blocks are the first
+//! taken when others need them) until the client reads again or the stall bound ends it.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::detok::{Decode, Detokenizer};
+use super::observe::{EndReason, GenerationObserver};
+use super::sampling::{Sampler, SamplingParams};
+use super::stop::StopStrings;
+use crate::engine::{BlockAllocator, Decoder, KvGeometry, PrefillInput};
+
+/// One sequence to generate.
+#[derive(Debug, Clone)]
+pub struct SequenceRequest {
+    /// Prompt tokens (at least one).
+    pub prompt: Vec<u32>,
+    /// Checked sampling parameters.
+    pub sampling: SamplingParams,
+    /// Tokens to generate at most (the prompt and these fit in the context).
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    /// Tokens that end the answer (end-of-sequence ids); empty: none do.
+    pub stop_tokens: Vec<u32>,
+    /// Log-probabilities to report: `None`, or the chosen token's and this many alternatives.
+    pub logprobs: Option<usize>,
+    pub arrived: Instant,
+    pub deadline: Instant,
+}
+
+/// A generated token, with its log-probability and the best alternatives when asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenInfo {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Why an answer ended, as OpenAI's `finish_reason` says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` or the context length.
+    Length,
+}
+
+impl Finish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+        }
+    }
+}
+
+/// What a sequence's client receives, in order: tokens, then one end or one error.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A generated token and the text it releases (empty while text is held back: an
+    /// incomplete character, or what may begin a stop string). An end-of-sequence token has
+    /// no event.
+    Token { text: String, token: TokenInfo },
+    /// The answer ended: the text still held, and the counts for `usage`.
+    End {
+        text: String,
+        finish: Finish,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    /// The sequence failed.
+    Error(SequenceError),
+}
+
+/// Why a sequence ended without an answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SequenceError {
+    #[error("the request's deadline passed after {generated} generated tokens")]
+    TimedOut { generated: usize },
+    #[error("the model failed: {0}")]
+    Model(String),
+}
+
+/// Why a request was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("{waiting} sequences are waiting, the most this model queues; retry later")]
+    QueueFull { waiting: usize },
+    #[error("the model is shutting down")]
+    Closed,
+}
+
+/// How the scheduler runs (from the model's `[generation]` settings).
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub model: String,
+    pub max_sequences: usize,
+    pub max_waiting: usize,
+    pub max_step_tokens: usize,
+    /// Token events a stream holds unread before its sequence pauses.
+    pub stream_buffer: usize,
+    pub stall_timeout: Duration,
+}
+
+enum Command {
+    Submit(Vec<(SequenceRequest, mpsc::Sender<Event>)>),
+}
+
+struct Shared {
+    commands: Mutex<Option<Sender<Command>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    /// Sequences submitted and not yet admitted (the queue bound).
+    waiting: AtomicUsize,
+    /// Sequences admitted and not finished.
+    running: AtomicUsize,
+    /// Blocks in use, for tests and the memory picture.
+    blocks_used: AtomicUsize,
+    failure: Mutex<Option<String>>,
+    config: SchedulerConfig,
+    geometry: KvGeometry,
+}
+
+/// The handle of a model's scheduler: cheap to clone, shared by its requests.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for SchedulerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchedulerHandle")
+            .field("model", &self.shared.config.model)
+            .finish()
+    }
+}
+
+/// A retired scheduler's thread, to wait for.
+pub struct Retired(Option<JoinHandle<()>>);
+
+impl Retired {
+    /// Blocks until the scheduler has answered what it accepted and exited.
+    pub fn wait(self) {
+        if let Some(t) = self.0 {
+            let _ = t.join();
+        }
+    }
+}
+
+impl SchedulerHandle {
+    /// Starts the scheduler thread over `decoder`.
+    pub fn spawn(
+        decoder: Box<dyn Decoder>,
+        text: Arc<dyn Decode + Send + Sync>,
+        config: SchedulerConfig,
+        observer: Arc<dyn GenerationObserver>,
+    ) -> Self {
+        let geometry = decoder.kv();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let shared = Arc::new(Shared {
+            commands: Mutex::new(Some(tx)),
+            thread: Mutex::new(None),
+            waiting: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            blocks_used: AtomicUsize::new(0),
+            failure: Mutex::new(None),
+            config: config.clone(),
+            geometry,
+        });
+        let worker = Worker {
+            allocator: BlockAllocator::new(&geometry),
+            decoder,
+            text,
+            observer,
+            shared: shared.clone(),
+            waiting: VecDeque::new(),
+            active: Vec::new(),
+            next_order: 0,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("generate-{}", config.model))
+            .spawn(move || worker.run(rx))
+            .expect("spawn the scheduler thread");
+        *shared.thread.lock().expect("thread lock") = Some(thread);
+        Self { shared }
+    }
+
+    /// The KV pool's shape.
+    pub fn geometry(&self) -> KvGeometry {
+        self.shared.geometry
+    }
+
+    /// Queues sequences (all or none: one request's choices); each gets its events through
+    /// its receiver. Fails at once when the queue is full.
+    pub fn submit(
+        &self,
+        requests: Vec<SequenceRequest>,
+    ) -> Result<Vec<mpsc::Receiver<Event>>, SubmitError> {
+        let n = requests.len();
+        let max = self.shared.config.max_waiting;
+        self.shared
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                (w + n <= max).then_some(w + n)
+            })
+            .map_err(|waiting| SubmitError::QueueFull { waiting })?;
+        // a token event per step, plus room for the end, which is never refused
+        let capacity = self.shared.config.stream_buffer + 2;
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..n).map(|_| mpsc::channel(capacity)).unzip();
+        let sent = self
+            .shared
+            .commands
+            .lock()
+            .expect("commands lock")
+            .as_ref()
+            .map(|tx| tx.send(Command::Submit(requests.into_iter().zip(senders).collect())));
+        match sent {
+            Some(Ok(())) => Ok(receivers),
+            _ => {
+                self.shared.waiting.fetch_sub(n, Ordering::AcqRel);
+                Err(SubmitError::Closed)
+            }
+        }
+    }
+
+    /// Sequences waiting or running.
+    pub fn queued(&self) -> usize {
+        self.shared.waiting.load(Ordering::Acquire) + self.shared.running.load(Ordering::Acquire)
+    }
+
+    /// KV blocks held by sequences now.
+    pub fn blocks_used(&self) -> usize {
+        self.shared.blocks_used.load(Ordering::Acquire)
+    }
+
+    /// The device failure that stopped the model, if one did.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failure.lock().expect("failure lock").clone()
+    }
+
+    /// Stops taking requests; the scheduler answers what it accepted and exits.
+    pub fn retire(self) -> Retired {
+        self.shared.commands.lock().expect("commands lock").take();
+        Retired(self.shared.thread.lock().expect("thread lock").take())
+    }
+}
+
+/// One sequence the scheduler owns.
+struct Seq {
+    /// Prompt and generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Positions whose keys and values are in the cache.
+    computed: usize,
+    blocks: Vec<u32>,
+    sampler: Sampler,
+    detok: Detokenizer,
+    stops: StopStrings,
+    max_tokens: usize,
+    stop_tokens: Vec<u32>,
+    logprobs: Option<usize>,
+    arrived: Instant,
+    deadline: Instant,
+    tx: mpsc::Sender<Event>,
+    /// Admitted before (its prompt is counted; a preempted sequence comes back).
+    admitted: bool,
+    last_token: Option<Instant>,
+    paused_since: Option<Instant>,
+    /// Arrival order: the newest is preempted first.
+    order: u64,
+    /// Taken out of the running batch this step (preempted or ended).
+    out: Option<Out>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Out {
+    Preempted,
+    Ended,
+}
+
+impl Seq {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    /// Tokens whose keys and values are still to compute.
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
+}
+
+struct Worker {
+    decoder: Box<dyn Decoder>,
+    allocator: BlockAllocator,
+    text: Arc<dyn Decode + Send + Sync>,
+    observer: Arc<dyn GenerationObserver>,
+    shared: Arc<Shared>,
+    waiting: VecDeque<Seq>,
+    /// The running batch, oldest admitted first.
+    active: Vec<Seq>,
+    next_order: u64,
+}
+
+/// How long the scheduler sleeps while it has work it cannot step (paused streams, prompts
+/// waiting for blocks) before it looks again.
+const RECHECK: Duration = Duration::from_millis(5);
+
+impl Worker {
+    fn run(mut self, rx: Receiver<Command>) {
+        let mut open = true;
+        loop {
+            let idle = self.active.is_empty() && self.waiting.is_empty();
+            if idle && !open {
+                return;
+            }
+            if open {
+                open = self.intake(&rx, idle);
+            }
+            self.reap();
+            self.admit();
+            let stepped = self.step();
+            self.publish();
+            if !stepped && open && !(self.active.is_empty() && self.waiting.is_empty()) {
+                // nothing could run: wait for a reader, a new request or a deadline
+                match rx.recv_timeout(RECHECK) {
+                    Ok(c) => self.take(c),
+                    Err(RecvTimeoutError::Disconnected) => open = false,
+                    Err(RecvTimeoutError::Timeout) => {}
+                }
+            } else if !stepped && !open && !self.active.is_empty() {
+                std::thread::sleep(RECHECK);
+            }
+        }
+    }
+
+    /// Takes new requests: blocks while idle; returns whether the handle is still open.
+    fn intake(&mut self, rx: &Receiver<Command>, idle: bool) -> bool {
+        if idle {
+            match rx.recv() {
+                Ok(c) => self.take(c),
+                Err(_) => return false,
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(c) => self.take(c),
+                Err(TryRecvError::Empty) => return true,
+                Err(TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    fn take(&mut self, command: Command) {
+        let Command::Submit(requests) = command;
+        for (r, tx) in requests {
+            let order = self.next_order;
+            self.next_order += 1;
+            self.waiting.push_back(Seq {
+                prompt_len: r.prompt.len(),
+                sampler: Sampler::new(r.sampling, &r.prompt),
+                tokens: r.prompt,
+                computed: 0,
+                blocks: Vec::new(),
+                detok: Detokenizer::new(),
+                stops: StopStrings::new(r.stop),
+                max_tokens: r.max_tokens,
+                stop_tokens: r.stop_tokens,
+                logprobs: r.logprobs,
+                arrived: r.arrived,
+                deadline: r.deadline,
+                tx,
+                admitted: false,
+                last_token: None,
+                paused_since: None,
+                order,
+                out: None,
+            });
+        }
+    }
+
+    /// Ends sequences whose client left, whose deadline passed or whose stream stalled.
+    fn reap(&mut self) {
+        let now = Instant::now();
+        let stall = self.shared.config.stall_timeout;
+        let verdict = |s: &Seq| -> Option<EndReason> {
+            if s.tx.is_closed() {
+                Some(EndReason::Cancelled)
+            } else if now >= s.deadline || s.paused_since.is_some_and(|p| now - p >= stall) {
+                Some(EndReason::TimedOut)
+            } else {
+                None
+            }
+        };
+        let mut i = 0;
+        while i < self.waiting.len() {
+            match verdict(&self.waiting[i]) {
+                Some(reason) => {
+                    let s = self.waiting.remove(i).expect("index within the queue");
+                    self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
+                    self.tell_end(&s, reason);
+                }
+                None => i += 1,
+            }
+        }
+        for i in 0..self.active.len() {
+            if let Some(reason) = verdict(&self.active[i]) {
+                self.tell_end(&self.active[i], reason);
+                self.active[i].out = Some(Out::Ended);
+            }
+        }
+        self.sweep();
+    }
+
+    /// Reports a sequence's end to its client (a timeout: when there is room) and the observer.
+    fn tell_end(&self, s: &Seq, reason: EndReason) {
+        let generated = s.generated();
+        if reason == EndReason::TimedOut {
+            let _ =
+                s.tx.try_send(Event::Error(SequenceError::TimedOut { generated }));
+        }
+        self.observer
+            .finished(s.arrived.elapsed(), generated, reason);
+    }
+
+    /// Removes the sequences taken out of the running batch: ended ones give their blocks
+    /// back, preempted ones go back to the head of the queue, oldest first.
+    fn sweep(&mut self) {
+        if self.active.iter().all(|s| s.out.is_none()) {
+            return;
+        }
+        let mut back = Vec::new();
+        let mut kept = Vec::with_capacity(self.active.len());
+        for mut s in self.active.drain(..) {
+            match s.out.take() {
+                None => kept.push(s),
+                Some(out) => {
+                    self.allocator.release(&mut s.blocks);
+                    self.shared.running.fetch_sub(1, Ordering::AcqRel);
+                    if out == Out::Preempted {
+                        s.computed = 0;
+                        s.paused_since = None;
+                        back.push(s);
+                    }
+                }
+            }
+        }
+        self.active = kept;
+        back.sort_by_key(|s| std::cmp::Reverse(s.order));
+        for s in back {
+            self.shared.waiting.fetch_add(1, Ordering::AcqRel);
+            self.waiting.push_front(s);
+        }
+    }
+
+    /// Blocks a small reserve keeps free at admission, so that running sequences can grow for a
+    /// while before anyone is preempted.
+    fn watermark(&self) -> usize {
+        (self.shared.geometry.num_blocks / 100).max(1)
+    }
+
+    /// Admits waiting sequences, oldest first, while the batch has room and the pool has
+    /// blocks for all of their tokens (stalled streams' blocks are taken for them).
+    fn admit(&mut self) {
+        let max = self.shared.config.max_sequences;
+        let mut promised = 0;
+        while self.active.len() < max {
+            let Some(front) = self.waiting.front() else {
+                return;
+            };
+            let need = self.allocator.blocks_for(front.tokens.len() + 1);
+            let reserve = if self.active.is_empty() {
+                0
+            } else {
+                self.watermark()
+            };
+            while self.allocator.free_blocks() < promised + need + reserve {
+                let Some(victim) = self.paused_victim(usize::MAX) else {
+                    break;
+                };
+                self.preempt(victim);
+            }
+            if self.allocator.free_blocks() < promised + need + reserve && !self.active.is_empty() {
+                return;
+            }
+            self.sweep();
+            let mut s = self.waiting.pop_front().expect("front exists");
+            self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
+            self.shared.running.fetch_add(1, Ordering::AcqRel);
+            if !s.admitted {
+                s.admitted = true;
+                self.observer.admitted(s.arrived.elapsed(), s.prompt_len);
+            }
+            promised += need;
+            self.active.push(s);
+        }
+    }
+
+    /// A paused sequence holding blocks, other than `except`.
+    fn paused_victim(&self, except: usize) -> Option<usize> {
+        self.active.iter().enumerate().position(|(i, s)| {
+            i != except && s.out.is_none() && s.paused_since.is_some() && !s.blocks.is_empty()
+        })
+    }
+
+    fn preempt(&mut self, i: usize) {
+        let s = &mut self.active[i];
+        self.allocator.release(&mut s.blocks);
+        s.computed = 0;
+        s.out = Some(Out::Preempted);
+        self.observer.preempted();
+    }
+
+    /// Plans and runs one step; returns whether anything ran.
+    fn step(&mut self) -> bool {
+        let now = Instant::now();
+        let budget_max = self.shared.config.max_step_tokens;
+        // a step's token events and a possible end must fit in the stream: else it pauses
+        for s in &mut self.active {
+            if s.tx.capacity() < 2 {
+                s.paused_since.get_or_insert(now);
+            } else {
+                s.paused_since = None;
+            }
+        }
+        // running sequences' next tokens first, then prompts, each oldest first
+        let mut order: Vec<usize> = (0..self.active.len()).collect();
+        order.sort_by_key(|&i| (self.active[i].pending() > 1, i));
+        let mut chosen: Vec<(usize, usize)> = Vec::new();
+        let mut budget = budget_max;
+        for i in order {
+            if budget == 0 {
+                break;
+            }
+            let s = &self.active[i];
+            if s.out.is_some() || s.paused_since.is_some() {
+                continue;
+            }
+            let len = s.pending().min(budget);
+            let mut fits = true;
+            loop {
+                let s = &mut self.active[i];
+                if self
+                    .allocator
+                    .reserve(&mut s.blocks, s.computed + len)
+                    .is_ok()
+                {
+                    break;
+                }
+                let planned = |j: usize| chosen.iter().any(|&(c, _)| c == j);
+                let victim = self.paused_victim(i).or_else(|| {
+                    (0..self.active.len()).rev().find(|&j| {
+                        j != i
+                            && !planned(j)
+                            && self.active[j].out.is_none()
+                            && !self.active[j].blocks.is_empty()
+                    })
+                });
+                match victim {
+                    Some(v) => self.preempt(v),
+                    None => {
+                        // everyone older is in the step: this one waits for them
+                        self.preempt(i);
+                        fits = false;
+                        break;
+                    }
+                }
+            }
+            if fits {
+                chosen.push((i, len));
+                budget -= len;
+            }
+        }
+        if chosen.is_empty() {
+            self.sweep();
+            return false;
+        }
+        let (mut prompt_tokens, mut decode_tokens) = (0, 0);
+        let inputs: Vec<PrefillInput<'_>> = chosen
+            .iter()
+            .map(|&(i, len)| {
+                let s = &self.active[i];
+                if s.computed + len < s.tokens.len() || s.computed < s.prompt_len {
+                    prompt_tokens += len;
+                } else {
+                    decode_tokens += len;
+                }
+                PrefillInput {
+                    tokens: &s.tokens[s.computed..s.computed + len],
+                    start: s.computed,
+                    blocks: &s.blocks,
+                }
+            })
+            .collect();
+        let started = Instant::now();
+        let result = self.decoder.prefill(&inputs);
+        self.observer
+            .step(prompt_tokens, decode_tokens, started.elapsed());
+        match result {
+            Ok(logits) => {
+                for (&(i, len), logits) in chosen.iter().zip(logits) {
+                    self.active[i].computed += len;
+                    if self.active[i].pending() == 0 {
+                        self.next_token(i, &logits);
+                    }
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                if e.is_device_failure() {
+                    *self.shared.failure.lock().expect("failure lock") = Some(message.clone());
+                    chosen = (0..self.active.len()).map(|i| (i, 0)).collect();
+                }
+                tracing::error!(model = %self.shared.config.model, error = %message, "generation step failed");
+                for &(i, _) in &chosen {
+                    let s = &mut self.active[i];
+                    let _ =
+                        s.tx.try_send(Event::Error(SequenceError::Model(message.clone())));
+                    s.out = Some(Out::Ended);
+                    self.observer
+                        .finished(s.arrived.elapsed(), s.generated(), EndReason::Error);
+                }
+            }
+        }
+        self.sweep();
+        true
+    }
+
+    /// Samples sequence `i`'s next token from `logits` and tells its client.
+    fn next_token(&mut self, i: usize, logits: &[f32]) {
+        let s = &mut self.active[i];
+        let sampled = s.sampler.sample(logits, s.logprobs.unwrap_or(0));
+        let now = Instant::now();
+        match s.last_token {
+            None => self.observer.first_token(now - s.arrived),
+            Some(t) => self.observer.next_token(now - t),
+        }
+        s.last_token = Some(now);
+        s.tokens.push(sampled.token);
+        let info = TokenInfo {
+            id: sampled.token,
+            logprob: sampled.logprob,
+            top: sampled.top,
+        };
+        let context = self.shared.geometry.context_len;
+        let mut finish = None;
+        let mut by_string = false;
+        if s.stop_tokens.contains(&sampled.token) {
+            finish = Some(Finish::Stop);
+        } else {
+            let piece = s
+                .detok
+                .push(self.text.as_ref(), sampled.token)
+                .unwrap_or_default();
+            let step = s.stops.push(&piece);
+            if step.stopped {
+                finish = Some(Finish::Stop);
+                by_string = true;
+            }
+            let _ = s.tx.try_send(Event::Token {
+                text: step.text,
+                token: info,
+            });
+        }
+        if finish.is_none() && (s.generated() >= s.max_tokens || s.tokens.len() >= context) {
+            finish = Some(Finish::Length);
+        }
+        let Some(finish) = finish else {
+            return;
+        };
+        let mut text = String::new();
+        if !by_string {
+            let rest = s.detok.finish(self.text.as_ref()).unwrap_or_default();
+            let step = s.stops.push(&rest);
+            text = step.text;
+            if !step.stopped {
+                text.push_str(&s.stops.finish());
+            }
+        }
+        let _ = s.tx.try_send(Event::End {
+            text,
+            finish,
+            prompt_tokens: s.prompt_len,
+            completion_tokens: s.generated(),
+        });
+        self.observer.finished(
+            s.arrived.elapsed(),
+            s.generated(),
+            match finish {
+                Finish::Stop => EndReason::Stop,
+                Finish::Length => EndReason::Length,
+            },
+        );
+        s.out = Some(Out::Ended);
+    }
+
+    /// Tells the shared counters and the observer where things stand.
+    fn publish(&self) {
+        let total = self.shared.geometry.num_blocks;
+        let used = total - self.allocator.free_blocks();
+        self.shared.blocks_used.store(used, Ordering::Release);
+        self.observer
+            .state(self.active.len(), self.waiting.len(), used, total);
+    }
+}

@@ -1,0 +1,219 @@
+//! A generative model's `[generation]` table in model.toml: where its checkpoint is, how large
+//! its KV cache and its batches are, how long its requests and stalled streams may take, and
+//! its sampling defaults. Everything has a default; the checkpoint says the rest.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::size::parse_size;
+
+/// The `[generation]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GenerationSettings {
+    /// The Hugging Face checkpoint folder (relative: to the model's version folder, else
+    /// beside model.toml); default: the model's folder itself.
+    pub checkpoint: Option<PathBuf>,
+    /// The longest sequence (prompt and answer) served, in tokens; default and cap: the
+    /// checkpoint's `max_position_embeddings`.
+    pub context_length: Option<usize>,
+    /// The KV cache's size in tokens (all sequences together). Exclusive with
+    /// `kv_cache_memory`.
+    pub kv_cache_tokens: Option<usize>,
+    /// The KV cache's size in memory (`512MiB`, `4GiB`); default [`DEFAULT_KV_MEMORY`].
+    pub kv_cache_memory: Option<String>,
+    /// Positions per KV block.
+    pub block_size: usize,
+    /// Sequences computed together in one step, at most.
+    pub max_sequences: usize,
+    /// Sequences waiting for a place in the running batch, at most; more are refused (503).
+    pub max_waiting: usize,
+    /// Tokens computed in one step, at most (prompts beyond it are computed in pieces over
+    /// several steps, so that running sequences keep their pace).
+    pub max_step_tokens: usize,
+    /// Tokens a stream may hold unread before its sequence pauses.
+    pub stream_buffer: usize,
+    /// A paused stream's sequence ends after this many seconds unread.
+    pub stall_timeout_s: f64,
+    /// A request's deadline in seconds (a client's `x-request-timeout-ms` may shorten it).
+    pub timeout_s: f64,
+    /// The answer's length when a request does not say (default: up to the context length).
+    pub max_tokens: Option<usize>,
+    /// Sampling defaults for requests that do not set them (over `generation_config.json`'s).
+    pub sampling: SamplingDefaults,
+}
+
+/// Sampling parameters a model may default (the request's own win).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingDefaults {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+}
+
+impl SamplingDefaults {
+    /// These defaults, each missing one taken from `other`.
+    pub fn or(&self, other: &SamplingDefaults) -> SamplingDefaults {
+        SamplingDefaults {
+            temperature: self.temperature.or(other.temperature),
+            top_p: self.top_p.or(other.top_p),
+            top_k: self.top_k.or(other.top_k),
+            min_p: self.min_p.or(other.min_p),
+            repetition_penalty: self.repetition_penalty.or(other.repetition_penalty),
+        }
+    }
+}
+
+/// The KV cache's memory unless model.toml says.
+pub const DEFAULT_KV_MEMORY: u64 = 1 << 30;
+
+impl Default for GenerationSettings {
+    fn default() -> Self {
+        Self {
+            checkpoint: None,
+            context_length: None,
+            kv_cache_tokens: None,
+            kv_cache_memory: None,
+            block_size: 16,
+            max_sequences: 64,
+            max_waiting: 256,
+            max_step_tokens: 512,
+            stream_buffer: 32,
+            stall_timeout_s: 30.0,
+            timeout_s: 600.0,
+            max_tokens: None,
+            sampling: SamplingDefaults::default(),
+        }
+    }
+}
+
+/// The KV cache's size as model.toml gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvSize {
+    Tokens(usize),
+    Bytes(u64),
+}
+
+impl GenerationSettings {
+    /// Checks the values (the table's own keys are checked by serde).
+    pub fn check(&self) -> Result<(), String> {
+        let positive = |name: &str, v: usize| match v {
+            0 => Err(format!("generation.{name} must be at least 1")),
+            _ => Ok(()),
+        };
+        positive("block_size", self.block_size)?;
+        positive("max_sequences", self.max_sequences)?;
+        positive("max_waiting", self.max_waiting)?;
+        positive("max_step_tokens", self.max_step_tokens)?;
+        positive("stream_buffer", self.stream_buffer)?;
+        if let Some(n) = self.context_length {
+            positive("context_length", n)?;
+        }
+        if let Some(n) = self.max_tokens {
+            positive("max_tokens", n)?;
+        }
+        for (name, v) in [
+            ("stall_timeout_s", self.stall_timeout_s),
+            ("timeout_s", self.timeout_s),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(format!("generation.{name} must be a positive number"));
+            }
+        }
+        self.kv_size()?;
+        let s = &self.sampling;
+        let within = |name: &str, v: Option<f32>, lo: f32, hi: f32| match v {
+            Some(v) if !(v >= lo && v <= hi) => Err(format!(
+                "generation.sampling.{name} must be within [{lo}, {hi}]"
+            )),
+            _ => Ok(()),
+        };
+        within("temperature", s.temperature, 0.0, 2.0)?;
+        within("top_p", s.top_p, f32::MIN_POSITIVE, 1.0)?;
+        within("min_p", s.min_p, 0.0, 1.0)?;
+        within("repetition_penalty", s.repetition_penalty, 0.01, 10.0)?;
+        Ok(())
+    }
+
+    /// The KV cache's size: `kv_cache_tokens`, `kv_cache_memory` or the default memory.
+    pub fn kv_size(&self) -> Result<KvSize, String> {
+        match (self.kv_cache_tokens, &self.kv_cache_memory) {
+            (Some(_), Some(_)) => {
+                Err("generation: give kv_cache_tokens or kv_cache_memory, not both".into())
+            }
+            (Some(0), None) => Err("generation.kv_cache_tokens must be at least 1".into()),
+            (Some(t), None) => Ok(KvSize::Tokens(t)),
+            (None, Some(m)) => parse_size(m)
+                .map(KvSize::Bytes)
+                .map_err(|e| format!("generation.kv_cache_memory: {e}")),
+            (None, None) => Ok(KvSize::Bytes(DEFAULT_KV_MEMORY)),
+        }
+    }
+
+    /// Blocks in the KV pool, for a model whose one position takes `bytes_per_token` bytes.
+    pub fn kv_blocks(&self, bytes_per_token: u64) -> Result<usize, String> {
+        let tokens = match self.kv_size()? {
+            KvSize::Tokens(t) => t as u64,
+            KvSize::Bytes(b) => b / bytes_per_token.max(1),
+        };
+        let blocks = tokens / self.block_size as u64;
+        if blocks == 0 {
+            return Err(format!(
+                "generation: the KV cache holds no block of {} tokens",
+                self.block_size
+            ));
+        }
+        Ok(blocks as usize)
+    }
+
+    pub fn stall_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.stall_timeout_s)
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.timeout_s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<GenerationSettings, String> {
+        let s: GenerationSettings = toml::from_str(text).map_err(|e| e.to_string())?;
+        s.check().map(|_| s)
+    }
+
+    #[test]
+    fn the_kv_cache_is_sized_in_tokens_or_memory() {
+        let s = parse("kv_cache_tokens = 1000").unwrap();
+        assert_eq!(s.kv_blocks(1).unwrap(), 62);
+        let s = parse("kv_cache_memory = \"1MiB\"\nblock_size = 4").unwrap();
+        assert_eq!(s.kv_blocks(1024).unwrap(), 256);
+        let s = parse("").unwrap();
+        assert_eq!(s.kv_blocks(1 << 20).unwrap(), 1024 / 16);
+        assert!(parse("kv_cache_tokens = 1\nkv_cache_memory = \"1GiB\"")
+            .unwrap_err()
+            .contains("not both"));
+        assert!(parse("kv_cache_tokens = 8").unwrap().kv_blocks(1).is_err());
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        assert!(parse("max_sequences = 0")
+            .unwrap_err()
+            .contains("max_sequences"));
+        assert!(parse("[sampling]\ntemperature = 3.0")
+            .unwrap_err()
+            .contains("sampling.temperature"));
+        assert!(parse("kv_cache_memory = \"lots\"")
+            .unwrap_err()
+            .contains("kv_cache_memory"));
+        assert!(parse("max_batch = 3").unwrap_err().contains("max_batch"));
+    }
+}
