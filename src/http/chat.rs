@@ -111,9 +111,9 @@ impl Api {
     }
 }
 
-/// An invalid value of parameter `param`.
+/// An invalid value of parameter `param`: 400, as OpenAI answers it.
 fn invalid(param: &'static str, message: impl Into<String>) -> OpenAiError {
-    OpenAiError::on(param, ApiError::InvalidInput(message.into()))
+    OpenAiError::on(param, ApiError::BadRequest(message.into()))
 }
 
 impl From<ParamError> for OpenAiError {
@@ -126,9 +126,8 @@ fn generate_error(e: GenerateError, api: Api) -> OpenAiError {
     let message = e.to_string();
     match e {
         GenerateError::Param(p) => p.into(),
-        GenerateError::ContextLength { .. } | GenerateError::PromptTooLong { .. } => {
-            invalid(api.prompt_param(), message)
-        }
+        GenerateError::ContextLength { .. } => invalid("max_tokens", message),
+        GenerateError::PromptTooLong { .. } => invalid(api.prompt_param(), message),
         GenerateError::Template(_) | GenerateError::NoTemplate => {
             OpenAiError::on("messages", ApiError::BadRequest(message))
         }
@@ -186,7 +185,7 @@ async fn generate(
             serde_json::from_slice(&body).map_err(|e| ApiError::json_body(e, "a JSON object"))?;
         match value {
             Value::Object(map) => Ok(map),
-            other => Err(ApiError::InvalidInput(format!(
+            other => Err(ApiError::BadRequest(format!(
                 "the body is a JSON object, got {}",
                 json_type(&other)
             ))),
@@ -200,7 +199,7 @@ async fn generate(
     if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
         return Err(OpenAiError::on_named(
             unknown.clone(),
-            ApiError::InvalidInput(format!(
+            ApiError::BadRequest(format!(
                 "'{unknown}' is not a parameter this server supports on this route"
             )),
         ));

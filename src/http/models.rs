@@ -164,6 +164,20 @@ fn version_json(version: u64, e: &VersionEntry) -> Value {
                 "queued": s.runner.queued(),
             }),
         );
+        if let Some(g) = s.generator() {
+            let geometry = g.scheduler().geometry();
+            obj.insert(
+                "generation".into(),
+                json!({
+                    "context_length": g.context_len(),
+                    "kv_cache_tokens": g.kv_capacity(),
+                    "kv_block_size": geometry.block_size,
+                    "kv_block_bytes": geometry.bytes_per_block,
+                    "chat_template": g.has_chat_template(),
+                    "scheduler": g.scheduler().state(),
+                }),
+            );
+        }
         if stats.real_tokens > 0 {
             let st = obj["stats"].as_object_mut().expect("object");
             st.insert("real_tokens".into(), json!(stats.real_tokens));

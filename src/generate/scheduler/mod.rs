@@ -137,7 +137,9 @@ struct Shared {
     waiting: AtomicUsize,
     /// Sequences admitted and not finished.
     running: AtomicUsize,
-    /// Blocks in use, for tests and the memory picture.
+    /// Running sequences paused for a slow reader.
+    paused: AtomicUsize,
+    /// Blocks in use.
     blocks_used: AtomicUsize,
     failure: Mutex<Option<String>>,
     config: SchedulerConfig,
@@ -156,6 +158,20 @@ impl std::fmt::Debug for SchedulerHandle {
             .field("model", &self.shared.config.model)
             .finish()
     }
+}
+
+/// A scheduler's counts at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SchedulerState {
+    /// Sequences waiting for a place in the running batch.
+    pub waiting: usize,
+    /// Sequences in the running batch (paused ones included).
+    pub running: usize,
+    /// Running sequences paused because their client is not reading.
+    pub paused: usize,
+    /// KV blocks held by sequences, of the pool's total.
+    pub blocks_used: usize,
+    pub blocks_total: usize,
 }
 
 /// A retired scheduler's thread, to wait for.
@@ -185,6 +201,7 @@ impl SchedulerHandle {
             thread: Mutex::new(None),
             waiting: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
+            paused: AtomicUsize::new(0),
             blocks_used: AtomicUsize::new(0),
             failure: Mutex::new(None),
             config: config.clone(),
@@ -227,8 +244,9 @@ impl SchedulerHandle {
                 (w + n <= max).then_some(w + n)
             })
             .map_err(|waiting| SubmitError::QueueFull { waiting })?;
-        // a token event per step, plus room for the end, which is never refused
-        let capacity = self.shared.config.stream_buffer + 2;
+        // `stream_buffer` token events, plus room for the end, which is never refused (a
+        // sequence is stepped only while its channel has room for a token and the end)
+        let capacity = self.shared.config.stream_buffer + 1;
         let (senders, receivers): (Vec<_>, Vec<_>) =
             (0..n).map(|_| mpsc::channel(capacity)).unzip();
         let sent = self
@@ -252,9 +270,16 @@ impl SchedulerHandle {
         self.shared.waiting.load(Ordering::Acquire) + self.shared.running.load(Ordering::Acquire)
     }
 
-    /// KV blocks held by sequences now.
-    pub fn blocks_used(&self) -> usize {
-        self.shared.blocks_used.load(Ordering::Acquire)
+    /// Where the scheduler stands now.
+    pub fn state(&self) -> SchedulerState {
+        let s = &self.shared;
+        SchedulerState {
+            waiting: s.waiting.load(Ordering::Acquire),
+            running: s.running.load(Ordering::Acquire),
+            paused: s.paused.load(Ordering::Acquire),
+            blocks_used: s.blocks_used.load(Ordering::Acquire),
+            blocks_total: s.geometry.num_blocks,
+        }
     }
 
     /// The device failure that stopped the model, if one did.
@@ -722,7 +747,16 @@ impl Worker {
         let total = self.shared.geometry.num_blocks;
         let used = total - self.allocator.free_blocks();
         self.shared.blocks_used.store(used, Ordering::Release);
+        let paused = self
+            .active
+            .iter()
+            .filter(|s| s.paused_since.is_some())
+            .count();
+        self.shared.paused.store(paused, Ordering::Release);
         self.observer
             .state(self.active.len(), self.waiting.len(), used, total);
     }
 }
+
+#[cfg(test)]
+mod tests;

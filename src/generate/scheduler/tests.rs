@@ -1,0 +1,318 @@
+//! The scheduler over a fake decoder whose next token depends on every token in the
+//! sequence's KV blocks: a wrong block table, a lost block or a wrong recomputation after
+//! preemption changes the answer.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::engine::{DecodeInput, EngineError, Logits};
+use crate::generate::sampling::SamplingParams;
+
+const VOCAB: usize = 50;
+
+/// Keeps the tokens written at each KV slot; the next token of a sequence is a function of all
+/// of its positions, read back through its block table.
+struct Fake {
+    geometry: KvGeometry,
+    slots: Vec<Option<u32>>,
+    /// Tokens computed per call.
+    calls: Arc<Mutex<Vec<usize>>>,
+}
+
+impl Fake {
+    fn new(blocks: usize, block_size: usize, context: usize) -> (Self, Arc<Mutex<Vec<usize>>>) {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let fake = Self {
+            geometry: KvGeometry {
+                block_size,
+                num_blocks: blocks,
+                bytes_per_block: 1,
+                context_len: context,
+            },
+            slots: vec![None; blocks * block_size],
+            calls: calls.clone(),
+        };
+        (fake, calls)
+    }
+
+    fn slot(&self, blocks: &[u32], position: usize) -> usize {
+        let bs = self.geometry.block_size;
+        blocks[position / bs] as usize * bs + position % bs
+    }
+}
+
+impl Decoder for Fake {
+    fn prefill(&mut self, seqs: &[PrefillInput<'_>]) -> Result<Vec<Logits>, EngineError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(seqs.iter().map(|s| s.tokens.len()).sum());
+        let mut out = Vec::new();
+        for s in seqs {
+            for (k, &t) in s.tokens.iter().enumerate() {
+                let slot = self.slot(s.blocks, s.start + k);
+                self.slots[slot] = Some(t);
+            }
+            let end = s.start + s.tokens.len();
+            let mut h: usize = 0;
+            for p in 0..end {
+                let t = self.slots[self.slot(s.blocks, p)].expect("a position never written");
+                h = (h * 31 + t as usize * (p + 1)) % 1_000_003;
+            }
+            let mut logits = vec![0.0; VOCAB];
+            logits[h % VOCAB] = 10.0;
+            out.push(logits);
+        }
+        Ok(out)
+    }
+
+    fn decode(&mut self, seqs: &[DecodeInput<'_>]) -> Result<Vec<Logits>, EngineError> {
+        let inputs: Vec<PrefillInput<'_>> = seqs
+            .iter()
+            .map(|s| PrefillInput {
+                tokens: std::slice::from_ref(&s.token),
+                start: s.position,
+                blocks: s.blocks,
+            })
+            .collect();
+        self.prefill(&inputs)
+    }
+
+    fn kv(&self) -> KvGeometry {
+        self.geometry
+    }
+}
+
+/// Token `t` is the letter `'a' + t % 26`.
+struct Letters;
+impl Decode for Letters {
+    fn decode(&self, ids: &[u32]) -> Result<String, String> {
+        Ok(ids
+            .iter()
+            .map(|&t| (b'a' + (t % 26) as u8) as char)
+            .collect())
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    preempted: AtomicUsize,
+}
+impl GenerationObserver for Counts {
+    fn preempted(&self) {
+        self.preempted.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn config() -> SchedulerConfig {
+    SchedulerConfig {
+        model: "fake".into(),
+        max_sequences: 64,
+        max_waiting: 64,
+        max_step_tokens: 64,
+        stream_buffer: 4,
+        stall_timeout: Duration::from_secs(30),
+    }
+}
+
+fn spawn(fake: Fake, config: SchedulerConfig) -> (SchedulerHandle, Arc<Counts>) {
+    let counts = Arc::new(Counts::default());
+    let handle = SchedulerHandle::spawn(Box::new(fake), Arc::new(Letters), config, counts.clone());
+    (handle, counts)
+}
+
+fn request(prompt: Vec<u32>, max_tokens: usize) -> SequenceRequest {
+    SequenceRequest {
+        prompt,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        },
+        max_tokens,
+        stop: Vec::new(),
+        stop_tokens: Vec::new(),
+        logprobs: None,
+        arrived: Instant::now(),
+        deadline: Instant::now() + Duration::from_secs(60),
+    }
+}
+
+/// Every event of one receiver: its tokens, then how it ended.
+fn collect(mut rx: mpsc::Receiver<Event>) -> (Vec<u32>, Result<Finish, SequenceError>) {
+    let mut tokens = Vec::new();
+    while let Some(e) = rx.blocking_recv() {
+        match e {
+            Event::Token { token, .. } => tokens.push(token.id),
+            Event::End { finish, .. } => return (tokens, Ok(finish)),
+            Event::Error(e) => return (tokens, Err(e)),
+        }
+    }
+    panic!("the stream ended without an end event");
+}
+
+fn run_one(handle: &SchedulerHandle, prompt: Vec<u32>, max_tokens: usize) -> Vec<u32> {
+    let rx = handle.submit(vec![request(prompt, max_tokens)]).unwrap();
+    let (tokens, end) = collect(rx.into_iter().next().unwrap());
+    assert_eq!(end, Ok(Finish::Length));
+    tokens
+}
+
+fn wait_until(handle: &SchedulerHandle, what: impl Fn(SchedulerState) -> bool) -> SchedulerState {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = handle.state();
+        if what(s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "scheduler state never came: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn prompts(n: usize, len: usize) -> Vec<Vec<u32>> {
+    (0..n)
+        .map(|i| (0..len).map(|k| ((i * 7 + k * 3) % VOCAB) as u32).collect())
+        .collect()
+}
+
+#[test]
+fn answers_are_the_same_alone_and_in_a_crowd() {
+    let (fake, _) = Fake::new(256, 4, 128);
+    let (handle, _) = spawn(fake, config());
+    let prompts = prompts(20, 9);
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| run_one(&handle, p.clone(), 30))
+        .collect();
+    let receivers = handle
+        .submit(prompts.iter().map(|p| request(p.clone(), 30)).collect())
+        .unwrap();
+    let together: Vec<Vec<u32>> = receivers.into_iter().map(|rx| collect(rx).0).collect();
+    assert_eq!(together, alone);
+    assert_eq!(wait_until(&handle, |s| s.running == 0).blocks_used, 0);
+}
+
+#[test]
+fn a_pool_too_small_preempts_the_newest_and_recomputes_it_unchanged() {
+    // 12 blocks of 4: six sequences growing to 40 positions need 60
+    let (fake, _) = Fake::new(12, 4, 128);
+    let (handle, counts) = spawn(fake, config());
+    let prompts = prompts(6, 5);
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| run_one(&handle, p.clone(), 35))
+        .collect();
+    let receivers = handle
+        .submit(prompts.iter().map(|p| request(p.clone(), 35)).collect())
+        .unwrap();
+    let together: Vec<Vec<u32>> = receivers.into_iter().map(|rx| collect(rx).0).collect();
+    assert_eq!(together, alone);
+    assert!(counts.preempted.load(Ordering::Relaxed) > 0);
+    let s = wait_until(&handle, |s| s.running == 0 && s.waiting == 0);
+    assert_eq!(s.blocks_used, 0);
+}
+
+#[test]
+fn a_client_that_leaves_frees_its_blocks_within_a_step() {
+    let (fake, _) = Fake::new(64, 4, 256);
+    let (handle, _) = spawn(fake, config());
+    let mut rx = handle.submit(vec![request(vec![1, 2, 3], 200)]).unwrap();
+    let mut rx = rx.remove(0);
+    assert!(matches!(rx.blocking_recv(), Some(Event::Token { .. })));
+    wait_until(&handle, |s| s.blocks_used > 0);
+    drop(rx);
+    let s = wait_until(&handle, |s| s.running == 0);
+    assert_eq!(s.blocks_used, 0);
+}
+
+#[test]
+fn an_unread_stream_pauses_gives_its_blocks_to_others_and_ends_at_the_stall_bound() {
+    let (fake, _) = Fake::new(16, 4, 64);
+    let (handle, _) = spawn(
+        fake,
+        SchedulerConfig {
+            stall_timeout: Duration::from_millis(300),
+            ..config()
+        },
+    );
+    // nobody reads this one: it stops after its buffer
+    let unread = handle.submit(vec![request(vec![1, 2], 60)]).unwrap();
+    let paused = wait_until(&handle, |s| s.paused == 1);
+    assert_eq!(paused.running, 1);
+    // a reader that needs most of the pool gets it: the paused sequence's blocks are taken
+    let tokens = run_one(&handle, vec![3, 4, 5], 55);
+    assert_eq!(tokens.len(), 55);
+    // and the unread one ends at the stall bound, its buffer holding what it made
+    let s = wait_until(&handle, |s| s.running == 0 && s.waiting == 0);
+    assert_eq!(s.blocks_used, 0);
+    let (tokens, end) = collect(unread.into_iter().next().unwrap());
+    assert!(
+        tokens.len() <= config().stream_buffer,
+        "{} tokens buffered",
+        tokens.len()
+    );
+    assert!(
+        matches!(end, Err(SequenceError::TimedOut { .. })),
+        "{end:?}"
+    );
+}
+
+#[test]
+fn long_prompts_are_computed_in_pieces_while_others_keep_decoding() {
+    let (fake, calls) = Fake::new(128, 4, 256);
+    let (handle, _) = spawn(
+        fake,
+        SchedulerConfig {
+            max_step_tokens: 16,
+            ..config()
+        },
+    );
+    let short = prompts(1, 3).remove(0);
+    let long = prompts(2, 100).remove(1);
+    let alone = (
+        run_one(&handle, short.clone(), 40),
+        run_one(&handle, long.clone(), 5),
+    );
+    calls.lock().unwrap().clear();
+    let rx = handle
+        .submit(vec![request(short, 40), request(long, 5)])
+        .unwrap();
+    let mut rx = rx.into_iter();
+    let (a, b) = (collect(rx.next().unwrap()), collect(rx.next().unwrap()));
+    assert_eq!((a.0, b.0), alone);
+    let calls = calls.lock().unwrap();
+    assert!(calls.iter().all(|&n| n <= 16), "{calls:?}");
+    // the 100-token prompt took several steps, each also carrying the short one's token
+    assert!(calls.iter().filter(|&&n| n == 16).count() >= 6, "{calls:?}");
+}
+
+#[test]
+fn the_queue_is_bounded_and_deadlines_are_kept() {
+    let (fake, _) = Fake::new(64, 4, 256);
+    let (handle, _) = spawn(
+        fake,
+        SchedulerConfig {
+            max_waiting: 2,
+            max_sequences: 1,
+            ..config()
+        },
+    );
+    let err = handle
+        .submit((0..3).map(|_| request(vec![1], 5)).collect())
+        .unwrap_err();
+    assert_eq!(err, SubmitError::QueueFull { waiting: 0 });
+    let mut late = request(vec![1, 2], 50);
+    late.deadline = Instant::now();
+    let (tokens, end) = collect(handle.submit(vec![late]).unwrap().remove(0));
+    assert!(tokens.is_empty());
+    assert_eq!(end, Err(SequenceError::TimedOut { generated: 0 }));
+    let mut stop = request(vec![1, 2], 50);
+    stop.stop_tokens = run_one(&handle, vec![1, 2], 3)[2..].to_vec();
+    let (tokens, end) = collect(handle.submit(vec![stop]).unwrap().remove(0));
+    assert_eq!((tokens.len(), end), (2, Ok(Finish::Stop)));
+}
