@@ -11,9 +11,9 @@ ARGS ?=
 
 .PHONY: run test test-tools hf-fixtures llm-fixtures build setup lint models bench bench-embeddings soak-embeddings bench-many-models gpu-bundle gpu-dry-run fmt
 
-## Build (release) and serve the bundled models on http://0.0.0.0:$(PORT)
-# run will also need llm-fixtures (SmolLM2 as a chat model) once the server serves kind text-generation (#25).
-run: build
+## Build (release) and serve the bundled models on http://0.0.0.0:$(PORT), SmolLM2-135M-Instruct
+## (converted once by llm-fixtures) among them
+run: build llm-fixtures
 	./target/release/aiaas --port $(PORT) --models $(MODELS) $(ARGS)
 
 ## Every test: formatting, lints, unit and integration tests
