@@ -1,7 +1,10 @@
-//! Generation's plain-Rust parts, testable without libtorch: how the next token is chosen
-//! ([`sampling`]), where an answer stops ([`stop`]) and how tokens become streamed text
-//! ([`detok`]). The scheduler that steps a model's running sequences over its paged KV cache
-//! joins them here.
+//! Generation, in plain Rust over the engine's [`Decoder`](crate::engine::Decoder) trait: the
+//! [`scheduler`] steps a model's running sequences together over its paged KV cache (continuous
+//! batching); the [`generator`] is the model as the API sees it (checkpoint text, request
+//! checks, choices) with its [`settings`] from model.toml. The pieces they use: how the next
+//! token is chosen ([`sampling`]), where an answer stops ([`stop`]), how tokens become streamed
+//! text ([`detok`]), how chat messages become a prompt ([`template`]) and what the scheduler
+//! reports for metrics ([`observe`]).
 
 pub mod detok;
 pub mod generator;

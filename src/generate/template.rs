@@ -3,12 +3,11 @@
 //! it (the same Jinja settings and the same extra functions: `raise_exception`, `strftime_now`,
 //! a `tojson` that writes what Python's `json.dumps` writes, Python's string and dict methods).
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
 use minijinja::syntax::SyntaxConfig;
-use minijinja::value::{Kwargs, ValueKind};
+use minijinja::value::{Kwargs, Serde, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, Value};
 
 /// The name the template has in its environment (it shows in render errors: `(in chat:3)`).
@@ -134,27 +133,32 @@ impl ChatTemplate {
                 text_message(m).map_err(|reason| TemplateError::Message { index, reason })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut context: BTreeMap<&str, Value> = BTreeMap::new();
-        context.insert("messages", Value::from(minijinja::value::Serde(&messages)));
-        context.insert("add_generation_prompt", Value::from(add_generation_prompt));
-        context.insert(
-            "tools",
-            tools.map_or(Value::from(()), |t| Value::from(minijinja::value::Serde(t))),
-        );
-        // transformers passes documents (retrieval templates test `documents is not none`)
-        context.insert("documents", Value::from(()));
+        let mut context = vec![
+            ("messages", Value::from(Serde(&messages))),
+            ("add_generation_prompt", Value::from(add_generation_prompt)),
+            (
+                "tools",
+                tools.map_or(Value::from(()), |t| Value::from(Serde(t))),
+            ),
+            // as transformers passes it (retrieval templates test `documents is not none`)
+            ("documents", Value::from(())),
+        ];
         // an unknown token is left undefined (it prints as nothing), as transformers leaves it
-        if let Some(bos) = &self.bos_token {
-            context.insert("bos_token", Value::from(bos.as_str()));
-        }
-        if let Some(eos) = &self.eos_token {
-            context.insert("eos_token", Value::from(eos.as_str()));
+        for (name, token) in [
+            ("bos_token", &self.bos_token),
+            ("eos_token", &self.eos_token),
+        ] {
+            if let Some(token) = token {
+                context.push((name, Value::from(token.as_str())));
+            }
         }
         let template = self
             .env
             .get_template(NAME)
             .expect("bug: the chat template is added when the environment is built");
-        template.render(context).map_err(render_error)
+        template
+            .render(Value::from_pairs(context))
+            .map_err(render_error)
     }
 }
 
@@ -192,11 +196,9 @@ fn text_message(message: &serde_json::Value) -> Result<serde_json::Value, String
                                 ))
                             }
                         },
-                        Some(other) => {
-                            return Err(format!(
+                        Some(other) => return Err(format!(
                             "content[{i}]: part type \"{other}\" is not supported (only \"text\")"
-                        ))
-                        }
+                        )),
                         None => {
                             return Err(format!("content[{i}]: a content part needs a \"type\""))
                         }
@@ -665,11 +667,12 @@ mod tests {
 
     #[test]
     fn tools_are_none_unless_given() {
+        // booleans print as Python prints them, as in jinja2
         let t = template("{{ tools is none }} {{ tools | length if tools is not none }}");
-        assert_eq!(t.render(&[], false, None).unwrap(), "true ");
+        assert_eq!(t.render(&[], false, None).unwrap(), "True ");
         assert_eq!(
             t.render(&[], false, Some(&json!([{}, {}]))).unwrap(),
-            "false 2"
+            "False 2"
         );
     }
 
