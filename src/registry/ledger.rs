@@ -202,7 +202,7 @@ impl Registry {
         let spec = blocking(move || parse(&name_owned, &config_owned, &v)).await?;
         let device = self.engines.device(&spec);
         let devices = self.engines.devices(&spec);
-        let file_bytes = std::fs::metadata(&spec.file).map_or(0, |m| m.len());
+        let file_bytes = prepare::footprint_floor(&spec);
         let gate = self.ledger.gate().await;
         // the same files measure the same: a changed file is estimated afresh
         let key = (name.to_string(), version, fingerprint);

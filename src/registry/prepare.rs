@@ -154,6 +154,37 @@ pub(super) fn prepare(
     })
 }
 
+/// The least memory a model holds once loaded, known before loading it: its file's size, or
+/// for a generative model its checkpoint's weights and its KV cache (allocated whole at load).
+pub(super) fn footprint_floor(spec: &ModelSpec) -> u64 {
+    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    if spec.kind != text_generation::KIND.name {
+        return size(&spec.file);
+    }
+    let Ok(settings) = text_generation::generation_settings(spec) else {
+        return 0;
+    };
+    let dir = text_generation::checkpoint_dir(spec, &settings);
+    let weights: u64 = std::fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .map(|p| size(&p))
+                .sum()
+        })
+        .unwrap_or(0);
+    let kv = kv_bytes_per_token(&dir, spec.precision)
+        .ok()
+        .and_then(|(per_token, _)| {
+            let blocks = settings.kv_blocks(per_token).ok()? as u64;
+            Some(blocks * settings.block_size as u64 * per_token)
+        })
+        .unwrap_or(0);
+    weights + kv
+}
+
 /// Bytes one position of a checkpoint's KV cache takes in `precision`, and its config.
 pub(super) fn kv_bytes_per_token(
     dir: &Path,
