@@ -196,9 +196,11 @@ fn text_message(message: &serde_json::Value) -> Result<serde_json::Value, String
                                 ))
                             }
                         },
-                        Some(other) => return Err(format!(
+                        Some(other) => {
+                            return Err(format!(
                             "content[{i}]: part type \"{other}\" is not supported (only \"text\")"
-                        )),
+                        ))
+                        }
                         None => {
                             return Err(format!("content[{i}]: a content part needs a \"type\""))
                         }

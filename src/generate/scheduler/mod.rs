@@ -365,6 +365,7 @@ impl Worker {
             if open {
                 open = self.intake(&rx, idle);
             }
+            self.update_pauses();
             self.reap();
             self.admit();
             let stepped = self.step();
@@ -487,7 +488,6 @@ impl Worker {
                     self.shared.running.fetch_sub(1, Ordering::AcqRel);
                     if out == Out::Preempted {
                         s.computed = 0;
-                        s.paused_since = None;
                         back.push(s);
                     }
                 }
@@ -512,27 +512,28 @@ impl Worker {
     fn admit(&mut self) {
         let max = self.shared.config.max_sequences;
         let mut promised = 0;
-        while self.active.len() < max {
-            let Some(front) = self.waiting.front() else {
-                return;
+        loop {
+            let running = self.active.iter().filter(|s| s.out.is_none()).count();
+            if running >= max {
+                break;
+            }
+            // the oldest waiting sequence whose client takes its tokens (a preempted stream
+            // nobody reads waits for its reader)
+            let Some(at) = self.waiting.iter().position(|s| s.paused_since.is_none()) else {
+                break;
             };
-            let need = self.allocator.blocks_for(front.tokens.len() + 1);
-            let reserve = if self.active.is_empty() {
-                0
-            } else {
-                self.watermark()
-            };
+            let need = self.allocator.blocks_for(self.waiting[at].tokens.len() + 1);
+            let reserve = if running == 0 { 0 } else { self.watermark() };
             while self.allocator.free_blocks() < promised + need + reserve {
                 let Some(victim) = self.paused_victim(usize::MAX) else {
                     break;
                 };
                 self.preempt(victim);
             }
-            if self.allocator.free_blocks() < promised + need + reserve && !self.active.is_empty() {
-                return;
+            if self.allocator.free_blocks() < promised + need + reserve && running > 0 {
+                break;
             }
-            self.sweep();
-            let mut s = self.waiting.pop_front().expect("front exists");
+            let mut s = self.waiting.remove(at).expect("index within the queue");
             self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
             self.shared.running.fetch_add(1, Ordering::AcqRel);
             if !s.admitted {
@@ -541,6 +542,20 @@ impl Worker {
             }
             promised += need;
             self.active.push(s);
+        }
+        self.sweep();
+    }
+
+    /// Marks the sequences whose client is not reading: a step's token and the end must fit
+    /// in a stream, else its sequence pauses (the stall bound counts from then).
+    fn update_pauses(&mut self) {
+        let now = Instant::now();
+        for s in self.active.iter_mut().chain(self.waiting.iter_mut()) {
+            if s.tx.capacity() < 2 {
+                s.paused_since.get_or_insert(now);
+            } else {
+                s.paused_since = None;
+            }
         }
     }
 
@@ -561,19 +576,10 @@ impl Worker {
 
     /// Plans and runs one step; returns whether anything ran.
     fn step(&mut self) -> bool {
-        let now = Instant::now();
         let budget_max = self.shared.config.max_step_tokens;
-        // a step's token events and a possible end must fit in the stream: else it pauses
-        for s in &mut self.active {
-            if s.tx.capacity() < 2 {
-                s.paused_since.get_or_insert(now);
-            } else {
-                s.paused_since = None;
-            }
-        }
         // running sequences' next tokens first, then prompts, each oldest first
         let mut order: Vec<usize> = (0..self.active.len()).collect();
-        order.sort_by_key(|&i| (self.active[i].pending() > 1, i));
+        order.sort_by_key(|&i| (self.active[i].pending() > 1, self.active[i].order));
         let mut chosen: Vec<(usize, usize)> = Vec::new();
         let mut budget = budget_max;
         for i in order {
@@ -596,13 +602,16 @@ impl Worker {
                     break;
                 }
                 let planned = |j: usize| chosen.iter().any(|&(c, _)| c == j);
+                // a paused sequence's blocks first, else the newest sequence's
                 let victim = self.paused_victim(i).or_else(|| {
-                    (0..self.active.len()).rev().find(|&j| {
-                        j != i
-                            && !planned(j)
-                            && self.active[j].out.is_none()
-                            && !self.active[j].blocks.is_empty()
-                    })
+                    (0..self.active.len())
+                        .filter(|&j| {
+                            j != i
+                                && !planned(j)
+                                && self.active[j].out.is_none()
+                                && !self.active[j].blocks.is_empty()
+                        })
+                        .max_by_key(|&j| self.active[j].order)
                 });
                 match victim {
                     Some(v) => self.preempt(v),
