@@ -192,6 +192,11 @@ impl Generator {
         g.num_blocks * g.block_size
     }
 
+    /// Sequences the model queues at most (a request's choices over all its prompts must fit).
+    pub fn max_waiting(&self) -> usize {
+        self.settings.max_waiting
+    }
+
     /// Whether the model has a chat template.
     pub fn has_chat_template(&self) -> bool {
         self.text.template.is_some()

@@ -565,6 +565,17 @@ async fn answer(
     api: Api,
 ) -> Result<Response, OpenAiError> {
     let n = asked.params.n;
+    let sequences = prompts.len().saturating_mul(n);
+    if sequences > g.max_waiting() {
+        return Err(OpenAiError::on(
+            "n",
+            ApiError::PayloadTooLarge(format!(
+                "{sequences} sequences in one request ({} prompts x n = {n}); this model queues at most {}",
+                prompts.len(),
+                g.max_waiting()
+            )),
+        ));
+    }
     let mut receivers = Vec::with_capacity(prompts.len() * n);
     let mut echoes = Vec::with_capacity(prompts.len() * n);
     for p in prompts {
