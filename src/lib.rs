@@ -8,7 +8,7 @@
 //! http         routes, dialects (native, KServe v2, OpenAI), errors   registry, codec, config, telemetry, tensor
 //! registry     models by name: table, lifecycle, on-demand loads,     batcher, codec, engine, config, telemetry,
 //!              polling, memory ledger; the kind step (spec.rs)        repository, idle_poll, tensor
-//! telemetry    Prometheus metrics                                     batcher, config, tensor
+//! telemetry    Prometheus metrics                                     batcher, config, generate, tensor
 //! codec        payloads <-> tensors per model kind (kinds/)           config, tensor
 //! batcher      one queue per model, batches to engine threads        engine, config, tensor
 //! generate     sampling, stop strings, streamed detokenisation       engine, config, tensor

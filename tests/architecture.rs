@@ -15,7 +15,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("batcher", &["engine", "config", "tensor"]),
     ("generate", &["engine", "config", "tensor"]),
     ("codec", &["config", "generate", "tensor"]),
-    ("telemetry", &["batcher", "config", "tensor"]),
+    ("telemetry", &["batcher", "config", "generate", "tensor"]),
     ("repository", &["config"]),
     ("idle_poll", &[]),
     (

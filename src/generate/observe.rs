@@ -52,7 +52,3 @@ pub trait GenerationObserver: Send + Sync + 'static {
     /// paused for a slow reader), waiting, and KV blocks in use of the pool's total.
     fn state(&self, _running: usize, _waiting: usize, _blocks_used: usize, _blocks_total: usize) {}
 }
-
-/// A no-op observer.
-pub struct NoGenerationObserver;
-impl GenerationObserver for NoGenerationObserver {}

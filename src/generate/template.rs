@@ -185,33 +185,31 @@ fn text_message(message: &serde_json::Value) -> Result<serde_json::Value, String
         match content {
             serde_json::Value::String(_) | serde_json::Value::Null => {}
             serde_json::Value::Array(parts) => {
-                let mut texts = Vec::with_capacity(parts.len());
-                for (i, part) in parts.iter().enumerate() {
-                    match part.get("type").and_then(|t| t.as_str()) {
-                        Some("text") => match part.get("text").and_then(|t| t.as_str()) {
-                            Some(text) => texts.push(text),
-                            None => {
-                                return Err(format!(
-                                    "content[{i}]: a text part needs a string \"text\""
-                                ))
-                            }
-                        },
-                        Some(other) => {
-                            return Err(format!(
-                            "content[{i}]: part type \"{other}\" is not supported (only \"text\")"
-                        ))
-                        }
-                        None => {
-                            return Err(format!("content[{i}]: a content part needs a \"type\""))
-                        }
-                    }
-                }
+                let texts = parts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, part)| part_text(part).map_err(|e| format!("content[{i}]: {e}")))
+                    .collect::<Result<Vec<_>, _>>()?;
                 *content = serde_json::Value::String(texts.join(PART_SEPARATOR));
             }
             _ => return Err("content is a string or an array of content parts".to_string()),
         }
     }
     Ok(serde_json::Value::Object(fields))
+}
+
+/// The text of a `{"type": "text", "text": ..}` content part.
+fn part_text(part: &serde_json::Value) -> Result<&str, String> {
+    match part.get("type").and_then(|t| t.as_str()) {
+        Some("text") => part
+            .get("text")
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| "a text part needs a string \"text\"".to_string()),
+        Some(other) => Err(format!(
+            "part type \"{other}\" is not supported (only \"text\")"
+        )),
+        None => Err("a content part needs a \"type\"".to_string()),
+    }
 }
 
 fn render_error(e: Error) -> TemplateError {

@@ -308,7 +308,7 @@ impl Registry {
             p.work,
             name,
             metrics.clone(),
-            Arc::new(crate::generate::observe::NoGenerationObserver),
+            self.metrics.generation(name, version),
         );
         let generation = match &runner {
             Runner::Generative(g) => {

@@ -2,11 +2,15 @@
 //!
 //! Every metric carries the `aiaas_` prefix, HELP text, base units and, when per model, the
 //! `model` and `version` labels. Per-model label values are resolved once at load time
-//! ([`ModelMetrics`], in `model.rs`), so the hot path touches only atomics. `logging.rs` sets
-//! up tracing.
+//! ([`ModelMetrics`], in `model.rs`; a generative model's [`GenerationMetrics`], in
+//! `generation.rs`), so the hot path touches only atomics. `logging.rs` sets up tracing.
 
+mod generation;
 mod logging;
 mod model;
+
+use self::generation::GenerationFamilies;
+pub use self::generation::GenerationMetrics;
 
 pub use self::logging::init_logging;
 use self::model::TextSeries;
@@ -93,6 +97,7 @@ pub struct Metrics {
     model_loads: IntCounterVec,
     evictions: IntCounterVec,
     load_wait: HistogramVec,
+    generation: GenerationFamilies,
 }
 
 /// Model states, as the `state` label of `aiaas_model_state` spells them.
@@ -290,6 +295,7 @@ impl Metrics {
                 LOAD_WAIT_BUCKETS,
                 &["model"],
             ),
+            generation: GenerationFamilies::new(),
             registry,
         };
         let info = IntGaugeVec::new(
@@ -307,7 +313,7 @@ impl Metrics {
             &build.devices,
         ])
         .set(1);
-        let collectors: Vec<Box<dyn Collector>> = vec![
+        let mut collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.requests.clone()),
             Box::new(m.request_duration.clone()),
             Box::new(m.queue_duration.clone()),
@@ -335,6 +341,7 @@ impl Metrics {
             Box::new(m.load_wait.clone()),
             Box::new(info),
         ];
+        collectors.extend(m.generation.collectors());
         for reason in ["concurrency_limit", "unauthenticated", "forbidden"] {
             m.rejected.with_label_values(&[reason]);
         }
@@ -379,6 +386,11 @@ impl Metrics {
         })
     }
 
+    /// A generative model version's handles, resolved once: its scheduler's observer.
+    pub fn generation(&self, model: &str, version: u64) -> Arc<GenerationMetrics> {
+        Arc::new(self.generation.for_model(model, &version.to_string()))
+    }
+
     /// Removes every series of a model version (after unload), so that dead series do not
     /// linger; counters restart from zero if the version is loaded again, which PromQL's
     /// `rate()` handles as a reset.
@@ -408,6 +420,7 @@ impl Metrics {
         let _ = self.load_duration.remove_label_values(&l);
         let _ = self.batch_cap.remove_label_values(&l);
         let _ = self.queue_delay.remove_label_values(&l);
+        self.generation.forget(model, v.as_str());
     }
 
     /// Marks `state` as the state of a model version (1) and every other state 0.
