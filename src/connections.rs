@@ -112,6 +112,7 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        bound_unsent(&stream);
         // requests of this connection whose answer is not yet produced
         let busy = Arc::new(AtomicUsize::new(0));
         let service = {
@@ -246,4 +247,26 @@ fn builder(header_timeout: Duration, keep_alive: bool) -> Builder<TokioExecutor>
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     b
+}
+
+/// Bytes a connection's socket holds unsent before it stops taking more (`TCP_NOTSENT_LOWAT`).
+/// Without it the kernel's send buffer grows to megabytes for a client that does not read, and a
+/// stream nobody reads (a generative model's answer) would be computed that far ahead before the
+/// server noticed; with it the server sees a stalled reader within a few chunks. What is in
+/// flight to a reading client is not limited by this, only what waits behind it.
+const NOT_SENT_LOW_WATER: libc::c_int = 16 * 1024;
+
+fn bound_unsent(stream: &tokio::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let value = NOT_SENT_LOW_WATER;
+    // SAFETY: a valid socket descriptor, and the option's value is a c_int of the given size
+    let _ = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
 }
