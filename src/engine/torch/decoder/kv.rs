@@ -1,8 +1,9 @@
 //! The paged KV cache. [`KvPool`] is the memory: per layer, a key and a value tensor of
 //! `[blocks, block_size, kv_heads, head_dim]` allocated once at load, written at the slots of a
-//! step's new positions and gathered block by block for attention. [`BlockAllocator`] hands the
-//! blocks out: plain Rust with no libtorch in it, owned by the scheduler, which gives each
-//! sequence a block table (`Vec<u32>`, the blocks holding its positions in order).
+//! step's new positions and gathered block by block for attention (one sequence's blocks, or
+//! all the decoding sequences' blocks at once). [`BlockAllocator`] hands the blocks out: plain
+//! Rust with no libtorch in it, owned by the scheduler, which gives each sequence a block table
+//! (`Vec<u32>`, the blocks holding its positions in order).
 
 use tch::{Device, Kind, Tensor};
 
@@ -63,6 +64,24 @@ impl KvPool {
             pool.index_select(0, &blocks)
                 .view([-1, self.kv_heads, self.head_dim])
                 .narrow(0, skip, to - from)
+        };
+        (gather(&self.keys[layer]), gather(&self.values[layer]))
+    }
+
+    /// The keys and values of `layer` in the blocks of `sequences` block tables of the same
+    /// width laid end to end (`blocks`, `[sequences * width]`, int64): one `index_select`
+    /// each, viewed as `[sequences, kv_heads, keys, head_dim]` (`keys` = `width * block_size`).
+    pub fn gather(
+        &self,
+        layer: usize,
+        blocks: &Tensor,
+        sequences: i64,
+        keys: i64,
+    ) -> (Tensor, Tensor) {
+        let gather = |pool: &Tensor| {
+            pool.index_select(0, blocks)
+                .view([sequences, keys, self.kv_heads, self.head_dim])
+                .transpose(1, 2)
         };
         (gather(&self.keys[layer]), gather(&self.values[layer]))
     }
