@@ -333,6 +333,7 @@ impl TorchDecoder {
             })
             .collect();
         DecodeBatch {
+            room: self.kv.gather_room(blocks.len() as i64),
             blocks: self.on_device(blocks),
             sequences: seqs.len() as i64,
             keys,

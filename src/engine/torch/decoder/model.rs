@@ -47,6 +47,8 @@ pub(super) struct DecodeBatch {
     pub sequences: i64,
     /// The keys each sequence's gather yields (`width * block_size`).
     pub keys: i64,
+    /// Where each layer's gather goes (`KvPool::gather_room`).
+    pub room: (Tensor, Tensor),
     /// Per window setting among the layers: `[sequences, 1, 1, keys]`, true where a sequence
     /// sees a key; `None` where every sequence sees every gathered key.
     pub masks: Vec<(Option<i64>, Option<Tensor>)>,
@@ -247,7 +249,13 @@ impl Model {
         batch: &DecodeBatch,
         kv: &KvPool,
     ) -> Tensor {
-        let (k, v) = kv.gather(layer, &batch.blocks, batch.sequences, batch.keys);
+        let (k, v) = kv.gather(
+            layer,
+            &batch.blocks,
+            &batch.room,
+            batch.sequences,
+            batch.keys,
+        );
         let mask = batch
             .masks
             .iter()
