@@ -1,8 +1,9 @@
 //! The decoder-only transformer every supported family is: one generic model, the families'
 //! differences (q/k/v biases, q/k norms, sliding windows) being switches its config sets,
 //! since a file per family would repeat the same layer four times. A step runs the linear
-//! layers over all the step's tokens at once and attention per sequence, over that sequence's
-//! keys and values in the paged cache, the sequences with one new token (decoding) together.
+//! layers over all the step's tokens at once (q/k/v in one matmul, gate/up in one); attention
+//! reads each sequence's keys and values in the paged cache, the sequences with one new token
+//! (decoding) all in one call per layer, the others (prompts) one by one.
 
 use tch::{Device, Kind, Tensor};
 
@@ -27,7 +28,7 @@ pub(super) struct Step {
     pub last: Tensor,
 }
 
-/// One sequence's share of a step.
+/// One prompt sequence's share of a step.
 pub(super) struct StepSeq {
     /// Its first token's row in the step.
     pub row: i64,
