@@ -270,6 +270,26 @@ fn a_sliding_window_limits_what_the_last_position_sees() {
     let (_, tail) = greedy(&mut decoder, &mut blocks, &[&ids[ids.len() - 7..]], 1);
     let diff = max_abs_diff(&whole[0], &tail[0]);
     assert!(diff <= 1e-4, "the last 7 tokens alone differ by {diff}");
+    // the last token decoded after the rest: the decode step's window is the prompt's
+    let mut table = Vec::new();
+    blocks.reserve(&mut table, ids.len()).unwrap();
+    let n = ids.len();
+    let piece = |tokens, start| PrefillInput {
+        tokens,
+        start,
+        blocks: &table,
+    };
+    decoder.prefill(&[piece(&ids[..n - 1], 0)]).unwrap();
+    let decoded = decoder
+        .decode(&[DecodeInput {
+            token: ids[n - 1],
+            position: n - 1,
+            blocks: &table,
+        }])
+        .unwrap();
+    let diff = max_abs_diff(&whole[0], &decoded[0]);
+    assert!(diff <= 1e-4, "the last token decoded differs by {diff}");
+    blocks.release(&mut table);
     let unwindowed = max_abs_diff(&whole[0], &last_logits(&source, prompt));
     assert!(
         unwindowed > 1e-2,
@@ -305,6 +325,56 @@ fn a_prompt_in_pieces_ends_where_the_whole_prompt_does() {
         let logits = decoder.prefill(&[piece(&ids[cut..], cut)]).unwrap();
         let diff = max_abs_diff(&logits[0], &last_logits(&dir, prompt));
         assert!(diff <= 1e-4, "{name}: logits differ by {diff}");
+    }
+}
+
+/// One step mixing a whole prompt with sequences decoding their last prompt token (as the
+/// scheduler's steps do), given in an order other than the one the decoder lays its rows out
+/// in: each sequence gets its own logits, transformers'.
+#[test]
+fn a_step_mixing_prompts_and_decoding_gives_each_its_own_logits() {
+    let dir = fixtures().join("llama-gqa");
+    let reference = reference(&dir);
+    let prompts: Vec<&Prompt> = reference.prompts.iter().take(3).collect();
+    assert!(prompts.len() == 3 && prompts.iter().all(|p| p.input_ids.len() >= 2));
+    let mut decoder = load(&dir, Precision::Fp32);
+    let mut blocks = BlockAllocator::new(&decoder.kv());
+    let mut tables = vec![Vec::new(); 3];
+    for (table, p) in tables.iter_mut().zip(&prompts) {
+        blocks.reserve(table, p.input_ids.len()).unwrap();
+    }
+    for (table, p) in tables.iter().zip(&prompts).take(2) {
+        let ids = &p.input_ids;
+        decoder
+            .prefill(&[PrefillInput {
+                tokens: &ids[..ids.len() - 1],
+                start: 0,
+                blocks: table,
+            }])
+            .unwrap();
+    }
+    let last_token = |i: usize| {
+        let ids = &prompts[i].input_ids;
+        PrefillInput {
+            tokens: &ids[ids.len() - 1..],
+            start: ids.len() - 1,
+            blocks: &tables[i],
+        }
+    };
+    let whole = PrefillInput {
+        tokens: &prompts[2].input_ids,
+        start: 0,
+        blocks: &tables[2],
+    };
+    let logits = decoder
+        .prefill(&[last_token(0), whole, last_token(1)])
+        .unwrap();
+    for (got, i) in logits.iter().zip([0, 2, 1]) {
+        let diff = max_abs_diff(got, &last_logits(&dir, prompts[i]));
+        assert!(diff <= 1e-4, "prompt {i}: logits differ by {diff}");
+    }
+    for table in &mut tables {
+        blocks.release(table);
     }
 }
 

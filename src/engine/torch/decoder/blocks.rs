@@ -9,11 +9,16 @@ use super::config::{DecoderConfig, Llama3Scaling};
 
 /// `x @ w.T + b`.
 pub(super) struct Linear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
+    weight: Tensor,
+    bias: Option<Tensor>,
 }
 
 impl Linear {
+    /// `weight` is `[out, in]`, as checkpoints hold it.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.linear(&self.weight, self.bias.as_ref())
     }
@@ -128,17 +133,40 @@ pub(super) fn attention(
         .view([queries, -1])
 }
 
+/// Attention of one query per sequence, `q` (`[sequences, heads, head_dim]`), over each
+/// sequence's keys and values (`[sequences, kv_heads, keys, head_dim]`), where `mask`
+/// (`[sequences, 1, 1, keys]`) is true (every key where `None`). The query heads sharing a kv
+/// head are its queries, so that the keys and values are never repeated per query head.
+/// Returns `[sequences, heads * head_dim]`.
+pub(super) fn decode_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Tensor {
+    let (sequences, heads, head_dim) = q.size3().expect("q is [sequences, heads, head_dim]");
+    let kv_heads = k.size()[1];
+    let q = q.view([sequences, kv_heads, heads / kv_heads, head_dim]);
+    // libtorch's CPU kernel may lay its output out as [sequences, queries, heads, head_dim]
+    Tensor::scaled_dot_product_attention(&q, k, v, mask, 0.0, false, scale, false)
+        .reshape([sequences, heads * head_dim])
+}
+
 /// The gated MLP: `down(silu(gate(x)) * up(x))`.
 pub(super) struct Mlp {
-    pub gate: Linear,
-    pub up: Linear,
+    /// gate and up in one matrix, gate's `inter` outputs first.
+    pub gate_up: Linear,
     pub down: Linear,
+    pub inter: i64,
 }
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.down
-            .forward(&(self.gate.forward(x).silu() * self.up.forward(x)))
+        let gate_up = self.gate_up.forward(x);
+        let gate = gate_up.narrow(-1, 0, self.inter);
+        let up = gate_up.narrow(-1, self.inter, self.inter);
+        self.down.forward(&(gate.silu() * up))
     }
 }
 

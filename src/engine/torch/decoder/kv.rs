@@ -1,8 +1,9 @@
 //! The paged KV cache. [`KvPool`] is the memory: per layer, a key and a value tensor of
 //! `[blocks, block_size, kv_heads, head_dim]` allocated once at load, written at the slots of a
-//! step's new positions and gathered block by block for attention. [`BlockAllocator`] hands the
-//! blocks out: plain Rust with no libtorch in it, owned by the scheduler, which gives each
-//! sequence a block table (`Vec<u32>`, the blocks holding its positions in order).
+//! step's new positions and gathered block by block for attention (one sequence's blocks, or
+//! all the decoding sequences' blocks at once). [`BlockAllocator`] hands the blocks out: plain
+//! Rust with no libtorch in it, owned by the scheduler, which gives each sequence a block table
+//! (`Vec<u32>`, the blocks holding its positions in order).
 
 use tch::{Device, Kind, Tensor};
 
@@ -65,6 +66,37 @@ impl KvPool {
                 .narrow(0, skip, to - from)
         };
         (gather(&self.keys[layer]), gather(&self.values[layer]))
+    }
+
+    /// Room for the keys and values of `blocks` blocks, for [`KvPool::gather`] to fill layer
+    /// after layer (one allocation per step, not one per layer).
+    pub fn gather_room(&self, blocks: i64) -> (Tensor, Tensor) {
+        let shape = [blocks, self.block_size, self.kv_heads, self.head_dim];
+        let options = (self.keys[0].kind(), self.keys[0].device());
+        (Tensor::empty(shape, options), Tensor::empty(shape, options))
+    }
+
+    /// The keys and values of `layer` in the blocks of `sequences` block tables of the same
+    /// width laid end to end (`blocks`, `[sequences * width]`, int64), copied into `room`
+    /// (from [`KvPool::gather_room`] for as many blocks) with one `index_select` each, and
+    /// viewed as `[sequences, kv_heads, keys, head_dim]` (`keys` = `width * block_size`).
+    pub fn gather(
+        &self,
+        layer: usize,
+        blocks: &Tensor,
+        room: &(Tensor, Tensor),
+        sequences: i64,
+        keys: i64,
+    ) -> (Tensor, Tensor) {
+        let gather = |pool: &Tensor, into: &Tensor| {
+            pool.index_select_out(into, 0, blocks)
+                .view([sequences, keys, self.kv_heads, self.head_dim])
+                .transpose(1, 2)
+        };
+        (
+            gather(&self.keys[layer], &room.0),
+            gather(&self.values[layer], &room.1),
+        )
     }
 }
 

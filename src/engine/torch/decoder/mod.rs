@@ -21,7 +21,7 @@ use tch::{Device, Kind, Tensor};
 pub use self::config::{DecoderConfig, Family, Llama3Scaling};
 use self::kv::KvPool;
 pub use self::kv::{BlockAllocator, OutOfBlocks};
-use self::model::{Model, Step, StepSeq};
+use self::model::{DecodeBatch, Model, Step, StepSeq};
 use self::weights::Checkpoint;
 use super::{device_failure, first_line, kind_of, ResolvedDevice};
 use crate::config::model_spec::Precision;
@@ -208,12 +208,11 @@ impl TorchDecoder {
     }
 
     /// Checks that each chunk's tokens and blocks are within the model and the pool, and
-    /// lays the step out: every position's slot, each sequence's blocks.
+    /// lays the step out: the chunks of one token (decoding) first, then the others; every
+    /// position's slot; the blocks each sequence's attention reads.
     fn plan(&self, chunks: &[Chunk<'_>]) -> Result<Step, EngineError> {
         let bs = self.geometry.block_size;
-        let (mut tokens, mut positions, mut slots, mut last) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut seqs = Vec::with_capacity(chunks.len());
+        let mut tables = Vec::with_capacity(chunks.len());
         for (i, c) in chunks.iter().enumerate() {
             let bad = |m: String| EngineError::Forward(format!("sequence {i}: {m}"));
             let end = c.start + c.tokens.len();
@@ -253,26 +252,93 @@ impl TorchDecoder {
                     self.config.vocab_size
                 )));
             }
-            seqs.push(StepSeq {
-                row: tokens.len() as i64,
-                len: c.tokens.len() as i64,
-                start: c.start as i64,
-                blocks: self.on_device(table.iter().map(|&b| b as i64).collect()),
-            });
+            tables.push(table);
+        }
+        let decoding: Vec<usize> = (0..chunks.len())
+            .filter(|&i| chunks[i].tokens.len() == 1)
+            .collect();
+        let prompting = (0..chunks.len()).filter(|&i| chunks[i].tokens.len() > 1);
+        let (mut tokens, mut positions, mut slots) = (Vec::new(), Vec::new(), Vec::new());
+        let mut last = vec![0; chunks.len()];
+        let mut prompts = Vec::new();
+        for i in decoding.iter().copied().chain(prompting) {
+            let (c, table) = (&chunks[i], tables[i]);
+            if c.tokens.len() > 1 {
+                prompts.push(StepSeq {
+                    row: tokens.len() as i64,
+                    len: c.tokens.len() as i64,
+                    start: c.start as i64,
+                    blocks: self.on_device(table.iter().map(|&b| b as i64).collect()),
+                });
+            }
             tokens.extend(c.tokens.iter().map(|&t| t as i64));
-            for p in c.start..end {
+            for p in c.start..c.start + c.tokens.len() {
                 positions.push(p as i64);
                 slots.push((table[p / bs] as usize * bs + p % bs) as i64);
             }
-            last.push(tokens.len() as i64 - 1);
+            last[i] = tokens.len() as i64 - 1;
         }
+        let decodes = (!decoding.is_empty()).then(|| {
+            let seqs: Vec<(usize, &[u32])> = decoding
+                .iter()
+                .map(|&i| (chunks[i].start, tables[i]))
+                .collect();
+            self.decode_batch(&seqs)
+        });
         Ok(Step {
             tokens: self.on_device(tokens),
             positions: self.on_device(positions),
             slots: self.on_device(slots),
-            seqs,
+            prompts,
+            decodes,
             last: self.on_device(last),
         })
+    }
+
+    /// The decoding sequences' shared gather, from each one's position and block table: the
+    /// tables padded to the widest (with their first block, masked), and per window setting
+    /// among the layers, the mask of the keys each position sees.
+    fn decode_batch(&self, seqs: &[(usize, &[u32])]) -> DecodeBatch {
+        let width = seqs.iter().map(|(_, t)| t.len()).max().unwrap_or(0);
+        let keys = (width * self.geometry.block_size) as i64;
+        let mut blocks = Vec::with_capacity(seqs.len() * width);
+        for (_, table) in seqs {
+            blocks.extend(table.iter().map(|&b| b as i64));
+            blocks.extend(std::iter::repeat_n(table[0] as i64, width - table.len()));
+        }
+        let mut windows: Vec<Option<i64>> = self
+            .config
+            .windows
+            .iter()
+            .map(|w| w.map(|w| w as i64))
+            .collect();
+        windows.sort_unstable();
+        windows.dedup();
+        let masks = windows
+            .into_iter()
+            .map(|window| {
+                let sees = |position: i64, key: i64| {
+                    key <= position && window.is_none_or(|w| key > position - w)
+                };
+                let seen: Vec<bool> = seqs
+                    .iter()
+                    .flat_map(|&(p, _)| (0..keys).map(move |key| sees(p as i64, key)))
+                    .collect();
+                let mask = (!seen.iter().all(|&s| s)).then(|| {
+                    Tensor::from_slice(&seen)
+                        .view([seqs.len() as i64, 1, 1, keys])
+                        .to_device(self.device)
+                });
+                (window, mask)
+            })
+            .collect();
+        DecodeBatch {
+            room: self.kv.gather_room(blocks.len() as i64),
+            blocks: self.on_device(blocks),
+            sequences: seqs.len() as i64,
+            keys,
+            masks,
+        }
     }
 
     fn on_device(&self, values: Vec<i64>) -> Tensor {
@@ -292,9 +358,20 @@ impl TorchDecoder {
                     .model
                     .forward(&step, &mut self.kv)
                     .to_kind(Kind::Float)
-                    .to_device(Device::Cpu);
-                Vec::<Vec<f32>>::try_from(&logits)
-                    .map_err(|e| EngineError::Output(first_line(&e.to_string())))
+                    .to_device(Device::Cpu)
+                    .contiguous();
+                let vocab = self.config.vocab_size;
+                // each row copied once, straight into its vector
+                (0..chunks.len() as i64)
+                    .map(|i| {
+                        let mut row = vec![0.0f32; vocab];
+                        logits
+                            .get(i)
+                            .f_copy_data(&mut row, vocab)
+                            .map_err(|e| EngineError::Output(first_line(&e.to_string())))?;
+                        Ok(row)
+                    })
+                    .collect()
             })
         }));
         ran.unwrap_or_else(|p| Err(EngineError::Forward(panic_message(p.as_ref()))))

@@ -1,0 +1,113 @@
+//! The generative decoder's step time, engine only (no server, no scheduler): loads
+//! SmolLM2-135M-Instruct from `.fixtures/llm` (or the folder given as the first argument),
+//! prefills each batch's sequences (prompts of 90-110 tokens), then times decode steps of the
+//! whole batch, argmax included, and prints ms/step and output tokens/s per batch size.
+//!
+//! `cargo run --release --example decoder-bench [-- DIR]`; `AIAAS_BENCH_PRECISION=bf16`,
+//! `AIAAS_BENCH_THREADS` (2), `AIAAS_BENCH_BATCHES` ("1,4,16,64"), `AIAAS_BENCH_STEPS` (50).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use aiaas::config::model_spec::Precision;
+use aiaas::engine::{BlockAllocator, DecodeInput, Decoder, DecoderOptions, TorchDecoder};
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn main() {
+    let dir = std::env::args().nth(1).map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".fixtures/llm/smollm2-135m-instruct"),
+        PathBuf::from,
+    );
+    let precision = match env_or("AIAAS_BENCH_PRECISION", "fp32").as_str() {
+        "bf16" => Precision::Bf16,
+        _ => Precision::Fp32,
+    };
+    let threads: usize = env_or("AIAAS_BENCH_THREADS", "2").parse().unwrap();
+    let steps: usize = env_or("AIAAS_BENCH_STEPS", "50").parse().unwrap();
+    let batches: Vec<usize> = env_or("AIAAS_BENCH_BATCHES", "1,4,16,64")
+        .split(',')
+        .map(|b| b.trim().parse().unwrap())
+        .collect();
+    let options = DecoderOptions {
+        precision,
+        kv_blocks: 1024,
+        intra_op_threads: Some(threads),
+        ..DecoderOptions::default()
+    };
+    let mut decoder = TorchDecoder::load(&dir, options).unwrap();
+    let vocab = decoder.config().vocab_size as u32;
+    println!("{precision:?}, {threads} threads, {steps} decode steps after ~100-token prompts");
+    for &batch in &batches {
+        let mut blocks = BlockAllocator::new(&decoder.kv());
+        let prompts: Vec<Vec<u32>> = (0..batch)
+            .map(|s| {
+                let len = 90 + (s * 7) % 21;
+                (0..len)
+                    .map(|i| ((s * 7919 + i * 104_729) as u32 % (vocab - 100)) + 50)
+                    .collect()
+            })
+            .collect();
+        let mut tables: Vec<Vec<u32>> = vec![Vec::new(); batch];
+        let started = Instant::now();
+        let mut last: Vec<u32> = prompts
+            .iter()
+            .zip(&mut tables)
+            .map(|(p, table)| {
+                blocks.reserve(table, p.len()).unwrap();
+                let input = aiaas::engine::PrefillInput {
+                    tokens: p,
+                    start: 0,
+                    blocks: table,
+                };
+                argmax(&decoder.prefill(&[input]).unwrap()[0])
+            })
+            .collect();
+        let prefill = started.elapsed();
+        let mut times = Vec::with_capacity(steps);
+        for step in 0..steps {
+            for (table, p) in tables.iter_mut().zip(&prompts) {
+                blocks.reserve(table, p.len() + step + 1).unwrap();
+            }
+            let inputs: Vec<DecodeInput> = prompts
+                .iter()
+                .zip(&tables)
+                .zip(&last)
+                .map(|((p, t), &token)| DecodeInput {
+                    token,
+                    position: p.len() + step,
+                    blocks: t,
+                })
+                .collect();
+            let t = Instant::now();
+            let logits = decoder.decode(&inputs).unwrap();
+            last = logits.iter().map(|l| argmax(l)).collect();
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let total: f64 = times.iter().sum();
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        println!(
+            "batch {batch:>3}: {median:7.2} ms/step median ({:7.2} mean), {:7.1} tok/s median, {:7.1} tok/s overall; prefill {:.2} s",
+            total / steps as f64,
+            batch as f64 * 1e3 / median,
+            (batch * steps) as f64 * 1e3 / total,
+            prefill.as_secs_f64()
+        );
+        for table in &mut tables {
+            blocks.release(table);
+        }
+    }
+}
