@@ -23,8 +23,10 @@ A level sends max(2 x clients, 8) requests (the i-th always prompt i), stops sen
 --level-seconds and cuts what is left at 1.5x that. Per level: output tokens/s (completion tokens
 of the finished requests over the level's wall time), time to first token p50/p99 (to the first
 chunk with content), time between tokens p50/p99 (gaps between content chunks), requests done /
-failed, the server's peak RSS (VmRSS sampled every 50 ms), and how many answers are the text
-transformers generates for the same prompt. Also the machine's memory read bandwidth (torch sums
+failed, the server's peak RSS (VmRSS sampled every 50 ms), how many answers are the text
+transformers generates for the same prompt, and the CPU that other processes took meanwhile (the
+machine is shared: before each level the script waits, at most --max-wait s, until fewer than
+--max-busy cores are busy). Also the machine's memory read bandwidth (torch sums
 of a 1 GiB array on 2 threads), and from it the decode limit of one sequence: weight bytes read
 per step over that bandwidth.
 
@@ -287,6 +289,42 @@ def proc_status_mib(pid, field):
     return 0.0
 
 
+class CpuWatch:
+    """CPU time the machine spent outside the measured server and this script between start and
+    stop, in cores: how much the figures were disturbed by other work on a shared machine."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _busy():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v) - v[3] - v[4]  # all but idle and iowait
+
+    @staticmethod
+    def _proc(pid, reaped_children=False):
+        """utime + stime of `pid` (0 once it is gone), plus its reaped children's if asked."""
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/stat") as f:
+                fields = [int(x) for x in f.read().rsplit(")", 1)[1].split()[11:15]]
+            return sum(fields if reaped_children else fields[:2])
+        return 0
+
+    def __init__(self, pid):
+        """`pid`: the server, a child of this process or not (a child's time still counts once
+        it has exited and been waited for)."""
+        self.pid = pid
+        self.t, self.busy, self.own = time.monotonic(), self._busy(), self._own()
+
+    def _own(self):
+        return self._proc(self.pid) + self._proc(os.getpid(), reaped_children=True)
+
+    def other_cores(self):
+        own = self._own() - self.own
+        other = max(0, self._busy() - self.busy - own)
+        return other / self.TICK / max(1e-9, time.monotonic() - self.t)
+
+
 async def sample_rss(pid, peak, stop):
     """Keeps peak[0] at the largest VmRSS of `pid` seen, every 50 ms, until `stop` is set."""
     while not stop.is_set():
@@ -313,6 +351,7 @@ async def run_level(host, port, model, pid, prompts, clients, n_requests, args):
             except (HttpError, OSError, ValueError, asyncio.IncompleteReadError) as e:
                 failed.append({"index": i, "error": str(e) or type(e).__name__})
 
+    cpu = CpuWatch(pid)
     peak, stop = [0.0], asyncio.Event()
     sampler = asyncio.create_task(sample_rss(pid, peak, stop))
     tasks = [asyncio.create_task(client()) for _ in range(clients)]
@@ -326,7 +365,8 @@ async def run_level(host, port, model, pid, prompts, clients, n_requests, args):
     with contextlib.suppress(OSError):
         peak[0] = max(peak[0], proc_status_mib(pid, "VmRSS"))
     end = max([r["chunks"][-1] if r["chunks"] else r["sent"] for r in done], default=time.perf_counter())
-    return summarise(done, failed, cut, n_requests, clients, end - start, peak[0])
+    return {**summarise(done, failed, cut, n_requests, clients, end - start, peak[0]),
+            "other_cpu_cores": cpu.other_cores()}
 
 
 def summarise(done, failed, cut, n_requests, clients, wall, rss_mib):
@@ -430,13 +470,20 @@ def aiaas_server(repo):
     return port, server_process(cmd, f"http://127.0.0.1:{port}/health/ready", "aiaas")
 
 
-def wait_for_quiet(max_load, max_wait):
-    """Waits (at most max_wait s) for the 1-minute load average to fall to max_load."""
-    t = time.time()
-    while os.getloadavg()[0] > max_load and time.time() - t < max_wait:
-        if time.time() - t < 1:
-            log(f"   load {os.getloadavg()[0]:.2f} > {max_load}: waiting (at most {max_wait:.0f} s)")
-        time.sleep(5)
+def busy_cores(seconds=3.0):
+    """How many cores the whole machine kept busy over the next `seconds`."""
+    t, busy = time.monotonic(), CpuWatch._busy()
+    time.sleep(seconds)
+    return (CpuWatch._busy() - busy) / CpuWatch.TICK / (time.monotonic() - t)
+
+
+def wait_for_quiet(max_busy, max_wait):
+    """Waits (at most max_wait s) until the machine is quiet: less than `max_busy` cores busy
+    over 3 s (this script's servers idle between levels). Returns the 1-minute load average."""
+    t = time.monotonic()
+    while (busy := busy_cores()) > max_busy and time.monotonic() - t < max_wait:
+        log(f"   {busy:.2f} cores busy elsewhere (> {max_busy}): waiting, at most {max_wait:.0f} s")
+        time.sleep(7)
     return os.getloadavg()[0]
 
 
@@ -452,12 +499,12 @@ def serve_levels(name, start, prompts, args, restart_per_level):
     groups = [[c] for c in args.concurrency] if restart_per_level else [args.concurrency]
     try:
         for group in groups:
-            wait_for_quiet(args.max_load, args.max_load_wait)
+            wait_for_quiet(args.max_busy, args.max_wait)
             port, server = start(max(group))
             with server as proc:
                 asyncio.run(chat_stream("127.0.0.1", port, chat_body(MODEL, WARMUP, 8)))
                 for clients in group:
-                    load = wait_for_quiet(args.max_load, args.max_load_wait)
+                    load = wait_for_quiet(args.max_busy, args.max_wait)
                     row = asyncio.run(run_level("127.0.0.1", port, MODEL, proc.pid, prompts, clients,
                                                 level_requests(clients, args), args))
                     row["load_before"], row["load_after"] = load, os.getloadavg()[0]
@@ -476,7 +523,8 @@ def print_row(name, r):
     log(f"{name:>18} c={r['clients']:<3} {r['output_tokens_per_s']:7.1f} tok/s  TTFT p50/p99 "
         f"{f(r['ttft_p50_ms'])}/{f(r['ttft_p99_ms'])} ms  TBT p50/p99 {f(r['tbt_p50_ms'], 1)}/"
         f"{f(r['tbt_p99_ms'], 1)} ms  done {r['done']}/{r['requests']} failed {r['failed']}  "
-        f"RSS {r['peak_rss_mib']:.0f} MiB  load {r['load_before']:.1f}->{r['load_after']:.1f}")
+        f"RSS {r['peak_rss_mib']:.0f} MiB  load {r['load_before']:.1f}->{r['load_after']:.1f}, "
+        f"others' CPU {r['other_cpu_cores']:.2f} cores")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -533,11 +581,12 @@ def hf_worker(args):
 
 def run_transformers(prompts, args):
     n = level_requests(1, args)
-    load = wait_for_quiet(args.max_load, args.max_load_wait)
+    load = wait_for_quiet(args.max_busy, args.max_wait)
     proc = subprocess.Popen([str(PYTHON), __file__, "--hf-worker", "--threads", str(args.threads),
                              "--max-tokens", str(args.max_tokens), "--level-seconds", str(args.level_seconds)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/tmp",
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    cpu = CpuWatch(proc.pid)
     proc.stdin.write(json.dumps(prompts[:n]))
     proc.stdin.close()
     done, hwm = [], 0.0
@@ -554,7 +603,7 @@ def run_transformers(prompts, args):
     if proc.wait() != 0 or not done:
         return {"status": "failed", "error": f"transformers worker exited {proc.returncode}", "levels": []}
     wall = done[-1]["chunks"][-1] - first if done[-1]["chunks"] else 0
-    row = summarise(done, [], 0, n, 1, wall, hwm)
+    row = {**summarise(done, [], 0, n, 1, wall, hwm), "other_cpu_cores": cpu.other_cores()}
     row["load_before"], row["load_after"] = load, os.getloadavg()[0]
     print_row("transformers", row)
     return {"status": "ok", "levels": [row], "texts": {r["index"]: r["text"] for r in done}}
@@ -650,7 +699,7 @@ def table(data):
         f"{data['level_seconds']:.0f} s. Whole run: {data['wall_s'] / 60:.1f} min.",
         "",
         "| target | clients | output tok/s | TTFT p50 / p99 ms | TBT p50 / p99 ms | done / failed | "
-        "mean out tokens | peak RSS MiB | same text as transformers | load |",
+        "mean out tokens | peak RSS MiB | same text as transformers | others' CPU, cores |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in TARGETS:
@@ -663,7 +712,7 @@ def table(data):
                 f"| {name} | {r['clients']} | **{f(r['output_tokens_per_s'], 1)}** | "
                 f"{f(r['ttft_p50_ms'])} / {f(r['ttft_p99_ms'])} | {f(r['tbt_p50_ms'], 1)} / "
                 f"{f(r['tbt_p99_ms'], 1)} | {r['done']} / {r['failed']}{unsent(r)} | {f(r['mean_output_tokens'])} | "
-                f"{f(r['peak_rss_mib'])} | {same or '–'} | {r['load_before']:.1f}–{r['load_after']:.1f} |")
+                f"{f(r['peak_rss_mib'])} | {same or '–'} | {f(r.get('other_cpu_cores'), 2)} |")
         if t["status"] != "ok":
             lines.append(f"| {name} | – | failed | {t['error'][:200].replace('|', '/')} | | | | | | |")
     runs = sorted({(t["measured"], t["commit"] or "?") for t in data["targets"].values()})
@@ -678,8 +727,8 @@ def mark_same_text(data, hf_texts):
     if hf_texts:
         ref.clear()
         ref.update({str(i): text_digest(t) for i, t in hf_texts.items()})
-    for t in data["targets"].values():
-        for r in t["levels"]:
+    for name, t in data["targets"].items():
+        for r in t["levels"] if name != "transformers" else []:
             common = [i for i in r.get("texts", {}) if i in ref]
             if common:
                 r["same_as_transformers"] = f"{sum(r['texts'][i] == ref[i] for i in common)}/{len(common)}"
@@ -702,6 +751,7 @@ def measure(args):
     log(f"   {n} prompts, {min(lengths)} to {max_prompt} tokens (median {statistics.median(lengths):.0f}); "
         f"llama-server context per slot {ctx_per_slot}")
     log(">> memory bandwidth")
+    wait_for_quiet(args.max_busy, args.max_wait)
     bw = bandwidth(args.threads)
     wb = weight_bytes()
     limit = {k: bw["best_gbps"] * 1e9 / v for k, v in wb.items()}
@@ -760,9 +810,9 @@ def main():
     ap.add_argument("--level-seconds", type=float, default=120.0,
                     help="a level stops sending after this and cuts what is left at 1.5x")
     ap.add_argument("--threads", type=int, default=2, help="llama-server -t, torch threads")
-    ap.add_argument("--max-load", type=float, default=3.0,
-                    help="wait before each server start until the 1-minute load average is below this")
-    ap.add_argument("--max-load-wait", type=float, default=180.0)
+    ap.add_argument("--max-busy", type=float, default=0.3,
+                    help="before each level, wait until fewer cores than this are busy elsewhere")
+    ap.add_argument("--max-wait", type=float, default=300.0, help="the longest wait for a quiet machine, s")
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
