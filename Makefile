@@ -73,8 +73,8 @@ bench-many-models: build
 ## Generation: SmolLM2-135M through OpenAI's streamed chat API at 1, 4, 16 and 64 clients, aiaas
 ## (fp32, bf16) against llama.cpp's llama-server (F32, Q4_1) and transformers' generate; loopback
 ## only, about 12 minutes on a quiet machine (each level: at most 5 min waiting for quiet, 120 s
-## of sending, cut at 180 s). The first run
-## also builds llama-server into .bench/ (bench/peers/setup-llama-server.sh: about 5 minutes)
+## of sending, cut at 180 s). The first run also builds llama-server into .bench/
+## (bench/peers/setup-llama-server.sh: about 5 minutes)
 bench-generate: build llm-fixtures
 	bench/peers/setup-llama-server.sh
 	.venv/bin/python bench/generate.py
