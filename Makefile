@@ -9,7 +9,7 @@ PORT ?= 8080
 MODELS ?= ./models
 ARGS ?=
 
-.PHONY: run test test-tools hf-fixtures llm-fixtures build setup lint models bench bench-embeddings soak-embeddings bench-many-models gpu-bundle gpu-dry-run fmt
+.PHONY: run test test-tools hf-fixtures llm-fixtures build setup lint models bench bench-embeddings soak-embeddings bench-many-models bench-generate gpu-bundle gpu-dry-run fmt
 
 ## Build (release) and serve the bundled models on http://0.0.0.0:$(PORT), SmolLM2-135M-Instruct
 ## (converted once by llm-fixtures) among them
@@ -69,6 +69,15 @@ soak-embeddings: build hf-fixtures
 ## traffic for 90 s: hit rate, cold-load latency, resident memory over time
 bench-many-models: build
 	.venv/bin/python bench/many_models.py
+
+## Generation: SmolLM2-135M through OpenAI's streamed chat API at 1, 4, 16 and 64 clients, aiaas
+## (fp32, bf16) against llama.cpp's llama-server (F32, Q4_1) and transformers' generate; loopback
+## only, about 12 minutes on a quiet machine (each level: at most 5 min waiting for quiet, 120 s
+## of sending, cut at 180 s). The first run also builds llama-server into .bench/
+## (bench/peers/setup-llama-server.sh: about 5 minutes)
+bench-generate: build llm-fixtures
+	bench/peers/setup-llama-server.sh
+	.venv/bin/python bench/generate.py
 
 ## The GPU check's bundle (.gpu/bundle.tar.xz) for a lent GPU machine: bench/gpu/check.sh runs it
 gpu-bundle: setup hf-fixtures
