@@ -214,6 +214,12 @@ fn prepare_generative(
 ) -> Result<Prepared, LoadError> {
     let settings = text_generation::generation_settings(&spec).map_err(LoadError::Codec)?;
     let dir = text_generation::checkpoint_dir(&spec, &settings);
+    if !dir.is_dir() {
+        return Err(LoadError::Codec(format!(
+            "the checkpoint folder {} does not exist (the bundled SmolLM2 is built by `make llm-fixtures`)",
+            dir.display()
+        )));
+    }
     let (per_token, config) = kv_bytes_per_token(&dir, spec.precision)?;
     let blocks = settings.kv_blocks(per_token).map_err(LoadError::Codec)?;
     let text = CheckpointText::load(&dir).map_err(LoadError::Codec)?;
