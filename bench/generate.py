@@ -466,7 +466,8 @@ def aiaas_repo(tmp, precision, max_sequences):
 
 def aiaas_server(repo):
     if not AIAAS.exists():
-        raise TargetFailed(f"no {AIAAS}: run `make build`")
+        shown = AIAAS.relative_to(ROOT) if AIAAS.is_relative_to(ROOT) else AIAAS
+        raise TargetFailed(f"no {shown}: run `make build`")
     port = free_port()
     cmd = [str(AIAAS), "--host", "127.0.0.1", "--port", str(port), "--models", str(repo),
            "--log-level", "warn,aiaas=info"]
@@ -663,9 +664,15 @@ COLOURS = {"aiaas-fp32": "#1f77b4", "aiaas-bf16": "#17becf", "llama-server-f32":
 
 
 def git_commit():
+    """HEAD's short id, with "+changes" when bench/ differs from it (the code measured is not
+    HEAD's)."""
+    git = ["git", "-C", str(ROOT)]
     with contextlib.suppress(Exception):
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=True,
-                              capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], check=True, capture_output=True,
+                              text=True).stdout.strip()
+        changed = subprocess.run(git + ["status", "--porcelain", "--", "bench"], check=True,
+                                 capture_output=True, text=True).stdout.strip()
+        return head + ("+changes" if changed else "")
     return None
 
 
