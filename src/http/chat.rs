@@ -3,7 +3,7 @@
 //!
 //! Request and answer shapes are OpenAI's. Every parameter a request gives is either honoured
 //! or refused with a 400 naming it (never ignored, never clamped): the accepted ones are listed
-//! in [`CHAT_PARAMS`] and [`COMPLETION_PARAMS`]. A stream is `data: {chunk}` events and
+//! in [`COMMON_PARAMS`], [`CHAT_PARAMS`] and [`COMPLETION_PARAMS`]. A stream is `data: {chunk}` events and
 //! `data: [DONE]`; with `stream_options.include_usage`, every chunk carries `"usage": null` and
 //! a last chunk with no choices carries the counts. A client that leaves ends its sequences
 //! within a step (their receivers drop); a client that stops reading pauses them.
@@ -36,12 +36,10 @@ use crate::registry::generate::{
 };
 use crate::registry::ModelLease;
 
-/// The parameters `/v1/chat/completions` accepts.
-pub const CHAT_PARAMS: &[&str] = &[
+/// The parameters both routes accept.
+const COMMON_PARAMS: &[&str] = &[
     "model",
-    "messages",
     "max_tokens",
-    "max_completion_tokens",
     "temperature",
     "top_p",
     "top_k",
@@ -54,36 +52,17 @@ pub const CHAT_PARAMS: &[&str] = &[
     "stop",
     "n",
     "logprobs",
-    "top_logprobs",
     "stream",
     "stream_options",
     "user",
     "ignore_eos",
 ];
 
-/// The parameters `/v1/completions` accepts.
-pub const COMPLETION_PARAMS: &[&str] = &[
-    "model",
-    "prompt",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "seed",
-    "stop",
-    "n",
-    "logprobs",
-    "echo",
-    "stream",
-    "stream_options",
-    "user",
-    "ignore_eos",
-];
+/// The parameters only `/v1/chat/completions` accepts.
+pub const CHAT_PARAMS: &[&str] = &["messages", "max_completion_tokens", "top_logprobs"];
+
+/// The parameters only `/v1/completions` accepts.
+pub const COMPLETION_PARAMS: &[&str] = &["prompt", "echo"];
 
 /// Prompts one completions request may give.
 const MAX_PROMPTS: usize = 64;
@@ -192,11 +171,12 @@ async fn generate(
         }
     })
     .await?;
-    let allowed = match api {
+    let own = match api {
         Api::Chat => CHAT_PARAMS,
         Api::Completions => COMPLETION_PARAMS,
     };
-    if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
+    let known = |k: &str| COMMON_PARAMS.contains(&k) || own.contains(&k);
+    if let Some(unknown) = map.keys().find(|k| !known(k)) {
         return Err(OpenAiError::on_named(
             unknown.clone(),
             ApiError::BadRequest(format!(
