@@ -47,6 +47,12 @@ pub fn checkpoint_dir(spec: &ModelSpec, settings: &GenerationSettings) -> std::p
 
 fn declare(spec: &ModelSpec, d: Declared) -> Result<Declaration, String> {
     generation_settings(spec)?;
+    if spec.instances != 1 {
+        return Err(format!(
+            "instances = {}: a text-generation model runs one decoder, whose scheduler batches every sequence (more copies would only split the cores)",
+            spec.instances
+        ));
+    }
     if d.inputs.is_some() || d.outputs.is_some() {
         return Err(
             "a text-generation model declares no tensors: its checkpoint says what it is".into(),
@@ -118,5 +124,37 @@ impl ModelAdapter for TextGeneration {
 
     fn decode_v2(&self, _inputs: Vec<V2Input>) -> Result<(Vec<Item>, usize), CodecError> {
         Err(self.elsewhere())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::registry::spec::parse_spec;
+    use std::path::Path;
+
+    fn parse(text: &str) -> Result<(), String> {
+        parse_spec("m", text, Path::new("/m/model.toml"), Path::new("/m"))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn one_line_is_a_model_and_wrong_settings_are_named() {
+        parse("kind = \"text-generation\"").unwrap();
+        let kind = "kind = \"text-generation\"\n";
+        assert!(parse(&format!("{kind}instances = 2"))
+            .unwrap_err()
+            .contains("instances = 2"));
+        assert!(parse(&format!("{kind}[generation]\nmax_sequences = 0"))
+            .unwrap_err()
+            .contains("max_sequences"));
+        assert!(parse(&format!("{kind}[image]\nsize = 3"))
+            .unwrap_err()
+            .contains("image"));
+        assert!(parse(&format!(
+            "{kind}[[inputs]]\nname = \"x\"\ndatatype = \"FP32\"\ndims = [1]"
+        ))
+        .unwrap_err()
+        .contains("declares no tensors"));
     }
 }
