@@ -227,4 +227,18 @@ mod tests {
         assert_eq!(s.inputs[0].datatype, DType::Int32);
         assert_eq!(s.inputs[0].pad_value, Some(0.0));
     }
+
+    #[test]
+    fn text_generation_is_one_line_and_wrong_settings_are_named() {
+        let err = |text: &str| parse(text).unwrap_err().to_string();
+        parse("kind = \"text-generation\"").unwrap();
+        let kind = "kind = \"text-generation\"\n";
+        assert!(err(&format!("{kind}instances = 2")).contains("instances = 2"));
+        assert!(err(&format!("{kind}[generation]\nmax_sequences = 0")).contains("max_sequences"));
+        assert!(err(&format!("{kind}[image]\nsize = 3")).contains("image"));
+        assert!(err(&format!(
+            "{kind}[[inputs]]\nname = \"x\"\ndatatype = \"FP32\"\ndims = [1]"
+        ))
+        .contains("declares no tensors"));
+    }
 }

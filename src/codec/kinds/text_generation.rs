@@ -126,35 +126,3 @@ impl ModelAdapter for TextGeneration {
         Err(self.elsewhere())
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use crate::registry::spec::parse_spec;
-    use std::path::Path;
-
-    fn parse(text: &str) -> Result<(), String> {
-        parse_spec("m", text, Path::new("/m/model.toml"), Path::new("/m"))
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    }
-
-    #[test]
-    fn one_line_is_a_model_and_wrong_settings_are_named() {
-        parse("kind = \"text-generation\"").unwrap();
-        let kind = "kind = \"text-generation\"\n";
-        assert!(parse(&format!("{kind}instances = 2"))
-            .unwrap_err()
-            .contains("instances = 2"));
-        assert!(parse(&format!("{kind}[generation]\nmax_sequences = 0"))
-            .unwrap_err()
-            .contains("max_sequences"));
-        assert!(parse(&format!("{kind}[image]\nsize = 3"))
-            .unwrap_err()
-            .contains("image"));
-        assert!(parse(&format!(
-            "{kind}[[inputs]]\nname = \"x\"\ndatatype = \"FP32\"\ndims = [1]"
-        ))
-        .unwrap_err()
-        .contains("declares no tensors"));
-    }
-}
