@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    compile_protos();
     // torch-sys (links = "tch") exports the directory it linked against.
     let Ok(lib_dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         println!("cargo:rustc-env=AIAAS_TORCH_VERSION=unknown");
@@ -77,4 +78,23 @@ fn compile_glue(lib_dir: &std::path::Path) {
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .file(GLUE)
         .compile("aiaas_torch_glue");
+}
+
+/// Generates the server side of KServe v2's / Triton's `inference.GRPCInferenceService` from the
+/// vendored `grpc_service.proto` (and `model_config.proto`, which it imports), and writes their
+/// descriptor set for server reflection. protox parses the files in Rust, so no `protoc` is needed.
+fn compile_protos() {
+    use prost::Message;
+    const DIR: &str = "src/grpc/proto";
+    println!("cargo:rerun-if-changed={DIR}");
+    let files = protox::compile([format!("{DIR}/grpc_service.proto")], [DIR])
+        .unwrap_or_else(|e| panic!("cannot parse the .proto files in {DIR}: {e}"));
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
+    std::fs::write(out.join("inference_descriptor.bin"), files.encode_to_vec())
+        .expect("write the descriptor set");
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(true)
+        .compile_fds(files)
+        .unwrap_or_else(|e| panic!("cannot generate the gRPC service: {e}"));
 }

@@ -66,7 +66,7 @@ def raw_forward(texts, batch, seconds, threads):
 class Server:
     def __init__(self):
         self.proc = subprocess.Popen(
-            [str(ROOT / "target/release/aiaas"), "--host", "127.0.0.1", "--port", "0", "--models",
+            [str(ROOT / "target/release/aiaas"), "--host", "127.0.0.1", "--port", "0", "--grpc-port", "0", "--models",
              str(FIXTURE.parent), "--load-model", "minilm", "--log-level", "warn,aiaas=info"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in self.proc.stdout:

@@ -469,7 +469,7 @@ def aiaas_server(repo):
         shown = AIAAS.relative_to(ROOT) if AIAAS.is_relative_to(ROOT) else AIAAS
         raise TargetFailed(f"no {shown}: run `make build`")
     port = free_port()
-    cmd = [str(AIAAS), "--host", "127.0.0.1", "--port", str(port), "--models", str(repo),
+    cmd = [str(AIAAS), "--host", "127.0.0.1", "--port", str(port), "--grpc-port", "0", "--models", str(repo),
            "--log-level", "warn,aiaas=info"]
     return port, server_process(cmd, f"http://127.0.0.1:{port}/health/ready", "aiaas")
 

@@ -54,7 +54,7 @@ class Server:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
 
         self.proc = subprocess.Popen(
-            [binary, "--host", "127.0.0.1", "--port", "0", "--models", str(models), *args],
+            [binary, "--host", "127.0.0.1", "--port", "0", "--grpc-port", "0", "--models", str(models), *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=limit,
             env={**os.environ, "RUST_LOG": "warn,aiaas=info"})
         for line in self.proc.stdout:

@@ -65,7 +65,8 @@ def server(repo, *extra):
     proc = subprocess.Popen([str(AIAAS), "--host", "127.0.0.1", "--port", "0", "--models",
                              str(repo), "--log-level", "warn,aiaas=info", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "NO_COLOR": "1"})
+                            # gRPC off unless `extra` names a --grpc-port
+                            env={**os.environ, "NO_COLOR": "1", "AIAAS_GRPC_PORT": "0"})
     base = None
     try:
         for line in proc.stdout:

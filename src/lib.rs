@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! server       start-up, shutdown; wires everything below            (all)
+//! grpc         KServe v2 over gRPC, beside http and reusing it       http, registry, codec, config, telemetry, tensor
 //! http         routes, dialects (native, KServe v2, OpenAI), errors   registry, codec, config, telemetry, tensor
 //! registry     models by name: table, lifecycle, on-demand loads,     batcher, codec, engine, config, telemetry,
 //!              polling, memory ledger; the kind step (spec.rs)        repository, idle_poll, tensor
@@ -30,6 +31,7 @@ pub mod engine;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod generate;
+pub mod grpc;
 pub mod http;
 pub mod idle_poll;
 pub mod registry;

@@ -9,6 +9,7 @@ use clap::{Parser, ValueEnum};
 use aiaas::codec::{DecodeBudget, ImageLimits};
 use aiaas::config::ModelControl;
 use aiaas::connections::ConnectionSettings;
+use aiaas::grpc::GrpcSettings;
 use aiaas::http::ApiKeys;
 use aiaas::http::HttpSettings;
 use aiaas::idle_poll::IdlePolling;
@@ -35,6 +36,16 @@ struct Args {
     /// Port to listen on (0 picks a free one and logs it).
     #[arg(long, env = "AIAAS_PORT", default_value_t = 8080)]
     port: u16,
+
+    /// Port of KServe v2 over gRPC (Triton's `inference.GRPCInferenceService`, health and
+    /// reflection); 0 turns it off. Same address as --host.
+    #[arg(long, env = "AIAAS_GRPC_PORT", default_value_t = 8081)]
+    grpc_port: u16,
+
+    /// Seconds an open gRPC `ModelStreamInfer` stream with no request in flight may send
+    /// nothing before the server ends it (DEADLINE_EXCEEDED).
+    #[arg(long, env = "AIAAS_GRPC_STREAM_IDLE_TIMEOUT", default_value_t = 600.0)]
+    grpc_stream_idle_timeout: f64,
 
     /// Model repository: a folder with one sub-folder per model (model.toml + TorchScript file).
     #[arg(long, env = "AIAAS_MODELS", default_value = "./models")]
@@ -259,6 +270,13 @@ fn main() -> anyhow::Result<()> {
         connections: ConnectionSettings {
             header_timeout: positive_secs(args.header_timeout, "--header-timeout")?,
             max_connections: max_connections.max(1),
+        },
+        grpc_addr: (args.grpc_port != 0).then(|| SocketAddr::new(args.host, args.grpc_port)),
+        grpc: GrpcSettings {
+            stream_idle_timeout: positive_secs(
+                args.grpc_stream_idle_timeout,
+                "--grpc-stream-idle-timeout",
+            )?,
         },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

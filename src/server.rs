@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 
 use crate::connections::{self, ConnectionSettings};
 use crate::engine::torch;
+use crate::grpc::{self, GrpcSettings};
 use crate::http::{app, AppState, HttpSettings};
 use crate::registry::{Registry, RegistrySettings};
 use crate::repository::ModelRepository;
@@ -30,8 +31,11 @@ pub struct ServerConfig {
     pub shutdown_delay: Duration,
     /// libtorch's process-wide inter-op pool size (0: libtorch's default).
     pub interop_threads: usize,
-    /// Header timeout and connection cap.
+    /// Header timeout and connection cap (of each listener).
     pub connections: ConnectionSettings,
+    /// Where KServe v2 over gRPC listens (`None`: off).
+    pub grpc_addr: Option<SocketAddr>,
+    pub grpc: GrpcSettings,
 }
 
 pub fn build_info() -> BuildInfo {
@@ -73,6 +77,15 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     // Liveness answers while models load; readiness waits for them.
     tracing::info!(%addr, "listening on {addr}");
+    let grpc_listener = match config.grpc_addr {
+        Some(a) => {
+            let l = TcpListener::bind(a).await?;
+            let addr = l.local_addr()?;
+            tracing::info!(%addr, "gRPC (KServe v2) serving on {addr}");
+            Some(l)
+        }
+        None => None,
+    };
     let loader = {
         let registry = registry.clone();
         let only = config.load_models.clone();
@@ -103,15 +116,34 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         })
     };
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let serving = tokio::spawn(connections::serve(
+    let stopped = move || {
+        let mut rx = shutdown_rx.clone();
+        async move {
+            let _ = rx.wait_for(|v| *v).await;
+        }
+    };
+    let grpc_serving = match grpc_listener {
+        Some(l) => Some(tokio::spawn(connections::serve(
+            l,
+            grpc::router(state.clone(), config.grpc)?,
+            config.connections,
+            stopped(),
+        ))),
+        None => None,
+    };
+    let http_serving = tokio::spawn(connections::serve(
         listener,
         app(state),
         config.connections,
-        async move {
-            let mut rx = shutdown_rx;
-            let _ = rx.wait_for(|v| *v).await;
-        },
+        stopped(),
     ));
+    let serving = async move {
+        let http = http_serving.await;
+        match grpc_serving {
+            Some(g) => http.and(g.await),
+            None => http,
+        }
+    };
     shutdown_signal().await;
     // Readiness fails at once, so load balancers stop sending; the listener stays open for
     // --shutdown-delay, then closes, and every accepted request is answered.

@@ -44,12 +44,17 @@ const LAYERS: &[(&str, &[&str])] = &[
             "tensor",
         ],
     ),
+    (
+        "grpc",
+        &["http", "registry", "codec", "config", "telemetry", "tensor"],
+    ),
     ("connections", &[]),
     (
         "server",
         &[
             "connections",
             "engine",
+            "grpc",
             "http",
             "registry",
             "repository",

@@ -746,7 +746,7 @@ async fn a_device_failure_fails_the_batch_with_503_and_the_model_until_it_is_loa
     assert_eq!(
         metric(
             &app,
-            r#"aiaas_requests_total{model="twice",outcome="error",version="1"}"#
+            r#"aiaas_requests_total{model="twice",outcome="error",protocol="http",version="1"}"#
         )
         .await,
         Some(1.0)

@@ -133,11 +133,11 @@ async fn promtool_accepts_the_live_metrics() {
     ));
     // outcomes are counted
     assert!(
-        text.contains(r#"aiaas_requests_total{model="regressor",outcome="success",version="1"} 5"#),
+        text.contains(r#"aiaas_requests_total{model="regressor",outcome="success",protocol="http",version="1"} 5"#),
         "{text}"
     );
     assert!(text.contains(
-        r#"aiaas_requests_total{model="regressor",outcome="client_error",version="1"} 1"#
+        r#"aiaas_requests_total{model="regressor",outcome="client_error",protocol="http",version="1"} 1"#
     ));
     // HTTP series use route templates, never raw paths
     assert!(text.contains(r#"route="/v1/models/{name}/predict""#));

@@ -353,7 +353,7 @@ async fn deadlines_drop_requests_that_cannot_start_in_time() {
     }
     let text = String::from_utf8_lossy(&get(&c, &s.url("/metrics")).await.body).to_string();
     assert!(
-        text.contains(r#"aiaas_requests_total{model="image-cnn",outcome="timeout",version="1"} 2"#),
+        text.contains(r#"aiaas_requests_total{model="image-cnn",outcome="timeout",protocol="http",version="1"} 2"#),
         "{text}"
     );
 }

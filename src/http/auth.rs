@@ -140,25 +140,16 @@ impl ApiKeys {
     }
 }
 
-fn bearer(req: &Request) -> Option<&str> {
-    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-}
-
-fn is_loopback(req: &Request) -> bool {
-    req.extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .is_some_and(|c| c.0.ip().is_loopback())
-}
-
-/// Middleware: lets a request through if its key (or lack of one) may use `access`; a refusal
-/// (401, 403) is answered in the route's `dialect`.
-pub async fn authorize(
-    State((state, access, dialect)): State<(AppState, Access, Dialect)>,
-    req: Request,
-    next: Next,
-) -> Response {
+/// Who may make a request of `access`: `Ok` or the error to answer with, and the
+/// `aiaas_rejected_requests_total` reason it counts as. `bearer` is the key the client
+/// presented (HTTP's `Authorization: Bearer`, gRPC's `authorization` metadata), `loopback`
+/// whether it connected from a loopback address. Both protocols decide here.
+pub fn check_access(
+    state: &AppState,
+    access: Access,
+    bearer: Option<&str>,
+    loopback: bool,
+) -> Result<(), (ApiError, &'static str)> {
     let s = &state.settings;
     let keys = &s.api_keys;
     let needs_key = match access {
@@ -167,37 +158,75 @@ pub async fn authorize(
         Access::Infer | Access::Admin => !keys.is_empty(),
     };
     if needs_key {
-        let scope = match bearer(&req) {
+        let scope = match bearer {
             None => {
-                state.metrics.reject("unauthenticated");
-                return dialect.error_response(ApiError::Unauthorized(
-                    "an API key is required: Authorization: Bearer <key>".into(),
-                ));
+                return Err((
+                    ApiError::Unauthorized(
+                        "an API key is required: Authorization: Bearer <key>".into(),
+                    ),
+                    "unauthenticated",
+                ))
             }
             Some(k) => keys.scope_of(k),
         };
         match (scope, access) {
             (None, _) => {
-                state.metrics.reject("unauthenticated");
-                return dialect.error_response(ApiError::Unauthorized("invalid API key".into()));
+                return Err((
+                    ApiError::Unauthorized("invalid API key".into()),
+                    "unauthenticated",
+                ))
             }
             (Some(Scope::Infer), Access::Admin) => {
-                state.metrics.reject("forbidden");
-                return dialect.error_response(ApiError::Forbidden(
-                    "this key's scope is 'infer'; model management needs an 'admin' key".into(),
-                ));
+                return Err((
+                    ApiError::Forbidden(
+                        "this key's scope is 'infer'; model management needs an 'admin' key".into(),
+                    ),
+                    "forbidden",
+                ))
             }
             _ => {}
         }
-    } else if access == Access::Admin && !s.allow_unauthenticated_admin && !is_loopback(&req) {
-        state.metrics.reject("forbidden");
-        return dialect.error_response(
+    } else if access == Access::Admin && !s.allow_unauthenticated_admin && !loopback {
+        return Err((
             ApiError::Forbidden(
                 "model management without API keys is only allowed from loopback; configure --api-keys-file or start with --allow-unauthenticated-admin".into(),
             ),
-        );
+            "forbidden",
+        ));
     }
-    next.run(req).await
+    Ok(())
+}
+
+/// The key of an `Authorization: Bearer <key>` value.
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+fn bearer(req: &Request) -> Option<&str> {
+    bearer_token(req.headers().get(header::AUTHORIZATION)?.to_str().ok()?)
+}
+
+fn is_loopback(req: &Request) -> bool {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .is_some_and(|c| c.0.ip().is_loopback())
+}
+
+/// Middleware: refuses a request its caller may not make ([`check_access`]), in the route's
+/// dialect.
+pub async fn authorize(
+    State((state, access, dialect)): State<(AppState, Access, Dialect)>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match check_access(&state, access, bearer(&req), is_loopback(&req)) {
+        Ok(()) => next.run(req).await,
+        Err((error, reason)) => {
+            state.metrics.reject(reason);
+            dialect.error_response(error)
+        }
+    }
 }
 
 #[cfg(test)]

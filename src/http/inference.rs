@@ -12,7 +12,7 @@ use axum::response::Response;
 
 use super::{ApiError, AppState, InferenceLog};
 use crate::registry::{ModelLease, ServingModel};
-use crate::telemetry::Outcome;
+use crate::telemetry::{Outcome, Protocol};
 use crate::tensor::Inferred;
 
 /// Above this body size, decoding moves off the async workers.
@@ -24,6 +24,7 @@ pub const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
 /// Counts the request's outcome once, also when the client leaves and the future is dropped.
 struct OutcomeGuard {
     model: Arc<ServingModel>,
+    protocol: Protocol,
     started: Instant,
     outcome: Option<Outcome>,
 }
@@ -31,7 +32,9 @@ struct OutcomeGuard {
 impl Drop for OutcomeGuard {
     fn drop(&mut self) {
         let outcome = self.outcome.unwrap_or(Outcome::Dropped);
-        self.model.metrics.request(outcome, self.started.elapsed());
+        self.model
+            .metrics
+            .request(self.protocol, outcome, self.started.elapsed());
     }
 }
 
@@ -52,11 +55,21 @@ pub async fn count_outcome<T, E: HasOutcome>(
     model: &Arc<ServingModel>,
     work: impl Future<Output = Result<T, E>>,
 ) -> Result<T, E> {
+    count_outcome_via(Protocol::Http, model, work).await
+}
+
+/// [`count_outcome`] for a request that came over `protocol`.
+pub async fn count_outcome_via<T, E: HasOutcome>(
+    protocol: Protocol,
+    model: &Arc<ServingModel>,
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
     let span = tracing::Span::current();
     span.record("model", model.name.as_str());
     span.record("version", model.version);
     let mut guard = OutcomeGuard {
         model: model.clone(),
+        protocol,
         started: Instant::now(),
         outcome: None,
     };
@@ -77,7 +90,17 @@ pub async fn take_model(
     version: Option<u64>,
     headers: &HeaderMap,
 ) -> Result<ModelLease, ApiError> {
-    let client = client_timeout(headers)?.map(|t| Instant::now() + t);
+    take_model_within(state, name, version, client_timeout(headers)?).await
+}
+
+/// [`take_model`] with the client's timeout given directly (gRPC's `grpc-timeout`).
+pub async fn take_model_within(
+    state: &AppState,
+    name: &str,
+    version: Option<u64>,
+    client: Option<Duration>,
+) -> Result<ModelLease, ApiError> {
+    let client = client.map(|t| Instant::now() + t);
     Ok(state.registry.acquire(name, version, client).await?)
 }
 
@@ -112,14 +135,24 @@ pub fn deadline(
     model: &ModelLease,
     extra: Option<Duration>,
 ) -> Result<Option<Instant>, ApiError> {
+    Ok(Some(deadline_within(
+        model,
+        client_timeout(headers)?,
+        extra,
+    )))
+}
+
+/// [`deadline`] with the client's timeout given directly (gRPC's `grpc-timeout`).
+pub fn deadline_within(
+    model: &ModelLease,
+    client: Option<Duration>,
+    extra: Option<Duration>,
+) -> Instant {
     let mut timeout = model.spec.batching.timeout();
-    if let Some(client) = client_timeout(headers)? {
-        timeout = timeout.min(client);
+    for t in [client, extra].into_iter().flatten() {
+        timeout = timeout.min(t);
     }
-    if let Some(extra) = extra {
-        timeout = timeout.min(extra);
-    }
-    Ok(Some(Instant::now() + timeout.saturating_sub(model.waited)))
+    Instant::now() + timeout.saturating_sub(model.waited)
 }
 
 /// Adds `x-model-version`, `x-batch-size`, `x-queue-time-ms`, `x-inference-time-ms` and

@@ -8,14 +8,14 @@ mod chat;
 mod dialect;
 mod error;
 mod health;
-mod inference;
+pub(crate) mod inference;
 mod metrics;
 mod middleware;
 mod models;
 mod openai;
 mod rerank;
 mod v1;
-mod v2;
+pub(crate) mod v2;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,6 +101,12 @@ impl AppState {
             shutting_down: Arc::default(),
             concurrency: Arc::new(tokio::sync::Semaphore::new(permits)),
         }
+    }
+
+    /// A slot under `--max-concurrent-requests`, held while a request is served; `None` when
+    /// every slot is taken.
+    pub fn try_serve(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.concurrency.clone().try_acquire_owned().ok()
     }
 
     /// Whether a shutdown has begun.

@@ -85,9 +85,14 @@ impl IntoResponse for V2Error {
 type V2Result<T> = Result<T, V2Error>;
 
 fn parse_version(name: &str, version: &str) -> V2Result<u64> {
-    version.parse().map_err(|_| {
-        ApiError::ModelNotFound(format!("model '{name}' has no version '{version}'")).into()
-    })
+    Ok(version_number(name, version)?)
+}
+
+/// A version named in a path or message: a number, else the model has no such version (404).
+pub(crate) fn version_number(name: &str, version: &str) -> Result<u64, ApiError> {
+    version
+        .parse()
+        .map_err(|_| ApiError::ModelNotFound(format!("model '{name}' has no version '{version}'")))
 }
 
 /// `GET /v2`: server metadata.
@@ -131,10 +136,11 @@ fn serving(state: &AppState, name: &str, version: Option<u64>) -> V2Result<Arc<S
         .map_err(ApiError::from)?)
 }
 
-fn metadata_json(state: &AppState, model: &ServingModel) -> Value {
-    let versions: Vec<String> = state
+/// The ready versions of a model, as metadata lists them.
+pub(crate) fn ready_versions(state: &AppState, name: &str) -> Vec<String> {
+    state
         .registry
-        .entry(&model.name)
+        .entry(name)
         .map(|e| {
             e.versions
                 .iter()
@@ -142,7 +148,11 @@ fn metadata_json(state: &AppState, model: &ServingModel) -> Value {
                 .map(|(k, _)| k.to_string())
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+fn metadata_json(state: &AppState, model: &ServingModel) -> Value {
+    let versions = ready_versions(state, &model.name);
     json!({
         "name": model.name,
         "versions": versions,
@@ -212,6 +222,23 @@ pub async fn model_version_config(
 /// Triton's `instance_group`: one group per device, `count` instances on it; a GPU group names
 /// its device in `gpus` (Triton puts `count` instances on each GPU listed).
 fn instance_groups(model: &ServingModel) -> Vec<Value> {
+    device_groups(model)
+        .into_iter()
+        .map(|(gpu, count)| match gpu {
+            Some(n) => json!({
+                "name": model.name,
+                "kind": "KIND_GPU",
+                "count": count,
+                "gpus": [n],
+            }),
+            None => json!({"name": model.name, "kind": "KIND_CPU", "count": count}),
+        })
+        .collect()
+}
+
+/// A model's instances grouped by device: the GPU's index (`None` for the CPU) and how many
+/// instances run there, in the order the devices first appear.
+pub(crate) fn device_groups(model: &ServingModel) -> Vec<(Option<u64>, usize)> {
     let mut groups: Vec<(&str, usize)> = Vec::new();
     for d in &model.instance_devices {
         match groups.iter_mut().find(|(g, _)| g == d) {
@@ -221,14 +248,11 @@ fn instance_groups(model: &ServingModel) -> Vec<Value> {
     }
     groups
         .into_iter()
-        .map(|(device, count)| match device.strip_prefix("cuda:") {
-            Some(n) => json!({
-                "name": model.name,
-                "kind": "KIND_GPU",
-                "count": count,
-                "gpus": [n.parse::<u64>().unwrap_or(0)],
-            }),
-            None => json!({"name": model.name, "kind": "KIND_CPU", "count": count}),
+        .map(|(device, count)| {
+            let gpu = device
+                .strip_prefix("cuda:")
+                .map(|n| n.parse::<u64>().unwrap_or(0));
+            (gpu, count)
         })
         .collect()
 }
@@ -523,21 +547,30 @@ fn raw_request(model: &ServingModel, body: &[u8]) -> Result<v2::V2Request, Codec
     })
 }
 
-/// `POST /v2/repository/index`: every model in the repository with its versions' states.
-pub async fn repository_index(State(state): State<AppState>, body: Bytes) -> V2Result<Json<Value>> {
-    let ready_only = if body.is_empty() {
-        false
-    } else {
-        let v: Value = serde_json::from_slice(&body)
-            .map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
-        v.get("ready").and_then(Value::as_bool).unwrap_or(false)
-    };
+/// One line of the repository index.
+pub(crate) struct IndexEntry {
+    pub name: String,
+    /// `None` for a model with no version in memory or on disk yet.
+    pub version: Option<String>,
+    /// Triton's state names: READY, LOADING, UNLOADING, UNAVAILABLE.
+    pub state: &'static str,
+    pub reason: String,
+}
+
+/// Every model in the repository with its versions' states (only the ready ones when
+/// `ready_only`).
+pub(crate) fn repository_entries(state: &AppState, ready_only: bool) -> Vec<IndexEntry> {
     let mut out = Vec::new();
     for (name, entry) in state.registry.list() {
         if entry.versions.is_empty() {
             if !ready_only {
                 let reason = entry.error.clone().unwrap_or_else(|| "not loaded".into());
-                out.push(json!({"name": name, "state": "UNAVAILABLE", "reason": reason}));
+                out.push(IndexEntry {
+                    name: name.clone(),
+                    version: None,
+                    state: "UNAVAILABLE",
+                    reason,
+                });
             }
             continue;
         }
@@ -554,34 +587,64 @@ pub async fn repository_index(State(state): State<AppState>, body: Bytes) -> V2R
             if ready_only && state_name != "READY" {
                 continue;
             }
-            out.push(json!({
-                "name": name,
-                "version": version.to_string(),
-                "state": state_name,
-                "reason": match (&v.reason, v.state) {
+            out.push(IndexEntry {
+                name: name.clone(),
+                version: Some(version.to_string()),
+                state: state_name,
+                reason: match (&v.reason, v.state) {
                     (Some(r), _) => r.clone(),
                     (None, ModelState::Unloaded) => "unloaded: the first request loads it".into(),
                     (None, _) => String::new(),
                 },
-            }));
+            });
         }
     }
+    out
+}
+
+/// `POST /v2/repository/index`: every model in the repository with its versions' states.
+pub async fn repository_index(State(state): State<AppState>, body: Bytes) -> V2Result<Json<Value>> {
+    let ready_only = if body.is_empty() {
+        false
+    } else {
+        let v: Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
+        v.get("ready").and_then(Value::as_bool).unwrap_or(false)
+    };
+    let out = repository_entries(&state, ready_only)
+        .into_iter()
+        .map(|e| match e.version {
+            None => json!({"name": e.name, "state": e.state, "reason": e.reason}),
+            Some(v) => json!({"name": e.name, "version": v, "state": e.state, "reason": e.reason}),
+        })
+        .collect();
     Ok(Json(Value::Array(out)))
 }
 
-fn control_allowed(state: &AppState) -> V2Result<()> {
+/// Whether the model-control mode lets a client load and unload models.
+pub(crate) fn control_allowed(state: &AppState) -> Result<(), ApiError> {
     if state.settings.model_control.allows_management() {
         Ok(())
     } else {
         Err(ApiError::BadRequest(format!(
             "explicit model load / unload is not allowed: model control mode is '{}' (start with --model-control explicit or lazy)",
             state.settings.model_control.as_str()
-        ))
-        .into())
+        )))
     }
 }
 
 /// Refuses Triton load parameters this server does not implement (config/file overrides).
+pub(crate) fn check_load_parameters<'a>(
+    mut names: impl Iterator<Item = &'a str>,
+) -> Result<(), ApiError> {
+    match names.find(|k| *k == "config" || k.starts_with("file:")) {
+        Some(k) => Err(ApiError::BadRequest(format!(
+            "load parameter '{k}' is not supported: put the model and its model.toml in the repository"
+        ))),
+        None => Ok(()),
+    }
+}
+
 fn check_load_body(body: &Bytes) -> V2Result<()> {
     if body.is_empty() {
         return Ok(());
@@ -589,15 +652,7 @@ fn check_load_body(body: &Bytes) -> V2Result<()> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
     if let Some(params) = v.get("parameters").and_then(Value::as_object) {
-        if let Some(k) = params
-            .keys()
-            .find(|k| *k == "config" || k.starts_with("file:"))
-        {
-            return Err(ApiError::BadRequest(format!(
-                "load parameter '{k}' is not supported: put the model and its model.toml in the repository"
-            ))
-            .into());
-        }
+        check_load_parameters(params.keys().map(String::as_str))?;
     }
     Ok(())
 }

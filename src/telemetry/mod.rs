@@ -37,6 +37,25 @@ pub const TOKEN_BUCKETS: &[f64] = &[
     16.0, 64.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0,
 ];
 
+/// The protocol a prediction request came over: the `protocol` label of
+/// `aiaas_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    Grpc,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 2] = [Protocol::Http, Protocol::Grpc];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Grpc => "grpc",
+        }
+    }
+}
+
 /// Outcomes of a prediction request, a small fixed set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -89,6 +108,9 @@ pub struct Metrics {
     http_requests: IntCounterVec,
     http_duration: HistogramVec,
     pub http_in_flight: IntGauge,
+    grpc_requests: IntCounterVec,
+    grpc_duration: HistogramVec,
+    pub grpc_in_flight: IntGauge,
     rejected: IntCounterVec,
     model_memory: IntGaugeVec,
     resident_memory: IntGaugeVec,
@@ -138,8 +160,8 @@ impl Metrics {
         let m = Metrics {
             requests: counter(
                 "aiaas_requests_total",
-                "Prediction requests by model, version and outcome (success, client_error, rejected, timeout, dropped, error).",
-                &["model", "version", "outcome"],
+                "Prediction requests by model, version, protocol (http, grpc) and outcome (success, client_error, rejected, timeout, dropped, error).",
+                &["model", "version", "protocol", "outcome"],
             ),
             request_duration: histogram(
                 "aiaas_request_duration_seconds",
@@ -242,6 +264,22 @@ impl Metrics {
                 "HTTP requests being served now.",
             )
             .expect("valid gauge"),
+            grpc_requests: counter(
+                "aiaas_grpc_requests_total",
+                "gRPC calls by method (the service's RPC names) and status code.",
+                &["method", "code"],
+            ),
+            grpc_duration: histogram(
+                "aiaas_grpc_request_duration_seconds",
+                "gRPC call duration by method, in seconds (a stream: until it ends).",
+                LATENCY_BUCKETS,
+                &["method"],
+            ),
+            grpc_in_flight: IntGauge::new(
+                "aiaas_grpc_requests_in_flight",
+                "gRPC calls being served now (open streams included).",
+            )
+            .expect("valid gauge"),
             rejected: counter(
                 "aiaas_rejected_requests_total",
                 "Requests refused before reaching a model: concurrency_limit, unauthenticated, forbidden.",
@@ -331,6 +369,9 @@ impl Metrics {
             Box::new(m.http_requests.clone()),
             Box::new(m.http_duration.clone()),
             Box::new(m.http_in_flight.clone()),
+            Box::new(m.grpc_requests.clone()),
+            Box::new(m.grpc_duration.clone()),
+            Box::new(m.grpc_in_flight.clone()),
             Box::new(m.rejected.clone()),
             Box::new(m.model_memory.clone()),
             Box::new(m.resident_memory.clone()),
@@ -364,9 +405,11 @@ impl Metrics {
         Arc::new(ModelMetrics {
             success: RequestTotals::default(),
             failure: RequestTotals::default(),
-            outcomes: Outcome::ALL.map(|o| {
-                self.requests
-                    .with_label_values(&[model, v.as_str(), o.as_str()])
+            outcomes: Protocol::ALL.map(|p| {
+                Outcome::ALL.map(|o| {
+                    self.requests
+                        .with_label_values(&[model, v.as_str(), p.as_str(), o.as_str()])
+                })
             }),
             request_duration: self.request_duration.with_label_values(&l),
             queue_duration: self.queue_duration.with_label_values(&l),
@@ -521,6 +564,15 @@ impl Metrics {
             .inc();
         self.http_duration
             .with_label_values(&[route, method])
+            .observe(duration.as_secs_f64());
+    }
+
+    /// Counts one gRPC call: `method` is one of the service's fixed RPC names and `code` a gRPC
+    /// status name, so a client cannot create series.
+    pub fn observe_grpc(&self, method: &'static str, code: &'static str, duration: Duration) {
+        self.grpc_requests.with_label_values(&[method, code]).inc();
+        self.grpc_duration
+            .with_label_values(&[method])
             .observe(duration.as_secs_f64());
     }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use prometheus::{Gauge, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge};
 
-use super::Outcome;
+use super::{Outcome, Protocol};
 use crate::batcher::BatchObserver;
 
 /// One model version's metric handles, and request totals for the v2 statistics extension.
@@ -14,7 +14,7 @@ pub struct ModelMetrics {
     pub success: RequestTotals,
     /// Failed requests and their cumulative duration (ns).
     pub failure: RequestTotals,
-    pub(super) outcomes: [IntCounter; 6],
+    pub(super) outcomes: [[IntCounter; 6]; 2],
     pub(super) request_duration: Histogram,
     pub(super) queue_duration: Histogram,
     pub(super) compute_duration: Histogram,
@@ -56,12 +56,16 @@ impl TextSeries {
 
 impl ModelMetrics {
     /// Records a finished request: its outcome and, for successes, its duration.
-    pub fn request(&self, outcome: Outcome, duration: Duration) {
+    pub fn request(&self, protocol: Protocol, outcome: Outcome, duration: Duration) {
         let i = Outcome::ALL
             .iter()
             .position(|o| *o == outcome)
             .expect("outcome in ALL");
-        self.outcomes[i].inc();
+        let p = Protocol::ALL
+            .iter()
+            .position(|o| *o == protocol)
+            .expect("protocol in ALL");
+        self.outcomes[p][i].inc();
         if outcome == Outcome::Success {
             self.request_duration.observe(duration.as_secs_f64());
             self.success.add(duration);

@@ -43,6 +43,8 @@ impl Server {
             .arg(models)
             .args(args)
             .env("RUST_LOG", "info")
+            // gRPC off unless a test asks for it (--grpc-port): servers run side by side
+            .env("AIAAS_GRPC_PORT", "0")
             .envs(env.iter().copied())
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())

@@ -3,6 +3,7 @@
 import io
 import os
 import re
+import socket
 import shutil
 import subprocess
 import tempfile
@@ -19,14 +20,25 @@ ROOT = Path(__file__).resolve().parents[2]
 BINARY = Path(os.environ.get("AIAAS_BIN", ROOT / "target" / "release" / "aiaas"))
 
 
+def free_port():
+    """A port nothing listens on now (for --grpc-port, which has no 'pick one' value)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Server:
-    def __init__(self, models, *args):
+    def __init__(self, models, *args, grpc=False):
         if not BINARY.exists():
             raise RuntimeError(f"{BINARY} missing: run `cargo build --release` (make test does)")
+        # gRPC off unless asked for: servers run side by side
+        self.grpc_port = free_port() if grpc else 0
         self.proc = subprocess.Popen(
-            [str(BINARY), "--host", "127.0.0.1", "--port", "0", "--models", str(models), *args],
+            [str(BINARY), "--host", "127.0.0.1", "--port", "0", "--models", str(models),
+             "--grpc-port", str(self.grpc_port), *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "NO_COLOR": "1", "RUST_LOG": "info"})
+        self.grpc_addr = f"127.0.0.1:{self.grpc_port}" if grpc else None
         self.log = []
         addr = None
         for line in self.proc.stdout:

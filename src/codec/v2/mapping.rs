@@ -31,10 +31,15 @@ impl V2TensorMeta {
         }
     }
 
-    pub fn metadata_json(&self) -> Value {
+    /// The shape metadata gives: the batch dimension (-1) and the dimensions after it.
+    pub fn metadata_shape(&self) -> Vec<i64> {
         let mut shape = vec![-1i64];
         shape.extend(&self.dims);
-        json!({"name": self.name, "datatype": self.datatype.name(), "shape": shape})
+        shape
+    }
+
+    pub fn metadata_json(&self) -> Value {
+        json!({"name": self.name, "datatype": self.datatype.name(), "shape": self.metadata_shape()})
     }
 
     pub fn config_json(&self) -> Value {

@@ -8,6 +8,6 @@ mod wire;
 
 pub use self::mapping::V2TensorMeta;
 pub use self::wire::{
-    encode_bytes_elements, encode_response, parse_bytes_elements, parse_request, RequestedOutput,
-    V2Data, V2Input, V2Output, V2Request, V2Type,
+    binary_data, encode_bytes_elements, encode_response, parse_bytes_elements, parse_request,
+    parse_shape, RequestedOutput, V2Data, V2Input, V2Output, V2Request, V2Type,
 };

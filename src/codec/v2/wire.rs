@@ -251,22 +251,7 @@ fn parse_input(input: RawInput, binary: &mut &[u8]) -> Result<V2Input, CodecErro
     let name = input.name;
     let datatype =
         V2Type::parse(&input.datatype).map_err(|e| invalid(format!("input '{name}': {e}")))?;
-    let shape: Vec<usize> = input
-        .shape
-        .iter()
-        .map(|&d| {
-            usize::try_from(d).map_err(|_| {
-                invalid(format!(
-                    "input '{name}': shape {:?} has a negative dimension",
-                    input.shape
-                ))
-            })
-        })
-        .collect::<Result<_, _>>()?;
-    let count = shape
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| invalid(format!("input '{name}': shape {shape:?} is too large")))?;
+    let (shape, count) = parse_shape(&name, &input.shape)?;
     let binary_size =
         match input
             .parameters
@@ -298,32 +283,7 @@ fn parse_input(input: RawInput, binary: &mut &[u8]) -> Result<V2Input, CodecErro
             }
             let (mine, rest) = binary.split_at(size);
             *binary = rest;
-            match datatype {
-                V2Type::Tensor(dtype) => {
-                    let expected = byte_len(dtype, &shape).unwrap_or(usize::MAX);
-                    if expected != size {
-                        return Err(invalid(format!(
-                            "input '{name}': shape {shape:?} of {} needs {expected} bytes, binary_data_size is {size}",
-                            dtype
-                        )));
-                    }
-                    V2Data::Tensor(
-                        HostTensor::new(dtype, shape.clone(), mine.to_vec())
-                            .map_err(|e| invalid(e.to_string()))?,
-                    )
-                }
-                V2Type::Bytes => {
-                    let elements = parse_bytes_elements(mine)
-                        .map_err(|e| invalid(format!("input '{name}': {e}")))?;
-                    if elements.len() != count {
-                        return Err(invalid(format!(
-                            "input '{name}': shape {shape:?} has {count} elements, the binary data {}",
-                            elements.len()
-                        )));
-                    }
-                    V2Data::Bytes(elements)
-                }
-            }
+            binary_data(&name, datatype, &shape, mine)?
         }
         (None, Some(data)) => {
             let elements = |n: usize| {
@@ -363,6 +323,64 @@ fn parse_input(input: RawInput, binary: &mut &[u8]) -> Result<V2Input, CodecErro
         }
     };
     Ok(V2Input { name, shape, data })
+}
+
+/// An input's shape as sizes, and its element count; a negative or overflowing shape is an
+/// error naming the input.
+pub fn parse_shape(name: &str, dims: &[i64]) -> Result<(Vec<usize>, usize), CodecError> {
+    let shape: Vec<usize> = dims
+        .iter()
+        .map(|&d| {
+            usize::try_from(d).map_err(|_| {
+                invalid(format!(
+                    "input '{name}': shape {dims:?} has a negative dimension"
+                ))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let count = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| invalid(format!("input '{name}': shape {shape:?} is too large")))?;
+    Ok((shape, count))
+}
+
+/// An input's data from its bytes in the binary layout (the binary tensor extension's, and
+/// gRPC's `raw_input_contents`): little-endian row-major values whose length must match the
+/// shape, or BYTES elements each behind a u32 length.
+pub fn binary_data(
+    name: &str,
+    datatype: V2Type,
+    shape: &[usize],
+    bytes: &[u8],
+) -> Result<V2Data, CodecError> {
+    let count: usize = shape.iter().product();
+    Ok(match datatype {
+        V2Type::Tensor(dtype) => {
+            let expected = byte_len(dtype, shape).unwrap_or(usize::MAX);
+            if expected != bytes.len() {
+                return Err(invalid(format!(
+                    "input '{name}': shape {shape:?} of {dtype} needs {expected} bytes, the binary data has {}",
+                    bytes.len()
+                )));
+            }
+            V2Data::Tensor(
+                HostTensor::new(dtype, shape.to_vec(), bytes.to_vec())
+                    .map_err(|e| invalid(e.to_string()))?,
+            )
+        }
+        V2Type::Bytes => {
+            let elements =
+                parse_bytes_elements(bytes).map_err(|e| invalid(format!("input '{name}': {e}")))?;
+            if elements.len() != count {
+                return Err(invalid(format!(
+                    "input '{name}': shape {shape:?} has {count} elements, the binary data {}",
+                    elements.len()
+                )));
+            }
+            V2Data::Bytes(elements)
+        }
+    })
 }
 
 /// The strings of BYTES `data` (flat or nested), row-major; refuses more than `max`.
