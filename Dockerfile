@@ -73,6 +73,7 @@ COPY models /models
 # NVIDIA_DRIVER_CAPABILITIES is read by the NVIDIA container toolkit (CUDA variant); harmless on CPU.
 ENV AIAAS_HOST=0.0.0.0 \
     AIAAS_PORT=8080 \
+    AIAAS_GRPC_PORT=8081 \
     AIAAS_MODELS=/models \
     AIAAS_LOG_FORMAT=json \
     AIAAS_SHUTDOWN_TIMEOUT=30 \
@@ -82,7 +83,7 @@ ENV AIAAS_HOST=0.0.0.0 \
 # Unprivileged, numeric (so Kubernetes' runAsNonRoot can verify it); needs no home or writable
 # paths besides /tmp.
 USER 65532:65532
-EXPOSE 8080
+EXPOSE 8080 8081
 
 # Ready = models loaded and warmed up. No curl/wget in the image: bash (part of every Debian base)
 # speaks HTTP/1.0 over /dev/tcp and we compare the status line. Kubernetes ignores HEALTHCHECK and

@@ -10,6 +10,7 @@
 
 mod body;
 mod convert;
+mod generate;
 mod health;
 mod service;
 mod status;

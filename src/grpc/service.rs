@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 use axum::extract::ConnectInfo;
 use futures_util::Stream;
 use prost::Message;
+use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert;
+use super::generate;
 use super::proto::grpc_inference_service_server::GrpcInferenceService;
 use super::proto::*;
 use super::status::{bearer, grpc_timeout, status_of};
@@ -95,12 +97,88 @@ impl Inference {
         let model = self
             .model(&msg.model_name, &msg.model_version, timeout)
             .await?;
-        count_outcome_via(
-            Protocol::Grpc,
-            &model,
-            run_infer(model.clone(), msg, timeout),
-        )
-        .await
+        let Some(g) = model.generator().cloned() else {
+            return count_outcome_via(
+                Protocol::Grpc,
+                &model,
+                run_infer(model.clone(), msg, timeout),
+            )
+            .await;
+        };
+        let work = async {
+            let asked = generate::asked(msg, timeout.map(|t| Instant::now() + t))?;
+            let (tx, mut rx) = mpsc::channel(1);
+            generate::run(model.clone(), g, asked, false, &tx).await?;
+            rx.try_recv()
+                .map_err(|_| ApiError::Internal("the generation ended without an answer".into()))
+        };
+        count_outcome_via(Protocol::Grpc, &model, work).await
+    }
+
+    /// One request of a `ModelStreamInfer` stream, answered on `out`: one response, or a
+    /// generative model's pieces as they come (`stream: true`); an error is an
+    /// `error_message` response with the request's id, and the stream goes on.
+    pub(super) async fn stream_one(
+        &self,
+        msg: ModelInferRequest,
+        timeout: Option<Duration>,
+        out: &mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
+    ) {
+        let id = msg.id.clone();
+        if let Err(e) = self.stream_answer(msg, timeout, out).await {
+            let _ = out
+                .send(Ok(ModelStreamInferResponse {
+                    error_message: e.to_string(),
+                    infer_response: Some(ModelInferResponse {
+                        id,
+                        ..Default::default()
+                    }),
+                }))
+                .await;
+        }
+    }
+
+    async fn stream_answer(
+        &self,
+        msg: ModelInferRequest,
+        timeout: Option<Duration>,
+        out: &mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
+    ) -> Result<(), ApiError> {
+        let answer = |r| {
+            Ok(ModelStreamInferResponse {
+                error_message: String::new(),
+                infer_response: Some(r),
+            })
+        };
+        let _slot = self.slot()?;
+        let model = self
+            .model(&msg.model_name, &msg.model_version, timeout)
+            .await?;
+        let Some(g) = model.generator().cloned() else {
+            let r = count_outcome_via(
+                Protocol::Grpc,
+                &model,
+                run_infer(model.clone(), msg, timeout),
+            )
+            .await?;
+            let _ = out.send(answer(r)).await;
+            return Ok(());
+        };
+        let lease = model.clone();
+        let work = async move {
+            let asked = generate::asked(msg, timeout.map(|t| Instant::now() + t))?;
+            let (tx, mut rx) = mpsc::channel(1);
+            let generating = async move { generate::run(lease, g, asked, true, &tx).await };
+            let forwarding = async {
+                while let Some(r) = rx.recv().await {
+                    if out.send(answer(r)).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            tokio::join!(generating, forwarding).0
+        };
+        count_outcome_via(Protocol::Grpc, &model, work).await
     }
 }
 

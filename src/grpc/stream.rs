@@ -91,21 +91,7 @@ pub fn serve(
             let service = service.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let id = msg.id.clone();
-                let answer = match service.infer(msg, timeout).await {
-                    Ok(response) => ModelStreamInferResponse {
-                        error_message: String::new(),
-                        infer_response: Some(response),
-                    },
-                    Err(e) => ModelStreamInferResponse {
-                        error_message: e.to_string(),
-                        infer_response: Some(super::proto::ModelInferResponse {
-                            id,
-                            ..Default::default()
-                        }),
-                    },
-                };
-                let _ = tx.send(Ok(answer)).await;
+                service.stream_one(msg, timeout, &tx).await;
                 drop(slot);
             });
         }

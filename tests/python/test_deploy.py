@@ -95,9 +95,9 @@ def test_dockerfile_layout():
     assert "COPY models /models" in runtime["text"]
     user = re.search(r"^USER\s+(\d+)(?::(\d+))?$", runtime["text"], re.M)
     assert user and int(user.group(1)) != 0, "runtime must run as a numeric non-root user"
-    assert re.search(r"^EXPOSE 8080$", runtime["text"], re.M)
+    assert re.search(r"^EXPOSE 8080 8081$", runtime["text"], re.M)  # HTTP, gRPC
     assert re.search(r"^HEALTHCHECK .*\n.*/health/ready", runtime["text"], re.M)
-    for var in ["AIAAS_HOST", "AIAAS_PORT", "AIAAS_MODELS", "AIAAS_SHUTDOWN_TIMEOUT"]:
+    for var in ["AIAAS_HOST", "AIAAS_PORT", "AIAAS_GRPC_PORT", "AIAAS_MODELS", "AIAAS_SHUTDOWN_TIMEOUT"]:
         assert var in runtime["text"]
     assert 'ENTRYPOINT ["/usr/local/bin/aiaas"]' in runtime["text"]
 
@@ -176,9 +176,12 @@ def test_nginx_config_is_accepted_by_nginx():
     proxy = (DEPLOY / "nginx/proxy.conf").read_text()
     assert "proxy_next_upstream error timeout http_503 non_idempotent;" in proxy
     assert "least_conn;" in (DEPLOY / "nginx/nginx.conf").read_text()
+    # gRPC through nginx: HTTP/2 on both sides, so calls (not connections) are balanced
+    assert "grpc_pass grpc://aiaas_grpc;" in (DEPLOY / "nginx/nginx.conf").read_text()
     with tempfile.TemporaryDirectory(prefix="aiaas-nginx-t-") as tmp:
         conf = (DEPLOY / "nginx/nginx.conf").read_text()
         conf = re.sub(r"server aiaas-(\d):8080 resolve", r"server 127.0.0.1:1808\1", conf)
+        conf = re.sub(r"server aiaas-(\d):8081 resolve", r"server 127.0.0.1:1818\1", conf)
         conf = conf.replace("/etc/nginx/aiaas-proxy.conf", str(DEPLOY / "nginx/proxy.conf"))
         Path(tmp, "nginx.conf").write_text(conf)
         p = run([tool("nginx"), "-t", "-p", tmp, "-e", f"{tmp}/error.log",
@@ -355,21 +358,27 @@ def test_kserve_manifests():
             errors = []
             strict_load(d, KSERVE_KINDS[key], f"{f.name}:{d['kind']}", errors)
             assert not errors, "\n".join(errors)
-            docs[d["kind"]] = d
-    sr, isvc = docs["ServingRuntime"], docs["InferenceService"]
+            docs.setdefault(d["kind"], []).append(d)
+    [sr] = docs["ServingRuntime"]
     spec = sr["spec"]
-    assert spec["protocolVersions"] == ["v2"]
+    assert spec["protocolVersions"] == ["v2", "grpc-v2"]
     formats = {f["name"] for f in spec["supportedModelFormats"]}
     c = spec["containers"][0]
     assert c["name"] == "kserve-container"
     assert "--models=/mnt/models" in c["args"]  # KServe's storage initializer puts models there
     port = c["ports"][0]["containerPort"]
     assert f"--port={port}" in c["args"]
-    model = isvc["spec"]["predictor"]["model"]
-    assert model["runtime"] == sr["metadata"]["name"]
-    assert model["modelFormat"]["name"] in formats
-    assert model["protocolVersion"] == "v2"
-    assert re.match(r"^(s3|gs|pvc|https?|oci|hf)://", model["storageUri"])
+    by_protocol = {i["spec"]["predictor"]["model"]["protocolVersion"]: i for i in docs["InferenceService"]}
+    assert set(by_protocol) == {"v2", "grpc-v2"}
+    for isvc in by_protocol.values():
+        model = isvc["spec"]["predictor"]["model"]
+        assert model["runtime"] == sr["metadata"]["name"]
+        assert model["modelFormat"]["name"] in formats
+        assert re.match(r"^(s3|gs|pvc|https?|oci|hf)://", model["storageUri"])
+    # gRPC: KServe finds the HTTP/2 port by its name, h2c; it is the one --grpc-port opens
+    [h2c] = by_protocol["grpc-v2"]["spec"]["predictor"]["model"]["ports"]
+    assert h2c["name"] == "h2c"
+    assert f"--grpc-port={h2c['containerPort']}" in c["args"]
 
 
 # ----------------------------------------------------------------------------- failover

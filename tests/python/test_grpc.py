@@ -429,3 +429,89 @@ def test_drain_ends_open_streams_cleanly():
         go_on.set()
         channel.close()
         s.stop()
+
+
+# ----------------------------------------------------------------------------- generation
+
+LLM = ROOT / ".fixtures" / "llm" / "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def gen(tmp_path_factory):
+    if not (LLM / "reference.json").exists():
+        pytest.fail(f"no SmolLM2 checkpoint in {LLM}: run `make llm-fixtures`")
+    repo = tmp_path_factory.mktemp("grpc-gen")
+    (repo / "smol").mkdir()
+    (repo / "smol" / "model.toml").write_text(
+        f'kind = "text-generation"\n[generation]\ncheckpoint = "{LLM}"\nkv_cache_tokens = 4096\n')
+    s = Server(repo, grpc=True)
+    yield s
+    s.stop()
+
+
+def generation_inputs(prompt, sampling, stream=None, exclude=None):
+    inputs = [bytes_input(tg, "text_input", [prompt.encode()]),
+              bytes_input(tg, "sampling_parameters", [json.dumps(sampling).encode()])]
+    for name, value in [("stream", stream), ("exclude_input_in_output", exclude)]:
+        if value is not None:
+            i = tg.InferInput(name, [1], "BOOL")
+            i.set_data_from_numpy(np.array([value], dtype=bool))
+            inputs.append(i)
+    for i in inputs[:2]:  # BYTES [1, 1] -> [1], as Triton's vLLM examples send them
+        i._input.ClearField("shape")
+        i._input.shape.extend([1])
+    return inputs
+
+
+def completion(gen, prompt, max_tokens):
+    body = {"model": "smol", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    req = urllib.request.Request(gen.url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.load(r)["choices"][0]
+
+
+def test_generation_unary_and_token_stream(gen):
+    prompt, sampling = "The capital of France is", {"max_tokens": 12, "temperature": 0}
+    want = completion(gen, prompt, 12)
+    c = tg.InferenceServerClient(gen.grpc_addr)
+    try:
+        meta = c.get_model_metadata("smol")
+        assert [i.name for i in meta.inputs] == ["text_input", "stream", "sampling_parameters",
+                                                 "exclude_input_in_output"]
+        r = c.infer("smol", generation_inputs(prompt, sampling, exclude=True))
+        assert r.as_numpy("text_output")[0].decode() == want["text"]
+        assert r.get_response().parameters["finish_reason"].string_param == want["finish_reason"]
+        # without exclude_input_in_output the prompt comes first, as vLLM's backend answers
+        r = c.infer("smol", generation_inputs(prompt, sampling))
+        assert r.as_numpy("text_output")[0].decode() == prompt + want["text"]
+        # streamed: pieces as they are generated, then an empty final response
+        pieces = queue.Queue()
+        c.start_stream(callback=lambda result, error: pieces.put((result, error)))
+        c.async_stream_infer("smol", generation_inputs(prompt, sampling, stream=True), request_id="g",
+                             enable_empty_final_response=True)
+        got = []
+        while True:
+            result, error = pieces.get(timeout=120)
+            assert error is None, error
+            resp = result.get_response()
+            assert resp.id == "g"
+            got.append((result.as_numpy("text_output")[0].decode(),
+                        resp.parameters["triton_final_response"].bool_param))
+            if got[-1][1]:
+                break
+        c.stop_stream()
+        assert len(got) > 2 and got[-1][0] == ""
+        assert "".join(t for t, _ in got) == want["text"]
+        # refused, naming what is wrong
+        with pytest.raises(InferenceServerException) as e:
+            c.infer("smol", generation_inputs(prompt, sampling, stream=True))
+        assert "ModelStreamInfer" in str(e.value)
+        with pytest.raises(InferenceServerException) as e:
+            c.infer("smol", generation_inputs(prompt, {"max_tokens": 4, "best_of": 2}))
+        assert "best_of" in str(e.value) and "INVALID_ARGUMENT" in str(e.value)
+        with pytest.raises(InferenceServerException) as e:
+            c.infer("smol", generation_inputs(prompt, {"max_tokens": 100000}))
+        assert "context length" in str(e.value)
+    finally:
+        c.close()

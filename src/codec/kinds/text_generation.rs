@@ -83,7 +83,7 @@ impl TextGeneration {
 
     fn elsewhere(&self) -> CodecError {
         CodecError::Invalid(format!(
-            "'{}' is a text-generation model: use POST /v1/chat/completions or /v1/completions",
+            "'{}' is a text-generation model: use POST /v1/chat/completions or /v1/completions, or ModelInfer / ModelStreamInfer over gRPC",
             self.name
         ))
     }
@@ -106,12 +106,21 @@ impl ModelAdapter for TextGeneration {
         Value::Null
     }
 
+    /// Triton's inputs of a generative model (its vLLM backend's): the prompt, and the
+    /// optional streaming flag, sampling parameters (JSON) and whether to leave the prompt out
+    /// of the answer. KServe v2 over gRPC serves them (`grpc/generate.rs`).
     fn v2_inputs(&self) -> Vec<V2TensorMeta> {
-        vec![V2TensorMeta {
-            name: "text_input".into(),
-            datatype: V2Type::Bytes,
+        let input = |name: &str, datatype| V2TensorMeta {
+            name: name.into(),
+            datatype,
             dims: vec![1],
-        }]
+        };
+        vec![
+            input("text_input", V2Type::Bytes),
+            input("stream", V2Type::Tensor(DType::Bool)),
+            input("sampling_parameters", V2Type::Bytes),
+            input("exclude_input_in_output", V2Type::Tensor(DType::Bool)),
+        ]
     }
 
     fn v2_outputs(&self) -> Vec<V2TensorMeta> {
