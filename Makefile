@@ -9,7 +9,7 @@ PORT ?= 8080
 MODELS ?= ./models
 ARGS ?=
 
-.PHONY: run test test-tools hf-fixtures llm-fixtures build setup lint models bench bench-embeddings soak-embeddings bench-many-models bench-generate gpu-bundle gpu-dry-run fmt
+.PHONY: run test test-tools hf-fixtures llm-fixtures build setup lint models bench bench-grpc bench-embeddings soak-embeddings bench-many-models bench-generate gpu-bundle gpu-dry-run fmt
 
 ## Build (release) and serve the bundled models on http://0.0.0.0:$(PORT), SmolLM2-135M-Instruct
 ## (converted once by llm-fixtures) among them
@@ -52,8 +52,13 @@ models: setup
 	cargo run --release --bin aiaas-train -- --out models
 
 ## Benchmark image-cnn: raw forward vs served throughput; writes docs/BENCHMARKS.md
-bench: build
+bench: build test-tools
 	bench/run.py
+	.venv-test/bin/python bench/grpc_vs_http.py
+
+## KServe v2 over gRPC against HTTP binary on image-cnn, Triton's Python clients (about 2 minutes)
+bench-grpc: build test-tools
+	.venv-test/bin/python bench/grpc_vs_http.py
 
 ## Embeddings through /v1/embeddings (token batching on/off) vs sentence-transformers and
 ## infinity-emb (installed into .venv-bench by bench/peers/setup-infinity.sh); about 6 minutes
