@@ -21,7 +21,9 @@ use std::time::Duration;
 use axum::Router;
 use tonic::codec::CompressionEncoding;
 
-use crate::http::AppState;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+
+use crate::http::{AppState, REQUEST_ID};
 
 pub use status::code_of;
 
@@ -86,5 +88,13 @@ pub fn router(state: AppState, settings: GrpcSettings) -> anyhow::Result<Router>
         }))
         .layer(axum::middleware::map_response(
             status::too_large_is_resource_exhausted,
-        )))
+        ))
+        // request ids as over HTTP: the client's `x-request-id` metadata when it is safe to log,
+        // else a new UUID, echoed in the answer's metadata and logged with the call
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(axum::middleware::from_fn(crate::http::sanitize_request_id))
+                .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone())),
+        ))
 }

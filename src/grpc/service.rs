@@ -12,6 +12,7 @@ use futures_util::Stream;
 use prost::Message;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use super::convert;
 use super::generate;
@@ -242,12 +243,15 @@ async fn run_infer(
 async fn observed<T>(
     state: &AppState,
     method: &'static str,
+    request_id: &str,
     work: impl std::future::Future<Output = Result<Response<T>, Status>>,
 ) -> Result<Response<T>, Status> {
+    let span = tracing::info_span!("grpc", request_id = %request_id, method);
     let started = Instant::now();
     state.metrics.grpc_in_flight.inc();
     let _in_flight = InFlight(state.metrics.clone());
-    let result = work.await;
+    let result = work.instrument(span.clone()).await;
+    let _enter = span.enter();
     let elapsed = started.elapsed();
     let code = match &result {
         Ok(_) => tonic::Code::Ok,
@@ -284,6 +288,15 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.grpc_in_flight.dec();
     }
+}
+
+/// The call's request id (set by the router's request-id layers).
+fn request_id<T>(req: &Request<T>) -> String {
+    req.metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// A status code's canonical name (the `code` label).
@@ -325,7 +338,7 @@ type Answer<T> = Result<Response<T>, Status>;
 #[tonic::async_trait]
 impl GrpcInferenceService for Inference {
     async fn server_live(&self, req: Request<ServerLiveRequest>) -> Answer<ServerLiveResponse> {
-        observed(&self.state, "ServerLive", async {
+        observed(&self.state, "ServerLive", &request_id(&req), async {
             self.admit(&req, Access::Public)?;
             ok(ServerLiveResponse { live: true })
         })
@@ -333,7 +346,7 @@ impl GrpcInferenceService for Inference {
     }
 
     async fn server_ready(&self, req: Request<ServerReadyRequest>) -> Answer<ServerReadyResponse> {
-        observed(&self.state, "ServerReady", async {
+        observed(&self.state, "ServerReady", &request_id(&req), async {
             self.admit(&req, Access::Public)?;
             let ready = self.state.registry.readiness().ready && !self.state.is_shutting_down();
             ok(ServerReadyResponse { ready })
@@ -342,7 +355,7 @@ impl GrpcInferenceService for Inference {
     }
 
     async fn model_ready(&self, req: Request<ModelReadyRequest>) -> Answer<ModelReadyResponse> {
-        observed(&self.state, "ModelReady", async {
+        observed(&self.state, "ModelReady", &request_id(&req), async {
             self.admit(&req, Access::Infer)?;
             let m = req.get_ref();
             let version = version_of(&m.name, &m.version).map_err(status_of)?;
@@ -363,7 +376,7 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<ServerMetadataRequest>,
     ) -> Answer<ServerMetadataResponse> {
-        observed(&self.state, "ServerMetadata", async {
+        observed(&self.state, "ServerMetadata", &request_id(&req), async {
             self.admit(&req, Access::Infer)?;
             ok(ServerMetadataResponse {
                 name: "aiaas".into(),
@@ -378,7 +391,7 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<ModelMetadataRequest>,
     ) -> Answer<ModelMetadataResponse> {
-        observed(&self.state, "ModelMetadata", async {
+        observed(&self.state, "ModelMetadata", &request_id(&req), async {
             let caller = self.admit(&req, Access::Infer)?;
             let m = req.get_ref();
             let model = self
@@ -396,7 +409,7 @@ impl GrpcInferenceService for Inference {
     }
 
     async fn model_infer(&self, req: Request<ModelInferRequest>) -> Answer<ModelInferResponse> {
-        observed(&self.state, "ModelInfer", async {
+        observed(&self.state, "ModelInfer", &request_id(&req), async {
             let caller = self.admit(&req, Access::Infer)?;
             let answer = self
                 .infer(req.into_inner(), caller.timeout)
@@ -415,7 +428,7 @@ impl GrpcInferenceService for Inference {
         req: Request<Streaming<ModelInferRequest>>,
     ) -> Answer<Self::ModelStreamInferStream> {
         // counted when the stream opens; each request in it is counted per model
-        observed(&self.state, "ModelStreamInfer", async {
+        observed(&self.state, "ModelStreamInfer", &request_id(&req), async {
             let caller = self.admit(&req, Access::Infer)?;
             let responses = stream::serve(self.clone(), req.into_inner(), caller);
             ok(Box::pin(responses) as Self::ModelStreamInferStream)
@@ -424,7 +437,7 @@ impl GrpcInferenceService for Inference {
     }
 
     async fn model_config(&self, req: Request<ModelConfigRequest>) -> Answer<ModelConfigResponse> {
-        observed(&self.state, "ModelConfig", async {
+        observed(&self.state, "ModelConfig", &request_id(&req), async {
             let caller = self.admit(&req, Access::Infer)?;
             let m = req.get_ref();
             let model = self
@@ -442,7 +455,7 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<ModelStatisticsRequest>,
     ) -> Answer<ModelStatisticsResponse> {
-        observed(&self.state, "ModelStatistics", async {
+        observed(&self.state, "ModelStatistics", &request_id(&req), async {
             self.admit(&req, Access::Infer)?;
             let m = req.get_ref();
             let registry = &self.state.registry;
@@ -487,7 +500,7 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<RepositoryIndexRequest>,
     ) -> Answer<RepositoryIndexResponse> {
-        observed(&self.state, "RepositoryIndex", async {
+        observed(&self.state, "RepositoryIndex", &request_id(&req), async {
             self.admit(&req, Access::Admin)?;
             let models = repository_entries(&self.state, req.get_ref().ready)
                 .into_iter()
@@ -507,18 +520,24 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<RepositoryModelLoadRequest>,
     ) -> Answer<RepositoryModelLoadResponse> {
-        observed(&self.state, "RepositoryModelLoad", async {
-            self.admit(&req, Access::Admin)?;
-            let m = req.get_ref();
-            control_allowed(&self.state).map_err(status_of)?;
-            check_load_parameters(m.parameters.keys().map(String::as_str)).map_err(status_of)?;
-            self.state
-                .registry
-                .load(&m.model_name)
-                .await
-                .map_err(|e| status_of(e.into()))?;
-            ok(RepositoryModelLoadResponse {})
-        })
+        observed(
+            &self.state,
+            "RepositoryModelLoad",
+            &request_id(&req),
+            async {
+                self.admit(&req, Access::Admin)?;
+                let m = req.get_ref();
+                control_allowed(&self.state).map_err(status_of)?;
+                check_load_parameters(m.parameters.keys().map(String::as_str))
+                    .map_err(status_of)?;
+                self.state
+                    .registry
+                    .load(&m.model_name)
+                    .await
+                    .map_err(|e| status_of(e.into()))?;
+                ok(RepositoryModelLoadResponse {})
+            },
+        )
         .await
     }
 
@@ -526,17 +545,22 @@ impl GrpcInferenceService for Inference {
         &self,
         req: Request<RepositoryModelUnloadRequest>,
     ) -> Answer<RepositoryModelUnloadResponse> {
-        observed(&self.state, "RepositoryModelUnload", async {
-            self.admit(&req, Access::Admin)?;
-            let m = req.get_ref();
-            control_allowed(&self.state).map_err(status_of)?;
-            self.state
-                .registry
-                .unload(&m.model_name)
-                .await
-                .map_err(|e| status_of(e.into()))?;
-            ok(RepositoryModelUnloadResponse {})
-        })
+        observed(
+            &self.state,
+            "RepositoryModelUnload",
+            &request_id(&req),
+            async {
+                self.admit(&req, Access::Admin)?;
+                let m = req.get_ref();
+                control_allowed(&self.state).map_err(status_of)?;
+                self.state
+                    .registry
+                    .unload(&m.model_name)
+                    .await
+                    .map_err(|e| status_of(e.into()))?;
+                ok(RepositoryModelUnloadResponse {})
+            },
+        )
         .await
     }
 

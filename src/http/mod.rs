@@ -34,6 +34,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 pub use self::auth::{Access, ApiKeys};
 pub use self::dialect::Dialect;
 pub use self::error::{ApiError, ErrorLog};
+pub use self::middleware::sanitize_request_id;
 use crate::idle_poll::IdlePolling;
 use crate::registry::Registry;
 use crate::telemetry::Metrics;

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import ROOT, Server, draw_shape, pixels_chw, png_bytes
+from conftest import ROOT, Server, draw_shape, free_port, pixels_chw, png_bytes
 
 DEMO = "regressor,text-classifier,image-cnn"
 
@@ -326,6 +326,35 @@ def test_kserve_grpc_client(server):
     np.testing.assert_allclose(np.array(got["y"]).reshape(2, 1), expected, rtol=1e-6)
 
 
+HF = ROOT / ".fixtures" / "hf"
+
+
+def test_embedding_and_reranker_kinds(tmp_path):
+    """The Hugging Face kinds over gRPC, against the references transformers computed."""
+    if not (HF / ".stamp").exists():
+        pytest.fail(f"no Hugging Face fixtures in {HF}: run .ci/hf-fixtures.sh")
+    s = Server(HF, "--load-model", "minilm,cross-encoder", grpc=True)
+    try:
+        c = tg.InferenceServerClient(s.grpc_addr)
+        ref = json.loads((HF / "minilm" / "reference.json").read_text())["items"]
+        r = c.infer("minilm", [bytes_input(tg, "text", [i["text"].encode() for i in ref])],
+                    request_id="emb", headers={"x-request-id": "trace-me-42"})
+        emb = r.as_numpy("embedding")
+        assert emb.shape == (len(ref), 384)
+        assert np.abs(emb - np.array([i["embedding"] for i in ref], dtype=np.float32)).max() < 1e-5
+        pairs = json.loads((HF / "cross-encoder" / "reference.json").read_text())["items"]
+        inputs = [bytes_input(tg, name, [p[name].encode() for p in pairs]) for name in ["query", "document"]]
+        out = c.infer("cross-encoder", inputs, outputs=[tg.InferRequestedOutput("score")])
+        score = out.as_numpy("score").reshape(-1)
+        assert np.abs(score - np.array([p["score"] for p in pairs])).max() < 1e-5
+        c.close()
+        # the call's request id is the client's, logged with it
+        time.sleep(0.5)
+        assert any("trace-me-42" in line and "ModelInfer" in line for line in s.log), "".join(s.log[-20:])
+    finally:
+        s.stop()
+
+
 def test_keys_and_scopes(tmp_path):
     keys = {"infer": "infer-key-0123456789", "admin": "admin-key-0123456789"}
     path = tmp_path / "keys"
@@ -515,3 +544,57 @@ def test_generation_unary_and_token_stream(gen):
         assert "context length" in str(e.value)
     finally:
         c.close()
+
+
+def test_through_nginx_grpc_pass(server, tmp_path):
+    """deploy/nginx/nginx.conf as docker compose runs it, pointed at this server on loopback:
+    gRPC calls pass through nginx's grpc_pass (HTTP/2 on both sides)."""
+    import re
+    import shutil
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(nginx):
+        pytest.fail("nginx is missing: make test installs it (.ci/test-tools.sh)")
+    conf = (ROOT / "deploy/nginx/nginx.conf").read_text()
+    http_port, grpc_port = server.addr.rsplit(":", 1)[1], server.grpc_addr.rsplit(":", 1)[1]
+    front_http, front_grpc = free_port(), free_port()
+    conf = re.sub(r"server aiaas-\d:8080 resolve", f"server 127.0.0.1:{http_port}", conf)
+    conf = re.sub(r"server aiaas-\d:8081 resolve", f"server 127.0.0.1:{grpc_port}", conf)
+    conf = conf.replace("listen 8081 http2;", f"listen 127.0.0.1:{front_grpc} http2;")
+    conf = conf.replace("listen 80;", f"listen 127.0.0.1:{front_http};")
+    conf = conf.replace("/etc/nginx/aiaas-proxy.conf", str(ROOT / "deploy/nginx/proxy.conf"))
+    conf = conf.replace("access_log /dev/stdout upstream;", f"access_log {tmp_path}/access.log upstream;")
+    os.chmod(tmp_path, 0o755)
+    (tmp_path / "nginx.conf").write_text(conf)
+    proc = subprocess.Popen([nginx, "-p", str(tmp_path), "-e", f"{tmp_path}/error.log", "-c",
+                             f"{tmp_path}/nginx.conf", "-g", f"pid {tmp_path}/nginx.pid; daemon off;"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        c = tg.InferenceServerClient(f"127.0.0.1:{front_grpc}")
+        deadline = time.time() + 20
+        while True:
+            try:
+                assert c.is_server_ready()
+                break
+            except Exception:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise AssertionError((tmp_path / "error.log").read_text() if (tmp_path / "error.log").exists() else "nginx failed")
+                time.sleep(0.2)
+        xs = np.array([[0.0], [0.5]], dtype=np.float32)
+        direct = tg.InferenceServerClient(server.grpc_addr).infer("regressor", [fp32_input(tg, "x", xs)]).as_numpy("y")
+        via = c.infer("regressor", [fp32_input(tg, "x", xs)]).as_numpy("y")
+        np.testing.assert_allclose(via, direct, rtol=1e-6)
+        # a streamed call through the proxy, and an error status passed through unchanged
+        results = queue.Queue()
+        c.start_stream(callback=lambda result, error: results.put((result, error)))
+        c.async_stream_infer("regressor", [fp32_input(tg, "x", xs)], request_id="via-nginx")
+        result, error = results.get(timeout=30)
+        c.stop_stream()
+        assert error is None and result.get_response().id == "via-nginx"
+        with pytest.raises(InferenceServerException) as e:
+            c.get_model_metadata("no-such-model")
+        assert "NOT_FOUND" in str(e.value)
+        c.close()
+        assert " 200 " in (tmp_path / "access.log").read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
