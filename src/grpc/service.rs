@@ -24,7 +24,7 @@ use crate::http::auth::{check_access, Access};
 use crate::http::inference::{count_outcome_via, deadline_within, take_model_within, StillWanted};
 use crate::http::v2::{
     check_load_parameters, control_allowed, device_groups, ready_versions, repository_entries,
-    version_number, EXTENSIONS,
+    stats_scope, version_number, EXTENSIONS,
 };
 use crate::http::{ApiError, AppState};
 use crate::registry::ModelLease;
@@ -458,35 +458,18 @@ impl GrpcInferenceService for Inference {
         observed(&self.state, "ModelStatistics", &request_id(&req), async {
             self.admit(&req, Access::Infer)?;
             let m = req.get_ref();
-            let registry = &self.state.registry;
-            let model_stats = if m.name.is_empty() {
-                registry
-                    .list()
+            let model_stats = if m.version.is_empty() {
+                let name = (!m.name.is_empty()).then_some(m.name.as_str());
+                stats_scope(&self.state, name)
+                    .map_err(status_of)?
                     .iter()
-                    .flat_map(|(_, e)| {
-                        e.versions
-                            .values()
-                            .filter_map(|v| v.serving.as_ref())
-                            .map(|s| convert::statistics(s))
-                            .collect::<Vec<_>>()
-                    })
-                    .collect()
-            } else if m.version.is_empty() {
-                let entry = registry.entry(&m.name).ok_or_else(|| {
-                    status_of(ApiError::ModelNotFound(format!(
-                        "model '{}' not found",
-                        m.name
-                    )))
-                })?;
-                entry
-                    .versions
-                    .values()
-                    .filter_map(|v| v.serving.as_ref())
                     .map(|s| convert::statistics(s))
                     .collect()
             } else {
                 let version = version_of(&m.name, &m.version).map_err(status_of)?;
-                let model = registry
+                let model = self
+                    .state
+                    .registry
                     .serving(&m.name, version)
                     .map_err(|e| status_of(e.into()))?;
                 vec![convert::statistics(&model)]

@@ -318,21 +318,40 @@ fn stats_json(model: &ServingModel) -> Value {
     })
 }
 
+/// The serving versions statistics cover: every model's (`name` `None`), or one model's,
+/// whose unknown name is a 404.
+pub(crate) fn stats_scope(
+    state: &AppState,
+    name: Option<&str>,
+) -> Result<Vec<Arc<ServingModel>>, ApiError> {
+    let serving = |e: &crate::registry::ModelEntry| -> Vec<Arc<ServingModel>> {
+        e.versions
+            .values()
+            .filter_map(|v| v.serving.clone())
+            .collect()
+    };
+    match name {
+        None => Ok(state
+            .registry
+            .list()
+            .iter()
+            .flat_map(|(_, e)| serving(e))
+            .collect()),
+        Some(name) => state
+            .registry
+            .entry(name)
+            .map(|e| serving(&e))
+            .ok_or_else(|| ApiError::ModelNotFound(format!("model '{name}' not found"))),
+    }
+}
+
 /// `GET /v2/models/stats`: every ready model version.
-pub async fn all_stats(State(state): State<AppState>) -> Json<Value> {
-    let stats: Vec<Value> = state
-        .registry
-        .list()
+pub async fn all_stats(State(state): State<AppState>) -> V2Result<Json<Value>> {
+    let stats: Vec<Value> = stats_scope(&state, None)?
         .iter()
-        .flat_map(|(_, e)| {
-            e.versions
-                .values()
-                .filter_map(|v| v.serving.as_ref())
-                .map(|s| stats_json(s))
-                .collect::<Vec<_>>()
-        })
+        .map(|s| stats_json(s))
         .collect();
-    Json(json!({ "model_stats": stats }))
+    Ok(Json(json!({ "model_stats": stats })))
 }
 
 /// `GET /v2/models/{m}/stats`: every ready version of one model.
@@ -340,13 +359,8 @@ pub async fn model_stats(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> V2Result<Json<Value>> {
-    let entry = state.registry.entry(&name).ok_or_else(|| {
-        V2Error::from(ApiError::ModelNotFound(format!("model '{name}' not found")))
-    })?;
-    let stats: Vec<Value> = entry
-        .versions
-        .values()
-        .filter_map(|v| v.serving.as_ref())
+    let stats: Vec<Value> = stats_scope(&state, Some(&name))?
+        .iter()
         .map(|s| stats_json(s))
         .collect();
     Ok(Json(json!({ "model_stats": stats })))
