@@ -598,3 +598,48 @@ def test_through_nginx_grpc_pass(server, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_a_unary_message_that_stalls_is_cut_at_the_body_timeout():
+    """A raw HTTP/2 client (the h2 package) sends a ModelInfer call's headers and the first
+    bytes of a message that claims 1000, then nothing: the server ends the call after
+    --body-timeout instead of waiting for the rest, and goes on serving."""
+    import socket
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    s = Server(ROOT / "models", "--load-model", "regressor", "--body-timeout", "1", grpc=True)
+    try:
+        host, port = s.grpc_addr.rsplit(":", 1)
+        sock = socket.create_connection((host, int(port)), timeout=15)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        stream = conn.get_next_available_stream_id()
+        conn.send_headers(stream, [(":method", "POST"), (":scheme", "http"), (":authority", s.grpc_addr),
+                                   (":path", "/inference.GRPCInferenceService/ModelInfer"),
+                                   ("content-type", "application/grpc"), ("te", "trailers")])
+        conn.send_data(stream, b"\x00" + (1000).to_bytes(4, "big") + b"\x0a\x09regressor")
+        sock.sendall(conn.data_to_send())
+        started = time.monotonic()
+        ended, status = False, None
+        while not ended and time.monotonic() - started < 15:
+            data = sock.recv(65536)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                    status = dict(event.headers).get(b"grpc-status", status)
+                if isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                    ended = True
+            sock.sendall(conn.data_to_send())
+        took = time.monotonic() - started
+        sock.close()
+        assert ended, "the stalled call was never ended"
+        assert status not in (None, b"0"), status  # an error status, not OK
+        assert took < 10
+        # and the server serves the next caller
+        assert tg.InferenceServerClient(s.grpc_addr).is_server_live()
+    finally:
+        s.stop()
