@@ -134,6 +134,8 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> SequenceRequest {
         stop: Vec::new(),
         stop_tokens: Vec::new(),
         logprobs: None,
+        constraint: None,
+        special_text: false,
         arrived: Instant::now(),
         deadline: Instant::now() + Duration::from_secs(60),
     }
