@@ -77,6 +77,9 @@ pub fn parse_tools(tools: &Value) -> Result<Vec<Tool>, String> {
     let list = tools
         .as_array()
         .ok_or("'tools' is an array of {\"type\": \"function\", \"function\": {...}}")?;
+    if list.is_empty() {
+        return Err("'tools' is a non-empty array of functions".into());
+    }
     if list.len() > MAX_TOOLS {
         return Err(format!("{} tools; at most {MAX_TOOLS}", list.len()));
     }
