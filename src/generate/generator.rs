@@ -380,6 +380,14 @@ impl Generator {
                     .into(),
             ));
         }
+        if params.constraint.is_some() && params.ignore_eos {
+            return Err(bad(
+                "ignore_eos",
+                "ignore_eos cannot be combined with a grammar: the grammar decides where the \
+                 answer ends"
+                    .into(),
+            ));
+        }
         if params.stop.len() > super::stop::MAX_STOP_STRINGS {
             return Err(bad(
                 "stop",

@@ -199,6 +199,7 @@ def test_what_cannot_be_enforced_is_refused_naming_it(gen, client):
         assert body["param"] == "response_format" and keyword in body["message"], body
     cases = [
         ({"response_format": schema_format({"type": "object"}), "stop": ["}"]}, "stop"),
+        ({"guided_regex": "a+", "ignore_eos": True}, "ignore_eos"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
         ({"response_format": {"type": "yaml"}}, "response_format"),
         ({"guided_regex": "(unclosed"}, "guided_regex"),
