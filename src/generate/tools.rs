@@ -336,16 +336,47 @@ enum State {
         /// Bytes of the block sent as arguments.
         args_sent: usize,
     },
-    /// Everything from here is held until the end (llama3_json, mistral).
-    Buffered,
+    /// A sequence of JSON calls (llama3_json, mistral): `at` is where the unread text begins
+    /// in the buffer; `open`, the progress of the call being written.
+    Seq { at: usize, open: Option<Progress> },
     /// The answer is text (llama3_json after a non-JSON start).
     Plain,
+}
+
+/// What is sent of the call being written: its name, where its arguments begin in its text,
+/// and how much of its text was sent as arguments.
+type Progress = (bool, Option<usize>, usize);
+
+/// The length of the JSON object at the start of `text` (string-aware brace matching), if it
+/// is complete.
+fn object_end(text: &str) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let (mut depth, mut in_string, mut i) = (0usize, false, 0);
+    while i < bytes.len() {
+        match (in_string, bytes[i]) {
+            (true, b'\\') => i += 1,
+            (true, b'"') => in_string = false,
+            (false, b'"') => in_string = true,
+            (false, b'{') | (false, b'[') => depth += 1,
+            (false, b'}') | (false, b']') => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
 }
 
 /// Splits an answer's text into content and tool calls as it streams.
 #[derive(Debug, Clone)]
 pub struct ToolParser {
     format: ToolFormat,
+    /// The functions offered: a call names one of them (empty: any name).
+    names: Vec<String>,
     state: State,
     buf: String,
     /// Calls started.
@@ -378,29 +409,26 @@ fn call_of(v: &Value, key: &str) -> Option<(String, String)> {
     Some((name, args))
 }
 
-/// JSON values one after another, separated by whitespace or `sep`.
-fn json_sequence(text: &str, sep: char) -> Option<Vec<Value>> {
-    let mut out = Vec::new();
-    let mut rest = text.trim();
-    while !rest.is_empty() {
-        let mut stream = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
-        let v = stream.next()?.ok()?;
-        let used = stream.byte_offset();
-        out.push(v);
-        rest = rest[used..].trim_start();
-        rest = rest.strip_prefix(sep).unwrap_or(rest).trim_start();
-    }
-    Some(out)
-}
-
 impl ToolParser {
+    /// A parser taking calls of any name.
     pub fn new(format: ToolFormat) -> Self {
+        Self::offering(format, Vec::new())
+    }
+
+    /// A parser taking calls of the functions `names` only (what else looks like a call stays
+    /// content).
+    pub fn offering(format: ToolFormat, names: Vec<String>) -> Self {
         Self {
             format,
+            names,
             state: State::Text,
             buf: String::new(),
             calls: 0,
         }
+    }
+
+    fn offers(&self, name: &str) -> bool {
+        self.names.is_empty() || self.names.iter().any(|n| n == name)
     }
 
     /// Calls started so far.
@@ -461,7 +489,7 @@ impl ToolParser {
                                     args_sent: 0,
                                 }
                             } else {
-                                State::Buffered
+                                State::Seq { at: 0, open: None }
                             };
                             continue;
                         }
@@ -487,7 +515,9 @@ impl ToolParser {
                             return;
                         }
                         if trimmed.starts_with('{') || trimmed.starts_with(PYTHON_TAG) {
-                            self.state = State::Buffered;
+                            let trimmed = trimmed.strip_prefix(PYTHON_TAG).unwrap_or(trimmed);
+                            self.buf = trimmed.to_string();
+                            self.state = State::Seq { at: 0, open: None };
                         } else if PYTHON_TAG.starts_with(trimmed) && !end {
                             return;
                         } else {
@@ -495,32 +525,10 @@ impl ToolParser {
                         }
                     }
                 },
-                State::Buffered => {
-                    if !end {
+                State::Seq { at, open } => {
+                    if self.seq(out, at, open, end) {
                         return;
                     }
-                    let text = std::mem::take(&mut self.buf);
-                    let calls = self.buffered_calls(&text);
-                    match calls {
-                        Some(calls) if !calls.is_empty() => {
-                            for (name, args) in calls {
-                                let index = self.calls;
-                                self.calls += 1;
-                                out.push(ToolEvent::Start { index, name });
-                                out.push(ToolEvent::Args { index, text: args });
-                            }
-                        }
-                        _ => {
-                            let prefix = if self.format == ToolFormat::Mistral {
-                                MISTRAL_START
-                            } else {
-                                ""
-                            };
-                            Self::text(out, &format!("{prefix}{text}"));
-                        }
-                    }
-                    self.state = State::Plain;
-                    return;
                 }
                 State::Call {
                     named,
@@ -529,7 +537,19 @@ impl ToolParser {
                 } => {
                     let close = self.buf.find(HERMES_END);
                     if close.is_none() && !end {
-                        self.stream_call(out, named, args_from, args_sent);
+                        let body = std::mem::take(&mut self.buf);
+                        let (named, args_from, args_sent) = self.stream_object(
+                            out,
+                            &body,
+                            HERMES_END,
+                            (named, args_from, args_sent),
+                        );
+                        self.buf = body;
+                        self.state = State::Call {
+                            named,
+                            args_from,
+                            args_sent,
+                        };
                         return;
                     }
                     let body_end = close.unwrap_or(self.buf.len());
@@ -537,7 +557,13 @@ impl ToolParser {
                     let rest = close.map_or(String::new(), |c| {
                         self.buf[c + HERMES_END.len()..].to_string()
                     });
-                    self.close_call(out, &body, close.is_some(), (named, args_from, args_sent));
+                    let wrap = if close.is_some() { HERMES_END } else { "" };
+                    self.close_call(
+                        out,
+                        &body,
+                        (HERMES_START, wrap),
+                        (named, args_from, args_sent),
+                    );
                     self.buf = rest.trim_start_matches('\n').to_string();
                     self.state = State::Text;
                     if close.is_none() {
@@ -548,36 +574,96 @@ impl ToolParser {
         }
     }
 
-    /// The calls of a buffered answer (llama3_json or mistral), `None` if it is not calls.
-    fn buffered_calls(&self, text: &str) -> Option<Vec<(String, String)>> {
-        let key = self.format.arguments_key();
-        let values = match self.format {
-            ToolFormat::Mistral => match serde_json::from_str::<Value>(text.trim()).ok()? {
-                Value::Array(list) => list,
-                v @ Value::Object(_) => vec![v],
-                _ => return None,
-            },
-            _ => {
-                let text = text.trim_start();
-                json_sequence(text.strip_prefix(PYTHON_TAG).unwrap_or(text), ';')?
-            }
-        };
-        values.iter().map(|v| call_of(v, key)).collect()
-    }
-
-    /// Sends what is known of an open hermes block: its name once seen, then its arguments'
-    /// text as it comes (holding back what may be the block's closing brace and marker).
-    fn stream_call(
+    /// Steps a sequence of JSON calls (`[{..}, {..}]` after `[TOOL_CALLS]`, or `{..}; {..}`):
+    /// each call streamed as it is written. Returns whether to wait for more text.
+    fn seq(
         &mut self,
         out: &mut Vec<ToolEvent>,
-        named: bool,
-        args_from: Option<usize>,
-        args_sent: usize,
-    ) {
+        at: usize,
+        open: Option<Progress>,
+        end: bool,
+    ) -> bool {
+        let seps: &[char] = match self.format {
+            ToolFormat::Mistral => &['[', ','],
+            _ => &[';'],
+        };
+        let rest = &self.buf[at..];
+        let skipped = rest.len()
+            - rest
+                .trim_start_matches(|c: char| {
+                    c.is_whitespace() || (open.is_none() && seps.contains(&c))
+                })
+                .len();
+        let at = if open.is_some() { at } else { at + skipped };
+        let rest = self.buf[at..].to_string();
+        if rest.is_empty() {
+            if end {
+                self.state = State::Plain;
+            } else {
+                self.state = State::Seq { at, open };
+            }
+            return true;
+        }
+        if !rest.starts_with('{') {
+            // the end of the calls (`]`), or text that is not one
+            let text = rest.strip_prefix(']').unwrap_or(&rest).to_string();
+            if self.calls == 0 && at == skipped {
+                // nothing was a call: the text as written
+                let prefix = if self.format == ToolFormat::Mistral {
+                    MISTRAL_START
+                } else {
+                    ""
+                };
+                let whole = std::mem::take(&mut self.buf);
+                Self::text(out, &format!("{prefix}{whole}"));
+            } else {
+                Self::text(out, text.trim_start());
+                self.buf.clear();
+            }
+            self.state = State::Plain;
+            return true;
+        }
+        match object_end(&rest) {
+            Some(len) => {
+                let body = &rest[..len];
+                self.close_call(out, body, ("", ""), open.unwrap_or((false, None, 0)));
+                self.state = State::Seq {
+                    at: at + len,
+                    open: None,
+                };
+                false
+            }
+            None if end => {
+                self.close_call(out, &rest, ("", ""), open.unwrap_or((false, None, 0)));
+                self.buf.clear();
+                self.state = State::Plain;
+                true
+            }
+            None => {
+                let progress = self.stream_object(out, &rest, "", open.unwrap_or((false, None, 0)));
+                self.state = State::Seq {
+                    at,
+                    open: Some(progress),
+                };
+                true
+            }
+        }
+    }
+
+    /// Sends what is known of a call being written (`body`, its text so far): its name once
+    /// seen, then its arguments' text as it comes, holding back what may be the object's
+    /// closing brace (and a partial `marker` after it).
+    fn stream_object(
+        &mut self,
+        out: &mut Vec<ToolEvent>,
+        body: &str,
+        marker: &str,
+        (named, args_from, args_sent): Progress,
+    ) -> Progress {
         let (mut named, mut args_from, mut args_sent) = (named, args_from, args_sent);
         if !named {
-            let Some((name, after)) = leading_name(&self.buf) else {
-                return;
+            let Some((name, after)) = leading_name(body).filter(|(n, _)| self.offers(n)) else {
+                return (named, args_from, args_sent);
             };
             out.push(ToolEvent::Start {
                 index: self.calls,
@@ -585,49 +671,52 @@ impl ToolParser {
             });
             self.calls += 1;
             named = true;
-            args_from = arguments_start(&self.buf[after..]).map(|a| after + a);
+            args_from = arguments_start(&body[after..]).map(|a| after + a);
             args_sent = args_from.unwrap_or(0);
         } else if args_from.is_none() {
             // the name came; the arguments' key may follow
-            if let Some((_, after)) = leading_name(&self.buf) {
-                args_from = arguments_start(&self.buf[after..]).map(|a| after + a);
+            if let Some((_, after)) = leading_name(body) {
+                args_from = arguments_start(&body[after..]).map(|a| after + a);
                 args_sent = args_from.unwrap_or(0);
             }
         }
-        if let Some(_from) = args_from {
+        if args_from.is_some() {
             // hold back: a partial closing marker, blanks, the object's closing brace, blanks
-            let mut safe = self.buf.len() - partial_suffix(&self.buf, HERMES_END);
-            safe = self.buf[..safe].trim_end().len();
-            if self.buf[..safe].ends_with('}') {
+            let mut safe = body.len()
+                - if marker.is_empty() {
+                    0
+                } else {
+                    partial_suffix(body, marker)
+                };
+            safe = body[..safe].trim_end().len();
+            if body[..safe].ends_with('}') {
                 safe -= 1;
             }
-            safe = self.buf[..safe].trim_end().len();
+            safe = body[..safe].trim_end().len();
             if safe > args_sent {
                 out.push(ToolEvent::Args {
                     index: self.calls - 1,
-                    text: self.buf[args_sent..safe].to_string(),
+                    text: body[args_sent..safe].to_string(),
                 });
                 args_sent = safe;
             }
         }
-        self.state = State::Call {
-            named,
-            args_from,
-            args_sent,
-        };
+        (named, args_from, args_sent)
     }
 
-    /// A hermes block ends (`body`: its text between the markers).
+    /// A call's text ends (`body`: the object, or a hermes block's text between the markers);
+    /// `wrap`: what surrounds it, given back with it when it is not a call.
     fn close_call(
         &mut self,
         out: &mut Vec<ToolEvent>,
         body: &str,
-        closed: bool,
-        (named, args_from, args_sent): (bool, Option<usize>, usize),
+        wrap: (&str, &str),
+        (named, args_from, args_sent): Progress,
     ) {
         let parsed = serde_json::from_str::<Value>(body.trim())
             .ok()
-            .and_then(|v| call_of(&v, "arguments"));
+            .and_then(|v| call_of(&v, "arguments"))
+            .filter(|(name, _)| named || self.offers(name));
         // the arguments not begun: where they are written, if they are
         let (args_from, args_sent) = match args_from {
             Some(from) => (Some(from), args_sent),
@@ -673,8 +762,7 @@ impl ToolParser {
             }
             (None, false) => {
                 // not a call after all: the text as written
-                let close = if closed { HERMES_END } else { "" };
-                Self::text(out, &format!("{HERMES_START}{body}{close}"));
+                Self::text(out, &format!("{}{body}{}", wrap.0, wrap.1));
             }
             (None, true) => {
                 // a broken call whose name was sent: its arguments' text as written

@@ -835,9 +835,20 @@ async fn answer(
         .as_ref()
         .filter(|t| t.choice != ToolChoice::None)
         .map(|_| g.tool_format());
+    let names: Vec<String> = asked
+        .tools
+        .as_ref()
+        .map(|t| t.list.iter().map(|f| f.name.clone()).collect())
+        .unwrap_or_default();
     if asked.stream {
         return Ok(stream_answer(
-            model, g, head, receivers, echoes, &asked, format,
+            model,
+            g,
+            head,
+            receivers,
+            echoes,
+            &asked,
+            format.map(|f| (f, names)),
         ));
     }
     let mut choices: Vec<Choice> = Vec::with_capacity(receivers.len());
@@ -891,7 +902,7 @@ async fn answer(
                 Api::Chat => {
                     let mut message = json!({"role": "assistant", "content": c.text});
                     if let Some(format) = format {
-                        let (content, calls) = tool_calls(format, &c.text);
+                        let (content, calls) = tool_calls(format, &names, &c.text);
                         if !calls.is_empty() {
                             message["content"] = if content.is_empty() {
                                 Value::Null
@@ -932,8 +943,8 @@ async fn answer(
 }
 
 /// An answer's text split into its content and its `tool_calls` (OpenAI's shape).
-fn tool_calls(format: ToolFormat, text: &str) -> (String, Vec<Value>) {
-    let mut parser = ToolParser::new(format);
+fn tool_calls(format: ToolFormat, names: &[String], text: &str) -> (String, Vec<Value>) {
+    let mut parser = ToolParser::offering(format, names.to_vec());
     let mut events = parser.push(text);
     events.extend(parser.finish());
     let mut content = String::new();
@@ -985,7 +996,7 @@ fn stream_answer(
     receivers: Vec<mpsc::Receiver<Event>>,
     echoes: Vec<String>,
     asked: &Asked,
-    format: Option<ToolFormat>,
+    format: Option<(ToolFormat, Vec<String>)>,
 ) -> Response {
     let count = receivers.len();
     let events = stream::select_all(receivers.into_iter().enumerate().map(|(i, rx)| {
@@ -1006,8 +1017,14 @@ fn stream_answer(
         prompt_tokens: vec![0; count],
         completion_tokens: 0,
         done: false,
-        parsers: (0..count).map(|_| format.map(ToolParser::new)).collect(),
-        format,
+        parsers: (0..count)
+            .map(|_| {
+                format
+                    .as_ref()
+                    .map(|(f, names)| ToolParser::offering(*f, names.clone()))
+            })
+            .collect(),
+        format: format.map(|(f, _)| f),
         head,
     };
     for (i, echo) in echoes.into_iter().enumerate() {

@@ -113,7 +113,7 @@ fn llama3_json_and_mistral_calls() {
     assert_eq!(content, "");
     assert_eq!(
         calls,
-        vec![("f".into(), "{\"x\":1}".into()), ("g".into(), "{}".into())]
+        vec![("f".into(), "{\"x\": 1}".into()), ("g".into(), "{}".into())]
     );
     let (content, calls) = split_everywhere(ToolFormat::Llama3Json, "Hello {there}");
     assert_eq!((content.as_str(), calls.len()), ("Hello {there}", 0));
@@ -124,7 +124,7 @@ fn llama3_json_and_mistral_calls() {
         "Sure.[TOOL_CALLS][{\"name\": \"f\", \"arguments\": {\"x\": \"y\"}}]",
     );
     assert_eq!(content, "Sure.");
-    assert_eq!(calls, vec![("f".into(), "{\"x\":\"y\"}".into())]);
+    assert_eq!(calls, vec![("f".into(), "{\"x\": \"y\"}".into())]);
 }
 
 #[test]
@@ -224,4 +224,43 @@ fn fallback_messages_describe_tools_and_earlier_calls() {
         out[3],
         json!({"role": "user", "content": "<tool_response>\n42\n</tool_response>"})
     );
+}
+
+#[test]
+fn json_call_sequences_stream_their_arguments() {
+    let pieces = [
+        "[TOOL_CALLS][{\"name\": \"f\", \"arguments\": {\"a\"",
+        ": [1, {\"b\": \"}\"}]",
+        "}}, {\"name\": \"g\", ",
+        "\"arguments\": {}}]",
+    ];
+    let ev = events(ToolFormat::Mistral, &pieces);
+    let (content, calls) = joined(&ev);
+    assert_eq!(content, "");
+    assert_eq!(
+        calls,
+        vec![
+            ("f".into(), "{\"a\": [1, {\"b\": \"}\"}]}".into()),
+            ("g".into(), "{}".into())
+        ]
+    );
+    let pieces_of_f = ev
+        .iter()
+        .filter(|e| matches!(e, ToolEvent::Args { index: 0, .. }))
+        .count();
+    assert!(pieces_of_f >= 2, "{ev:?}");
+}
+
+#[test]
+fn only_offered_functions_are_calls() {
+    let names = vec!["get_weather".to_string()];
+    let answer = "{\"name\": \"Bob\", \"parameters\": {\"age\": 3}}";
+    let mut p = ToolParser::offering(ToolFormat::Llama3Json, names.clone());
+    let mut ev = p.push(answer);
+    ev.extend(p.finish());
+    assert_eq!(joined(&ev), (answer.to_string(), vec![]));
+    let mut p = ToolParser::offering(ToolFormat::Hermes, names);
+    let mut ev = p.push("<tool_call>\n{\"name\": \"other\", \"arguments\": {}}\n</tool_call>");
+    ev.extend(p.finish());
+    assert!(joined(&ev).1.is_empty());
 }
