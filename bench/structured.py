@@ -3,7 +3,7 @@
 unconstrained and under a JSON schema (the grammar's token mask every step), at concurrency 1 and
 16, plus the mask's time per token as the scheduler logs it (debug line "grammar masks").
 
-    .venv/bin/python bench/structured.py [--binary target/release/aiaas] [--requests 32]
+    make bench-structured   (or: .venv/bin/python bench/structured.py [--binary ...] [--requests 32])
 
 Greedy, max_tokens 64, the same prompts for both modes; unconstrained answers ignore the end of
 sequence so that both generate about as many tokens. Each level runs none, schema, schema, none

@@ -187,3 +187,37 @@ fn random_scores_under_a_schema_give_valid_json() {
     }
     assert!(finished > 0, "no decode finished within 200 tokens");
 }
+
+#[test]
+fn the_real_vocabulary_s_bytes_are_what_the_tokenizer_decodes() {
+    // SmolLM2's byte-level BPE (49152 tokens), when the fixtures are built
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".fixtures/llm/smollm2-135m-instruct/tokenizer.json");
+    let Ok(t) = Tokenizer::from_file(&path) else {
+        eprintln!("skipped: {} is missing (make llm-fixtures)", path.display());
+        return;
+    };
+    let words = token_bytes(&t, 49152);
+    let mut checked = 0;
+    for (id, word) in words.iter().enumerate() {
+        let text = t.decode(&[id as u32], false).unwrap();
+        if word.first() == Some(&TokTrie::SPECIAL_TOKEN_MARKER) {
+            assert_eq!(&word[1..], text.as_bytes(), "special token {id}");
+        } else if let Ok(s) = std::str::from_utf8(word) {
+            assert_eq!(s, text, "token {id}");
+            checked += 1;
+        }
+    }
+    assert!(checked > 45_000, "{checked} tokens checked");
+    // a mask over the real vocabulary: words of lower-case letters, then one space
+    let g = Grammars::new(Arc::new(t), 49152);
+    let mut c = g
+        .compile(&GrammarSpec::Regex("[a-z]+ [A-Z]".into()))
+        .unwrap();
+    let mut scores = vec![0.0f32; 49152];
+    c.apply(&mut scores, &[2]).unwrap();
+    let allowed = scores.iter().filter(|s| s.is_finite()).count();
+    // lower-case words and their prefixes, never a space first
+    assert!(allowed > 1000, "{allowed}");
+    assert!(scores[words.iter().position(|w| w == b" the").unwrap()].is_infinite());
+}
