@@ -406,7 +406,9 @@ async fn generate(
         .as_ref()
         .filter(|t| t.choice != ToolChoice::None)
     {
-        asked.params.special_text = format != ToolFormat::Hermes;
+        // the parser reads the markers: special tokens are written out where a marker is one
+        asked.params.special_text =
+            format != ToolFormat::Hermes || generator.special_token_id("<tool_call>").is_some();
         let forced: Option<Vec<Tool>> = match &tools.choice {
             ToolChoice::Required => Some(tools.list.clone()),
             ToolChoice::Function(name) => Some(
