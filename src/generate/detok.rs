@@ -9,12 +9,23 @@
 /// Turns token ids into text.
 pub trait Decode {
     fn decode(&self, ids: &[u32]) -> Result<String, String>;
+
+    /// The text with special tokens written out (what tool-call parsers read).
+    fn decode_special(&self, ids: &[u32]) -> Result<String, String> {
+        self.decode(ids)
+    }
 }
 
 impl Decode for tokenizers::Tokenizer {
     fn decode(&self, ids: &[u32]) -> Result<String, String> {
         std::ops::Deref::deref(self)
             .decode(ids, true)
+            .map_err(|e| e.to_string())
+    }
+
+    fn decode_special(&self, ids: &[u32]) -> Result<String, String> {
+        std::ops::Deref::deref(self)
+            .decode(ids, false)
             .map_err(|e| e.to_string())
     }
 }
@@ -26,6 +37,8 @@ const INCOMPLETE: char = '\u{FFFD}';
 #[derive(Debug, Clone, Default)]
 pub struct Detokenizer {
     ids: Vec<u32>,
+    /// Special tokens are written out.
+    special: bool,
     /// Where the window of already-emitted tokens starts and ends.
     prefix: usize,
     read: usize,
@@ -36,11 +49,27 @@ impl Detokenizer {
         Self::default()
     }
 
+    /// One that writes special tokens out.
+    pub fn with_special() -> Self {
+        Self {
+            special: true,
+            ..Self::default()
+        }
+    }
+
+    fn decode(&self, decoder: &dyn Decode, ids: &[u32]) -> Result<String, String> {
+        if self.special {
+            decoder.decode_special(ids)
+        } else {
+            decoder.decode(ids)
+        }
+    }
+
     /// The text `token` adds (empty while it ends in an incomplete character).
     pub fn push(&mut self, decoder: &dyn Decode, token: u32) -> Result<String, String> {
         self.ids.push(token);
-        let before = decoder.decode(&self.ids[self.prefix..self.read])?;
-        let after = decoder.decode(&self.ids[self.prefix..])?;
+        let before = self.decode(decoder, &self.ids[self.prefix..self.read])?;
+        let after = self.decode(decoder, &self.ids[self.prefix..])?;
         if after.len() > before.len() && !after.ends_with(INCOMPLETE) {
             let delta = match after.get(before.len()..) {
                 Some(d) if after.starts_with(&before) => d.to_string(),
@@ -63,8 +92,8 @@ impl Detokenizer {
     /// The text still held at the end of the answer (an incomplete character, as the decoder
     /// writes it).
     pub fn finish(&mut self, decoder: &dyn Decode) -> Result<String, String> {
-        let before = decoder.decode(&self.ids[self.prefix..self.read])?;
-        let after = decoder.decode(&self.ids[self.prefix..])?;
+        let before = self.decode(decoder, &self.ids[self.prefix..self.read])?;
+        let after = self.decode(decoder, &self.ids[self.prefix..])?;
         self.prefix = self.ids.len();
         self.read = self.ids.len();
         Ok(after.get(before.len()..).unwrap_or_default().to_string())

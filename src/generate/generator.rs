@@ -12,10 +12,12 @@ use serde_json::Value;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
+use super::constraint::{Constraint, GrammarError, GrammarSpec, Grammars};
 use super::sampling::{ParamError, SamplingParams};
 use super::scheduler::{Event, SchedulerHandle, SequenceRequest, SubmitError};
 use super::settings::{GenerationSettings, SamplingDefaults};
 use super::template::ChatTemplate;
+use super::tools::ToolFormat;
 
 /// The most choices (`n`) one request may ask for.
 pub const MAX_CHOICES: usize = 16;
@@ -108,6 +110,10 @@ pub struct GenerateParams {
     pub ignore_eos: bool,
     /// The client's own deadline, if shorter than the model's.
     pub deadline: Option<Instant>,
+    /// The grammar every choice follows, compiled by [`Generator::compile`].
+    pub constraint: Option<Constraint>,
+    /// The text keeps special tokens (for tool-call parsing).
+    pub special_text: bool,
 }
 
 /// Why a request was refused.
@@ -143,10 +149,31 @@ pub enum GenerateError {
     Submit(#[from] SubmitError),
 }
 
+/// Messages whose tool calls' `arguments` (JSON text, as OpenAI sends them) are objects, as chat
+/// templates print them.
+fn arguments_as_objects(messages: &[Value]) -> Vec<Value> {
+    messages
+        .iter()
+        .map(|m| {
+            let mut m = m.clone();
+            if let Some(calls) = m.get_mut("tool_calls").and_then(Value::as_array_mut) {
+                for call in calls {
+                    let args = &mut call["function"]["arguments"];
+                    if let Some(parsed) = args.as_str().and_then(|s| serde_json::from_str(s).ok()) {
+                        *args = parsed;
+                    }
+                }
+            }
+            m
+        })
+        .collect()
+}
+
 /// A served generative model.
 pub struct Generator {
     scheduler: SchedulerHandle,
     text: CheckpointText,
+    grammars: Grammars,
     settings: GenerationSettings,
     defaults: SamplingDefaults,
     vocab_size: usize,
@@ -170,6 +197,7 @@ impl Generator {
         let defaults = settings.sampling.or(&text.sampling);
         Self {
             scheduler,
+            grammars: Grammars::new(text.tokenizer.clone(), vocab_size),
             text,
             settings,
             defaults,
@@ -202,7 +230,33 @@ impl Generator {
         self.text.template.is_some()
     }
 
-    /// OpenAI chat `messages` rendered by the model's template and tokenised.
+    /// How the model writes tool calls: model.toml's `tool_call_parser`, else what the chat
+    /// template shows, else hermes (the format of the fallback description of tools).
+    pub fn tool_format(&self) -> ToolFormat {
+        self.settings
+            .tool_call_parser
+            .or_else(|| {
+                self.text
+                    .template
+                    .as_ref()
+                    .and_then(|t| ToolFormat::detect(t.source()))
+            })
+            .unwrap_or(ToolFormat::Hermes)
+    }
+
+    /// The id of `text` when it is one special token of the vocabulary.
+    pub fn special_token_id(&self, text: &str) -> Option<u32> {
+        self.text
+            .tokenizer
+            .get_added_tokens_decoder()
+            .iter()
+            .find(|(_, t)| t.special && t.content == text)
+            .map(|(&id, _)| id)
+    }
+
+    /// OpenAI chat `messages` rendered by the model's template and tokenised, with `tools`:
+    /// given to a template that takes them (earlier calls' arguments as objects, as templates
+    /// expect), else described in the system message in hermes style (the fallback).
     pub fn chat_prompt(
         &self,
         messages: &[Value],
@@ -214,9 +268,25 @@ impl Generator {
             .template
             .as_ref()
             .ok_or(GenerateError::NoTemplate)?;
-        let text = template
-            .render(messages, add_generation_prompt, tools)
-            .map_err(|e| GenerateError::Template(e.to_string()))?;
+        let has_calls = messages
+            .iter()
+            .any(|m| m["role"] == "tool" || m["tool_calls"].is_array());
+        let rendered = if !(tools.is_some() || has_calls) {
+            template.render(messages, add_generation_prompt, tools)
+        } else if template.takes_tools() {
+            template.render(
+                &arguments_as_objects(messages),
+                add_generation_prompt,
+                tools,
+            )
+        } else {
+            template.render(
+                &super::tools::fallback_messages(messages, tools),
+                add_generation_prompt,
+                None,
+            )
+        };
+        let text = rendered.map_err(|e| GenerateError::Template(e.to_string()))?;
         // the template writes the special tokens (as transformers' apply_chat_template)
         self.encode(&text, false)
     }
@@ -245,6 +315,22 @@ impl Generator {
     /// Token ids as text (special tokens included).
     pub fn decode(&self, ids: &[u32]) -> String {
         self.text.tokenizer.decode(ids, false).unwrap_or_default()
+    }
+
+    /// Compiles a request's grammar (CPU work bounded by the grammar engine's limits: run it
+    /// off the async threads).
+    pub fn compile(&self, spec: &GrammarSpec) -> Result<Constraint, GrammarError> {
+        self.grammars.compile(spec)
+    }
+
+    /// The model's settings.
+    pub fn settings(&self) -> &GenerationSettings {
+        &self.settings
+    }
+
+    /// The chat template, if the checkpoint has one.
+    pub fn template(&self) -> Option<&ChatTemplate> {
+        self.text.template.as_ref()
     }
 
     /// Tokens in the vocabulary.
@@ -285,6 +371,22 @@ impl Generator {
         };
         if params.n == 0 || params.n > MAX_CHOICES {
             return Err(bad("n", format!("must be within [1, {MAX_CHOICES}]")));
+        }
+        if params.constraint.is_some() && !params.stop.is_empty() {
+            return Err(bad(
+                "stop",
+                "stop strings cannot be combined with a grammar (response_format, guided \
+                 decoding or a forced tool call): a stop string would cut the structured answer"
+                    .into(),
+            ));
+        }
+        if params.constraint.is_some() && params.ignore_eos {
+            return Err(bad(
+                "ignore_eos",
+                "ignore_eos cannot be combined with a grammar: the grammar decides where the \
+                 answer ends"
+                    .into(),
+            ));
         }
         if params.stop.len() > super::stop::MAX_STOP_STRINGS {
             return Err(bad(
@@ -344,6 +446,8 @@ impl Generator {
                     stop: params.stop.clone(),
                     stop_tokens: stop_tokens.clone(),
                     logprobs: params.logprobs,
+                    constraint: params.constraint.clone(),
+                    special_text: params.special_text,
                     arrived: now,
                     deadline,
                 }

@@ -6,6 +6,7 @@
 //! text ([`detok`]), how chat messages become a prompt ([`template`]) and what the scheduler
 //! reports for metrics ([`observe`]).
 
+pub mod constraint;
 pub mod detok;
 pub mod generator;
 pub mod observe;
@@ -14,3 +15,4 @@ pub mod scheduler;
 pub mod settings;
 pub mod stop;
 pub mod template;
+pub mod tools;

@@ -157,20 +157,34 @@ impl Sampler {
     /// The next token from one position's `logits` (over the whole vocabulary), with
     /// `top_logprobs` alternatives; the token counts toward the penalties from then on.
     pub fn sample(&mut self, logits: &[f32], top_logprobs: usize) -> Sampled {
+        self.sample_masked(logits, top_logprobs, &mut |_| Ok(()))
+            .expect("no mask to fail")
+    }
+
+    /// As [`sample`](Self::sample), with `mask` applied to the scores after the penalties and
+    /// biases: a token it sets to minus infinity is never chosen (a grammar's mask). The
+    /// reported log-probabilities stay the model's own.
+    pub fn sample_masked(
+        &mut self,
+        logits: &[f32],
+        top_logprobs: usize,
+        mask: &mut dyn FnMut(&mut [f32]) -> Result<(), String>,
+    ) -> Result<Sampled, String> {
         let logprobs = log_softmax(logits);
         let mut scores = logits.to_vec();
         self.penalise(&mut scores);
+        mask(&mut scores)?;
         let token = if self.params.greedy() {
             argmax(&scores)
         } else {
             self.draw(&scores)
         };
         *self.counts.entry(token).or_insert(0) += 1;
-        Sampled {
+        Ok(Sampled {
             token,
             logprob: logprobs[token as usize],
             top: top_n(&logprobs, top_logprobs),
-        }
+        })
     }
 
     /// The repetition, presence and frequency penalties and the logit biases.
@@ -207,6 +221,13 @@ impl Sampler {
                 .total_cmp(&scores[a as usize])
                 .then(a.cmp(&b))
         });
+        // tokens a mask removed are never candidates
+        let finite = order
+            .iter()
+            .take_while(|&&t| scores[t as usize] > f32::NEG_INFINITY)
+            .count()
+            .max(1);
+        order.truncate(finite);
         if p.top_k > 0 {
             order.truncate(p.top_k);
         }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::tools::ToolFormat;
 use crate::config::size::parse_size;
 
 /// The `[generation]` table.
@@ -43,6 +44,9 @@ pub struct GenerationSettings {
     pub max_tokens: Option<usize>,
     /// Sampling defaults for requests that do not set them (over `generation_config.json`'s).
     pub sampling: SamplingDefaults,
+    /// How the model writes tool calls: "hermes", "llama3_json" or "mistral" (default: from
+    /// the chat template's text, else "hermes").
+    pub tool_call_parser: Option<ToolFormat>,
 }
 
 /// Sampling parameters a model may default (the request's own win).
@@ -88,6 +92,7 @@ impl Default for GenerationSettings {
             timeout_s: 600.0,
             max_tokens: None,
             sampling: SamplingDefaults::default(),
+            tool_call_parser: None,
         }
     }
 }

@@ -21,6 +21,8 @@ const PART_SEPARATOR: &str = "\n";
 #[derive(Debug)]
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// The template's text (what it shows of tools).
+    source: String,
     bos_token: Option<String>,
     eos_token: Option<String>,
 }
@@ -107,13 +109,24 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(NAME, source)
+        env.add_template_owned(NAME, source.clone())
             .map_err(|e| format!("the chat template does not compile: {e}"))?;
         Ok(ChatTemplate {
             env,
+            source,
             bos_token,
             eos_token,
         })
+    }
+
+    /// The template's text.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether the template takes `tools` (else the server describes them itself).
+    pub fn takes_tools(&self) -> bool {
+        self.source.contains("tools")
     }
 
     /// Renders OpenAI chat `messages` (objects with a role and a content that is a string or an

@@ -31,8 +31,9 @@ use super::v1::body_error;
 use super::{ApiError, AppState};
 use crate::codec::instance::json_type;
 use crate::registry::generate::{
-    Event, Finish, GenerateError, GenerateParams, Generator, ParamError, SequenceError,
-    SubmitError, TokenInfo, MAX_TOP_LOGPROBS,
+    call_json, forced_grammar, parse_choice, parse_tools, Event, Finish, GenerateError,
+    GenerateParams, Generator, GrammarError, GrammarSpec, ParamError, SequenceError, SubmitError,
+    TokenInfo, Tool, ToolChoice, ToolEvent, ToolFormat, ToolParser, MAX_TOP_LOGPROBS,
 };
 use crate::registry::ModelLease;
 
@@ -56,10 +57,23 @@ const COMMON_PARAMS: &[&str] = &[
     "stream_options",
     "user",
     "ignore_eos",
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structured_outputs",
 ];
 
 /// The parameters only `/v1/chat/completions` accepts.
-pub const CHAT_PARAMS: &[&str] = &["messages", "max_completion_tokens", "top_logprobs"];
+pub const CHAT_PARAMS: &[&str] = &[
+    "messages",
+    "max_completion_tokens",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+];
 
 /// The parameters only `/v1/completions` accepts.
 pub const COMPLETION_PARAMS: &[&str] = &["prompt", "echo"];
@@ -123,7 +137,7 @@ fn generate_error(e: GenerateError, api: Api) -> OpenAiError {
 fn sequence_error(e: SequenceError) -> ApiError {
     match e {
         SequenceError::TimedOut { .. } => ApiError::Timeout(e.to_string()),
-        SequenceError::Model(_) => ApiError::Internal(e.to_string()),
+        SequenceError::Model(_) | SequenceError::Grammar(_) => ApiError::Internal(e.to_string()),
     }
 }
 
@@ -149,6 +163,188 @@ struct Asked {
     stream: bool,
     include_usage: bool,
     echo: bool,
+    /// The grammar the answer follows, and the parameter that gave it.
+    grammar: Option<(&'static str, GrammarSpec)>,
+    /// Tools offered (chat).
+    tools: Option<Tools>,
+}
+
+/// A chat request's tools.
+struct Tools {
+    /// As the request gave them (for the template).
+    json: Value,
+    list: Vec<Tool>,
+    choice: ToolChoice,
+    parallel: bool,
+}
+
+/// The grammar a request asks for: `response_format`, vLLM's `guided_*` parameters or its
+/// `structured_outputs` object (one of them).
+fn grammar_asked(
+    map: &Map<String, Value>,
+) -> Result<Option<(&'static str, GrammarSpec)>, OpenAiError> {
+    let mut found: Vec<(&'static str, GrammarSpec)> = Vec::new();
+    let schema_of = |param: &'static str, v: &Value| -> Result<GrammarSpec, OpenAiError> {
+        match v {
+            Value::Object(_) | Value::Bool(true) => Ok(GrammarSpec::JsonSchema(v.clone())),
+            // vLLM takes the schema as JSON text too
+            Value::String(text) => match serde_json::from_str::<Value>(text) {
+                Ok(v @ Value::Object(_)) => Ok(GrammarSpec::JsonSchema(v)),
+                _ => Err(invalid(
+                    param,
+                    format!("'{param}' is a JSON schema (an object, or its JSON text)"),
+                )),
+            },
+            _ => Err(invalid(
+                param,
+                format!("'{param}' is a JSON schema (an object, or its JSON text)"),
+            )),
+        }
+    };
+    let string_of = |param: &'static str, v: &Value| -> Result<String, OpenAiError> {
+        v.as_str()
+            .map(str::to_string)
+            .ok_or_else(|| invalid(param, format!("'{param}' is a string")))
+    };
+    let choice_of = |param: &'static str, v: &Value| -> Result<GrammarSpec, OpenAiError> {
+        let list: Option<Vec<String>> = v
+            .as_array()
+            .map(|l| l.iter().map(|c| c.as_str().map(str::to_string)).collect())
+            .unwrap_or(None);
+        match list {
+            Some(l) if !l.is_empty() => Ok(GrammarSpec::Choice(l)),
+            _ => Err(invalid(
+                param,
+                format!("'{param}' is a non-empty array of strings"),
+            )),
+        }
+    };
+    match map.get("response_format") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(rf)) => {
+            let shape = "'response_format' is {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": \"json_schema\", \"json_schema\": {\"name\", \"schema\", \"strict\"?, \"description\"?}}";
+            match rf.get("type").and_then(Value::as_str) {
+                Some("text") if rf.len() == 1 => {}
+                Some("json_object") if rf.len() == 1 => {
+                    found.push(("response_format", GrammarSpec::JsonObject))
+                }
+                Some("json_schema") => {
+                    if let Some(k) = rf
+                        .keys()
+                        .find(|k| !matches!(k.as_str(), "type" | "json_schema"))
+                    {
+                        return Err(invalid(
+                            "response_format",
+                            format!(
+                                "response_format.{k} is not a field this server supports; {shape}"
+                            ),
+                        ));
+                    }
+                    let Some(Value::Object(js)) = rf.get("json_schema") else {
+                        return Err(invalid("response_format", shape));
+                    };
+                    if let Some(k) = js.keys().find(|k| {
+                        !matches!(k.as_str(), "name" | "schema" | "strict" | "description")
+                    }) {
+                        return Err(invalid("response_format", format!("response_format.json_schema.{k} is not a field this server supports")));
+                    }
+                    let Some(schema) = js.get("schema") else {
+                        return Err(invalid("response_format", "response_format.json_schema.schema is required: the JSON schema the answer follows"));
+                    };
+                    found.push(("response_format", schema_of("response_format", schema)?));
+                }
+                _ => return Err(invalid("response_format", shape)),
+            }
+        }
+        Some(_) => return Err(invalid("response_format", "'response_format' is an object")),
+    }
+    for param in [
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+    ] {
+        let Some(v) = map.get(param).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let spec = match param {
+            "guided_json" => schema_of(param, v)?,
+            "guided_regex" => GrammarSpec::Regex(string_of(param, v)?),
+            "guided_choice" => choice_of(param, v)?,
+            _ => GrammarSpec::Lark(string_of(param, v)?),
+        };
+        found.push((param, spec));
+    }
+    match map.get("structured_outputs") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(so)) => {
+            let param = "structured_outputs";
+            for (k, v) in so {
+                if v.is_null() {
+                    continue;
+                }
+                let spec = match k.as_str() {
+                    "json" => schema_of(param, v)?,
+                    "regex" => GrammarSpec::Regex(string_of(param, v)?),
+                    "choice" => choice_of(param, v)?,
+                    "grammar" => GrammarSpec::Lark(string_of(param, v)?),
+                    "json_object" if v == &Value::Bool(true) => GrammarSpec::JsonObject,
+                    "json_object" if v == &Value::Bool(false) => continue,
+                    _ => {
+                        return Err(invalid(param, format!(
+                            "structured_outputs.{k} is not supported here; structured_outputs takes one of json, regex, choice, grammar (Lark) and json_object"
+                        )))
+                    }
+                };
+                found.push((param, spec));
+            }
+        }
+        Some(_) => {
+            return Err(invalid(
+                "structured_outputs",
+                "'structured_outputs' is an object",
+            ))
+        }
+    }
+    if found.len() > 1 {
+        return Err(invalid(found[1].0, "give one constraint: response_format, one guided_* parameter or one structured_outputs field"));
+    }
+    Ok(found.pop())
+}
+
+/// A chat request's `tools`, `tool_choice` and `parallel_tool_calls`.
+fn tools_asked(map: &Map<String, Value>) -> Result<Option<Tools>, OpenAiError> {
+    let parallel = field::<bool>(map, "parallel_tool_calls", "true or false")?;
+    let tools = match map.get("tools") {
+        None | Some(Value::Null) => None,
+        Some(t) => Some(t),
+    };
+    let list = match tools {
+        Some(t) => parse_tools(t).map_err(|e| invalid("tools", e))?,
+        None => Vec::new(),
+    };
+    let choice =
+        parse_choice(map.get("tool_choice"), &list).map_err(|e| invalid("tool_choice", e))?;
+    if tools.is_none() {
+        if parallel.is_some() {
+            return Err(invalid(
+                "parallel_tool_calls",
+                "'parallel_tool_calls' needs 'tools'",
+            ));
+        }
+        return Ok(None);
+    }
+    Ok(Some(Tools {
+        json: tools.cloned().unwrap_or(Value::Null),
+        list,
+        choice,
+        parallel: parallel.unwrap_or(true),
+    }))
+}
+
+/// A grammar's refusal as the client's error on `param`.
+fn grammar_error(param: &'static str, e: GrammarError) -> OpenAiError {
+    invalid(param, format!("{param}: {e}"))
 }
 
 async fn generate(
@@ -203,9 +399,60 @@ async fn generate(
     };
     let mut asked = asked(&map, api)?;
     asked.params.deadline = client_deadline(&headers)?;
+    // a forced call: its grammar; a call parsed from the model's text needs special tokens
+    let format = generator.tool_format();
+    if let Some(tools) = asked
+        .tools
+        .as_ref()
+        .filter(|t| t.choice != ToolChoice::None)
+    {
+        // the parser reads the markers: special tokens are written out where a marker is one
+        asked.params.special_text =
+            format != ToolFormat::Hermes || generator.special_token_id("<tool_call>").is_some();
+        let forced: Option<Vec<Tool>> = match &tools.choice {
+            ToolChoice::Required => Some(tools.list.clone()),
+            ToolChoice::Function(name) => Some(
+                tools
+                    .list
+                    .iter()
+                    .filter(|t| &t.name == name)
+                    .cloned()
+                    .collect(),
+            ),
+            _ => None,
+        };
+        if let Some(forced) = forced {
+            if let Some((param, _)) = &asked.grammar {
+                return Err(invalid(
+                    param,
+                    format!("'{param}' cannot be combined with a forced tool call (tool_choice)"),
+                ));
+            }
+            let g = generator.clone();
+            let special = move |t: &str| g.special_token_id(t);
+            // a named function: one call of it; "required": one or more unless
+            // parallel_tool_calls is false
+            let parallel = tools.parallel && tools.choice == ToolChoice::Required;
+            let spec = forced_grammar(format, &forced, parallel, &special);
+            asked.grammar = Some(("tools", spec));
+        }
+    }
+    if let Some((param, spec)) = asked.grammar.clone() {
+        let g = generator.clone();
+        let compiled = tokio::task::spawn_blocking(move || g.compile(&spec))
+            .await
+            .map_err(|e| ApiError::Internal(format!("grammar task failed: {e}")))?;
+        asked.params.constraint = Some(compiled.map_err(|e| grammar_error(param, e))?);
+    }
     let m = map;
     let g = generator.clone();
-    let prompts = blocking_if_large(size, move || Ok(prompts(&m, api, &g))).await??;
+    let tools_json = asked
+        .tools
+        .as_ref()
+        .filter(|t| t.choice != ToolChoice::None)
+        .map(|t| t.json.clone());
+    let prompts =
+        blocking_if_large(size, move || Ok(prompts(&m, api, &g, tools_json.as_ref()))).await??;
     count_outcome(
         &model,
         answer(model.clone(), generator, prompts, asked, api),
@@ -221,7 +468,12 @@ struct Prompt {
 
 /// The request's prompts: the chat messages rendered by the template, or the completions
 /// `prompt` (a string, strings, token ids or lists of token ids).
-fn prompts(map: &Map<String, Value>, api: Api, g: &Generator) -> Result<Vec<Prompt>, OpenAiError> {
+fn prompts(
+    map: &Map<String, Value>,
+    api: Api,
+    g: &Generator,
+    tools: Option<&Value>,
+) -> Result<Vec<Prompt>, OpenAiError> {
     if api == Api::Chat {
         let messages = match map.get("messages") {
             Some(Value::Array(m)) if !m.is_empty() => m,
@@ -242,7 +494,7 @@ fn prompts(map: &Map<String, Value>, api: Api, g: &Generator) -> Result<Vec<Prom
             ));
         }
         let tokens = g
-            .chat_prompt(messages, None, true)
+            .chat_prompt(messages, tools, true)
             .map_err(|e| generate_error(e, api))?;
         return Ok(vec![Prompt {
             tokens,
@@ -433,11 +685,18 @@ fn asked(map: &Map<String, Value>, api: Api) -> Result<Asked, OpenAiError> {
             }
         }
     }
+    let grammar = grammar_asked(map)?;
+    let tools = match api {
+        Api::Chat => tools_asked(map)?,
+        Api::Completions => None,
+    };
     Ok(Asked {
         params: p,
         stream,
         include_usage,
         echo,
+        grammar,
+        tools,
     })
 }
 
@@ -572,8 +831,27 @@ async fn answer(
         }
     }
     let head = Head::new(api, &model.name);
+    // tool calls are parsed from the answer's text when tools are offered
+    let format = asked
+        .tools
+        .as_ref()
+        .filter(|t| t.choice != ToolChoice::None)
+        .map(|_| g.tool_format());
+    let names: Vec<String> = asked
+        .tools
+        .as_ref()
+        .map(|t| t.list.iter().map(|f| f.name.clone()).collect())
+        .unwrap_or_default();
     if asked.stream {
-        return Ok(stream_answer(model, g, head, receivers, echoes, &asked));
+        return Ok(stream_answer(
+            model,
+            g,
+            head,
+            receivers,
+            echoes,
+            &asked,
+            format.map(|f| (f, names)),
+        ));
     }
     let mut choices: Vec<Choice> = Vec::with_capacity(receivers.len());
     for mut rx in receivers {
@@ -621,14 +899,31 @@ async fn answer(
         .enumerate()
         .map(|(index, (c, echo))| {
             let lp = want_logprobs.then(|| logprobs(&g, api, &c.tokens, echo.len()));
-            let finish = c.finish.map(Finish::as_str);
+            let mut finish = c.finish.map(Finish::as_str);
             match api {
-                Api::Chat => json!({
-                    "index": index,
-                    "message": {"role": "assistant", "content": c.text},
-                    "logprobs": lp,
-                    "finish_reason": finish,
-                }),
+                Api::Chat => {
+                    let mut message = json!({"role": "assistant", "content": c.text});
+                    if let Some(format) = format {
+                        let (content, calls) = tool_calls(format, &names, &c.text);
+                        if !calls.is_empty() {
+                            message["content"] = if content.is_empty() {
+                                Value::Null
+                            } else {
+                                json!(content)
+                            };
+                            message["tool_calls"] = Value::Array(calls);
+                            if c.finish == Some(Finish::Stop) {
+                                finish = Some("tool_calls");
+                            }
+                        }
+                    }
+                    json!({
+                        "index": index,
+                        "message": message,
+                        "logprobs": lp,
+                        "finish_reason": finish,
+                    })
+                }
                 Api::Completions => json!({
                     "index": index,
                     "text": echo + &c.text,
@@ -649,6 +944,31 @@ async fn answer(
     .into_response())
 }
 
+/// An answer's text split into its content and its `tool_calls` (OpenAI's shape).
+fn tool_calls(format: ToolFormat, names: &[String], text: &str) -> (String, Vec<Value>) {
+    let mut parser = ToolParser::offering(format, names.to_vec());
+    let mut events = parser.push(text);
+    events.extend(parser.finish());
+    let mut content = String::new();
+    let mut calls: Vec<(String, String)> = Vec::new();
+    for e in events {
+        match e {
+            ToolEvent::Text(t) => content.push_str(&t),
+            ToolEvent::Start { name, .. } => calls.push((name, String::new())),
+            ToolEvent::Args { index, text } => {
+                if let Some(c) = calls.get_mut(index) {
+                    c.1.push_str(&text);
+                }
+            }
+        }
+    }
+    let calls = calls
+        .iter()
+        .map(|(name, args)| call_json(&format.call_id(), name, args))
+        .collect();
+    (content, calls)
+}
+
 /// The state of a streamed answer: the choices' events merged, the chunks still to send, and
 /// what the last chunk needs.
 struct Streamer {
@@ -666,6 +986,9 @@ struct Streamer {
     prompt_tokens: Vec<usize>,
     completion_tokens: usize,
     done: bool,
+    /// Per choice, the tool-call parser when tools are offered.
+    parsers: Vec<Option<ToolParser>>,
+    format: Option<ToolFormat>,
 }
 
 fn stream_answer(
@@ -675,6 +998,7 @@ fn stream_answer(
     receivers: Vec<mpsc::Receiver<Event>>,
     echoes: Vec<String>,
     asked: &Asked,
+    format: Option<(ToolFormat, Vec<String>)>,
 ) -> Response {
     let count = receivers.len();
     let events = stream::select_all(receivers.into_iter().enumerate().map(|(i, rx)| {
@@ -695,6 +1019,14 @@ fn stream_answer(
         prompt_tokens: vec![0; count],
         completion_tokens: 0,
         done: false,
+        parsers: (0..count)
+            .map(|_| {
+                format
+                    .as_ref()
+                    .map(|(f, names)| ToolParser::offering(*f, names.clone()))
+            })
+            .collect(),
+        format: format.map(|(f, _)| f),
         head,
     };
     for (i, echo) in echoes.into_iter().enumerate() {
@@ -746,6 +1078,24 @@ impl Streamer {
     fn on_event(&mut self, i: usize, event: Event) {
         let api = self.head.api;
         match event {
+            Event::Token { text, token } if api == Api::Chat && self.parsers[i].is_some() => {
+                let events = self.parsers[i]
+                    .as_mut()
+                    .map_or_else(Vec::new, |p| p.push(&text));
+                let mut lp = self
+                    .want_logprobs
+                    .then(|| logprobs(&self.g, api, std::slice::from_ref(&token), 0));
+                if events.is_empty() {
+                    if let Some(lp) = lp.take() {
+                        self.push(
+                            json!({"index": i, "delta": {}, "logprobs": lp, "finish_reason": null}),
+                        );
+                    }
+                }
+                for e in events {
+                    self.push_tool_event(i, e, lp.take());
+                }
+            }
             Event::Token { text, token } => {
                 if text.is_empty() && !self.want_logprobs {
                     return;
@@ -767,6 +1117,22 @@ impl Streamer {
             } => {
                 self.prompt_tokens[i] = prompt_tokens;
                 self.completion_tokens += completion_tokens;
+                if let Some(mut parser) = self.parsers[i].take() {
+                    let mut events = parser.push(&text);
+                    events.extend(parser.finish());
+                    for e in events {
+                        self.push_tool_event(i, e, None);
+                    }
+                    let reason = if parser.calls() > 0 && finish == Finish::Stop {
+                        "tool_calls"
+                    } else {
+                        finish.as_str()
+                    };
+                    self.push(
+                        json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": reason}),
+                    );
+                    return;
+                }
                 let finish = finish.as_str();
                 self.push(match api {
                     Api::Chat if text.is_empty() => json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": finish}),
@@ -787,6 +1153,22 @@ impl Streamer {
                 self.done = true;
             }
         }
+    }
+
+    /// A tool parser's event as a chunk: content, a call's start (id, type, name and empty
+    /// arguments) or a piece of its arguments.
+    fn push_tool_event(&mut self, i: usize, e: ToolEvent, lp: Option<Value>) {
+        let delta = match e {
+            ToolEvent::Text(text) => json!({"content": text}),
+            ToolEvent::Start { index, name } => {
+                let id = self.format.map_or_else(String::new, |f| f.call_id());
+                json!({"tool_calls": [{"index": index, "id": id, "type": "function", "function": {"name": name, "arguments": ""}}]})
+            }
+            ToolEvent::Args { index, text } => {
+                json!({"tool_calls": [{"index": index, "function": {"arguments": text}}]})
+            }
+        };
+        self.push(json!({"index": i, "delta": delta, "logprobs": lp, "finish_reason": null}));
     }
 
     fn finish(&mut self) {

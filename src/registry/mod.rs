@@ -38,9 +38,14 @@ pub use crate::batcher::InferError;
 /// What the API layer uses of generative models: part of the registry's API, since its
 /// generative models answer with them.
 pub mod generate {
+    pub use crate::generate::constraint::{GrammarError, GrammarSpec};
     pub use crate::generate::generator::{GenerateError, GenerateParams, Generator};
     pub use crate::generate::sampling::{ParamError, MAX_TOP_LOGPROBS};
     pub use crate::generate::scheduler::{Event, Finish, SequenceError, SubmitError, TokenInfo};
+    pub use crate::generate::tools::{
+        call_json, forced_grammar, parse_choice, parse_tools, Tool, ToolChoice, ToolEvent,
+        ToolFormat, ToolParser,
+    };
 }
 use crate::codec::ImageLimits;
 use crate::engine::EngineFactory;

@@ -231,7 +231,7 @@ def test_a_prompt_beyond_the_context_is_400_naming_both_numbers(gen, client):
     ("logit_bias", {"49152": 1}), ("logit_bias", {"5": 101}), ("max_tokens", 0),
     ("max_tokens", 10**6), ("presence_penalty", 3), ("frequency_penalty", -2.5),
     ("min_p", 1.5), ("stream_options", {"include_usage": True}), ("tools", []),
-    ("response_format", {"type": "json_object"}), ("best_of", 2),
+    ("response_format", {"type": "yaml"}), ("tool_choice", "required"), ("best_of", 2),
 ])
 def test_out_of_range_or_unsupported_parameters_are_400_naming_them(gen, param, value):
     body = {"model": "llama-gqa", "messages": [{"role": "user", "content": "hi"}],

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::constraint::Constraint;
 use super::detok::{Decode, Detokenizer};
 use super::observe::{EndReason, GenerationObserver};
 use super::sampling::{Sampler, SamplingParams};
@@ -48,6 +49,10 @@ pub struct SequenceRequest {
     pub stop_tokens: Vec<u32>,
     /// Log-probabilities to report: `None`, or the chosen token's and this many alternatives.
     pub logprobs: Option<usize>,
+    /// The grammar the answer follows (structured output), compiled; each choice its own.
+    pub constraint: Option<Constraint>,
+    /// The streamed text keeps special tokens (tool-call markers such as `[TOOL_CALLS]`).
+    pub special_text: bool,
     pub arrived: Instant,
     pub deadline: Instant,
 }
@@ -103,6 +108,8 @@ pub enum SequenceError {
     TimedOut { generated: usize },
     #[error("the model failed: {0}")]
     Model(String),
+    #[error("the answer's grammar failed: {0}")]
+    Grammar(String),
 }
 
 /// Why a request was not taken.
@@ -308,6 +315,7 @@ struct Seq {
     max_tokens: usize,
     stop_tokens: Vec<u32>,
     logprobs: Option<usize>,
+    constraint: Option<Constraint>,
     arrived: Instant,
     deadline: Instant,
     tx: mpsc::Sender<Event>,
@@ -411,11 +419,16 @@ impl Worker {
                 tokens: r.prompt,
                 computed: 0,
                 blocks: Vec::new(),
-                detok: Detokenizer::new(),
+                detok: if r.special_text {
+                    Detokenizer::with_special()
+                } else {
+                    Detokenizer::new()
+                },
                 stops: StopStrings::new(r.stop),
                 max_tokens: r.max_tokens,
                 stop_tokens: r.stop_tokens,
                 logprobs: r.logprobs,
+                constraint: r.constraint,
                 arrived: r.arrived,
                 deadline: r.deadline,
                 tx,
@@ -632,6 +645,16 @@ impl Worker {
             self.sweep();
             return false;
         }
+        // the grammars' next masks, computed on another thread while the forward pass runs
+        let mut masks: Vec<(usize, Constraint)> = Vec::new();
+        for &(i, len) in &chosen {
+            let s = &mut self.active[i];
+            if s.computed + len == s.tokens.len()
+                && s.constraint.as_ref().is_some_and(|c| !c.ready())
+            {
+                masks.extend(s.constraint.take().map(|c| (i, c)));
+            }
+        }
         let (mut prompt_tokens, mut decode_tokens) = (0, 0);
         let inputs: Vec<PrefillInput<'_>> = chosen
             .iter()
@@ -650,7 +673,21 @@ impl Worker {
             })
             .collect();
         let started = Instant::now();
-        let result = self.decoder.prefill(&inputs);
+        let decoder = &mut self.decoder;
+        let result = if masks.is_empty() {
+            decoder.prefill(&inputs)
+        } else {
+            std::thread::scope(|scope| {
+                let worker = scope.spawn(|| masks.iter_mut().for_each(|(_, c)| c.prepare()));
+                let result = decoder.prefill(&inputs);
+                let _ = worker.join();
+                result
+            })
+        };
+        drop(inputs);
+        for (i, c) in masks {
+            self.active[i].constraint = Some(c);
+        }
         self.observer
             .step(prompt_tokens, decode_tokens, started.elapsed());
         match result {
@@ -685,8 +722,36 @@ impl Worker {
 
     /// Samples sequence `i`'s next token from `logits` and tells its client.
     fn next_token(&mut self, i: usize, logits: &[f32]) {
+        // the grammar is complete: nothing may follow
+        let mut complete = false;
         let s = &mut self.active[i];
-        let sampled = s.sampler.sample(logits, s.logprobs.unwrap_or(0));
+        let top = s.logprobs.unwrap_or(0);
+        let sampled = match s.constraint.as_mut() {
+            None => Ok(s.sampler.sample(logits, top)),
+            Some(c) => {
+                let stops = &s.stop_tokens;
+                s.sampler
+                    .sample_masked(logits, top, &mut |scores| c.apply(scores, stops))
+                    .and_then(|sampled| {
+                        let end = stops.contains(&sampled.token);
+                        c.commit(sampled.token, end).map(|done| (sampled, done))
+                    })
+                    .map(|(sampled, done)| {
+                        complete = done;
+                        sampled
+                    })
+            }
+        };
+        let sampled = match sampled {
+            Ok(sampled) => sampled,
+            Err(message) => {
+                let _ = s.tx.try_send(Event::Error(SequenceError::Grammar(message)));
+                s.out = Some(Out::Ended);
+                self.observer
+                    .finished(s.arrived.elapsed(), s.generated(), EndReason::Error);
+                return;
+            }
+        };
         let now = Instant::now();
         match s.last_token {
             None => self.observer.first_token(now - s.arrived),
@@ -719,12 +784,19 @@ impl Worker {
                 token: info,
             });
         }
+        if finish.is_none() && complete {
+            finish = Some(Finish::Stop);
+        }
         if finish.is_none() && (s.generated() >= s.max_tokens || s.tokens.len() >= context) {
             finish = Some(Finish::Length);
         }
         let Some(finish) = finish else {
             return;
         };
+        if let Some(c) = &s.constraint {
+            let t = c.mask_time();
+            tracing::debug!(model = %self.shared.config.model, tokens = s.generated(), mask_us_per_token = t.as_micros() as u64 / s.generated().max(1) as u64, "grammar masks");
+        }
         let mut text = String::new();
         if !by_string {
             let rest = s.detok.finish(self.text.as_ref()).unwrap_or_default();

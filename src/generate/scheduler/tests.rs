@@ -134,6 +134,8 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> SequenceRequest {
         stop: Vec::new(),
         stop_tokens: Vec::new(),
         logprobs: None,
+        constraint: None,
+        special_text: false,
         arrived: Instant::now(),
         deadline: Instant::now() + Duration::from_secs(60),
     }
@@ -315,4 +317,74 @@ fn the_queue_is_bounded_and_deadlines_are_kept() {
     stop.stop_tokens = run_one(&handle, vec![1, 2], 3)[2..].to_vec();
     let (tokens, end) = collect(handle.submit(vec![stop]).unwrap().remove(0));
     assert_eq!((tokens.len(), end), (2, Ok(Finish::Stop)));
+}
+
+/// A tokenizer whose token `t` is the letter of [`Letters`] (`'a' + t % 26`): letters, then
+/// sentencepiece byte tokens for the second round.
+fn letters_tokenizer() -> tokenizers::Tokenizer {
+    let mut vocab = serde_json::Map::new();
+    for t in 0..VOCAB {
+        let letter = b'a' + (t % 26) as u8;
+        let name = if t < 26 {
+            (letter as char).to_string()
+        } else {
+            format!("<0x{letter:02X}>")
+        };
+        vocab.insert(name, serde_json::json!(t));
+    }
+    serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": true,
+                  "ignore_merges": false, "vocab": vocab, "merges": []},
+    })
+    .to_string()
+    .parse()
+    .expect("a valid tokenizer")
+}
+
+#[test]
+fn a_grammar_holds_through_preemption_and_ends_the_answer() {
+    use crate::generate::constraint::{GrammarSpec, Grammars};
+    let grammars = Grammars::new(Arc::new(letters_tokenizer()), VOCAB);
+    let constraint = grammars
+        .compile(&GrammarSpec::Regex("[c-f]{6}x[a-z]{0,20}y".into()))
+        .unwrap();
+    let constrained = |prompt: Vec<u32>| SequenceRequest {
+        constraint: Some(constraint.clone()),
+        ..request(prompt, 40)
+    };
+    let text = |tokens: &[u32]| Letters.decode(tokens).unwrap();
+    // 12 blocks of 4: six sequences growing to 40 positions need 60
+    let (fake, _) = Fake::new(12, 4, 128);
+    let (handle, counts) = spawn(fake, config());
+    let prompts = prompts(6, 5);
+    let alone: Vec<(Vec<u32>, Result<Finish, SequenceError>)> = prompts
+        .iter()
+        .map(|p| {
+            collect(
+                handle
+                    .submit(vec![constrained(p.clone())])
+                    .unwrap()
+                    .remove(0),
+            )
+        })
+        .collect();
+    for (tokens, end) in &alone {
+        let t = text(tokens);
+        let (head, rest) = t.split_at(6);
+        assert!(head.chars().all(|c| ('c'..='f').contains(&c)), "{t}");
+        assert!(rest.starts_with('x') && rest.ends_with('y'), "{t}");
+        // complete: the grammar ends the answer before max_tokens
+        assert_eq!(end, &Ok(Finish::Stop), "{t}");
+    }
+    let receivers = handle
+        .submit(prompts.iter().map(|p| constrained(p.clone())).collect())
+        .unwrap();
+    let together: Vec<_> = receivers.into_iter().map(collect).collect();
+    assert_eq!(together, alone);
+    assert!(counts.preempted.load(Ordering::Relaxed) > 0);
+    assert_eq!(wait_until(&handle, |s| s.running == 0).blocks_used, 0);
 }
