@@ -195,7 +195,7 @@ fn generate_error(e: GenerateError) -> ApiError {
 fn sequence_error(e: SequenceError) -> ApiError {
     match e {
         SequenceError::TimedOut { .. } => ApiError::Timeout(e.to_string()),
-        SequenceError::Model(_) => ApiError::Internal(e.to_string()),
+        SequenceError::Model(_) | SequenceError::Grammar(_) => ApiError::Internal(e.to_string()),
     }
 }
 
