@@ -339,12 +339,21 @@ mod tests {
 
     #[test]
     fn heap_in_use_follows_an_allocation_and_its_release() {
-        let before = heap_in_use_bytes().unwrap();
-        let block = vec![1u8; 64 << 20];
-        let during = heap_in_use_bytes().unwrap();
-        assert!(during >= before + (60 << 20), "{before} -> {during}");
-        drop(std::hint::black_box(block));
-        let after = heap_in_use_bytes().unwrap();
-        assert!(after + (60 << 20) <= during, "{during} -> {after}");
+        // the figure is the whole process's: tests running beside this one allocate and free
+        // too, so an attempt they disturb is tried again (one undisturbed attempt suffices)
+        let mut seen = Vec::new();
+        for _ in 0..20 {
+            let before = heap_in_use_bytes().unwrap();
+            let block = vec![1u8; 64 << 20];
+            let during = heap_in_use_bytes().unwrap();
+            drop(std::hint::black_box(block));
+            let after = heap_in_use_bytes().unwrap();
+            if during >= before + (60 << 20) && after + (60 << 20) <= during {
+                return;
+            }
+            seen.push((before, during, after));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("heap in use did not follow a 64 MiB block: {seen:?}");
     }
 }
