@@ -69,7 +69,7 @@ pub fn infer_request(msg: ModelInferRequest) -> Result<V2Request, ApiError> {
                 .find(|k| *k != "binary_data" && *k != "binary_data_size")
             {
                 return Err(invalid(format!(
-                    "output '{}': parameter '{k}' is not supported",
+                    "output '{}': parameter '{k}' is not supported; ask for the output itself (classifiers also answer 'labels')",
                     o.name
                 )));
             }

@@ -1,6 +1,9 @@
 """KServe v2 over gRPC with Triton's own client (tritonclient[grpc], unmodified), grpcio's
 health and reflection clients, and KServe's gRPC client. Values are checked against the same
-server's HTTP answers for the same inputs."""
+server's HTTP answers for the same inputs.
+
+Run in a pytest process of its own (.ci/test-all.sh does): tritonclient.grpc's generated code
+and kserve's define the same protobuf package, which protobuf loads only once per process."""
 
 import json
 import os

@@ -223,6 +223,18 @@ pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<V2Request
         .map(|outs| {
             outs.into_iter()
                 .map(|o| {
+                    // Triton's top-k `classification` output is not implemented: refused, not
+                    // answered with the raw tensor as if it had been
+                    if o
+                        .parameters
+                        .as_ref()
+                        .is_some_and(|p| p.contains_key("classification"))
+                    {
+                        return Err(invalid(format!(
+                            "output '{}': parameter 'classification' is not supported; ask for the output itself (classifiers also answer 'labels')",
+                            o.name
+                        )));
+                    }
                     let binary = match o.parameters.as_ref().and_then(|p| p.get("binary_data")) {
                         None => None,
                         Some(Value::Bool(b)) => Some(*b),
@@ -550,6 +562,13 @@ mod tests {
 
     fn f32_le(values: &[f32]) -> Vec<u8> {
         values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn a_classification_output_is_refused_not_ignored() {
+        let body = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}],"outputs":[{"name":"scores","parameters":{"classification":3}}]}"#;
+        let e = parse_request(body, None).unwrap_err().to_string();
+        assert!(e.contains("classification"), "{e}");
     }
 
     #[test]
