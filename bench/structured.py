@@ -53,7 +53,7 @@ SCHEMA = {
 
 def start(binary, repo):
     env = {**os.environ, "NO_COLOR": "1", "RUST_LOG": "info,aiaas::generate=debug"}
-    proc = subprocess.Popen([binary, "--host", "127.0.0.1", "--port", "0", "--models", str(repo)],
+    proc = subprocess.Popen([binary, "--host", "127.0.0.1", "--port", "0", "--grpc-port", "0", "--models", str(repo)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     log = []
     addr = None

@@ -53,7 +53,8 @@ class Replica:
         self.name = name
         self.logfile = open(Path(logdir) / f"{name}.log", "a", buffering=1)
         self.lines = []
-        cmd = [str(binary), "--host", "127.0.0.1", "--port", str(port), "--models", str(models),
+        cmd = [str(binary), "--host", "127.0.0.1", "--port", str(port), "--grpc-port", "0",
+               "--models", str(models),
                "--load-model", model, "--log-format", "text",
                "--shutdown-timeout", str(shutdown_timeout), *extra]
         env = {k: v for k, v in os.environ.items()
