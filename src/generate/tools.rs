@@ -746,17 +746,8 @@ impl ToolParser {
             (Some((_, args)), true) => {
                 let index = self.calls - 1;
                 match args_from {
-                    Some(from) => {
-                        // the rest of the arguments' text as written
-                        let raw = body[from..].trim_end();
-                        let raw = raw.strip_suffix('}').unwrap_or(raw).trim_end();
-                        if args_sent < from + raw.len() {
-                            out.push(ToolEvent::Args {
-                                index,
-                                text: body[args_sent.max(from)..from + raw.len()].to_string(),
-                            });
-                        }
-                    }
+                    // the rest of the arguments' text as written
+                    Some(from) => rest_of_args(out, index, body, from, args_sent),
                     None => out.push(ToolEvent::Args { index, text: args }),
                 }
             }
@@ -768,14 +759,7 @@ impl ToolParser {
                 // a broken call whose name was sent: its arguments' text as written
                 let index = self.calls - 1;
                 if let Some(from) = args_from {
-                    let raw = body[from..].trim_end();
-                    let raw = raw.strip_suffix('}').unwrap_or(raw).trim_end();
-                    if args_sent < from + raw.len() {
-                        out.push(ToolEvent::Args {
-                            index,
-                            text: body[args_sent.max(from)..from + raw.len()].to_string(),
-                        });
-                    }
+                    rest_of_args(out, index, body, from, args_sent);
                 }
             }
         }
@@ -821,11 +805,28 @@ fn arguments_start(text: &str) -> Option<usize> {
     Some(text.len() - t.len())
 }
 
+/// Call `index`'s arguments as written in `body` from `from` (the closing brace of the call
+/// object left out), less the `args_sent` bytes already sent.
+fn rest_of_args(out: &mut Vec<ToolEvent>, index: usize, body: &str, from: usize, args_sent: usize) {
+    let raw = body[from..].trim_end();
+    let raw = raw.strip_suffix('}').unwrap_or(raw).trim_end();
+    if args_sent < from + raw.len() {
+        out.push(ToolEvent::Args {
+            index,
+            text: body[args_sent.max(from)..from + raw.len()].to_string(),
+        });
+    }
+}
+
 /// A whole answer split into content and calls (name, arguments).
 pub fn parse_all(format: ToolFormat, text: &str) -> (String, Vec<(String, String)>) {
-    let mut p = ToolParser::new(format);
-    let mut events = p.push(text);
-    events.extend(p.finish());
+    split_answer(ToolParser::new(format), text)
+}
+
+/// A whole answer split by `parser` into content and calls (name, arguments).
+pub fn split_answer(mut parser: ToolParser, text: &str) -> (String, Vec<(String, String)>) {
+    let mut events = parser.push(text);
+    events.extend(parser.finish());
     let mut content = String::new();
     let mut calls: Vec<(String, String)> = Vec::new();
     for e in events {

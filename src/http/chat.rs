@@ -31,9 +31,9 @@ use super::v1::body_error;
 use super::{ApiError, AppState};
 use crate::codec::instance::json_type;
 use crate::registry::generate::{
-    call_json, forced_grammar, parse_choice, parse_tools, Event, Finish, GenerateError,
-    GenerateParams, Generator, GrammarError, GrammarSpec, ParamError, SequenceError, SubmitError,
-    TokenInfo, Tool, ToolChoice, ToolEvent, ToolFormat, ToolParser, MAX_TOP_LOGPROBS,
+    call_json, forced_grammar, parse_choice, parse_tools, split_answer, Event, Finish,
+    GenerateError, GenerateParams, Generator, GrammarError, GrammarSpec, ParamError, SequenceError,
+    SubmitError, TokenInfo, Tool, ToolChoice, ToolEvent, ToolFormat, ToolParser, MAX_TOP_LOGPROBS,
 };
 use crate::registry::ModelLease;
 
@@ -946,22 +946,7 @@ async fn answer(
 
 /// An answer's text split into its content and its `tool_calls` (OpenAI's shape).
 fn tool_calls(format: ToolFormat, names: &[String], text: &str) -> (String, Vec<Value>) {
-    let mut parser = ToolParser::offering(format, names.to_vec());
-    let mut events = parser.push(text);
-    events.extend(parser.finish());
-    let mut content = String::new();
-    let mut calls: Vec<(String, String)> = Vec::new();
-    for e in events {
-        match e {
-            ToolEvent::Text(t) => content.push_str(&t),
-            ToolEvent::Start { name, .. } => calls.push((name, String::new())),
-            ToolEvent::Args { index, text } => {
-                if let Some(c) = calls.get_mut(index) {
-                    c.1.push_str(&text);
-                }
-            }
-        }
-    }
+    let (content, calls) = split_answer(ToolParser::offering(format, names.to_vec()), text);
     let calls = calls
         .iter()
         .map(|(name, args)| call_json(&format.call_id(), name, args))

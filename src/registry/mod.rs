@@ -43,8 +43,8 @@ pub mod generate {
     pub use crate::generate::sampling::{ParamError, MAX_TOP_LOGPROBS};
     pub use crate::generate::scheduler::{Event, Finish, SequenceError, SubmitError, TokenInfo};
     pub use crate::generate::tools::{
-        call_json, forced_grammar, parse_choice, parse_tools, Tool, ToolChoice, ToolEvent,
-        ToolFormat, ToolParser,
+        call_json, forced_grammar, parse_choice, parse_tools, split_answer, Tool, ToolChoice,
+        ToolEvent, ToolFormat, ToolParser,
     };
 }
 use crate::codec::ImageLimits;
