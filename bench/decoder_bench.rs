@@ -10,7 +10,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use aiaas::config::model_spec::Precision;
-use aiaas::engine::{BlockAllocator, DecodeInput, Decoder, DecoderOptions, TorchDecoder};
+use aiaas::engine::{DecodeInput, Decoder, DecoderOptions, KvGeometry, TorchDecoder};
+use aiaas::generate::scheduler::BlockPool;
+
+fn pool_of(kv: &KvGeometry) -> BlockPool {
+    BlockPool::new(kv.block_size, kv.num_blocks, false)
+}
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
@@ -51,7 +56,7 @@ fn main() {
     let vocab = decoder.config().vocab_size as u32;
     println!("{precision:?}, {threads} threads, {steps} decode steps after ~100-token prompts");
     for &batch in &batches {
-        let mut blocks = BlockAllocator::new(&decoder.kv());
+        let mut blocks = pool_of(&decoder.kv());
         let prompts: Vec<Vec<u32>> = (0..batch)
             .map(|s| {
                 let len = 90 + (s * 7) % 21;

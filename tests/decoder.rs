@@ -8,9 +8,15 @@ use std::path::{Path, PathBuf};
 
 use aiaas::config::model_spec::Precision;
 use aiaas::engine::{
-    BlockAllocator, DecodeInput, Decoder, DecoderOptions, EngineError, Family, Logits,
-    PrefillInput, TorchDecoder,
+    DecodeInput, Decoder, DecoderOptions, EngineError, Family, KvGeometry, Logits, PrefillInput,
+    TorchDecoder,
 };
+use aiaas::generate::scheduler::BlockPool;
+
+/// The blocks of a decoder's KV pool, handed out as the scheduler does (no prefix cache).
+fn pool_of(kv: &KvGeometry) -> BlockPool {
+    BlockPool::new(kv.block_size, kv.num_blocks, false)
+}
 
 /// Every checkpoint the fixtures hold, one per family and loading path.
 const CHECKPOINTS: &[&str] = &[
@@ -128,7 +134,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// each sequence's `steps` new tokens and its prompt's logits. Every block goes back after.
 fn greedy(
     decoder: &mut TorchDecoder,
-    blocks: &mut BlockAllocator,
+    blocks: &mut BlockPool,
     prompts: &[&[u32]],
     steps: usize,
 ) -> (Vec<Vec<u32>>, Vec<Logits>) {
@@ -179,7 +185,7 @@ fn fp32_logits_and_greedy_tokens_are_transformers() {
         let dir = root.join(name);
         let reference = reference(&dir);
         let mut decoder = load(&dir, Precision::Fp32);
-        let mut blocks = BlockAllocator::new(&decoder.kv());
+        let mut blocks = pool_of(&decoder.kv());
         for prompt in &reference.prompts {
             let p = &prompt.name;
             let want = last_logits(&dir, prompt);
@@ -211,7 +217,7 @@ fn decoding_token_by_token_gives_every_position_of_transformers() {
             .unwrap_or_else(|| panic!("{name}: no prompt with every position's logits"));
         let want = logits_file(&dir, prompt.logits_all.as_ref().unwrap());
         let mut decoder = load(&dir, Precision::Fp32);
-        let mut blocks = BlockAllocator::new(&decoder.kv());
+        let mut blocks = pool_of(&decoder.kv());
         let mut table = Vec::new();
         blocks.reserve(&mut table, prompt.input_ids.len()).unwrap();
         for (position, (&token, want)) in prompt.input_ids.iter().zip(&want).enumerate() {
@@ -265,7 +271,7 @@ fn a_sliding_window_limits_what_the_last_position_sees() {
         .max_by_key(|p| p.input_ids.len())
         .unwrap();
     let ids = &prompt.input_ids;
-    let mut blocks = BlockAllocator::new(&decoder.kv());
+    let mut blocks = pool_of(&decoder.kv());
     let (_, whole) = greedy(&mut decoder, &mut blocks, &[ids], 1);
     let (_, tail) = greedy(&mut decoder, &mut blocks, &[&ids[ids.len() - 7..]], 1);
     let diff = max_abs_diff(&whole[0], &tail[0]);
@@ -312,7 +318,7 @@ fn a_prompt_in_pieces_ends_where_the_whole_prompt_does() {
             .unwrap();
         let ids = &prompt.input_ids;
         let mut decoder = load(&dir, Precision::Fp32);
-        let mut blocks = BlockAllocator::new(&decoder.kv());
+        let mut blocks = pool_of(&decoder.kv());
         let mut table = Vec::new();
         blocks.reserve(&mut table, ids.len()).unwrap();
         let cut = ids.len() / 3;
@@ -338,7 +344,7 @@ fn a_step_mixing_prompts_and_decoding_gives_each_its_own_logits() {
     let prompts: Vec<&Prompt> = reference.prompts.iter().take(3).collect();
     assert!(prompts.len() == 3 && prompts.iter().all(|p| p.input_ids.len() >= 2));
     let mut decoder = load(&dir, Precision::Fp32);
-    let mut blocks = BlockAllocator::new(&decoder.kv());
+    let mut blocks = pool_of(&decoder.kv());
     let mut tables = vec![Vec::new(); 3];
     for (table, p) in tables.iter_mut().zip(&prompts) {
         blocks.reserve(table, p.input_ids.len()).unwrap();
@@ -389,8 +395,8 @@ fn batch_composition_changes_no_tokens_and_blocks_come_back() {
         let prompts: Vec<&[u32]> = reference.prompts.iter().map(|p| &p.input_ids[..]).collect();
         assert!(prompts.len() >= 3, "{name}: three prompts to batch");
         let mut decoder = load(&dir, Precision::Fp32);
-        let mut blocks = BlockAllocator::new(&decoder.kv());
-        let total = blocks.free_blocks();
+        let mut blocks = pool_of(&decoder.kv());
+        let total = blocks.available();
         let (alone, alone_logits) = greedy(&mut decoder, &mut blocks, &prompts[..1], 16);
         let (batched, batched_logits) = greedy(&mut decoder, &mut blocks, &prompts[..3], 16);
         assert_eq!(batched[0], alone[0], "{name}: tokens alone and batched");
@@ -401,7 +407,7 @@ fn batch_composition_changes_no_tokens_and_blocks_come_back() {
             let n = p.greedy.len();
             assert_eq!(tokens[..n], p.greedy, "{name} {} batched", p.name);
         }
-        assert_eq!(blocks.free_blocks(), total, "{name}: blocks not given back");
+        assert_eq!(blocks.available(), total, "{name}: blocks not given back");
     }
 }
 
@@ -414,7 +420,7 @@ fn bf16_stays_near_the_fp32_reference() {
         let dir = root.join(name);
         let reference = reference(&dir);
         let mut decoder = load(&dir, Precision::Bf16);
-        let mut blocks = BlockAllocator::new(&decoder.kv());
+        let mut blocks = pool_of(&decoder.kv());
         for prompt in &reference.prompts {
             let p = &prompt.name;
             let want = last_logits(&dir, prompt);

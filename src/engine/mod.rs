@@ -5,8 +5,8 @@
 pub mod torch;
 
 pub use torch::decoder::{
-    BlockAllocator, DecodeInput, Decoder, DecoderConfig, DecoderOptions, Family, KvGeometry,
-    Logits, OutOfBlocks, PrefillInput, TorchDecoder,
+    DecodeInput, Decoder, DecoderConfig, DecoderOptions, Family, KvGeometry, Logits, PrefillInput,
+    TorchDecoder,
 };
 
 use crate::config::model_spec::ModelSpec;

@@ -48,7 +48,19 @@ pub trait GenerationObserver: Send + Sync + 'static {
     /// One step of the model: `prompt_tokens` prompt tokens and `decode_tokens` running
     /// sequences' tokens computed in `compute_time`.
     fn step(&self, _prompt_tokens: usize, _decode_tokens: usize, _compute_time: Duration) {}
+    /// A sequence was admitted with `queried` tokens, the first `hit` of them found in the
+    /// prefix cache (not computed again).
+    fn prefix_cache(&self, _queried: usize, _hit: usize) {}
     /// The scheduler's state after a step or a change: sequences running (including those
-    /// paused for a slow reader), waiting, and KV blocks in use of the pool's total.
-    fn state(&self, _running: usize, _waiting: usize, _blocks_used: usize, _blocks_total: usize) {}
+    /// paused for a slow reader), waiting, KV blocks in use of the pool's total, and blocks in
+    /// the prefix cache.
+    fn state(
+        &self,
+        _running: usize,
+        _waiting: usize,
+        _blocks_used: usize,
+        _blocks_total: usize,
+        _blocks_cached: usize,
+    ) {
+    }
 }

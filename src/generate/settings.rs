@@ -34,6 +34,9 @@ pub struct GenerationSettings {
     /// Tokens computed in one step, at most (prompts beyond it are computed in pieces over
     /// several steps, so that running sequences keep their pace).
     pub max_step_tokens: usize,
+    /// Keep full KV blocks for later sequences that begin with the same tokens (a shared
+    /// system prompt, the conversation so far): their prompts compute only what is new.
+    pub prefix_caching: bool,
     /// Tokens a stream may hold unread before its sequence pauses.
     pub stream_buffer: usize,
     /// A paused stream's sequence ends after this many seconds unread.
@@ -87,6 +90,7 @@ impl Default for GenerationSettings {
             max_sequences: 64,
             max_waiting: 256,
             max_step_tokens: 512,
+            prefix_caching: true,
             stream_buffer: 32,
             stall_timeout_s: 30.0,
             timeout_s: 600.0,

@@ -52,6 +52,7 @@ impl Runner {
             max_step_tokens: s.max_step_tokens,
             stream_buffer: s.stream_buffer,
             stall_timeout: s.stall_timeout(),
+            prefix_caching: s.prefix_caching,
         };
         let scheduler = SchedulerHandle::spawn(
             parts.decoder,

@@ -72,6 +72,8 @@ pub(super) struct GenerationFamilies {
     step_tokens: HistogramVec,
     sequences: IntGaugeVec,
     kv_blocks: IntGaugeVec,
+    prefix_queried: IntCounterVec,
+    prefix_hit: IntCounterVec,
 }
 
 impl GenerationFamilies {
@@ -139,7 +141,17 @@ impl GenerationFamilies {
             ),
             kv_blocks: gauge(
                 "aiaas_generation_kv_blocks",
-                "Generative models: KV-cache blocks of the model's pool, state=\"used\" (held by sequences) and \"total\".",
+                "Generative models: KV-cache blocks of the model's pool, state=\"used\" (held by sequences), \"cached\" (in the prefix cache, held or kept for later sequences) and \"total\".",
+            ),
+            prefix_queried: counter(
+                "aiaas_generation_prefix_cache_queried_tokens_total",
+                "Generative models: tokens of admitted sequences looked up in the prefix cache (a preempted sequence's again when it comes back).",
+                MODEL_VERSION,
+            ),
+            prefix_hit: counter(
+                "aiaas_generation_prefix_cache_hit_tokens_total",
+                "Generative models: tokens found in the prefix cache (not computed again); over the queried tokens, the cache's hit rate.",
+                MODEL_VERSION,
             ),
         }
     }
@@ -158,6 +170,8 @@ impl GenerationFamilies {
             Box::new(self.step_tokens.clone()),
             Box::new(self.sequences.clone()),
             Box::new(self.kv_blocks.clone()),
+            Box::new(self.prefix_queried.clone()),
+            Box::new(self.prefix_hit.clone()),
         ]
     }
 
@@ -183,6 +197,9 @@ impl GenerationFamilies {
             waiting: state(&self.sequences, "waiting"),
             blocks_used: state(&self.kv_blocks, "used"),
             blocks_total: state(&self.kv_blocks, "total"),
+            blocks_cached: state(&self.kv_blocks, "cached"),
+            prefix_queried: self.prefix_queried.with_label_values(&l),
+            prefix_hit: self.prefix_hit.with_label_values(&l),
         }
     }
 
@@ -203,6 +220,8 @@ impl GenerationFamilies {
             &self.prompt_tokens,
             &self.generated_tokens,
             &self.preemptions,
+            &self.prefix_queried,
+            &self.prefix_hit,
         ] {
             let _ = c.remove_label_values(&l);
         }
@@ -216,6 +235,7 @@ impl GenerationFamilies {
             (&self.sequences, "waiting"),
             (&self.kv_blocks, "used"),
             (&self.kv_blocks, "total"),
+            (&self.kv_blocks, "cached"),
         ] {
             let _ = g.remove_label_values(&[model, version, s]);
         }
@@ -239,6 +259,9 @@ pub struct GenerationMetrics {
     waiting: IntGauge,
     blocks_used: IntGauge,
     blocks_total: IntGauge,
+    blocks_cached: IntGauge,
+    prefix_queried: IntCounter,
+    prefix_hit: IntCounter,
 }
 
 impl GenerationObserver for GenerationMetrics {
@@ -266,11 +289,23 @@ impl GenerationObserver for GenerationMetrics {
         self.step_tokens
             .observe((prompt_tokens + decode_tokens) as f64);
     }
-    fn state(&self, running: usize, waiting: usize, blocks_used: usize, blocks_total: usize) {
+    fn prefix_cache(&self, queried: usize, hit: usize) {
+        self.prefix_queried.inc_by(queried as u64);
+        self.prefix_hit.inc_by(hit as u64);
+    }
+    fn state(
+        &self,
+        running: usize,
+        waiting: usize,
+        blocks_used: usize,
+        blocks_total: usize,
+        blocks_cached: usize,
+    ) {
         self.running.set(running as i64);
         self.waiting.set(waiting as i64);
         self.blocks_used.set(blocks_used as i64);
         self.blocks_total.set(blocks_total as i64);
+        self.blocks_cached.set(blocks_cached as i64);
     }
 }
 
@@ -352,7 +387,9 @@ mod tests {
         g.next_token(ms(12));
         g.next_token(ms(3000));
         g.preempted();
-        g.state(2, 5, 7, 64);
+        g.prefix_cache(40, 32);
+        g.prefix_cache(27, 0);
+        g.state(2, 5, 7, 64, 3);
         g.finished(ms(1500), 3, EndReason::Stop);
         g.finished(ms(250), 1, EndReason::Cancelled);
         let text = m.render();
@@ -399,6 +436,13 @@ mod tests {
         assert_eq!(v(seq, &[("state", "waiting")]), 5.0);
         assert_eq!(v("aiaas_generation_kv_blocks", &[("state", "used")]), 7.0);
         assert_eq!(v("aiaas_generation_kv_blocks", &[("state", "total")]), 64.0);
+        assert_eq!(v("aiaas_generation_kv_blocks", &[("state", "cached")]), 3.0);
+        let queried = "aiaas_generation_prefix_cache_queried_tokens_total";
+        assert_eq!(v(queried, &[]), 67.0);
+        assert_eq!(
+            v("aiaas_generation_prefix_cache_hit_tokens_total", &[]),
+            32.0
+        );
         // every family has its help text
         for family in families(&text)
             .iter()
@@ -419,7 +463,7 @@ mod tests {
         let other = m.generation("other", 1);
         for g in [&chat, &other] {
             g.first_token(Duration::from_millis(5));
-            g.state(1, 0, 2, 8);
+            g.state(1, 0, 2, 8, 1);
         }
         m.forget_model("chat", 3);
         let text = m.render();
@@ -435,7 +479,7 @@ mod tests {
                 .iter()
                 .filter(|f| f.starts_with("aiaas_generation_"))
                 .count(),
-            12
+            14
         );
         m.forget_model("other", 1);
         assert!(!m.render().contains("aiaas_generation_"));

@@ -1,18 +1,20 @@
 //! One generative model's scheduler: continuous batching over its paged KV cache.
 //!
-//! One OS thread owns the model's [`Decoder`], its [`BlockAllocator`] and every sequence (the
+//! One OS thread owns the model's [`Decoder`], its [`BlockPool`] and every sequence (the
 //! batcher's single-owner pattern: no locks around them). Each iteration it
 //! 1. takes new requests into the waiting queue, and ends sequences whose client left, whose
 //!    deadline passed, or whose stream has been unread for longer than the stall bound;
 //! 2. admits waiting sequences, oldest first, while the running batch has room and the pool has
-//!    free blocks for their tokens;
+//!    free blocks for their tokens; a sequence whose tokens begin with a cached prefix takes its
+//!    blocks and computes only the rest (the choices of one request wait for the first one's
+//!    prompt, then share it);
 //! 3. plans one step: each running sequence's next token, then prompt tokens, oldest first,
 //!    within the step's token budget (long prompts are computed in pieces over several steps).
 //!    A sequence that needs a block when none is free takes one from a paused sequence, else
 //!    from the newest running one, which is preempted: its blocks go back to the pool, and it
 //!    waits at the head of the queue to be recomputed (prompt and answer so far);
-//! 4. runs the step as one forward pass over all of them, and samples, detokenises and stops
-//!    each sequence whose tokens are all computed.
+//! 4. runs the step as one forward pass over all of them, caches the blocks it filled, and
+//!    samples, detokenises and stops each sequence whose tokens are all computed.
 //!
 //! A sequence joins the batch at the step after it arrives and leaves at the step it finishes,
 //! freeing its blocks at once. Its events go through a bounded channel: a client that stops
@@ -33,7 +35,11 @@ use super::detok::{Decode, Detokenizer};
 use super::observe::{EndReason, GenerationObserver};
 use super::sampling::{Sampler, SamplingParams};
 use super::stop::StopStrings;
-use crate::engine::{BlockAllocator, Decoder, KvGeometry, PrefillInput};
+use crate::engine::{Decoder, KvGeometry, PrefillInput};
+
+mod blocks;
+
+pub use blocks::{BlockPool, Hit, OutOfBlocks, ROOT};
 
 /// One sequence to generate.
 #[derive(Debug, Clone)]
@@ -131,6 +137,8 @@ pub struct SchedulerConfig {
     /// Token events a stream holds unread before its sequence pauses.
     pub stream_buffer: usize,
     pub stall_timeout: Duration,
+    /// Keep full KV blocks for later sequences that begin with the same tokens.
+    pub prefix_caching: bool,
 }
 
 enum Command {
@@ -148,6 +156,8 @@ struct Shared {
     paused: AtomicUsize,
     /// Blocks in use.
     blocks_used: AtomicUsize,
+    /// Blocks in the prefix cache.
+    blocks_cached: AtomicUsize,
     failure: Mutex<Option<String>>,
     config: SchedulerConfig,
     geometry: KvGeometry,
@@ -179,6 +189,8 @@ pub struct SchedulerState {
     /// KV blocks held by sequences, of the pool's total.
     pub blocks_used: usize,
     pub blocks_total: usize,
+    /// KV blocks in the prefix cache (held by sequences or kept for later ones).
+    pub blocks_cached: usize,
 }
 
 /// A retired scheduler's thread, to wait for.
@@ -210,12 +222,17 @@ impl SchedulerHandle {
             running: AtomicUsize::new(0),
             paused: AtomicUsize::new(0),
             blocks_used: AtomicUsize::new(0),
+            blocks_cached: AtomicUsize::new(0),
             failure: Mutex::new(None),
             config: config.clone(),
             geometry,
         });
         let worker = Worker {
-            allocator: BlockAllocator::new(&geometry),
+            allocator: BlockPool::new(
+                geometry.block_size,
+                geometry.num_blocks,
+                config.prefix_caching,
+            ),
             decoder,
             text,
             observer,
@@ -286,6 +303,7 @@ impl SchedulerHandle {
             paused: s.paused.load(Ordering::Acquire),
             blocks_used: s.blocks_used.load(Ordering::Acquire),
             blocks_total: s.geometry.num_blocks,
+            blocks_cached: s.blocks_cached.load(Ordering::Acquire),
         }
     }
 
@@ -309,6 +327,11 @@ struct Seq {
     /// Positions whose keys and values are in the cache.
     computed: usize,
     blocks: Vec<u32>,
+    /// Leading blocks of `blocks` known to the prefix cache, and the last one's hash.
+    hashed: usize,
+    chain: u64,
+    /// The request's arrival order when it asked for several choices: they share its prompt.
+    group: Option<u64>,
     sampler: Sampler,
     detok: Detokenizer,
     stops: StopStrings,
@@ -344,11 +367,18 @@ impl Seq {
     fn pending(&self) -> usize {
         self.tokens.len() - self.computed
     }
+
+    /// Forgets what was computed (its blocks are given back).
+    fn reset(&mut self) {
+        self.computed = 0;
+        self.hashed = 0;
+        self.chain = ROOT;
+    }
 }
 
 struct Worker {
     decoder: Box<dyn Decoder>,
-    allocator: BlockAllocator,
+    allocator: BlockPool,
     text: Arc<dyn Decode + Send + Sync>,
     observer: Arc<dyn GenerationObserver>,
     shared: Arc<Shared>,
@@ -410,6 +440,7 @@ impl Worker {
 
     fn take(&mut self, command: Command) {
         let Command::Submit(requests) = command;
+        let group = (requests.len() > 1).then_some(self.next_order);
         for (r, tx) in requests {
             let order = self.next_order;
             self.next_order += 1;
@@ -419,6 +450,9 @@ impl Worker {
                 tokens: r.prompt,
                 computed: 0,
                 blocks: Vec::new(),
+                hashed: 0,
+                chain: ROOT,
+                group,
                 detok: if r.special_text {
                     Detokenizer::with_special()
                 } else {
@@ -500,7 +534,7 @@ impl Worker {
                     self.allocator.release(&mut s.blocks);
                     self.shared.running.fetch_sub(1, Ordering::AcqRel);
                     if out == Out::Preempted {
-                        s.computed = 0;
+                        s.reset();
                         back.push(s);
                     }
                 }
@@ -521,29 +555,51 @@ impl Worker {
     }
 
     /// Admits waiting sequences, oldest first, while the batch has room and the pool has
-    /// blocks for all of their tokens (stalled streams' blocks are taken for them).
+    /// blocks for all of their tokens (stalled streams' blocks are taken for them). A sequence
+    /// takes the cached blocks of its longest cached prefix and computes only the rest; the
+    /// other choices of a request wait until the first one's prompt is computed, to share it.
     fn admit(&mut self) {
         let max = self.shared.config.max_sequences;
+        let bs = self.allocator.block_size();
         let mut promised = 0;
         loop {
             let running = self.active.iter().filter(|s| s.out.is_none()).count();
             if running >= max {
                 break;
             }
+            // a sibling whose prompt is being computed: wait for its blocks to be cached
+            let sharing = |s: &Seq| {
+                s.group.is_some_and(|g| {
+                    self.active
+                        .iter()
+                        .any(|a| a.out.is_none() && a.group == Some(g) && a.computed < a.prompt_len)
+                })
+            };
             // the oldest waiting sequence whose client takes its tokens (a preempted stream
             // nobody reads waits for its reader)
-            let Some(at) = self.waiting.iter().position(|s| s.paused_since.is_none()) else {
+            let Some(at) = self
+                .waiting
+                .iter()
+                .position(|s| s.paused_since.is_none() && !sharing(s))
+            else {
                 break;
             };
-            let need = self.allocator.blocks_for(self.waiting[at].tokens.len() + 1);
             let reserve = if running == 0 { 0 } else { self.watermark() };
-            while self.allocator.free_blocks() < promised + need + reserve {
-                let Some(victim) = self.paused_victim(usize::MAX) else {
-                    break;
-                };
-                self.preempt(victim);
-            }
-            if self.allocator.free_blocks() < promised + need + reserve && running > 0 {
+            let (hits, need, cost) = loop {
+                let tokens = &self.waiting[at].tokens;
+                let hits = self.allocator.lookup(tokens);
+                let need = self.allocator.blocks_for(tokens.len() + 1) - hits.len();
+                // taking a cached block nobody holds takes it from the available ones too
+                let cost = need + self.allocator.idle_among(&hits);
+                if self.allocator.available() >= promised + cost + reserve {
+                    break (hits, need, cost);
+                }
+                match self.paused_victim(usize::MAX) {
+                    Some(victim) => self.preempt(victim),
+                    None => break (hits, need, cost),
+                }
+            };
+            if self.allocator.available() < promised + cost + reserve && running > 0 {
                 break;
             }
             let mut s = self.waiting.remove(at).expect("index within the queue");
@@ -553,10 +609,36 @@ impl Worker {
                 s.admitted = true;
                 self.observer.admitted(s.arrived.elapsed(), s.prompt_len);
             }
+            if self.shared.config.prefix_caching {
+                self.observer.prefix_cache(s.tokens.len(), hits.len() * bs);
+            }
+            self.allocator.share(&mut s.blocks, &hits);
+            if let Some(last) = hits.last() {
+                s.hashed = hits.len();
+                s.chain = last.hash;
+                s.computed = hits.len() * bs;
+            }
+            // the cached blocks are taken now; the others when its steps need them
             promised += need;
             self.active.push(s);
         }
         self.sweep();
+    }
+
+    /// Caches the full blocks sequence `i` has computed and not cached yet.
+    fn cache_full_blocks(&mut self, i: usize) {
+        if !self.shared.config.prefix_caching {
+            return;
+        }
+        let bs = self.allocator.block_size();
+        let s = &mut self.active[i];
+        while (s.hashed + 1) * bs <= s.computed {
+            let from = s.hashed * bs;
+            s.chain =
+                self.allocator
+                    .register(s.blocks[s.hashed], s.chain, &s.tokens[from..from + bs]);
+            s.hashed += 1;
+        }
     }
 
     /// Marks the sequences whose client is not reading: a step's token and the end must fit
@@ -582,7 +664,7 @@ impl Worker {
     fn preempt(&mut self, i: usize) {
         let s = &mut self.active[i];
         self.allocator.release(&mut s.blocks);
-        s.computed = 0;
+        s.reset();
         s.out = Some(Out::Preempted);
         self.observer.preempted();
     }
@@ -694,6 +776,7 @@ impl Worker {
             Ok(logits) => {
                 for (&(i, len), logits) in chosen.iter().zip(logits) {
                     self.active[i].computed += len;
+                    self.cache_full_blocks(i);
                     if self.active[i].pending() == 0 {
                         self.next_token(i, &logits);
                     }
@@ -825,9 +908,11 @@ impl Worker {
 
     /// Tells the shared counters and the observer where things stand.
     fn publish(&self) {
-        let total = self.shared.geometry.num_blocks;
-        let used = total - self.allocator.free_blocks();
+        let total = self.allocator.capacity();
+        let used = self.allocator.in_use();
+        let cached = self.allocator.cached_blocks();
         self.shared.blocks_used.store(used, Ordering::Release);
+        self.shared.blocks_cached.store(cached, Ordering::Release);
         let paused = self
             .active
             .iter()
@@ -835,7 +920,7 @@ impl Worker {
             .count();
         self.shared.paused.store(paused, Ordering::Release);
         self.observer
-            .state(self.active.len(), self.waiting.len(), used, total);
+            .state(self.active.len(), self.waiting.len(), used, total, cached);
     }
 }
 

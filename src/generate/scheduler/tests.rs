@@ -114,6 +114,7 @@ fn config() -> SchedulerConfig {
         max_step_tokens: 64,
         stream_buffer: 4,
         stall_timeout: Duration::from_secs(30),
+        prefix_caching: true,
     }
 }
 
@@ -271,6 +272,8 @@ fn long_prompts_are_computed_in_pieces_while_others_keep_decoding() {
         fake,
         SchedulerConfig {
             max_step_tokens: 16,
+            // the long prompt is computed twice (alone, then beside the short one)
+            prefix_caching: false,
             ..config()
         },
     );
@@ -387,4 +390,97 @@ fn a_grammar_holds_through_preemption_and_ends_the_answer() {
     assert_eq!(together, alone);
     assert!(counts.preempted.load(Ordering::Relaxed) > 0);
     assert_eq!(wait_until(&handle, |s| s.running == 0).blocks_used, 0);
+}
+
+/// Tokens computed over the calls since `calls` was last cleared.
+fn computed(calls: &Mutex<Vec<usize>>) -> usize {
+    std::mem::take(&mut *calls.lock().unwrap()).iter().sum()
+}
+
+#[test]
+fn a_cached_prefix_is_not_computed_again_and_answers_do_not_change() {
+    // a 40-token "system prompt" shared by every request, then each one's own question
+    let system: Vec<u32> = (0..40).map(|k| (k * 7 % VOCAB) as u32).collect();
+    let prompts: Vec<Vec<u32>> = prompts(4, 6)
+        .into_iter()
+        .map(|q| system.iter().copied().chain(q).collect())
+        .collect();
+    let answers = |caching: bool| {
+        let (fake, calls) = Fake::new(64, 4, 128);
+        let (handle, _) = spawn(
+            fake,
+            SchedulerConfig {
+                prefix_caching: caching,
+                ..config()
+            },
+        );
+        let answers: Vec<(Vec<u32>, usize)> = prompts
+            .iter()
+            .map(|p| {
+                let tokens = run_one(&handle, p.clone(), 10);
+                (tokens, computed(&calls))
+            })
+            .collect();
+        let s = wait_until(&handle, |s| s.running == 0);
+        (answers, s)
+    };
+    let (off, off_state) = answers(false);
+    let (on, on_state) = answers(true);
+    let tokens = |a: &[(Vec<u32>, usize)]| a.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>();
+    assert_eq!(tokens(&on), tokens(&off));
+    // without the cache every request computes its 46 prompt tokens and 9 more
+    assert!(off.iter().all(|&(_, n)| n == 46 + 9), "{off:?}");
+    assert_eq!(off_state.blocks_cached, 0);
+    // with it the first does; the others find the 40 shared tokens (10 blocks of 4) cached
+    assert_eq!(on[0].1, 46 + 9);
+    assert!(on[1..].iter().all(|&(_, n)| n == 6 + 9), "{on:?}");
+    // nothing is held, and the blocks stay cached for later
+    assert_eq!(on_state.blocks_used, 0);
+    assert!(on_state.blocks_cached >= 10, "{on_state:?}");
+}
+
+#[test]
+fn the_choices_of_one_request_compute_its_prompt_once() {
+    let prompt: Vec<u32> = (0..33).map(|k| (k * 5 % VOCAB) as u32).collect();
+    let (fake, calls) = Fake::new(128, 4, 128);
+    let (handle, _) = spawn(fake, config());
+    let alone = run_one(&handle, prompt.clone(), 8);
+    // a fresh scheduler: the first choice computes the prompt, the others its last token
+    let (fake, calls2) = Fake::new(128, 4, 128);
+    let (handle2, _) = spawn(fake, config());
+    let receivers = handle2
+        .submit((0..3).map(|_| request(prompt.clone(), 8)).collect())
+        .unwrap();
+    let answers: Vec<Vec<u32>> = receivers.into_iter().map(|rx| collect(rx).0).collect();
+    assert!(answers.iter().all(|a| *a == alone), "{answers:?}");
+    assert_eq!(computed(&calls), 33 + 7);
+    // 33 prompt tokens once, the 33rd again for each other choice, 7 decode steps each
+    assert_eq!(computed(&calls2), 33 + 2 + 3 * 7);
+    assert_eq!(wait_until(&handle2, |s| s.running == 0).blocks_used, 0);
+}
+
+#[test]
+fn under_pressure_cached_blocks_make_room_and_preempted_sequences_find_their_prefix() {
+    // 12 blocks of 4: the cache must give its blocks up, and preemption still gives the
+    // answers computed alone
+    let (fake, _) = Fake::new(12, 4, 128);
+    let (handle, counts) = spawn(fake, config());
+    let system: Vec<u32> = vec![3; 8];
+    let prompts: Vec<Vec<u32>> = prompts(6, 5)
+        .into_iter()
+        .map(|q| system.iter().copied().chain(q).collect())
+        .collect();
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| run_one(&handle, p.clone(), 30))
+        .collect();
+    let receivers = handle
+        .submit(prompts.iter().map(|p| request(p.clone(), 30)).collect())
+        .unwrap();
+    let together: Vec<Vec<u32>> = receivers.into_iter().map(|rx| collect(rx).0).collect();
+    assert_eq!(together, alone);
+    assert!(counts.preempted.load(Ordering::Relaxed) > 0);
+    let s = wait_until(&handle, |s| s.running == 0 && s.waiting == 0);
+    assert_eq!(s.blocks_used, 0);
+    assert!(s.blocks_cached <= 12);
 }

@@ -1,13 +1,11 @@
 //! The paged KV cache. [`KvPool`] is the memory: per layer, a key and a value tensor of
 //! `[blocks, block_size, kv_heads, head_dim]` allocated once at load, written at the slots of a
 //! step's new positions and gathered block by block for attention (one sequence's blocks, or
-//! all the decoding sequences' blocks at once). [`BlockAllocator`] hands the blocks out: plain
-//! Rust with no libtorch in it, owned by the scheduler, which gives each sequence a block table
-//! (`Vec<u32>`, the blocks holding its positions in order).
+//! all the decoding sequences' blocks at once). The scheduler hands the blocks out
+//! (`generate::scheduler::BlockPool`, plain Rust): each sequence has a block table (`Vec<u32>`,
+//! the blocks holding its positions in order).
 
 use tch::{Device, Kind, Tensor};
-
-use super::KvGeometry;
 
 /// Every layer's keys and values, in blocks of `block_size` positions.
 pub(super) struct KvPool {
@@ -100,122 +98,9 @@ impl KvPool {
     }
 }
 
-/// Hands out the KV pool's blocks: a free list of block ids, each sequence's block table grown
-/// as its positions need and given back whole.
-#[derive(Debug)]
-pub struct BlockAllocator {
-    block_size: usize,
-    /// Free blocks, the next one handed out last.
-    free: Vec<u32>,
-    /// Whether each block is handed out, to catch a block given back twice.
-    in_use: Vec<bool>,
-}
-
-/// The pool has fewer free blocks than a sequence needs.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{needed} more KV blocks needed, {free} free")]
-pub struct OutOfBlocks {
-    pub needed: usize,
-    pub free: usize,
-}
-
-impl BlockAllocator {
-    pub fn new(geometry: &KvGeometry) -> Self {
-        let blocks = geometry.num_blocks as u32;
-        Self {
-            block_size: geometry.block_size,
-            free: (0..blocks).rev().collect(),
-            in_use: vec![false; geometry.num_blocks],
-        }
-    }
-
-    /// Blocks not handed out.
-    pub fn free_blocks(&self) -> usize {
-        self.free.len()
-    }
-
-    /// Blocks that hold `positions` positions.
-    pub fn blocks_for(&self, positions: usize) -> usize {
-        positions.div_ceil(self.block_size)
-    }
-
-    /// Grows `table` to hold `positions` positions; takes nothing when the blocks are short.
-    pub fn reserve(&mut self, table: &mut Vec<u32>, positions: usize) -> Result<(), OutOfBlocks> {
-        let needed = self.blocks_for(positions).saturating_sub(table.len());
-        if needed > self.free.len() {
-            return Err(OutOfBlocks {
-                needed,
-                free: self.free.len(),
-            });
-        }
-        for _ in 0..needed {
-            let block = self
-                .free
-                .pop()
-                .expect("bug: counted free blocks are missing");
-            self.in_use[block as usize] = true;
-            table.push(block);
-        }
-        Ok(())
-    }
-
-    /// Gives a sequence's blocks back, emptying its table.
-    pub fn release(&mut self, table: &mut Vec<u32>) {
-        for block in table.drain(..).rev() {
-            let used = &mut self.in_use[block as usize];
-            assert!(*used, "bug: KV block {block} given back but not handed out");
-            *used = false;
-            self.free.push(block);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn allocator(blocks: usize) -> BlockAllocator {
-        BlockAllocator::new(&KvGeometry {
-            block_size: 4,
-            num_blocks: blocks,
-            bytes_per_block: 0,
-            context_len: 64,
-        })
-    }
-
-    #[test]
-    fn tables_grow_by_whole_blocks_and_come_back_whole() {
-        let mut a = allocator(5);
-        let (mut x, mut y) = (Vec::new(), Vec::new());
-        a.reserve(&mut x, 5).unwrap();
-        assert_eq!(x, vec![0, 1]);
-        a.reserve(&mut x, 8).unwrap();
-        assert_eq!(x.len(), 2);
-        a.reserve(&mut y, 9).unwrap();
-        assert_eq!(y, vec![2, 3, 4]);
-        assert_eq!(
-            a.reserve(&mut x, 9),
-            Err(OutOfBlocks { needed: 1, free: 0 })
-        );
-        assert_eq!(x.len(), 2);
-        a.release(&mut x);
-        assert!(x.is_empty());
-        a.reserve(&mut y, 13).unwrap();
-        assert_eq!(y, vec![2, 3, 4, 0]);
-        a.release(&mut y);
-        assert_eq!(a.free_blocks(), 5);
-    }
-
-    #[test]
-    #[should_panic(expected = "given back but not handed out")]
-    fn a_block_given_back_twice_is_a_bug() {
-        let mut a = allocator(2);
-        let mut x = Vec::new();
-        a.reserve(&mut x, 1).unwrap();
-        let mut copy = x.clone();
-        a.release(&mut x);
-        a.release(&mut copy);
-    }
 
     #[test]
     fn the_pool_reads_back_what_was_written_across_blocks() {

@@ -3,7 +3,7 @@
 //!
 //! [`Decoder`] is all the scheduler sees: token ids, positions and block tables in, each
 //! sequence's logits out as `Vec<f32>`, so that sampling, stop rules and the allocation of KV
-//! blocks ([`BlockAllocator`]) are plain Rust that never touches libtorch. [`TorchDecoder`] is
+//! blocks (the scheduler's `BlockPool`) are plain Rust that never touches libtorch. [`TorchDecoder`] is
 //! the implementation: `config` reads `config.json`, `weights` the safetensors, `blocks` has the
 //! building blocks, `model` the transformer over them, `kv` the paged cache.
 
@@ -20,7 +20,6 @@ use tch::{Device, Kind, Tensor};
 
 pub use self::config::{DecoderConfig, Family, Llama3Scaling};
 use self::kv::KvPool;
-pub use self::kv::{BlockAllocator, OutOfBlocks};
 use self::model::{DecodeBatch, Model, Step, StepSeq};
 use self::weights::Checkpoint;
 use super::{device_failure, first_line, kind_of, ResolvedDevice};
