@@ -9,7 +9,7 @@ PORT ?= 8080
 MODELS ?= ./models
 ARGS ?=
 
-.PHONY: run test test-tools hf-fixtures llm-fixtures build setup lint models bench bench-grpc bench-embeddings soak-embeddings bench-many-models bench-generate bench-structured gpu-bundle gpu-dry-run fmt
+.PHONY: run test test-tools hf-fixtures llm-fixtures build setup lint models bench bench-grpc bench-embeddings soak-embeddings bench-many-models bench-generate bench-structured bench-prefix gpu-bundle gpu-dry-run fmt
 
 ## Build (release) and serve the bundled models on http://0.0.0.0:$(PORT), SmolLM2-135M-Instruct
 ## (converted once by llm-fixtures) among them
@@ -83,6 +83,11 @@ bench-many-models: build
 bench-generate: build llm-fixtures
 	bench/peers/setup-llama-server.sh
 	.venv/bin/python bench/generate.py
+
+## Prefix caching: SmolLM2-135M time to first token with a ~1,000-token system prompt shared
+## by every request, cache on and off (about 2 minutes)
+bench-prefix: build llm-fixtures
+	.venv/bin/python bench/prefix_cache.py
 
 ## Structured output: SmolLM2-135M decode tokens/s unconstrained and under a JSON schema, at 1
 ## and 16 clients, and the grammar mask's time per token (about 3 minutes)
