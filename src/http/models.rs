@@ -146,7 +146,7 @@ fn version_json(version: u64, e: &VersionEntry) -> Value {
         obj.insert("device".into(), json!(s.device));
         obj.insert("instance_devices".into(), json!(s.instance_devices));
         obj.insert("precision".into(), json!(s.spec.precision));
-        obj.insert("memory_bytes".into(), json!(s.memory_bytes));
+        obj.insert("memory_bytes".into(), json!(s.footprint()));
         obj.insert("load_ms".into(), json!(s.load_time.as_millis() as u64));
         obj.insert("warmup_ms".into(), json!(s.warmup_time.as_millis() as u64));
         obj.insert("loaded_at".into(), json!(loaded_at_secs(s)));

@@ -84,6 +84,17 @@ impl MemoryLedger {
         }
     }
 
+    /// The budget on `device`, if it has one.
+    pub(super) fn budget_of(&self, device: &str) -> Option<u64> {
+        self.budget.limit(device)
+    }
+
+    /// Bytes of copies retiring from `device`, still counted as in use.
+    fn retiring_on(&self, device: &str) -> u64 {
+        let books = self.books.lock().expect("ledger lock");
+        books.retiring.get(device).copied().unwrap_or(0)
+    }
+
     /// Now on the least-recently-used clock, in microseconds.
     pub(super) fn now_us(&self) -> u64 {
         self.epoch.elapsed().as_micros() as u64
@@ -142,10 +153,7 @@ impl MemoryLedger {
         need: u64,
         resident: &[Resident],
     ) -> Result<Vec<String>, NoRoom> {
-        let retiring = {
-            let books = self.books.lock().expect("ledger lock");
-            books.retiring.get(device).copied().unwrap_or(0)
-        };
+        let retiring = self.retiring_on(device);
         plan_evictions(device, budget, used + retiring, need, resident, self.evicts)
     }
 
@@ -159,7 +167,7 @@ impl MemoryLedger {
         }
         for entry in models.values() {
             for s in entry.versions.values().filter_map(|v| v.serving.as_ref()) {
-                *resident.entry(s.device.clone()).or_default() += s.memory_bytes;
+                *resident.entry(s.device.clone()).or_default() += s.footprint();
             }
         }
         for (device, bytes) in resident {
@@ -202,7 +210,7 @@ impl Registry {
         let spec = blocking(move || parse(&name_owned, &config_owned, &v)).await?;
         let device = self.engines.device(&spec);
         let devices = self.engines.devices(&spec);
-        let file_bytes = prepare::footprint_floor(&spec);
+        let file_bytes = prepare::footprint_floor(&spec, self.engines.as_ref());
         let gate = self.ledger.gate().await;
         // the same files measure the same: a changed file is estimated afresh
         let key = (name.to_string(), version, fingerprint);
@@ -214,13 +222,16 @@ impl Registry {
         // memory in use after warm-up, less before, over every device its instances use; at
         // least the weights' file size (memory other requests free meanwhile makes the
         // difference too small)
+        // a KV pool that grows with use is counted apart (its memory is outside the heap)
+        let floor = file_bytes.saturating_sub(p.kv_counted_apart());
         let measured = match (before, self.ledger.in_use_on(&devices)) {
-            (Some(before), Some(after)) => after.saturating_sub(before).max(file_bytes),
-            _ => file_bytes,
+            (Some(before), Some(after)) => after.saturating_sub(before).max(floor),
+            _ => floor,
         };
-        if measured > estimate {
+        if measured + p.kv_counted_apart() > estimate {
             // the first load of a version is estimated from its file: make the rest of the room
-            self.make_room(name, p.device(), measured).await?;
+            self.make_room(name, p.device(), measured + p.kv_counted_apart())
+                .await?;
         }
         // kept only once it fits: a measurement inflated by other requests' memory must not
         // refuse the model for good
@@ -232,10 +243,16 @@ impl Registry {
     /// for it): evicts least recently used idle models under lazy model control, else refuses
     /// a load that does not fit. Models whose operation lock is held (loading, unloading) count
     /// as busy, so this never waits on another model's operation.
-    async fn make_room(&self, name: &str, device: &str, need: u64) -> Result<(), NoRoom> {
+    pub(super) async fn make_room(
+        &self,
+        name: &str,
+        device: &str,
+        need: u64,
+    ) -> Result<(), NoRoom> {
         let Some(budget) = self.ledger.budget.limit(device) else {
             return Ok(());
         };
+        self.take_back_kv(name, device, budget, need).await;
         // the snapshot goes before evicting: it holds the victims' serving copies, whose
         // retirement waits for every holder
         let table = self.table.load_full();
@@ -249,7 +266,7 @@ impl Registry {
                 .filter_map(|v| v.serving.as_ref())
                 .filter(|s| s.device == device)
                 .collect();
-            let bytes: u64 = copies.iter().map(|s| s.memory_bytes).sum();
+            let bytes: u64 = copies.iter().map(|s| s.footprint()).sum();
             used += bytes;
             if bytes == 0 || model == name {
                 continue;
@@ -279,6 +296,74 @@ impl Registry {
             self.evict(&victim, name).await;
         }
         Ok(())
+    }
+
+    /// What the serving copies on `device` hold now, and copies retiring from it.
+    pub(super) fn footprint_on(&self, device: &str) -> u64 {
+        let table = self.table.load();
+        let serving: u64 = table
+            .values()
+            .flat_map(|e| e.versions.values())
+            .filter_map(|v| v.serving.as_ref())
+            .filter(|s| s.device == device)
+            .map(|s| s.footprint())
+            .sum();
+        serving + self.ledger.retiring_on(device)
+    }
+
+    /// Before any model is evicted for `need` bytes on `device`: asks the generative models
+    /// there (`name`'s excepted) to give back KV pool memory no sequence holds, the largest
+    /// pools first, until `need` fits or none has more to give.
+    async fn take_back_kv(&self, name: &str, device: &str, budget: u64, need: u64) {
+        let table = self.table.load_full();
+        let mut pools: Vec<(u64, Arc<ServingModel>)> = table
+            .iter()
+            .filter(|(model, _)| model.as_str() != name)
+            .flat_map(|(_, e)| e.versions.values())
+            .filter_map(|v| v.serving.clone())
+            .filter(|s| s.device == device && s.runner.kv_bytes() > 0)
+            .map(|s| (s.runner.kv_bytes(), s))
+            .collect();
+        drop(table);
+        pools.sort_by_key(|(bytes, _)| std::cmp::Reverse(*bytes));
+        for (_, s) in pools {
+            let used = self.footprint_on(device);
+            let short = (used + need).saturating_sub(budget);
+            if short == 0 {
+                return;
+            }
+            if let Some(g) = s.generator() {
+                let given = tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    g.scheduler().give_back(short),
+                )
+                .await
+                .unwrap_or(0);
+                if given > 0 {
+                    tracing::info!(
+                        model = %s.name,
+                        for_model = name,
+                        mib = given >> 20,
+                        "KV cache memory given back to make room for {name}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A KV pool changed size: its model's memory gauge and the device's follow.
+    pub(super) fn kv_resized(&self, name: &str, version: u64) {
+        let table = self.table.load();
+        let copy = table
+            .get(name)
+            .and_then(|e| e.versions.get(&version))
+            .and_then(|v| v.serving.as_ref());
+        if let Some(s) = copy {
+            self.metrics
+                .set_model_memory(name, version, &s.device, s.footprint());
+        }
+        drop(table);
+        self.refresh_memory_gauges();
     }
 
     /// Unloads every version of `victim` to make room for `for_whom` (its operation lock held

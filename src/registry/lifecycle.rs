@@ -304,21 +304,34 @@ impl Registry {
         let (device, devices) = (p.device().to_string(), p.devices_summary());
         self.metrics
             .set_model_memory(name, version, &device, memory_bytes);
+        let memory = Arc::new(super::kv_budget::KvBudget {
+            registry: Arc::downgrade(self),
+            name: name.to_string(),
+            version,
+            device: device.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            making_room: Default::default(),
+        });
         let runner = Runner::spawn(
             p.work,
             name,
             metrics.clone(),
             self.metrics.generation(name, version),
+            memory,
         );
         let generation = match &runner {
             Runner::Generative(g) => {
                 let kv = g.scheduler().geometry();
                 format!(
-                    "; KV cache {} tokens ({} blocks of {}, {}), context {} tokens",
+                    "; KV cache {} tokens ({} blocks of {}, {}{}), context {} tokens",
                     kv.num_blocks * kv.block_size,
                     kv.num_blocks,
                     kv.block_size,
                     memory::mib(kv.bytes_per_block * kv.num_blocks as u64),
+                    match g.scheduler().kv_bytes() {
+                        Some(now) => format!(", {} of it now, growing with use", memory::mib(now)),
+                        None => String::new(),
+                    },
                     kv.context_len
                 )
             }
@@ -477,7 +490,7 @@ impl Registry {
     /// until it is freed.
     async fn retire(&self, serving: Arc<ServingModel>) {
         // the bytes come off the count when the retirement ends, however it ends
-        let _counted = self.ledger.retiring(&serving.device, serving.memory_bytes);
+        let _counted = self.ledger.retiring(&serving.device, serving.footprint());
         retire(serving).await;
     }
 }

@@ -10,6 +10,7 @@
 //! - `prepare.rs` loads and warms one version, `fingerprint.rs` tells changed files.
 
 mod fingerprint;
+mod kv_budget;
 mod ledger;
 mod lifecycle;
 pub mod memory;

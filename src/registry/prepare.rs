@@ -15,6 +15,7 @@ use crate::engine::{
     PrefillInput,
 };
 use crate::generate::generator::CheckpointText;
+use crate::generate::scheduler::growth_chunk;
 use crate::generate::settings::GenerationSettings;
 use crate::repository::VersionSource;
 
@@ -52,6 +53,18 @@ impl Prepared {
     /// The first instance's device: the one the memory budget counts the model on.
     pub fn device(&self) -> &str {
         self.devices.first().map_or("cpu", String::as_str)
+    }
+
+    /// Bytes of its KV pool counted apart from the memory measured at load: a pool that grows
+    /// with use, as loaded (its first chunk).
+    pub fn kv_counted_apart(&self) -> u64 {
+        match &self.work {
+            Work::Generative(parts) if parts.decoder.kv_grows() => {
+                let kv = parts.decoder.kv();
+                growth_chunk(kv.num_blocks) as u64 * kv.bytes_per_block
+            }
+            _ => 0,
+        }
     }
 
     /// Its devices for a log line: `cpu`, or `cuda:0, cuda:1` where instances differ.
@@ -155,8 +168,9 @@ pub(super) fn prepare(
 }
 
 /// The least memory a model holds once loaded, known before loading it: its file's size, or
-/// for a generative model its checkpoint's weights and its KV cache (allocated whole at load).
-pub(super) fn footprint_floor(spec: &ModelSpec) -> u64 {
+/// for a generative model its checkpoint's weights and its KV cache as loaded (its first
+/// chunk on the CPU, where it grows with use; whole on a GPU).
+pub(super) fn footprint_floor(spec: &ModelSpec, engines: &dyn EngineFactory) -> u64 {
     let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
     if spec.kind != text_generation::KIND.name {
         return size(&spec.file);
@@ -178,8 +192,12 @@ pub(super) fn footprint_floor(spec: &ModelSpec) -> u64 {
     let kv = kv_bytes_per_token(&dir, spec.precision)
         .ok()
         .and_then(|(per_token, _)| {
-            let blocks = settings.kv_blocks(per_token).ok()? as u64;
-            Some(blocks * settings.block_size as u64 * per_token)
+            let blocks = settings.kv_blocks(per_token).ok()?;
+            let blocks = match engines.device(spec).as_str() {
+                "cpu" => growth_chunk(blocks),
+                _ => blocks,
+            };
+            Some(blocks as u64 * settings.block_size as u64 * per_token)
         })
         .unwrap_or(0);
     weights + kv

@@ -16,7 +16,7 @@ use crate::config::model_spec::ModelSpec;
 use crate::engine::Engine;
 use crate::generate::generator::Generator;
 use crate::generate::observe::GenerationObserver;
-use crate::generate::scheduler::{SchedulerConfig, SchedulerHandle};
+use crate::generate::scheduler::{KvMemory, SchedulerConfig, SchedulerHandle};
 use crate::telemetry::ModelMetrics;
 
 /// How a serving model runs its work.
@@ -37,6 +37,7 @@ impl Runner {
         model: &str,
         metrics: Arc<ModelMetrics>,
         observer: Arc<dyn GenerationObserver>,
+        memory: Arc<dyn KvMemory>,
     ) -> Runner {
         let parts = match work {
             Work::Batched { engines, config } => {
@@ -59,6 +60,7 @@ impl Runner {
             parts.text.tokenizer.clone(),
             config,
             observer,
+            memory,
         );
         Runner::Generative(Arc::new(Generator::new(
             scheduler,
@@ -84,6 +86,15 @@ impl Runner {
         match self {
             Runner::Batched(handle) => handle.queued(),
             Runner::Generative(g) => g.scheduler().queued(),
+        }
+    }
+
+    /// Bytes of a KV pool that grows with use, held now (counted beside the memory measured
+    /// at load).
+    pub fn kv_bytes(&self) -> u64 {
+        match self {
+            Runner::Batched(_) => 0,
+            Runner::Generative(g) => g.scheduler().kv_bytes().unwrap_or(0),
         }
     }
 
@@ -137,7 +148,8 @@ pub struct ServingModel {
     pub loaded_at: SystemTime,
     /// Content fingerprint of the files it was loaded from.
     pub(super) fingerprint: u64,
-    /// Memory it holds on `device`, measured at load after warm-up (see [`super::memory`]).
+    /// Memory it holds on `device`, measured at load after warm-up (see [`super::memory`]),
+    /// less a KV pool that grows with use (counted apart: [`ServingModel::footprint`]).
     pub memory_bytes: u64,
     /// Requests holding it now ([`super::ModelLease`]s).
     pub(super) leases: AtomicUsize,
@@ -167,6 +179,12 @@ impl ServingModel {
             Runner::Generative(g) => Some(g),
             Runner::Batched(_) => None,
         }
+    }
+
+    /// What it holds on `device` now, as the memory budget counts it: the memory measured at
+    /// load and its KV pool's blocks.
+    pub fn footprint(&self) -> u64 {
+        self.memory_bytes + self.runner.kv_bytes()
     }
 
     /// Whether requests are using it or waiting in its queue.

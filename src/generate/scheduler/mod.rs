@@ -143,7 +143,35 @@ pub struct SchedulerConfig {
 
 enum Command {
     Submit(Vec<(SequenceRequest, mpsc::Sender<Event>)>),
+    /// Give back up to this many bytes of the KV pool's memory; the reply says how many.
+    GiveBack(u64, tokio::sync::oneshot::Sender<u64>),
 }
+
+/// The memory budget as a growing KV pool sees it.
+pub trait KvMemory: Send + Sync + 'static {
+    /// Whether the pool may take `bytes` more now. `false`: not now (room may be being made
+    /// meanwhile); the scheduler asks again a little later.
+    fn grow(&self, bytes: u64) -> bool;
+    /// The pool holds `bytes` now (after it grew or gave memory back).
+    fn resized(&self, _bytes: u64) {}
+}
+
+/// No budget: a pool grows whenever it needs to, up to its largest size.
+pub struct Unbudgeted;
+
+impl KvMemory for Unbudgeted {
+    fn grow(&self, _bytes: u64) -> bool {
+        true
+    }
+}
+
+/// Blocks a growing pool adds at a time (and starts with): a sixteenth of its largest size.
+pub fn growth_chunk(max_blocks: usize) -> usize {
+    max_blocks.div_ceil(16).max(1)
+}
+
+/// How long a scheduler waits before asking again for memory the budget refused.
+const GROW_RETRY: Duration = Duration::from_millis(50);
 
 struct Shared {
     commands: Mutex<Option<Sender<Command>>>,
@@ -158,6 +186,10 @@ struct Shared {
     blocks_used: AtomicUsize,
     /// Blocks in the prefix cache.
     blocks_cached: AtomicUsize,
+    /// Blocks the pool has now (of `geometry.num_blocks` at most).
+    capacity: AtomicUsize,
+    /// Whether the pool grows with use (its memory is then `capacity` blocks).
+    grows: bool,
     failure: Mutex<Option<String>>,
     config: SchedulerConfig,
     geometry: KvGeometry,
@@ -186,9 +218,11 @@ pub struct SchedulerState {
     pub running: usize,
     /// Running sequences paused because their client is not reading.
     pub paused: usize,
-    /// KV blocks held by sequences, of the pool's total.
+    /// KV blocks held by sequences, of the pool's blocks now (a pool that grows with use has
+    /// `blocks_max` at most).
     pub blocks_used: usize,
     pub blocks_total: usize,
+    pub blocks_max: usize,
     /// KV blocks in the prefix cache (held by sequences or kept for later ones).
     pub blocks_cached: usize,
 }
@@ -212,8 +246,14 @@ impl SchedulerHandle {
         text: Arc<dyn Decode + Send + Sync>,
         config: SchedulerConfig,
         observer: Arc<dyn GenerationObserver>,
+        memory: Arc<dyn KvMemory>,
     ) -> Self {
         let geometry = decoder.kv();
+        let grows = decoder.kv_grows();
+        let capacity = match grows {
+            true => growth_chunk(geometry.num_blocks),
+            false => geometry.num_blocks,
+        };
         let (tx, rx) = std::sync::mpsc::channel();
         let shared = Arc::new(Shared {
             commands: Mutex::new(Some(tx)),
@@ -223,16 +263,16 @@ impl SchedulerHandle {
             paused: AtomicUsize::new(0),
             blocks_used: AtomicUsize::new(0),
             blocks_cached: AtomicUsize::new(0),
+            capacity: AtomicUsize::new(capacity),
+            grows,
             failure: Mutex::new(None),
             config: config.clone(),
             geometry,
         });
         let worker = Worker {
-            allocator: BlockPool::new(
-                geometry.block_size,
-                geometry.num_blocks,
-                config.prefix_caching,
-            ),
+            allocator: BlockPool::new(geometry.block_size, capacity, config.prefix_caching),
+            memory,
+            refused_at: None,
             decoder,
             text,
             observer,
@@ -289,6 +329,35 @@ impl SchedulerHandle {
         }
     }
 
+    /// Bytes the KV pool holds now, where it grows with use (`None`: allocated whole at load,
+    /// and counted with the model's other memory).
+    pub fn kv_bytes(&self) -> Option<u64> {
+        let s = &self.shared;
+        s.grows
+            .then(|| s.capacity.load(Ordering::Acquire) as u64 * s.geometry.bytes_per_block)
+    }
+
+    /// Asks the scheduler to give back up to `bytes` of its KV pool's memory: the blocks at the
+    /// top of the pool that no sequence holds (free, or kept for the prefix cache). The answer
+    /// says how many bytes it gave back (none when it is shutting down).
+    pub async fn give_back(&self, bytes: u64) -> u64 {
+        if !self.shared.grows {
+            return 0;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = self
+            .shared
+            .commands
+            .lock()
+            .expect("commands lock")
+            .as_ref()
+            .is_some_and(|c| c.send(Command::GiveBack(bytes, tx)).is_ok());
+        match sent {
+            true => rx.await.unwrap_or(0),
+            false => 0,
+        }
+    }
+
     /// Sequences waiting or running.
     pub fn queued(&self) -> usize {
         self.shared.waiting.load(Ordering::Acquire) + self.shared.running.load(Ordering::Acquire)
@@ -302,7 +371,8 @@ impl SchedulerHandle {
             running: s.running.load(Ordering::Acquire),
             paused: s.paused.load(Ordering::Acquire),
             blocks_used: s.blocks_used.load(Ordering::Acquire),
-            blocks_total: s.geometry.num_blocks,
+            blocks_total: s.capacity.load(Ordering::Acquire),
+            blocks_max: s.geometry.num_blocks,
             blocks_cached: s.blocks_cached.load(Ordering::Acquire),
         }
     }
@@ -379,6 +449,9 @@ impl Seq {
 struct Worker {
     decoder: Box<dyn Decoder>,
     allocator: BlockPool,
+    memory: Arc<dyn KvMemory>,
+    /// When the budget last refused the pool more memory.
+    refused_at: Option<Instant>,
     text: Arc<dyn Decode + Send + Sync>,
     observer: Arc<dyn GenerationObserver>,
     shared: Arc<Shared>,
@@ -439,7 +512,13 @@ impl Worker {
     }
 
     fn take(&mut self, command: Command) {
-        let Command::Submit(requests) = command;
+        let requests = match command {
+            Command::Submit(requests) => requests,
+            Command::GiveBack(bytes, reply) => {
+                let _ = reply.send(self.give_back(bytes));
+                return;
+            }
+        };
         let group = (requests.len() > 1).then_some(self.next_order);
         for (r, tx) in requests {
             let order = self.next_order;
@@ -548,6 +627,59 @@ impl Worker {
         }
     }
 
+    /// Grows a pool that grows with use by at least `blocks` blocks (whole chunks, up to its
+    /// largest size), where the memory budget lets it; returns whether it grew.
+    fn try_grow(&mut self, blocks: usize) -> bool {
+        let max = self.shared.geometry.num_blocks;
+        let capacity = self.allocator.capacity();
+        if !self.shared.grows || capacity >= max || blocks == 0 {
+            return false;
+        }
+        if self.refused_at.is_some_and(|t| t.elapsed() < GROW_RETRY) {
+            return false;
+        }
+        let chunk = growth_chunk(max);
+        let add = (blocks.div_ceil(chunk) * chunk).min(max - capacity);
+        let bytes_per_block = self.shared.geometry.bytes_per_block;
+        // what it needs, else one chunk at least
+        let granted = [add, chunk.min(add)]
+            .into_iter()
+            .find(|&n| self.memory.grow(n as u64 * bytes_per_block));
+        let Some(add) = granted else {
+            self.refused_at = Some(Instant::now());
+            return false;
+        };
+        self.refused_at = None;
+        self.allocator.grow(add);
+        self.resized();
+        true
+    }
+
+    /// Gives back up to `bytes` of the pool's memory (the unreferenced blocks at its top);
+    /// returns the bytes given back.
+    fn give_back(&mut self, bytes: u64) -> u64 {
+        if !self.shared.grows {
+            return 0;
+        }
+        let bytes_per_block = self.shared.geometry.bytes_per_block.max(1);
+        let blocks = bytes.div_ceil(bytes_per_block) as usize;
+        let given = self.allocator.shrink(blocks);
+        if given > 0 {
+            self.decoder.release_kv(self.allocator.capacity());
+            self.resized();
+            tracing::debug!(model = %self.shared.config.model, blocks = given, "KV cache memory given back");
+        }
+        given as u64 * bytes_per_block
+    }
+
+    /// Tells the handle and the budget the pool's new size.
+    fn resized(&self) {
+        let capacity = self.allocator.capacity();
+        self.shared.capacity.store(capacity, Ordering::Release);
+        self.memory
+            .resized(capacity as u64 * self.shared.geometry.bytes_per_block);
+    }
+
     /// Blocks a small reserve keeps free at admission, so that running sequences can grow for a
     /// while before anyone is preempted.
     fn watermark(&self) -> usize {
@@ -591,7 +723,8 @@ impl Worker {
                 let need = self.allocator.blocks_for(tokens.len() + 1) - hits.len();
                 // taking a cached block nobody holds takes it from the available ones too
                 let cost = need + self.allocator.idle_among(&hits);
-                if self.allocator.available() >= promised + cost + reserve {
+                let short = (promised + cost + reserve).saturating_sub(self.allocator.available());
+                if short == 0 || self.try_grow(short) {
                     break (hits, need, cost);
                 }
                 match self.paused_victim(usize::MAX) {
@@ -695,6 +828,10 @@ impl Worker {
                     .is_ok()
                 {
                     break;
+                }
+                let short = self.allocator.blocks_for(s.computed + len) - s.blocks.len();
+                if self.try_grow(short) {
+                    continue;
                 }
                 let planned = |j: usize| chosen.iter().any(|&(c, _)| c == j);
                 // a paused sequence's blocks first, else the newest sequence's

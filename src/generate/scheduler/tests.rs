@@ -16,6 +16,9 @@ const VOCAB: usize = 50;
 /// of its positions, read back through its block table.
 struct Fake {
     geometry: KvGeometry,
+    /// Whether the pool grows with use; the blocks `release_kv` was last asked to free from.
+    grows: bool,
+    released_from: Arc<Mutex<Option<usize>>>,
     slots: Vec<Option<u32>>,
     /// Tokens computed per call.
     calls: Arc<Mutex<Vec<usize>>>,
@@ -33,6 +36,8 @@ impl Fake {
             },
             slots: vec![None; blocks * block_size],
             calls: calls.clone(),
+            grows: false,
+            released_from: Arc::default(),
         };
         (fake, calls)
     }
@@ -83,6 +88,19 @@ impl Decoder for Fake {
     fn kv(&self) -> KvGeometry {
         self.geometry
     }
+
+    fn kv_grows(&self) -> bool {
+        self.grows
+    }
+
+    fn release_kv(&mut self, from: usize) {
+        let bs = self.geometry.block_size;
+        // the memory is gone: what was there reads as never written
+        for slot in &mut self.slots[from * bs..] {
+            *slot = None;
+        }
+        *self.released_from.lock().unwrap() = Some(from);
+    }
 }
 
 /// Token `t` is the letter `'a' + t % 26`.
@@ -120,7 +138,13 @@ fn config() -> SchedulerConfig {
 
 fn spawn(fake: Fake, config: SchedulerConfig) -> (SchedulerHandle, Arc<Counts>) {
     let counts = Arc::new(Counts::default());
-    let handle = SchedulerHandle::spawn(Box::new(fake), Arc::new(Letters), config, counts.clone());
+    let handle = SchedulerHandle::spawn(
+        Box::new(fake),
+        Arc::new(Letters),
+        config,
+        counts.clone(),
+        Arc::new(Unbudgeted),
+    );
     (handle, counts)
 }
 
@@ -483,4 +507,115 @@ fn under_pressure_cached_blocks_make_room_and_preempted_sequences_find_their_pre
     let s = wait_until(&handle, |s| s.running == 0 && s.waiting == 0);
     assert_eq!(s.blocks_used, 0);
     assert!(s.blocks_cached <= 12);
+}
+
+/// Every receiver's tokens, each read by a thread of its own (no stream pauses).
+fn collect_all(receivers: Vec<mpsc::Receiver<Event>>) -> Vec<Vec<u32>> {
+    let readers: Vec<_> = receivers
+        .into_iter()
+        .map(|rx| std::thread::spawn(move || collect(rx).0))
+        .collect();
+    readers.into_iter().map(|r| r.join().unwrap()).collect()
+}
+
+/// A budget that lets a pool grow to `limit` bytes, and counts what it was asked.
+struct Capped {
+    limit: u64,
+    held: Mutex<u64>,
+    refused: AtomicUsize,
+}
+
+impl KvMemory for Capped {
+    fn grow(&self, bytes: u64) -> bool {
+        let held = *self.held.lock().unwrap();
+        let ok = held + bytes <= self.limit;
+        if !ok {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+    fn resized(&self, bytes: u64) {
+        *self.held.lock().unwrap() = bytes;
+    }
+}
+
+#[test]
+fn a_growing_pool_starts_small_grows_by_chunks_within_its_budget_and_gives_back() {
+    // at most 64 blocks of 4 (one byte each): chunks of 4; the budget allows 24
+    let (mut fake, _) = Fake::new(64, 4, 256);
+    fake.grows = true;
+    let released = fake.released_from.clone();
+    let budget = Arc::new(Capped {
+        limit: 24,
+        held: Mutex::new(4),
+        refused: AtomicUsize::new(0),
+    });
+    let handle = SchedulerHandle::spawn(
+        Box::new(fake),
+        Arc::new(Letters),
+        config(),
+        Arc::new(Counts::default()),
+        budget.clone(),
+    );
+    assert_eq!(handle.state().blocks_total, 4);
+    assert_eq!(handle.state().blocks_max, 64);
+    assert_eq!(handle.kv_bytes(), Some(4));
+    // three sequences of 30 positions need 24 blocks: the pool grows to the budget, no more
+    let prompts = prompts(3, 6);
+    let receivers = handle
+        .submit(prompts.iter().map(|p| request(p.clone(), 24)).collect())
+        .unwrap();
+    let together = collect_all(receivers);
+    let s = wait_until(&handle, |s| s.running == 0);
+    assert!(s.blocks_total > 4 && s.blocks_total <= 24, "{s:?}");
+    assert_eq!(*budget.held.lock().unwrap(), s.blocks_total as u64);
+    // the answers are those of an unbudgeted pool
+    let (fake, _) = Fake::new(64, 4, 256);
+    let (plain, _) = spawn(fake, config());
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| run_one(&plain, p.clone(), 24))
+        .collect();
+    assert_eq!(together, alone);
+    // a fourth sequence at once finds no room to grow: it waits, then runs
+    let receivers = handle
+        .submit(
+            prompts
+                .iter()
+                .chain(&prompts[..1])
+                .map(|p| request(p.clone(), 24))
+                .collect(),
+        )
+        .unwrap();
+    let again = collect_all(receivers);
+    assert_eq!(again[..3], alone[..]);
+    assert_eq!(again[3], alone[0]);
+    assert!(budget.refused.load(Ordering::Relaxed) > 0);
+    // idle: everything can be given back, and the decoder is told where from
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    wait_until(&handle, |s| s.running == 0);
+    let total = handle.state().blocks_total;
+    assert_eq!(rt.block_on(handle.give_back(3)), 3);
+    assert_eq!(handle.state().blocks_total, total - 3);
+    assert_eq!(*released.lock().unwrap(), Some(total - 3));
+    assert_eq!(*budget.held.lock().unwrap(), total as u64 - 3);
+    assert_eq!(rt.block_on(handle.give_back(100)), total as u64 - 3);
+    assert_eq!(handle.kv_bytes(), Some(0));
+    // and it grows again when asked to work
+    assert_eq!(run_one(&handle, prompts[0].clone(), 24), alone[0]);
+    assert!(handle.state().blocks_total >= 8);
+}
+
+#[test]
+fn a_pool_allocated_whole_gives_nothing_back() {
+    let (fake, _) = Fake::new(16, 4, 64);
+    let (handle, _) = spawn(fake, config());
+    assert_eq!(handle.state().blocks_total, 16);
+    assert_eq!(handle.kv_bytes(), None);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    assert_eq!(rt.block_on(handle.give_back(100)), 0);
 }

@@ -1,11 +1,74 @@
 //! The paged KV cache. [`KvPool`] is the memory: per layer, a key and a value tensor of
-//! `[blocks, block_size, kv_heads, head_dim]` allocated once at load, written at the slots of a
-//! step's new positions and gathered block by block for attention (one sequence's blocks, or
-//! all the decoding sequences' blocks at once). The scheduler hands the blocks out
-//! (`generate::scheduler::BlockPool`, plain Rust): each sequence has a block table (`Vec<u32>`,
-//! the blocks holding its positions in order).
+//! `[blocks, block_size, kv_heads, head_dim]`, written at the slots of a step's new positions and
+//! gathered block by block for attention (one sequence's blocks, or all the decoding sequences'
+//! blocks at once). The scheduler hands the blocks out (`generate::scheduler::BlockPool`, plain
+//! Rust): each sequence has a block table (`Vec<u32>`, the blocks holding its positions in order).
+//!
+//! On the CPU each tensor lies in address space of its own, mapped for the pool's largest size
+//! but holding memory only where blocks have been written: the pool grows as its blocks are
+//! first used, and [`KvPool::release_from`] gives the memory of the blocks above a limit back to
+//! the system at once. On a GPU the pool is allocated whole at load.
 
 use tch::{Device, Kind, Tensor};
+
+/// Anonymous memory mapped for one tensor of the pool, unmapped when dropped.
+struct Mapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by one pool; the pool is used from one thread at a
+// time (the scheduler's), and only its tensors read and write it.
+unsafe impl Send for Mapping {}
+
+impl Mapping {
+    fn new(len: usize) -> Option<Self> {
+        // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        (ptr != libc::MAP_FAILED).then_some(Self { ptr, len })
+    }
+
+    /// Gives the memory of bytes `from..` back (the pages read as zeros again when touched).
+    fn release_from(&self, from: usize) {
+        let page = page_size();
+        let from = from.div_ceil(page) * page;
+        if from < self.len {
+            // SAFETY: a page-aligned range inside this mapping; its contents are not needed
+            // (the blocks there are free), and the mapping stays valid.
+            unsafe {
+                libc::madvise(
+                    self.ptr.cast::<u8>().add(from).cast(),
+                    self.len - from,
+                    libc::MADV_DONTNEED,
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once; the tensors over it are dropped
+        // before (they are fields declared before the mappings in `KvPool`).
+        unsafe {
+            libc::munmap(self.ptr, self.len);
+        }
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).max(4096) as usize
+}
 
 /// Every layer's keys and values, in blocks of `block_size` positions.
 pub(super) struct KvPool {
@@ -14,6 +77,11 @@ pub(super) struct KvPool {
     block_size: i64,
     kv_heads: i64,
     head_dim: i64,
+    /// Bytes of one block in one tensor.
+    block_bytes: usize,
+    /// The memory under `keys` and `values` on the CPU, after them so that it outlives them;
+    /// empty on a GPU.
+    mappings: Vec<Mapping>,
 }
 
 impl KvPool {
@@ -25,20 +93,58 @@ impl KvPool {
         head_dim: usize,
         kind: Kind,
         device: Device,
-    ) -> Self {
+    ) -> Result<Self, String> {
         let shape = [
             blocks as i64,
             block_size as i64,
             kv_heads as i64,
             head_dim as i64,
         ];
-        let zeros = || Tensor::zeros(shape, (kind, device));
-        Self {
-            keys: (0..layers).map(|_| zeros()).collect(),
-            values: (0..layers).map(|_| zeros()).collect(),
+        let block_bytes = block_size * kv_heads * head_dim * kind.elt_size_in_bytes();
+        let mut mappings = Vec::new();
+        let mut tensor = || -> Result<Tensor, String> {
+            if device != Device::Cpu {
+                return Ok(Tensor::zeros(shape, (kind, device)));
+            }
+            let len = blocks * block_bytes;
+            let map = Mapping::new(len)
+                .ok_or_else(|| format!("cannot map {len} bytes for the KV cache"))?;
+            // SAFETY: the mapping holds `len` bytes, zeroed, aligned to a page, for exactly
+            // this shape and kind; it outlives the tensor (see `mappings`).
+            let t = unsafe {
+                Tensor::f_from_blob(map.ptr.cast::<u8>(), &shape, &[], kind, Device::Cpu)
+            }
+            .map_err(|e| format!("cannot place the KV cache: {e}"))?;
+            mappings.push(map);
+            Ok(t)
+        };
+        let keys = (0..layers)
+            .map(|_| tensor())
+            .collect::<Result<Vec<_>, _>>()?;
+        let values = (0..layers)
+            .map(|_| tensor())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            keys,
+            values,
             block_size: block_size as i64,
             kv_heads: kv_heads as i64,
             head_dim: head_dim as i64,
+            block_bytes,
+            mappings,
+        })
+    }
+
+    /// Whether the pool holds memory only for the blocks written (the CPU), so that it grows
+    /// with use and can give memory back.
+    pub fn grows(&self) -> bool {
+        !self.mappings.is_empty()
+    }
+
+    /// Gives the memory of blocks `blocks..` back (they must be free: their contents are lost).
+    pub fn release_from(&self, blocks: usize) {
+        for m in &self.mappings {
+            m.release_from(blocks * self.block_bytes);
         }
     }
 
@@ -104,7 +210,7 @@ mod tests {
 
     #[test]
     fn the_pool_reads_back_what_was_written_across_blocks() {
-        let mut pool = KvPool::new(1, 4, 2, 1, 1, Kind::Float, Device::Cpu);
+        let mut pool = KvPool::new(1, 4, 2, 1, 1, Kind::Float, Device::Cpu).unwrap();
         // a sequence in blocks 3 and 1: positions 0..4 at slots 6, 7, 2, 3
         let table = Tensor::from_slice(&[3i64, 1]);
         let slots = Tensor::from_slice(&[6i64, 7, 2, 3]);
@@ -119,5 +225,19 @@ mod tests {
             Vec::<f32>::try_from(v.flatten(0, -1)).unwrap(),
             vec![22.0, 24.0, 26.0]
         );
+    }
+
+    #[test]
+    fn released_blocks_lose_their_memory_and_the_others_keep_theirs() {
+        // blocks of 1024 floats (4 KiB, a page each)
+        let mut pool = KvPool::new(1, 4, 1024, 1, 1, Kind::Float, Device::Cpu).unwrap();
+        assert!(pool.grows());
+        let slots = Tensor::from_slice(&[0i64, 3 * 1024]);
+        let k = Tensor::from_slice(&[5.0f32, 7.0]).view([2, 1, 1]);
+        pool.write(0, &slots, &k, &k);
+        pool.release_from(2);
+        let (k, _) = pool.read(0, &Tensor::from_slice(&[0i64, 3]), 0, 2048);
+        let k = Vec::<f32>::try_from(k.flatten(0, -1)).unwrap();
+        assert_eq!((k[0], k[1024]), (5.0, 0.0));
     }
 }

@@ -74,6 +74,14 @@ pub trait Decoder: Send {
     fn decode(&mut self, seqs: &[DecodeInput<'_>]) -> Result<Vec<Logits>, EngineError>;
     /// The KV pool's shape.
     fn kv(&self) -> KvGeometry;
+    /// Whether the KV pool holds memory only for the blocks written, so that the scheduler
+    /// grows it as it hands blocks out and gives memory back with [`Decoder::release_kv`]
+    /// (otherwise the whole pool is allocated at load).
+    fn kv_grows(&self) -> bool {
+        false
+    }
+    /// Gives back the memory of the pool's blocks `from..`, none of them in use.
+    fn release_kv(&mut self, _from: usize) {}
 }
 
 /// How a decoder is loaded.
@@ -84,7 +92,7 @@ pub struct DecoderOptions {
     pub device: ResolvedDevice,
     /// Positions per KV block.
     pub block_size: usize,
-    /// Blocks in the KV pool, allocated at load.
+    /// Blocks in the KV pool at most (on the CPU, memory is taken as blocks are first used).
     pub kv_blocks: usize,
     /// The longest sequence served; `None`: the model's `max_position_embeddings`.
     pub max_context: Option<usize>,
@@ -162,7 +170,7 @@ impl TorchDecoder {
                 config.head_dim,
                 kind,
                 device,
-            );
+            )?;
             Ok::<_, String>((model, kv))
         }));
         let (model, kv) = loaded
@@ -405,6 +413,14 @@ impl Decoder for TorchDecoder {
 
     fn kv(&self) -> KvGeometry {
         self.geometry
+    }
+
+    fn kv_grows(&self) -> bool {
+        self.kv.grows()
+    }
+
+    fn release_kv(&mut self, from: usize) {
+        self.kv.release_from(from);
     }
 }
 
