@@ -121,18 +121,23 @@ pub struct GenerateParams {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
     Context,
-    KvCache,
+    /// The KV cache, smaller than the context length (given).
+    KvCache {
+        context_len: usize,
+    },
 }
 
 impl std::fmt::Display for Limit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Limit::Context => "this model's maximum context length is",
-            Limit::KvCache => {
-                "this model's KV cache (kv_cache_tokens or kv_cache_memory in its model.toml), \
-                 which one sequence can never outgrow, holds"
-            }
-        })
+        match self {
+            Limit::Context => f.write_str("this model's maximum context length is"),
+            Limit::KvCache { context_len } => write!(
+                f,
+                "this model's context length is {context_len} tokens but its KV cache \
+                 (kv_cache_tokens or kv_cache_memory in its model.toml), which one sequence can \
+                 never outgrow, holds"
+            ),
+        }
     }
 }
 
@@ -428,7 +433,8 @@ impl Generator {
             }
         }
         let (context, limit) = if self.kv_capacity() < self.context_len() {
-            (self.kv_capacity(), Limit::KvCache)
+            let context_len = self.context_len();
+            (self.kv_capacity(), Limit::KvCache { context_len })
         } else {
             (self.context_len(), Limit::Context)
         };
