@@ -1,15 +1,17 @@
 """Generative models under `--model-control lazy` and a model memory budget: the first chat or
 completions request loads the model (streamed or not), idle decoders are evicted least recently
 used when another model needs their room, a decoder with a running stream is never evicted (the
-request that would need its room is refused instead), and the wait for a load counts against
-the request's deadline.
+request that would need its room waits for it within its deadline, else is refused), and the
+wait for a load counts against the request's deadline.
 
 The tiny random checkpoints of `make llm-fixtures` measure about 35 MiB each with a 2,048-token
 KV cache (weights, cache and what libtorch keeps for them); the budgets below hold two of them,
 or one."""
 
+import concurrent.futures
 import json
 import os
+import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -111,33 +113,48 @@ def test_a_decoder_with_a_running_stream_is_never_evicted(tmp_path):
     # room for one model only
     s = lazy_server(tmp_path, budget="60MiB")
     try:
-        body = {"model": "llama-gqa", "prompt": [5, 6, 7], "max_tokens": 240, "ignore_eos": True,
-                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=120) as r:
-            assert r.status_code == 200 and r.headers["x-model-loaded"] == "cold"
-            lines = r.iter_lines()
-            got = [next(lines) for _ in range(4)]
-            # another model needs the streaming one's room: refused, not evicting it
-            other = chat(s, "qwen2", max_tokens=2)
-            assert other.status_code == 503, other.text
-            err = other.json()["error"]
-            assert "budget" in err["message"] and "llama-gqa" in err["message"], err
+        # a stream read slowly (a small receive buffer, nothing read for a while): its sequence
+        # is still running, or paused on its unread tokens, when the other model is asked for
+        host, port = s.addr.rsplit(":", 1)
+        body = json.dumps({"model": "llama-gqa", "prompt": [5, 6, 7], "max_tokens": 240,
+                           "ignore_eos": True, "temperature": 0, "stream": True,
+                           "stream_options": {"include_usage": True}})
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        sock.connect((host, int(port)))
+        sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\n"
+                      f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                      f"{body}").encode())
+        got = sock.recv(512)
+        assert got.startswith(b"HTTP/1.1 200") and b"x-model-loaded: cold" in got.lower(), got
+        # another model needs the streaming one's room: it waits for it within its
+        # deadline, then is refused, not evicting the streaming one
+        other = httpx.post(s.url + "/v1/chat/completions", timeout=60,
+                           headers={"x-request-timeout-ms": "1500"},
+                           json={"model": "qwen2", "max_tokens": 2,
+                                 "messages": [{"role": "user", "content": "hi"}]})
+        assert other.status_code == 503, other.text
+        err = other.json()["error"]
+        assert "budget" in err["message"] and "'llama-gqa' (busy" in err["message"], err
+        assert models(s)["llama-gqa"]["state"] == "ready"
+        # one with time to spare waits while the stream goes on
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(chat, s, "qwen2", max_tokens=2)
+            time.sleep(0.5)
             assert models(s)["llama-gqa"]["state"] == "ready"
+            assert not waiting.done()
             # the stream goes on to its end, every token there
-            got += list(lines)
-        data = [line[6:] for line in got if line.startswith("data: ")]
-        assert data[-1] == "[DONE]"
-        events = [json.loads(d) for d in data[:-1]]
-        assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
-        assert events[-1]["usage"]["completion_tokens"] == 240
-        # idle now: the other model takes its room
-        deadline = time.time() + 30
-        while True:
-            other = chat(s, "qwen2", max_tokens=2)
-            if other.status_code == 200 or time.time() > deadline:
-                break
-            time.sleep(0.2)
+            sock.settimeout(60)
+            while b"data: [DONE]" not in got:
+                more = sock.recv(65536)
+                assert more, got[-300:]
+                got += more
+            sock.close()
+            assert b'"completion_tokens":240' in got, got[-300:]
+            # then the waiting request gets the room
+            other = waiting.result()
         assert other.status_code == 200, other.text
+        assert other.headers["x-model-loaded"] == "cold"
         assert models(s)["llama-gqa"]["state"] == "unloaded"
     finally:
         s.stop()
