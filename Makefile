@@ -9,7 +9,7 @@ PORT ?= 8080
 MODELS ?= ./models
 ARGS ?=
 
-.PHONY: run test test-tools hf-fixtures llm-fixtures build setup lint models bench bench-grpc bench-embeddings soak-embeddings bench-many-models bench-generate bench-structured bench-prefix gpu-bundle gpu-dry-run fmt
+.PHONY: run test test-tools hf-fixtures llm-fixtures build setup lint models bench bench-grpc bench-embeddings soak-embeddings bench-many-models bench-generate bench-structured bench-prefix bench-chunked bench-many-generative gpu-bundle gpu-dry-run fmt
 
 ## Build (release) and serve the bundled models on http://0.0.0.0:$(PORT), SmolLM2-135M-Instruct
 ## (converted once by llm-fixtures) among them
@@ -93,6 +93,16 @@ bench-prefix: build llm-fixtures
 ## and 16 clients, and the grammar mask's time per token (about 3 minutes)
 bench-structured: build llm-fixtures
 	.venv/bin/python bench/structured.py
+
+## Chunked prefill: 16 streams decoding while a 2,000-token prompt arrives every second, time
+## between tokens p50/p99 without arrivals, chunked (step budgets 512, 256, 64) and not (about 3 min)
+bench-chunked: build llm-fixtures
+	.venv/bin/python bench/chunked_prefill.py
+
+## Three ~135M decoders (SmolLM2 and two random-weight ones, built once into .bench/) and MiniLM
+## under lazy loading and a budget of about two decoders, Zipf chat + embeddings traffic for 2 min
+bench-many-generative: build llm-fixtures hf-fixtures
+	.venv/bin/python bench/many_generative.py
 
 ## The GPU check's bundle (.gpu/bundle.tar.xz) for a lent GPU machine: bench/gpu/check.sh runs it
 gpu-bundle: setup hf-fixtures

@@ -514,18 +514,34 @@ async fn a_model_with_work_in_flight_is_never_evicted() {
     while engines.entered.load(Ordering::SeqCst) == 0 {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    // no room while a is busy: b is refused with the reason, and stays listed
-    let (status, _, body) = predict(&app, "b", 1.0).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    let message = body["error"]["message"].as_str().unwrap();
+    // no room while a is busy: b waits for it within its deadline, then is refused with the
+    // reason, and stays listed
+    let b_within = |ms: u64| {
+        let req = Request::post("/v1/models/b/predict")
+            .header("content-type", "application/json")
+            .header("x-request-timeout-ms", ms.to_string())
+            .body(Body::from(r#"{"instances": [1.0]}"#))
+            .unwrap();
+        app.router.clone().oneshot(req)
+    };
+    let response = b_within(500).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let message = String::from_utf8_lossy(&body);
     assert!(message.contains("'a' (busy"), "{message}");
     assert_eq!(state_of(&app, "b").await.0, "unloaded");
     assert_eq!(state_of(&app, "a").await.0, "ready");
-    // a's request completes; then b gets its room
+    // b asks again with time to spare; a's request completes meanwhile; then b gets its room
+    let waiting = tokio::spawn(b_within(20_000));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(state_of(&app, "a").await.0, "ready");
     engines.hold.store(false, Ordering::SeqCst);
     assert_eq!(held.await.unwrap(), StatusCode::OK);
-    let (status, loaded, _) = predict(&app, "b", 1.0).await;
-    assert_eq!((status, loaded.as_str()), (StatusCode::OK, "cold"));
+    let response = waiting.await.unwrap().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-model-loaded"], "cold");
     assert_eq!(state_of(&app, "a").await.0, "unloaded");
 }
 

@@ -116,22 +116,52 @@ pub struct GenerateParams {
     pub special_text: bool,
 }
 
+/// What bounds one sequence's length: the context, or a KV cache smaller than it (a sequence
+/// longer than the whole cache could never be computed, so it is refused at admission).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Context,
+    /// The KV cache, smaller than the context length (given).
+    KvCache {
+        context_len: usize,
+    },
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Limit::Context => f.write_str("this model's maximum context length is"),
+            Limit::KvCache { context_len } => write!(
+                f,
+                "this model's context length is {context_len} tokens but its KV cache \
+                 (kv_cache_tokens or kv_cache_memory in its model.toml), which one sequence can \
+                 never outgrow, holds"
+            ),
+        }
+    }
+}
+
 /// Why a request was refused.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GenerateError {
     /// A parameter is out of range (400, naming it).
     #[error(transparent)]
     Param(#[from] ParamError),
-    /// The prompt and the answer do not fit the context (400).
-    #[error("this model's maximum context length is {context} tokens; the request asks for {prompt} prompt tokens and {max_tokens} completion tokens ({total} in all)", total = prompt + max_tokens)]
+    /// The prompt and the answer do not fit the context, or the KV cache (400).
+    #[error("{limit} {context} tokens; the request asks for {prompt} prompt tokens and {max_tokens} completion tokens ({total} in all)", total = prompt + max_tokens)]
     ContextLength {
         prompt: usize,
         max_tokens: usize,
         context: usize,
+        limit: Limit,
     },
-    /// The prompt fills the context: no room for a single token (400).
-    #[error("the prompt has {prompt} tokens; this model's maximum context length is {context} tokens, which leaves no room for an answer")]
-    PromptTooLong { prompt: usize, context: usize },
+    /// The prompt fills the context, or the KV cache: no room for a single token (400).
+    #[error("the prompt has {prompt} tokens; {limit} {context} tokens, which leaves no room for an answer")]
+    PromptTooLong {
+        prompt: usize,
+        context: usize,
+        limit: Limit,
+    },
     /// The chat template could not render the messages (400).
     #[error("the chat template failed: {0}")]
     Template(String),
@@ -402,7 +432,12 @@ impl Generator {
                 ));
             }
         }
-        let context = self.context_len().min(self.kv_capacity());
+        let (context, limit) = if self.kv_capacity() < self.context_len() {
+            let context_len = self.context_len();
+            (self.kv_capacity(), Limit::KvCache { context_len })
+        } else {
+            (self.context_len(), Limit::Context)
+        };
         let prompt_len = prompt.len();
         let max_tokens = match params.max_tokens.or(self.settings.max_tokens) {
             Some(0) => return Err(bad("max_tokens", "must be at least 1".into())),
@@ -415,6 +450,7 @@ impl Generator {
             return Err(GenerateError::PromptTooLong {
                 prompt: prompt_len,
                 context,
+                limit,
             });
         }
         if prompt_len + max_tokens > context {
@@ -422,6 +458,7 @@ impl Generator {
                 prompt: prompt_len,
                 max_tokens,
                 context,
+                limit,
             });
         }
         let now = Instant::now();

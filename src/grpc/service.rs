@@ -21,7 +21,9 @@ use super::proto::*;
 use super::status::{bearer, grpc_timeout, status_of};
 use super::stream;
 use crate::http::auth::{check_access, Access};
-use crate::http::inference::{count_outcome_via, deadline_within, take_model_within, StillWanted};
+use crate::http::inference::{
+    count_outcome_via, deadline_within, generation_deadline, take_model_within, StillWanted,
+};
 use crate::http::v2::{
     check_load_parameters, control_allowed, device_groups, ready_versions, repository_entries,
     stats_scope, version_number, EXTENSIONS,
@@ -106,8 +108,10 @@ impl Inference {
             )
             .await;
         };
+        // the wait for a lazy load counts against the deadline
+        let deadline = generation_deadline(&model, g.timeout(), timeout);
         let work = async {
-            let asked = generate::asked(msg, timeout.map(|t| Instant::now() + t))?;
+            let asked = generate::asked(msg, Some(deadline))?;
             let (tx, mut rx) = mpsc::channel(1);
             generate::run(model.clone(), g, asked, false, &tx).await?;
             rx.try_recv()
@@ -166,8 +170,9 @@ impl Inference {
             return Ok(());
         };
         let lease = model.clone();
+        let deadline = generation_deadline(&model, g.timeout(), timeout);
         let work = async move {
-            let asked = generate::asked(msg, timeout.map(|t| Instant::now() + t))?;
+            let asked = generate::asked(msg, Some(deadline))?;
             let (tx, mut rx) = mpsc::channel(1);
             let generating = async move { generate::run(lease, g, asked, true, &tx).await };
             let forwarding = async {

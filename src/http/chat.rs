@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -24,7 +24,9 @@ use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use super::inference::{blocking_if_large, client_deadline, count_outcome, take_model};
+use super::inference::{
+    blocking_if_large, client_timeout, count_outcome, generation_deadline, take_model,
+};
 use super::middleware::Streaming;
 use super::openai::OpenAiError;
 use super::v1::body_error;
@@ -398,7 +400,12 @@ async fn generate(
         ));
     };
     let mut asked = asked(&map, api)?;
-    asked.params.deadline = client_deadline(&headers)?;
+    // the wait for a lazy load counts against the deadline
+    asked.params.deadline = Some(generation_deadline(
+        &model,
+        generator.timeout(),
+        client_timeout(&headers)?,
+    ));
     // a forced call: its grammar; a call parsed from the model's text needs special tokens
     let format = generator.tool_format();
     if let Some(tools) = asked
@@ -453,11 +460,15 @@ async fn generate(
         .map(|t| t.json.clone());
     let prompts =
         blocking_if_large(size, move || Ok(prompts(&m, api, &g, tools_json.as_ref()))).await??;
-    count_outcome(
+    let loaded = HeaderValue::from_static(if model.cold() { "cold" } else { "warm" });
+    let mut response = count_outcome(
         &model,
         answer(model.clone(), generator, prompts, asked, api),
     )
-    .await
+    .await?;
+    // as the prediction routes say it: whether this request waited for a lazy load
+    response.headers_mut().insert("x-model-loaded", loaded);
+    Ok(response)
 }
 
 /// A prompt as tokens and, for `echo`, as text.

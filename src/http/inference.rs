@@ -104,13 +104,20 @@ pub async fn take_model_within(
     Ok(state.registry.acquire(name, version, client).await?)
 }
 
-/// The deadline the client's `x-request-timeout-ms` sets, if it sent one.
-pub fn client_deadline(headers: &HeaderMap) -> Result<Option<Instant>, ApiError> {
-    Ok(client_timeout(headers)?.map(|t| Instant::now() + t))
+/// A generative request's deadline: the model's generation `timeout`, shortened by the
+/// client's (`x-request-timeout-ms`, `grpc-timeout`) when given, less the time the request
+/// already waited for the model to load: a lazy load counts against the deadline.
+pub fn generation_deadline(
+    model: &ModelLease,
+    timeout: Duration,
+    client: Option<Duration>,
+) -> Instant {
+    let timeout = client.map_or(timeout, |c| c.min(timeout));
+    Instant::now() + timeout.saturating_sub(model.waited)
 }
 
 /// The client's `x-request-timeout-ms`, if it sent one.
-fn client_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
+pub fn client_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
     let Some(v) = headers.get(TIMEOUT_HEADER) else {
         return Ok(None);
     };

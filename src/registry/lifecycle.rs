@@ -276,8 +276,13 @@ impl Registry {
             Ok(loaded) => loaded,
             Err(err) => {
                 let why = err.to_string();
-                tracing::error!(model = name, version, error = %why, "model failed to load");
                 let transient = matches!(&err, LoadError::NoRoom(r) if r.is_transient());
+                if transient && self.settings.lazy {
+                    // requests wait for room and try again every few hundred ms: not an error
+                    tracing::info!(model = name, version, reason = %why, "no room to load yet");
+                } else {
+                    tracing::error!(model = name, version, error = %why, "model failed to load");
+                }
                 match old {
                     // keep serving the old copy; say why the new one was not taken
                     Some(old) => self.set_version(

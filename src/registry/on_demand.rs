@@ -83,6 +83,9 @@ impl Drop for ForgetOnDemand<'_> {
 /// How long a request waits for a model to load when neither it nor the model says.
 const DEFAULT_LOAD_WAIT: Duration = Duration::from_secs(30);
 
+/// How often a request whose model found no room (busy models hold the budget) tries again.
+const ROOM_RETRY: Duration = Duration::from_millis(200);
+
 impl Registry {
     /// Lists a model that is not in memory as unloaded, with the versions its policy selects
     /// (lazy model control); a model being loaded or in memory is left alone. Returns whether
@@ -129,7 +132,8 @@ impl Registry {
     /// that is not in memory is loaded first (requests that arrive meanwhile wait for the same
     /// load), the wait bounded by `deadline` (else the model's timeout): the lease then says how
     /// long it waited. A model that failed to load is not tried again until the next repository
-    /// scan.
+    /// scan; one that found the budget held by busy models is tried again every
+    /// [`ROOM_RETRY`] until one becomes idle or the deadline passes (then 503, naming them).
     pub async fn acquire(
         self: &Arc<Self>,
         name: &str,
@@ -137,11 +141,12 @@ impl Registry {
         deadline: Option<Instant>,
     ) -> Result<ModelLease, LookupError> {
         let started = Instant::now();
-        let mut limit = None;
+        let mut limit: Option<Instant> = None;
         let mut failure = None;
         // a model evicted again between its load and this request taking it (a budget that
         // holds few models) is loaded once more, while the deadline allows
-        for _ in 0..3 {
+        let mut reloads = 0;
+        while reloads < 3 {
             let missing = match self.serving(name, version) {
                 Ok(model) => {
                     // zero when it was in memory at once
@@ -151,13 +156,21 @@ impl Registry {
                 Err(e) => e,
             };
             if let Some(reason) = failure.take() {
-                // the load failed and nothing serves: say why
                 let state = self.entry(name).map_or(ModelState::Failed, |e| e.state());
-                return Err(LookupError::NotReady {
-                    name: name.to_string(),
-                    state,
-                    reason: Some(reason),
-                });
+                // the budget's room is held by busy models (the load left it unloaded, to be
+                // tried again): wait for one to become idle, within the deadline
+                let retry_at = Instant::now() + ROOM_RETRY;
+                if state != ModelState::Unloaded || limit.is_none_or(|l| retry_at >= l) {
+                    // the load failed and nothing serves: say why
+                    return Err(LookupError::NotReady {
+                        name: name.to_string(),
+                        state,
+                        reason: Some(reason),
+                    });
+                }
+                tokio::time::sleep_until(retry_at.into()).await;
+            } else if limit.is_some() {
+                reloads += 1;
             }
             if !self.loads_on_demand(name, &missing) {
                 return Err(missing);

@@ -557,6 +557,38 @@ def test_generation_unary_and_token_stream(gen):
         c.close()
 
 
+def test_lazy_generation_loads_on_the_first_grpc_request(tmp_path):
+    tiny = ROOT / ".fixtures" / "llm" / "llama-gqa"
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "model.toml").write_text(
+        f'kind = "text-generation"\n[generation]\ncheckpoint = "{tiny}"\nkv_cache_tokens = 1024\n')
+    s = Server(tmp_path, "--model-control", "lazy", grpc=True)
+    c = tg.InferenceServerClient(s.grpc_addr)
+    state = lambda: json.load(urllib.request.urlopen(s.url + "/v1/models/tiny"))["versions"][0]["state"]  # noqa: E731
+    try:
+        assert state() == "unloaded"
+        sampling = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+        # streamed first: the load happens under the stream's request
+        pieces = queue.Queue()
+        c.start_stream(callback=lambda result, error: pieces.put((result, error)))
+        c.async_stream_infer("tiny", generation_inputs("Once upon", sampling, stream=True),
+                             request_id="lazy", enable_empty_final_response=True)
+        got = []
+        while True:
+            result, error = pieces.get(timeout=120)
+            assert error is None, error
+            got.append(result.as_numpy("text_output")[0].decode())
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+        c.stop_stream()
+        assert state() == "ready"
+        r = c.infer("tiny", generation_inputs("Once upon", sampling, exclude=True))
+        assert r.as_numpy("text_output")[0].decode() == "".join(got) != ""
+    finally:
+        c.close()
+        s.stop()
+
+
 def test_through_nginx_grpc_pass(server, tmp_path):
     """deploy/nginx/nginx.conf as docker compose runs it, pointed at this server on loopback:
     gRPC calls pass through nginx's grpc_pass (HTTP/2 on both sides)."""
