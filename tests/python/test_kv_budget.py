@@ -1,0 +1,95 @@
+"""Weights and KV cache under one memory budget: a decoder's KV pool (on the CPU) starts at a
+sixteenth of its size, grows by chunks as its sequences need blocks and the budget has room,
+and gives back the blocks no sequence holds when another model needs the room, before any model
+is evicted.
+
+SmolLM2-135M with `kv_cache_tokens = 32768` (1.4 GiB at most, chunks of 2,048 tokens, 90 MiB):
+eight 600-token prompts at once need three chunks. A first server, without a budget, measures
+what SmolLM2 and a tiny checkpoint hold once loaded; the second has a budget with room for
+SmolLM2 and two chunks more, and half of the tiny one."""
+
+import concurrent.futures
+import json
+import os
+import urllib.request
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import ROOT, Server
+
+FIXTURES = Path(os.environ.get("AIAAS_LLM_FIXTURES", ROOT / ".fixtures" / "llm"))
+SMOL = "smollm2-135m-instruct"
+CHUNK = 2048 * 30 * 2 * 3 * 64 * 4  # tokens x layers x (k, v) x kv heads x head dim x fp32
+
+pytestmark = pytest.mark.skipif(
+    not (FIXTURES / SMOL / "config.json").exists(),
+    reason="the generation fixtures are missing: run `make llm-fixtures`",
+)
+
+
+def repo(tmp_path):
+    for name, checkpoint, tokens in [("smol", SMOL, 32768), ("tiny", "llama-gqa", 2048)]:
+        (tmp_path / name).mkdir(parents=True, exist_ok=True)
+        (tmp_path / name / "model.toml").write_text(
+            f'kind = "text-generation"\n[generation]\ncheckpoint = "{FIXTURES / checkpoint}"\n'
+            f"kv_cache_tokens = {tokens}\nmax_step_tokens = 2048\n")
+    return tmp_path
+
+
+def state(s, name):
+    with urllib.request.urlopen(f"{s.url}/v1/models/{name}") as r:
+        m = json.load(r)
+    v = m["versions"][0] if m.get("versions") else {}
+    return m["state"], v.get("memory_bytes", 0), v.get("generation", {}).get("scheduler", {})
+
+
+def complete(s, model, prompt, max_tokens=4):
+    r = httpx.post(s.url + "/v1/completions", timeout=300, json={
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+        "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def test_the_kv_pool_grows_within_the_budget_and_gives_back_before_anyone_is_evicted(tmp_path):
+    probe = Server(repo(tmp_path / "a"), "--model-control", "lazy")
+    try:
+        complete(probe, "smol", [1, 2, 3])
+        complete(probe, "tiny", [1, 2, 3])
+        _, smol, sched = state(probe, "smol")
+        _, tiny, _ = state(probe, "tiny")
+        # the pool as loaded: its first chunk of 128 blocks, of 2,048
+        assert (sched["blocks_total"], sched["blocks_max"]) == (128, 2048), sched
+    finally:
+        probe.stop()
+    budget = smol + 2 * CHUNK + tiny // 2
+    s = Server(repo(tmp_path / "b"), "--model-control", "lazy",
+               "--model-memory-budget", str(budget))
+    try:
+        prompts = [[(97 * i + 7 * k) % 40000 + 100 for k in range(600)] for i in range(8)]
+        alone = complete(s, "smol", prompts[0])
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda p: complete(s, "smol", p), prompts))
+        assert together[0] == alone
+        grown_state, grown, sched = state(s, "smol")
+        # grew by its two chunks, and no further than the budget
+        assert sched["blocks_total"] == 3 * 128, sched
+        assert grown <= budget and grown >= smol + CHUNK
+        # the tiny model needs more room than is left: SmolLM2's pool gives some back, and
+        # nobody is evicted
+        assert complete(s, "tiny", [5, 6, 7])
+        smol_state, after, sched = state(s, "smol")
+        assert smol_state == "ready"
+        assert after < grown, (after, grown)
+        assert sched["blocks_total"] < 3 * 128
+        assert any("KV cache memory given back" in line for line in s.log), "".join(s.log[-20:])
+        metrics = urllib.request.urlopen(s.url + "/metrics").read().decode()
+        assert "aiaas_model_evictions_total" not in metrics or 'evictions_total{model="smol"}' not in metrics
+        # and SmolLM2 grows again when it needs to, answering as before
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            again = list(pool.map(lambda p: complete(s, "smol", p), prompts))
+        assert again == together
+    finally:
+        s.stop()
