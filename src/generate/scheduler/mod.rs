@@ -313,20 +313,19 @@ impl SchedulerHandle {
         let capacity = self.shared.config.stream_buffer + 1;
         let (senders, receivers): (Vec<_>, Vec<_>) =
             (0..n).map(|_| mpsc::channel(capacity)).unzip();
-        let sent = self
-            .shared
-            .commands
-            .lock()
-            .expect("commands lock")
-            .as_ref()
-            .map(|tx| tx.send(Command::Submit(requests.into_iter().zip(senders).collect())));
-        match sent {
-            Some(Ok(())) => Ok(receivers),
-            _ => {
+        match self.send(Command::Submit(requests.into_iter().zip(senders).collect())) {
+            true => Ok(receivers),
+            false => {
                 self.shared.waiting.fetch_sub(n, Ordering::AcqRel);
                 Err(SubmitError::Closed)
             }
         }
+    }
+
+    /// Hands the scheduler thread a command; false once it is shutting down.
+    fn send(&self, command: Command) -> bool {
+        let commands = self.shared.commands.lock().expect("commands lock");
+        commands.as_ref().is_some_and(|tx| tx.send(command).is_ok())
     }
 
     /// Bytes the KV pool holds now, where it grows with use (`None`: allocated whole at load,
@@ -345,14 +344,7 @@ impl SchedulerHandle {
             return 0;
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let sent = self
-            .shared
-            .commands
-            .lock()
-            .expect("commands lock")
-            .as_ref()
-            .is_some_and(|c| c.send(Command::GiveBack(bytes, tx)).is_ok());
-        match sent {
+        match self.send(Command::GiveBack(bytes, tx)) {
             true => rx.await.unwrap_or(0),
             false => 0,
         }
