@@ -53,9 +53,10 @@ pub struct GenerationSettings {
     /// `quantization_group_size` inputs) or "none" (the default: the model's precision).
     /// CPU only.
     pub quantization: QuantizationMode,
-    /// Inputs per int4 group: 32, 64, 128 or 256, dividing every layer's inputs. Default 64:
-    /// 4.5 bits a weight with its bf16 scale and zero, as llama.cpp's Q4_0, and it divides
-    /// SmolLM2's 576-wide hidden size where 128 does not.
+    /// Inputs per int4 group: 32, 64, 128 or 256, dividing every layer's inputs. Default 32,
+    /// as llama.cpp's Q4_0 blocks (5 bits a weight with the bf16 scale and zero): on SmolLM2
+    /// groups of 64 raised the perplexity of the test text by a third, 32 left it as fp32's
+    /// (docs/MODELS.md).
     pub quantization_group_size: usize,
 }
 
@@ -70,7 +71,7 @@ pub enum QuantizationMode {
 }
 
 /// The int4 group size unless model.toml says.
-pub const DEFAULT_QUANTIZATION_GROUP_SIZE: usize = 64;
+pub const DEFAULT_QUANTIZATION_GROUP_SIZE: usize = 32;
 
 /// Sampling parameters a model may default (the request's own win).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -277,7 +278,7 @@ mod tests {
         );
         assert_eq!(
             parse("quantization = \"int4\"").unwrap().quantization(),
-            Some(Quantization::Int4 { group_size: 64 })
+            Some(Quantization::Int4 { group_size: 32 })
         );
         assert_eq!(
             parse("quantization = \"int4\"\nquantization_group_size = 128")
