@@ -386,8 +386,9 @@ fn check_outputs(
 
 #[cfg(test)]
 mod tests {
-    use super::warmup_shapes;
+    use super::{quantized_weights, warmup_shapes};
     use crate::config::model_spec::ModelSpec;
+    use crate::engine::{DecoderConfig, Quantization};
     use crate::registry::spec::parse_spec;
     use std::path::Path;
 
@@ -406,5 +407,27 @@ mod tests {
         );
         let one = spec("[batching]\nmax_batch_size = 1");
         assert_eq!(warmup_shapes(&one, true), [(1, 8)]);
+    }
+
+    /// SmolLM2-135M's fp32 checkpoint (538 MB; 106M of its 135M parameters in the blocks'
+    /// linear layers): int8 counts them a byte each, int4 half a byte and a scale and zero per
+    /// group; the embeddings stay fp32 (113 MB).
+    #[test]
+    fn the_budget_counts_quantized_linear_layers_at_their_size() {
+        let config = DecoderConfig::parse(
+            r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 576,
+                "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 8192,
+                "tie_word_embeddings": true}"#,
+        )
+        .unwrap();
+        let file = 538_090_408;
+        let mb = |q| quantized_weights(&config, file, q) as f64 / 1e6;
+        let int8 = mb(Quantization::Int8);
+        assert!((219.0..221.0).contains(&int8), "{int8} MB");
+        let int4 = mb(Quantization::Int4 { group_size: 32 });
+        assert!((179.0..181.0).contains(&int4), "{int4} MB");
+        let int4_g64 = mb(Quantization::Int4 { group_size: 64 });
+        assert!((172.0..174.0).contains(&int4_g64), "{int4_g64} MB");
     }
 }
