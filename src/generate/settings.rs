@@ -54,9 +54,9 @@ pub struct GenerationSettings {
     /// CPU only.
     pub quantization: QuantizationMode,
     /// Inputs per int4 group: 32, 64, 128 or 256, dividing every layer's inputs. Default 32,
-    /// as llama.cpp's Q4_0 blocks (5 bits a weight with the bf16 scale and zero): on SmolLM2
-    /// groups of 64 raised the perplexity of the test text by a third, 32 left it as fp32's
-    /// (docs/MODELS.md).
+    /// llama.cpp's Q4_0 block (5 bits a weight with the bf16 scale and zero); on the bundled
+    /// SmolLM2 (dequantised from Q4_1, blocks of 32) groups of 64 raised the test text's
+    /// perplexity by a third (docs/MODELS.md).
     pub quantization_group_size: usize,
 }
 
