@@ -4,13 +4,14 @@
 //! whole batch, argmax included, and prints ms/step and output tokens/s per batch size.
 //!
 //! `cargo run --release --example decoder-bench [-- DIR]`; `AIAAS_BENCH_PRECISION=bf16`,
-//! `AIAAS_BENCH_THREADS` (2), `AIAAS_BENCH_BATCHES` ("1,4,16,64"), `AIAAS_BENCH_STEPS` (50).
+//! `AIAAS_BENCH_THREADS` (2), `AIAAS_BENCH_BATCHES` ("1,4,16,64"), `AIAAS_BENCH_STEPS` (50),
+//! `AIAAS_BENCH_QUANTIZATION` ("int8", "int4" with groups of 32, "int4-64"; default none).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use aiaas::config::model_spec::Precision;
-use aiaas::engine::{DecodeInput, Decoder, DecoderOptions, KvGeometry, TorchDecoder};
+use aiaas::engine::{DecodeInput, Decoder, DecoderOptions, KvGeometry, Quantization, TorchDecoder};
 use aiaas::generate::scheduler::BlockPool;
 
 fn pool_of(kv: &KvGeometry) -> BlockPool {
@@ -46,15 +47,22 @@ fn main() {
         .split(',')
         .map(|b| b.trim().parse().unwrap())
         .collect();
+    let quantization = match env_or("AIAAS_BENCH_QUANTIZATION", "none").as_str() {
+        "int8" => Some(Quantization::Int8),
+        "int4" => Some(Quantization::Int4 { group_size: 32 }),
+        "int4-64" => Some(Quantization::Int4 { group_size: 64 }),
+        _ => None,
+    };
     let options = DecoderOptions {
         precision,
+        quantization,
         kv_blocks: 1024,
         intra_op_threads: Some(threads),
         ..DecoderOptions::default()
     };
     let mut decoder = TorchDecoder::load(&dir, options).unwrap();
     let vocab = decoder.config().vocab_size as u32;
-    println!("{precision:?}, {threads} threads, {steps} decode steps after ~100-token prompts");
+    println!("{precision:?} {quantization:?}, {threads} threads, {steps} decode steps after ~100-token prompts");
     for &batch in &batches {
         let mut blocks = pool_of(&decoder.kv());
         let prompts: Vec<Vec<u32>> = (0..batch)

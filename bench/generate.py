@@ -11,7 +11,12 @@ only, bounded in time (`make bench-generate`):
   - transformers:      `AutoModelForCausalLM.generate(do_sample=False)` on the checkpoint, fp32,
                        one request at a time in its own process (the raw baseline, no server);
   - aiaas-fp32, aiaas-bf16: target/release/aiaas over a repository holding the checkpoint as
-                       kind "text-generation" (precision fp32 / bf16, max_sequences 64).
+                       kind "text-generation" (precision fp32 / bf16, max_sequences 64);
+  - aiaas-int8, aiaas-int4: the same with `quantization = "int8"` / `"int4"` (groups of 32;
+                       precision fp32 for the embeddings, output head and KV cache);
+  - llama-server-q8_0, llama-server-q4_0: llama-server on the F32 GGUF quantised by
+                       llama-quantize to Q8_0 / Q4_0 (the matching bit widths; with repacking,
+                       as llama-server runs them by default, unless it crashes: see LLAMA_EXTRA).
 Every server is started afresh for every level (no level sees another's caches) on 127.0.0.1 and
 an ephemeral port. A target that does not start or answers errors is reported as failed and the
 run goes on.
@@ -68,18 +73,21 @@ MODEL = "smollm2-135m-instruct"
 BENCH = ROOT / ".bench"
 LLAMA_SERVER = BENCH / "bin" / "llama-server"
 GGUF = {"f32": BENCH / "models" / "SmolLM2-135M-Instruct.F32.gguf",
-        "q4_1": BENCH / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"}
+        "q4_1": BENCH / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "q8_0": BENCH / "models" / "SmolLM2-135M-Instruct.Q8_0.gguf",
+        "q4_0": BENCH / "models" / "SmolLM2-135M-Instruct.Q4_0.gguf"}
 # Q4_1 with weight repacking (the default) goes to ggml's AMX kernels on a CPU that has AMX, and
 # this build (GGML_NATIVE) then segfaults in ggml_backend_amx_mul_mat at the first forward pass
 # on this machine kind (Xeon with AMX, under KVM): --no-repack keeps it on the AVX-512 kernels.
-LLAMA_EXTRA = {"f32": [], "q4_1": ["--no-repack"]}
+LLAMA_EXTRA = {"f32": [], "q4_1": ["--no-repack"], "q8_0": [], "q4_0": []}
 # the binary `make build` made (cargo's CARGO_TARGET_DIR, when set, is where it went)
 AIAAS = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release" / "aiaas"
 PYTHON = ROOT / ".venv" / "bin" / "python"
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 OUT = ROOT / "docs" / "generate-bench.json"
 SVG = ROOT / "docs" / "bench-generate.svg"
-TARGETS = ["transformers", "llama-server-f32", "llama-server-q4_1", "aiaas-fp32", "aiaas-bf16"]
+TARGETS = ["transformers", "llama-server-f32", "llama-server-q4_1", "aiaas-fp32", "aiaas-bf16",
+           "aiaas-int8", "aiaas-int4", "llama-server-q8_0", "llama-server-q4_0"]
 SEED = 20261206
 CONCURRENCY = [1, 4, 16, 64]
 
@@ -455,12 +463,16 @@ def llama_server(quant, clients, ctx_per_slot, threads):
     return port, server_process(cmd, f"http://127.0.0.1:{port}/health", "llama-server")
 
 
-def aiaas_repo(tmp, precision, max_sequences):
+def aiaas_repo(tmp, variant, max_sequences):
+    """`variant`: a precision (fp32, bf16) or a quantization (int8, int4: fp32 otherwise)."""
+    quantized = variant in ("int8", "int4")
+    precision = "fp32" if quantized else variant
     folder = Path(tmp) / "repo" / MODEL
     folder.mkdir(parents=True)
     (folder / "model.toml").write_text(
         f'kind = "text-generation"\nprecision = "{precision}"\n\n[generation]\n'
-        f'checkpoint = "{CHECKPOINT.resolve()}"\nmax_sequences = {max_sequences}\n')
+        f'checkpoint = "{CHECKPOINT.resolve()}"\nmax_sequences = {max_sequences}\n'
+        + (f'quantization = "{variant}"\n' if quantized else ""))
     return folder.parent
 
 
@@ -645,6 +657,15 @@ def weight_bytes():
     read whole as the output projection) per precision."""
     fp32 = (CHECKPOINT / "model.safetensors").stat().st_size
     out = {"fp32": fp32, "bf16": fp32 // 2}
+    # int8 / int4 (groups of 32): the blocks' linear layers at 1 and 0.5 + 4/32 bytes a
+    # weight, the rest fp32 (as the server's memory budget counts them)
+    c = json.loads((CHECKPOINT / "config.json").read_text())
+    h, i, d = c["hidden_size"], c["intermediate_size"], c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
+    linear = c["num_hidden_layers"] * ((q + 2 * kv) * h + h * q + 2 * i * h + h * i)
+    rest = fp32 - 4 * linear
+    out["int8"] = rest + linear
+    out["int4"] = rest + int(linear * (0.5 + 4 / 32))
     for k, p in GGUF.items():
         if p.exists():
             out["gguf_" + k] = p.stat().st_size
@@ -652,7 +673,8 @@ def weight_bytes():
 
 
 TARGET_BYTES = {"transformers": "fp32", "llama-server-f32": "gguf_f32", "llama-server-q4_1": "gguf_q4_1",
-                "aiaas-fp32": "fp32", "aiaas-bf16": "bf16"}
+                "aiaas-fp32": "fp32", "aiaas-bf16": "bf16", "aiaas-int8": "int8", "aiaas-int4": "int4",
+                "llama-server-q8_0": "gguf_q8_0", "llama-server-q4_0": "gguf_q4_0"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -660,7 +682,9 @@ TARGET_BYTES = {"transformers": "fp32", "llama-server-f32": "gguf_f32", "llama-s
 
 
 COLOURS = {"aiaas-fp32": "#1f77b4", "aiaas-bf16": "#17becf", "llama-server-f32": "#d62728",
-           "llama-server-q4_1": "#ff9896", "transformers": "#7f7f7f"}
+           "llama-server-q4_1": "#ff9896", "transformers": "#7f7f7f",
+           "aiaas-int8": "#2ca02c", "aiaas-int4": "#98df8a",
+           "llama-server-q8_0": "#9467bd", "llama-server-q4_0": "#c5b0d5"}
 
 
 def git_commit():

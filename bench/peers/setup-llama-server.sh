@@ -13,6 +13,8 @@
 #   .bench/models/SmolLM2-135M-Instruct.F32.gguf    the same weights requantised to F32 by
 #                                 `llama-quantize --allow-requantize`: exactly what the dequantised
 #                                 checkpoint .fixtures/llm/smollm2-135m-instruct holds
+#   .bench/models/SmolLM2-135M-Instruct.Q8_0.gguf, .Q4_0.gguf   the F32 file quantised by
+#                                 llama-quantize, beside aiaas's int8 and int4
 #
 # Idempotent: each step is skipped when its output is there. The llama.cpp build takes about
 # 5 minutes on this machine's 2 cores (-j2, under nice: 281 s measured); the rest is seconds.
@@ -93,4 +95,13 @@ if ! [ -f "$f32" ]; then
         { tail -20 "$bench/quantize.log" >&2; exit 1; }
     mv "$f32.part" "$f32"
 fi
-log "ready: $bench/bin/llama-server, $q4, $f32"
+for quant in Q8_0 Q4_0; do
+    out=$bench/models/SmolLM2-135M-Instruct.$quant.gguf
+    if ! [ -f "$out" ]; then
+        log "quantising the F32 file to $quant"
+        "$bench/bin/llama-quantize" "$f32" "$out.part" "$quant" >"$bench/quantize-$quant.log" 2>&1 ||
+            { tail -20 "$bench/quantize-$quant.log" >&2; exit 1; }
+        mv "$out.part" "$out"
+    fi
+done
+log "ready: $bench/bin/llama-server, $q4, $f32, Q8_0 and Q4_0"

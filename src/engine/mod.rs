@@ -9,6 +9,63 @@ pub use torch::decoder::{
     TorchDecoder,
 };
 
+/// Weight-only quantization of a decoder's linear layers (the embeddings and the output head
+/// stay in the model's precision), computed at load from the checkpoint's weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantization {
+    /// Symmetric int8, one scale per output channel.
+    Int8,
+    /// Asymmetric 4-bit, a scale and a zero point per `group_size` inputs of each output
+    /// channel.
+    Int4 { group_size: usize },
+}
+
+impl Quantization {
+    /// The group sizes int4 accepts (libtorch's packed kernels take these).
+    pub const INT4_GROUP_SIZES: [usize; 4] = [32, 64, 128, 256];
+
+    /// Bytes a quantized `[out, inp]` weight takes (the packed values, their scales and
+    /// zeros), for the memory budget.
+    pub fn weight_bytes(&self, out: usize, inp: usize) -> u64 {
+        let (out, inp) = (out as u64, inp as u64);
+        match *self {
+            // int8 values and a bf16 scale per output
+            Quantization::Int8 => out * inp + 2 * out,
+            // two values a byte and a bf16 scale and zero per group
+            Quantization::Int4 { group_size } => {
+                out * inp / 2 + 4 * out * inp.div_ceil(group_size as u64)
+            }
+        }
+    }
+}
+
+impl Quantization {
+    /// The setting's name: "int8" or "int4".
+    pub fn name(&self) -> &'static str {
+        match self {
+            Quantization::Int8 => "int8",
+            Quantization::Int4 { .. } => "int4",
+        }
+    }
+
+    /// The int4 group size; `None` for int8.
+    pub fn group_size(&self) -> Option<usize> {
+        match *self {
+            Quantization::Int8 => None,
+            Quantization::Int4 { group_size } => Some(group_size),
+        }
+    }
+}
+
+impl std::fmt::Display for Quantization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Quantization::Int8 => f.write_str("int8"),
+            Quantization::Int4 { group_size } => write!(f, "int4 (groups of {group_size})"),
+        }
+    }
+}
+
 use crate::config::model_spec::ModelSpec;
 use crate::tensor::HostTensor;
 
@@ -90,13 +147,15 @@ pub struct GpuMemory {
     pub reserved: u64,
 }
 
-/// A decoder's KV pool and context, as the model's settings ask.
+/// A decoder's KV pool, context and weight quantization, as the model's settings ask.
 #[derive(Debug, Clone, Copy)]
 pub struct DecoderKv {
     pub block_size: usize,
     pub blocks: usize,
     /// The longest sequence; `None`: the checkpoint's.
     pub max_context: Option<usize>,
+    /// The linear layers' quantization; `None`: the model's precision.
+    pub quantization: Option<Quantization>,
 }
 
 /// A loaded decoder and the device it runs on.

@@ -173,6 +173,8 @@ fn version_json(version: u64, e: &VersionEntry) -> Value {
                     "kv_cache_tokens": g.kv_capacity(),
                     "kv_block_size": geometry.block_size,
                     "kv_block_bytes": geometry.bytes_per_block,
+                    "quantization": g.settings().quantization().map(|q| q.name()),
+                    "quantization_group_size": g.settings().quantization().and_then(|q| q.group_size()),
                     "chat_template": g.has_chat_template(),
                     "scheduler": g.scheduler().state(),
                 }),

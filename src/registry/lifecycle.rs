@@ -327,8 +327,12 @@ impl Registry {
         let generation = match &runner {
             Runner::Generative(g) => {
                 let kv = g.scheduler().geometry();
+                let quantized = g
+                    .settings()
+                    .quantization()
+                    .map_or_else(String::new, |q| format!("; weights {q}"));
                 format!(
-                    "; KV cache {} tokens ({} blocks of {}, {}{}), context {} tokens",
+                    "{quantized}; KV cache {} tokens ({} blocks of {}, {}{}), context {} tokens",
                     kv.num_blocks * kv.block_size,
                     kv.num_blocks,
                     kv.block_size,

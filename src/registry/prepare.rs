@@ -12,7 +12,7 @@ use crate::codec::ModelCodec;
 use crate::config::model_spec::{ModelSpec, Precision, SpecError};
 use crate::engine::{
     DecodeInput, Decoder, DecoderConfig, DecoderKv, Engine, EngineError, EngineFactory,
-    PrefillInput,
+    PrefillInput, Quantization,
 };
 use crate::generate::generator::CheckpointText;
 use crate::generate::scheduler::growth_chunk;
@@ -189,18 +189,47 @@ pub(super) fn footprint_floor(spec: &ModelSpec, engines: &dyn EngineFactory) -> 
                 .sum()
         })
         .unwrap_or(0);
-    let kv = kv_bytes_per_token(&dir, spec.precision)
-        .ok()
-        .and_then(|(per_token, _)| {
-            let blocks = settings.kv_blocks(per_token).ok()?;
-            let blocks = match engines.device(spec).as_str() {
-                "cpu" => growth_chunk(blocks),
-                _ => blocks,
-            };
-            Some(blocks as u64 * settings.block_size as u64 * per_token)
-        })
-        .unwrap_or(0);
+    let Ok((per_token, config)) = kv_bytes_per_token(&dir, spec.precision) else {
+        return weights;
+    };
+    let kv = settings.kv_blocks(per_token).map_or(0, |blocks| {
+        let blocks = match engines.device(spec).as_str() {
+            "cpu" => growth_chunk(blocks),
+            _ => blocks,
+        };
+        blocks as u64 * settings.block_size as u64 * per_token
+    });
+    let weights = match settings.quantization() {
+        Some(q) => quantized_weights(&config, weights, q),
+        None => weights,
+    };
     weights + kv
+}
+
+/// The weights' bytes once the blocks' linear layers are quantized: the checkpoint's
+/// `file_bytes` less its linear layers' share (by parameter count), plus those layers'
+/// quantized size.
+fn quantized_weights(config: &DecoderConfig, file_bytes: u64, q: Quantization) -> u64 {
+    let c = config;
+    let (hidden, inter) = (c.hidden_size, c.intermediate_size);
+    let (q_out, kv_out) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    // (out, in) of each block's linear layers, as the decoder joins them
+    let linears = [
+        (q_out + 2 * kv_out, hidden),
+        (hidden, q_out),
+        (2 * inter, hidden),
+        (hidden, inter),
+    ];
+    let per_layer = |f: &dyn Fn(usize, usize) -> u64| -> u64 {
+        c.num_layers as u64 * linears.iter().map(|&(o, i)| f(o, i)).sum::<u64>()
+    };
+    let linear_params = per_layer(&|o, i| (o * i) as u64);
+    let heads = if c.tie_word_embeddings { 1 } else { 2 };
+    let other_params =
+        (heads * c.vocab_size * hidden) as u64 + (c.num_layers as u64 * 2 + 1) * hidden as u64;
+    let total = linear_params + other_params;
+    let full_linear = (file_bytes as u128 * linear_params as u128 / total.max(1) as u128) as u64;
+    file_bytes.saturating_sub(full_linear) + per_layer(&|o, i| q.weight_bytes(o, i))
 }
 
 /// Bytes one position of a checkpoint's KV cache takes in `precision`, and its config.
@@ -245,6 +274,7 @@ fn prepare_generative(
         block_size: settings.block_size,
         blocks,
         max_context: settings.context_length,
+        quantization: settings.quantization(),
     };
     let mut loaded = engines.load_decoder(&spec, &dir, kv)?;
     let load_time = started.elapsed();
@@ -374,8 +404,9 @@ fn check_outputs(
 
 #[cfg(test)]
 mod tests {
-    use super::warmup_shapes;
+    use super::{quantized_weights, warmup_shapes};
     use crate::config::model_spec::ModelSpec;
+    use crate::engine::{DecoderConfig, Quantization};
     use crate::registry::spec::parse_spec;
     use std::path::Path;
 
@@ -394,5 +425,27 @@ mod tests {
         );
         let one = spec("[batching]\nmax_batch_size = 1");
         assert_eq!(warmup_shapes(&one, true), [(1, 8)]);
+    }
+
+    /// SmolLM2-135M's fp32 checkpoint (538 MB; 106M of its 135M parameters in the blocks'
+    /// linear layers): int8 counts them a byte each, int4 half a byte and a scale and zero per
+    /// group; the embeddings stay fp32 (113 MB).
+    #[test]
+    fn the_budget_counts_quantized_linear_layers_at_their_size() {
+        let config = DecoderConfig::parse(
+            r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 576,
+                "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 8192,
+                "tie_word_embeddings": true}"#,
+        )
+        .unwrap();
+        let file = 538_090_408;
+        let mb = |q| quantized_weights(&config, file, q) as f64 / 1e6;
+        let int8 = mb(Quantization::Int8);
+        assert!((219.0..221.0).contains(&int8), "{int8} MB");
+        let int4 = mb(Quantization::Int4 { group_size: 32 });
+        assert!((179.0..181.0).contains(&int4), "{int4} MB");
+        let int4_g64 = mb(Quantization::Int4 { group_size: 64 });
+        assert!((172.0..174.0).contains(&int4_g64), "{int4_g64} MB");
     }
 }

@@ -117,6 +117,7 @@ impl EngineFactory for TorchEngines {
                 block_size: kv.block_size,
                 kv_blocks: kv.blocks,
                 max_context: kv.max_context,
+                quantization: kv.quantization,
                 intra_op_threads: Some(intra_op_threads(spec)),
             },
         )?;

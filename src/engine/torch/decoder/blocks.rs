@@ -6,22 +6,149 @@
 use tch::{Device, Kind, Tensor};
 
 use super::config::{DecoderConfig, Llama3Scaling};
+use crate::engine::torch::first_line;
+use crate::engine::Quantization;
 
-/// `x @ w.T + b`.
-pub(super) struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
+/// `x @ w.T + b`, the weight in the model's precision or quantized (weight-only, computed at
+/// load): the quantized kinds run libtorch's packed CPU kernels with the activations in bf16,
+/// the precision those kernels are fast in (with fp32 activations they run several times
+/// slower than the fp32 matmul), and give the result back in the input's precision.
+pub(super) enum Linear {
+    Full {
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
+    /// Symmetric int8 per output channel: `w = q * scale`.
+    Int8 {
+        /// `[out, in]` int8.
+        weight: Tensor,
+        /// `[out]` bf16.
+        scales: Tensor,
+        bias: Option<Tensor>,
+    },
+    /// Asymmetric 4-bit per group of `group_size` inputs (gpt-fast's layout): `w = (q - 8) *
+    /// scale + zero`, `q` in 0..16.
+    Int4 {
+        /// `[out, in / 2]` uint8, as `_convert_weight_to_int4pack_for_cpu` packs it.
+        weight: Tensor,
+        /// `[in / group_size, out, 2]` bf16: each group's scale and zero.
+        scales_and_zeros: Tensor,
+        group_size: i64,
+        bias: Option<Tensor>,
+    },
 }
+
+/// The activations' precision in the quantized kernels.
+const QUANTIZED_ACTIVATIONS: Kind = Kind::BFloat16;
 
 impl Linear {
     /// `weight` is `[out, in]`, as checkpoints hold it.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self::Full { weight, bias }
+    }
+
+    /// `weight` (`[out, in]`, any float precision) quantized as `quantization` asks; an error
+    /// where its shape does not suit the quantization.
+    pub fn quantized(
+        weight: &Tensor,
+        bias: Option<Tensor>,
+        quantization: Quantization,
+    ) -> Result<Self, String> {
+        let w = weight.to_kind(Kind::Float);
+        let (out, inp) = w.size2().map_err(|e| e.to_string())?;
+        match quantization {
+            Quantization::Int8 => {
+                // the scales rounded to bf16 first, so that q * scale is the weight the
+                // kernel computes with
+                let scales = (w.abs().amax([1].as_slice(), false).clamp_min(1e-12) / 127.0)
+                    .to_kind(QUANTIZED_ACTIVATIONS);
+                let q = (&w / scales.to_kind(Kind::Float).unsqueeze(1))
+                    .round()
+                    .clamp(-127, 127)
+                    .to_kind(Kind::Int8);
+                Ok(Self::Int8 {
+                    weight: q.contiguous(),
+                    scales: scales.contiguous(),
+                    bias,
+                })
+            }
+            Quantization::Int4 { group_size } => {
+                let g = group_size as i64;
+                if inp % g != 0 {
+                    return Err(format!(
+                        "quantization int4: a layer's {inp} inputs are not a multiple of \
+                         quantization_group_size {g}"
+                    ));
+                }
+                let groups = inp / g;
+                let wg = w.view([out, groups, g]);
+                let max = wg.amax([2].as_slice(), false);
+                let min = wg.amin([2].as_slice(), false);
+                let scales = ((&max - &min).clamp_min(1e-6) / 15.0).to_kind(QUANTIZED_ACTIVATIONS);
+                let zeros =
+                    (&min + scales.to_kind(Kind::Float) * 8.0).to_kind(QUANTIZED_ACTIVATIONS);
+                let (s, z) = (scales.to_kind(Kind::Float), zeros.to_kind(Kind::Float));
+                let q = ((&wg - z.unsqueeze(2)) / s.unsqueeze(2) + 8.0)
+                    .round()
+                    .clamp(0, 15)
+                    .to_kind(Kind::Int)
+                    .view([out, inp]);
+                let packed = q
+                    .f_internal_convert_weight_to_int4pack_for_cpu(1)
+                    .map_err(|e| format!("quantization int4: {}", first_line(&e.to_string())))?;
+                let scales_and_zeros = Tensor::stack(&[&scales, &zeros], 2)
+                    .transpose(0, 1)
+                    .contiguous();
+                Ok(Self::Int4 {
+                    weight: packed,
+                    scales_and_zeros,
+                    group_size: g,
+                    bias,
+                })
+            }
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        let (y, bias) = match self {
+            Self::Full { weight, bias } => return x.linear(weight, bias.as_ref()),
+            Self::Int8 {
+                weight,
+                scales,
+                bias,
+            } => (
+                packed_input(x).internal_weight_int8pack_mm(weight, scales),
+                bias,
+            ),
+            Self::Int4 {
+                weight,
+                scales_and_zeros,
+                group_size,
+                bias,
+            } => (
+                packed_input(x).internal_weight_int4pack_mm_for_cpu(
+                    weight,
+                    *group_size,
+                    scales_and_zeros,
+                ),
+                bias,
+            ),
+        };
+        let mut shape = x.size();
+        *shape.last_mut().expect("x has a last dimension") = y.size()[1];
+        let y = y.to_kind(x.kind()).view(shape.as_slice());
+        match bias {
+            Some(b) => y + b,
+            None => y,
+        }
     }
+}
+
+/// `x` as the packed kernels take it: 2-D, contiguous, bf16.
+fn packed_input(x: &Tensor) -> Tensor {
+    x.reshape([-1, *x.size().last().expect("x has a last dimension")])
+        .to_kind(QUANTIZED_ACTIVATIONS)
+        .contiguous()
 }
 
 /// Root-mean-square norm over the last dimension, computed in fp32 and scaled in the model's
@@ -197,6 +324,116 @@ mod tests {
         for i in medium {
             assert!(scaled[i] < plain[i] && scaled[i] > plain[i] / 8.0, "{i}");
         }
+    }
+
+    /// `y` against `reference`: the packed kernels return bf16, so agreement is to bf16's
+    /// rounding of the largest output (a wrong packing or scale layout is off by the outputs'
+    /// own size).
+    fn assert_close(y: &Tensor, reference: &Tensor) {
+        let scale = reference.abs().max().double_value(&[]);
+        let err = (y - reference).abs().max().double_value(&[]);
+        assert!(
+            err <= scale / 128.0,
+            "error {err} against outputs up to {scale}"
+        );
+    }
+
+    /// `[rows, cols]` random integers in `lo..=hi`, as fp32.
+    fn integers(rows: i64, cols: i64, lo: i64, hi: i64) -> Tensor {
+        Tensor::randint_low(lo, hi + 1, [rows, cols], (Kind::Int64, Device::Cpu))
+            .to_kind(Kind::Float)
+    }
+
+    /// Weights that int8 holds exactly (`q * scale`, each row reaching +-127, the scales bf16
+    /// numbers): the quantized layer computes the fp32 matmul of the same weights, to the
+    /// kernel's bf16 rounding, with and without a bias, over 1-D and 3-D inputs alike.
+    #[test]
+    fn int8_linear_computes_the_matmul_of_its_weights() {
+        tch::manual_seed(1);
+        let (out, inp) = (96, 160);
+        let q = integers(out, inp, -127, 127);
+        let _ = q.narrow(1, 0, 1).fill_(127.0);
+        let scales = integers(out, 1, 1, 200) / 4096.0;
+        let w = &q * &scales;
+        let bias = Tensor::randn([out], (Kind::Float, Device::Cpu));
+        let x = Tensor::randn([2, 3, inp], (Kind::Float, Device::Cpu));
+        let x_bf16 = x.to_kind(Kind::BFloat16).to_kind(Kind::Float);
+        for bias in [None, Some(bias)] {
+            let linear = Linear::quantized(
+                &w,
+                bias.as_ref().map(Tensor::shallow_clone),
+                Quantization::Int8,
+            )
+            .unwrap();
+            assert!(matches!(linear, Linear::Int8 { .. }));
+            let y = linear.forward(&x);
+            assert_eq!(y.size(), [2, 3, out]);
+            assert_eq!(y.kind(), Kind::Float);
+            assert_close(&y, &x_bf16.linear(&w, bias.as_ref()));
+        }
+    }
+
+    /// Weights that int4 holds exactly (`(q - 8) * scale + zero` per group of inputs, each
+    /// group reaching 0 and 15): the packed layer computes their fp32 matmul, at every group
+    /// size.
+    #[test]
+    fn int4_linear_computes_the_matmul_of_its_weights() {
+        tch::manual_seed(2);
+        let (out, inp) = (64, 256);
+        for group_size in Quantization::INT4_GROUP_SIZES {
+            let g = group_size as i64;
+            let groups = inp / g;
+            let q = integers(out * groups, g, 0, 15);
+            let _ = q.narrow(1, 0, 1).fill_(0.0);
+            let _ = q.narrow(1, 1, 1).fill_(15.0);
+            let scales = integers(out * groups, 1, 1, 64) / 1024.0;
+            let zeros = integers(out * groups, 1, -16, 16) / 64.0;
+            let w = ((&q - 8.0) * &scales + &zeros).view([out, inp]);
+            let x = Tensor::randn([5, inp], (Kind::Float, Device::Cpu));
+            let q = Quantization::Int4 { group_size };
+            let linear = Linear::quantized(&w, None, q).unwrap();
+            assert!(matches!(linear, Linear::Int4 { .. }));
+            let reference = x
+                .to_kind(Kind::BFloat16)
+                .to_kind(Kind::Float)
+                .linear::<Tensor>(&w, None);
+            assert_close(&linear.forward(&x), &reference);
+        }
+    }
+
+    /// On ordinary (Gaussian) weights, each quantization stays within its rounding of the
+    /// fp32 layer, int4 further than int8; a layer whose inputs int4's groups do not divide is
+    /// refused by name.
+    #[test]
+    fn quantized_linears_approximate_the_full_one() {
+        tch::manual_seed(3);
+        let w = Tensor::randn([128, 256], (Kind::Float, Device::Cpu)) * 0.05;
+        let x = Tensor::randn([8, 256], (Kind::Float, Device::Cpu));
+        let full = x.linear::<Tensor>(&w, None);
+        let error = |q: Quantization| {
+            let y = Linear::quantized(&w, None, q).unwrap().forward(&x);
+            let e = (&y - &full)
+                .square()
+                .mean(Kind::Float)
+                .sqrt()
+                .double_value(&[]);
+            e / full.square().mean(Kind::Float).sqrt().double_value(&[])
+        };
+        let (int8, int4) = (
+            error(Quantization::Int8),
+            error(Quantization::Int4 { group_size: 32 }),
+        );
+        assert!(int8 < 0.02, "int8 relative error {int8}");
+        assert!(
+            int4 < 0.1 && int4 > int8,
+            "int4 relative error {int4}, int8 {int8}"
+        );
+        let odd = Tensor::randn([16, 96], (Kind::Float, Device::Cpu));
+        let refused = Linear::quantized(&odd, None, Quantization::Int4 { group_size: 64 });
+        assert!(refused
+            .err()
+            .unwrap()
+            .contains("quantization_group_size 64"));
     }
 
     #[test]

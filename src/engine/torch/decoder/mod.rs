@@ -24,7 +24,7 @@ use self::model::{DecodeBatch, Model, Step, StepSeq};
 use self::weights::Checkpoint;
 use super::{device_failure, first_line, kind_of, ResolvedDevice};
 use crate::config::model_spec::Precision;
-use crate::engine::EngineError;
+use crate::engine::{EngineError, Quantization};
 
 /// A sequence's next-token logits, one per vocabulary entry.
 pub type Logits = Vec<f32>;
@@ -96,6 +96,8 @@ pub struct DecoderOptions {
     pub kv_blocks: usize,
     /// The longest sequence served; `None`: the model's `max_position_embeddings`.
     pub max_context: Option<usize>,
+    /// The blocks' linear layers quantized at load (CPU only); `None`: in `precision`.
+    pub quantization: Option<Quantization>,
     /// libtorch intra-op threads on the thread that runs the steps (`None`: libtorch's
     /// default).
     pub intra_op_threads: Option<usize>,
@@ -109,6 +111,7 @@ impl Default for DecoderOptions {
             block_size: 16,
             kv_blocks: 256,
             max_context: None,
+            quantization: None,
             intra_op_threads: None,
         }
     }
@@ -146,6 +149,23 @@ impl TorchDecoder {
                 "precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU".into(),
             ));
         }
+        if let Some(q) = options.quantization {
+            if device != Device::Cpu {
+                return Err(load_err(format!(
+                    "quantization {} runs on the CPU only (libtorch's packed kernels); \
+                     use device = \"cpu\" or leave quantization unset",
+                    q.name()
+                )));
+            }
+            if let Quantization::Int4 { group_size } = q {
+                if !Quantization::INT4_GROUP_SIZES.contains(&group_size) {
+                    return Err(load_err(format!(
+                        "quantization_group_size {group_size} is not one of {:?}",
+                        Quantization::INT4_GROUP_SIZES
+                    )));
+                }
+            }
+        }
         if options.block_size == 0 || options.kv_blocks == 0 {
             return Err(load_err("the KV pool needs a block size and blocks".into()));
         }
@@ -160,7 +180,14 @@ impl TorchDecoder {
         let kind = kind_of(options.precision.dtype());
         let loaded = catch_unwind(AssertUnwindSafe(|| {
             let mut checkpoint = Checkpoint::open(dir, kind, device)?;
-            let model = Model::load(&config, &mut checkpoint, context, kind, device)?;
+            let model = Model::load(
+                &config,
+                &mut checkpoint,
+                context,
+                kind,
+                device,
+                options.quantization,
+            )?;
             checkpoint.finish()?;
             let kv = KvPool::new(
                 config.num_layers,

@@ -11,6 +11,7 @@ use super::blocks::{attention, decode_attention, rotate, Linear, Mlp, RmsNorm, R
 use super::config::DecoderConfig;
 use super::kv::KvPool;
 use super::weights::Checkpoint;
+use crate::engine::Quantization;
 
 /// One step's tokens, on the model's device: several sequences' new tokens one after another.
 pub(super) struct Step {
@@ -82,13 +83,15 @@ pub(super) struct Model {
 }
 
 impl Model {
-    /// Reads the weights `config` calls for from `checkpoint`; rotary tables up to `context`.
+    /// Reads the weights `config` calls for from `checkpoint`, the blocks' linear layers
+    /// quantized where `quantization` says; rotary tables up to `context`.
     pub fn load(
         config: &DecoderConfig,
         checkpoint: &mut Checkpoint,
         context: usize,
         kind: Kind,
         device: Device,
+        quantization: Option<Quantization>,
     ) -> Result<Self, String> {
         let c = config;
         let (hidden, inter) = (c.hidden_size, c.intermediate_size);
@@ -115,7 +118,11 @@ impl Model {
                 1 => t.into_iter().next().expect("one part"),
                 _ => Tensor::cat(&t, 0),
             };
-            Ok::<_, String>(Linear::new(join(weights), bias.then(|| join(biases))))
+            let (weight, bias) = (join(weights), bias.then(|| join(biases)));
+            match quantization {
+                None => Ok::<_, String>(Linear::new(weight, bias)),
+                Some(q) => Linear::quantized(&weight, bias, q),
+            }
         };
         let mut layers = Vec::with_capacity(c.num_layers);
         for (i, window) in c.windows.iter().enumerate() {
