@@ -124,9 +124,7 @@ def main():
     write_svg(ROOT / "docs/bench-prefix.svg",
               [svg_chart(series, "request (one client, one after another)", "time to first token (ms)",
                          f"{prompt_tokens}-token shared system prompt", width=520, log_x=False)], width=520)
-    body = f"""## Prefix caching: a shared system prompt
-
-`make bench-prefix` (`bench/prefix_cache.py`): SmolLM2-135M-Instruct, fp32, streamed chat; every
+    body = f"""`make bench-prefix` (`bench/prefix_cache.py`): SmolLM2-135M-Instruct, fp32, streamed chat; every
 request carries the same {prompt_tokens}-token system prompt (chat template included) and its own
 question (max_tokens 8, greedy). The same server serves the checkpoint with prefix caching on
 (`smol`) and off (`smol-nocache`). The first request computes the system prompt either way
