@@ -38,6 +38,11 @@ pub struct GenerationSettings {
     /// Keep full KV blocks for later sequences that begin with the same tokens (a shared
     /// system prompt, the conversation so far): their prompts compute only what is new.
     pub prefix_caching: bool,
+    /// Beside decoding sequences, a step carries at most the prompt tokens that make it take
+    /// this many times a step of decoding alone (measured as the model runs), so that long
+    /// prompts arriving slow running streams by this factor at most and take longer
+    /// themselves; 0 (the default): only `max_step_tokens` bounds a step.
+    pub max_decode_slowdown: f64,
     /// Tokens a stream may hold unread before its sequence pauses.
     pub stream_buffer: usize,
     /// A paused stream's sequence ends after this many seconds unread.
@@ -115,6 +120,7 @@ impl Default for GenerationSettings {
             max_waiting: 256,
             max_step_tokens: 512,
             prefix_caching: true,
+            max_decode_slowdown: 0.0,
             stream_buffer: 32,
             stall_timeout_s: 30.0,
             timeout_s: 600.0,
@@ -159,6 +165,10 @@ impl GenerationSettings {
             if !(v.is_finite() && v > 0.0) {
                 return Err(format!("generation.{name} must be a positive number"));
             }
+        }
+        let slowdown = self.max_decode_slowdown;
+        if !(slowdown == 0.0 || (slowdown.is_finite() && slowdown > 1.0)) {
+            return Err("generation.max_decode_slowdown must be 0 (off) or more than 1".into());
         }
         self.kv_size()?;
         if !Quantization::INT4_GROUP_SIZES.contains(&self.quantization_group_size) {
@@ -267,6 +277,15 @@ mod tests {
             .unwrap_err()
             .contains("kv_cache_memory"));
         assert!(parse("max_batch = 3").unwrap_err().contains("max_batch"));
+        assert!(parse("max_decode_slowdown = 0.5")
+            .unwrap_err()
+            .contains("max_decode_slowdown"));
+        assert_eq!(
+            parse("max_decode_slowdown = 2.0")
+                .unwrap()
+                .max_decode_slowdown,
+            2.0
+        );
     }
 
     #[test]

@@ -54,6 +54,7 @@ impl Runner {
             stream_buffer: s.stream_buffer,
             stall_timeout: s.stall_timeout(),
             prefix_caching: s.prefix_caching,
+            max_decode_slowdown: s.max_decode_slowdown,
         };
         let scheduler = SchedulerHandle::spawn(
             parts.decoder,

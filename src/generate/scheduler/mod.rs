@@ -38,6 +38,7 @@ use super::stop::StopStrings;
 use crate::engine::{Decoder, KvGeometry, PrefillInput};
 
 mod blocks;
+mod pace;
 
 pub use blocks::{BlockPool, Hit, OutOfBlocks, ROOT};
 
@@ -139,6 +140,9 @@ pub struct SchedulerConfig {
     pub stall_timeout: Duration,
     /// Keep full KV blocks for later sequences that begin with the same tokens.
     pub prefix_caching: bool,
+    /// Beside decoding sequences, a step carries at most the prompt tokens that make it take
+    /// this many times a decode-only step (0: only `max_step_tokens` bounds it).
+    pub max_decode_slowdown: f64,
 }
 
 enum Command {
@@ -273,6 +277,7 @@ impl SchedulerHandle {
             allocator: BlockPool::new(geometry.block_size, capacity, config.prefix_caching),
             memory,
             refused_at: None,
+            pace: pace::Pace::new(config.max_decode_slowdown),
             decoder,
             text,
             observer,
@@ -444,6 +449,8 @@ struct Worker {
     memory: Arc<dyn KvMemory>,
     /// When the budget last refused the pool more memory.
     refused_at: Option<Instant>,
+    /// What steps cost, for the prompt tokens a step beside decoding sequences may carry.
+    pace: pace::Pace,
     text: Arc<dyn Decode + Send + Sync>,
     observer: Arc<dyn GenerationObserver>,
     shared: Arc<Shared>,
@@ -802,6 +809,8 @@ impl Worker {
         order.sort_by_key(|&i| (self.active[i].pending() > 1, self.active[i].order));
         let mut chosen: Vec<(usize, usize)> = Vec::new();
         let mut budget = budget_max;
+        // prompt tokens this step may still carry (bounded beside decoding sequences)
+        let mut prompt_left: Option<usize> = None;
         for i in order {
             if budget == 0 {
                 break;
@@ -810,7 +819,22 @@ impl Worker {
             if s.out.is_some() || s.paused_since.is_some() {
                 continue;
             }
-            let len = s.pending().min(budget);
+            let mut len = s.pending().min(budget);
+            if len > 1 {
+                // the first prompt of the step: the decoding sequences are all chosen by now
+                let left = *prompt_left.get_or_insert_with(|| match chosen.is_empty() {
+                    true => usize::MAX,
+                    false => self
+                        .pace
+                        .prompt_limit(self.allocator.block_size())
+                        .unwrap_or(usize::MAX),
+                });
+                len = len.min(left);
+                if len == 0 {
+                    break;
+                }
+                prompt_left = Some(left - len);
+            }
             let mut fits = true;
             loop {
                 let s = &mut self.active[i];
@@ -899,8 +923,10 @@ impl Worker {
         for (i, c) in masks {
             self.active[i].constraint = Some(c);
         }
-        self.observer
-            .step(prompt_tokens, decode_tokens, started.elapsed());
+        let took = started.elapsed();
+        self.pace
+            .observe(prompt_tokens, decode_tokens, took.as_secs_f64());
+        self.observer.step(prompt_tokens, decode_tokens, took);
         match result {
             Ok(logits) => {
                 for (&(i, len), logits) in chosen.iter().zip(logits) {

@@ -133,6 +133,7 @@ fn config() -> SchedulerConfig {
         stream_buffer: 4,
         stall_timeout: Duration::from_secs(30),
         prefix_caching: true,
+        max_decode_slowdown: 0.0,
     }
 }
 
@@ -201,6 +202,15 @@ fn wait_until(handle: &SchedulerHandle, what: impl Fn(SchedulerState) -> bool) -
     }
 }
 
+/// The scheduler's state once it has nothing running or waiting and holds no block (its
+/// counters are published after each step, so `running` may reach 0 a moment before the
+/// blocks are counted free); a block never given back makes this time out.
+fn settled(handle: &SchedulerHandle) -> SchedulerState {
+    wait_until(handle, |s| {
+        s.running == 0 && s.waiting == 0 && s.blocks_used == 0
+    })
+}
+
 fn prompts(n: usize, len: usize) -> Vec<Vec<u32>> {
     (0..n)
         .map(|i| (0..len).map(|k| ((i * 7 + k * 3) % VOCAB) as u32).collect())
@@ -221,7 +231,7 @@ fn answers_are_the_same_alone_and_in_a_crowd() {
         .unwrap();
     let together: Vec<Vec<u32>> = receivers.into_iter().map(|rx| collect(rx).0).collect();
     assert_eq!(together, alone);
-    assert_eq!(wait_until(&handle, |s| s.running == 0).blocks_used, 0);
+    assert_eq!(settled(&handle).blocks_used, 0);
 }
 
 #[test]
@@ -240,7 +250,7 @@ fn a_pool_too_small_preempts_the_newest_and_recomputes_it_unchanged() {
     let together: Vec<Vec<u32>> = receivers.into_iter().map(|rx| collect(rx).0).collect();
     assert_eq!(together, alone);
     assert!(counts.preempted.load(Ordering::Relaxed) > 0);
-    let s = wait_until(&handle, |s| s.running == 0 && s.waiting == 0);
+    let s = settled(&handle);
     assert_eq!(s.blocks_used, 0);
 }
 
@@ -253,7 +263,7 @@ fn a_client_that_leaves_frees_its_blocks_within_a_step() {
     assert!(matches!(rx.blocking_recv(), Some(Event::Token { .. })));
     wait_until(&handle, |s| s.blocks_used > 0);
     drop(rx);
-    let s = wait_until(&handle, |s| s.running == 0);
+    let s = settled(&handle);
     assert_eq!(s.blocks_used, 0);
 }
 
@@ -275,7 +285,7 @@ fn an_unread_stream_pauses_gives_its_blocks_to_others_and_ends_at_the_stall_boun
     let tokens = run_one(&handle, vec![3, 4, 5], 55);
     assert_eq!(tokens.len(), 55);
     // and the unread one ends at the stall bound, its buffer holding what it made
-    let s = wait_until(&handle, |s| s.running == 0 && s.waiting == 0);
+    let s = settled(&handle);
     assert_eq!(s.blocks_used, 0);
     let (tokens, end) = collect(unread.into_iter().next().unwrap());
     assert!(
@@ -413,7 +423,7 @@ fn a_grammar_holds_through_preemption_and_ends_the_answer() {
     let together: Vec<_> = receivers.into_iter().map(collect).collect();
     assert_eq!(together, alone);
     assert!(counts.preempted.load(Ordering::Relaxed) > 0);
-    assert_eq!(wait_until(&handle, |s| s.running == 0).blocks_used, 0);
+    assert_eq!(settled(&handle).blocks_used, 0);
 }
 
 /// Tokens computed over the calls since `calls` was last cleared.
@@ -445,7 +455,7 @@ fn a_cached_prefix_is_not_computed_again_and_answers_do_not_change() {
                 (tokens, computed(&calls))
             })
             .collect();
-        let s = wait_until(&handle, |s| s.running == 0);
+        let s = settled(&handle);
         (answers, s)
     };
     let (off, off_state) = answers(false);
@@ -480,7 +490,7 @@ fn the_choices_of_one_request_compute_its_prompt_once() {
     assert_eq!(computed(&calls), 33 + 7);
     // 33 prompt tokens once, the 33rd again for each other choice, 7 decode steps each
     assert_eq!(computed(&calls2), 33 + 2 + 3 * 7);
-    assert_eq!(wait_until(&handle2, |s| s.running == 0).blocks_used, 0);
+    assert_eq!(settled(&handle2).blocks_used, 0);
 }
 
 #[test]
@@ -504,7 +514,7 @@ fn under_pressure_cached_blocks_make_room_and_preempted_sequences_find_their_pre
     let together: Vec<Vec<u32>> = receivers.into_iter().map(|rx| collect(rx).0).collect();
     assert_eq!(together, alone);
     assert!(counts.preempted.load(Ordering::Relaxed) > 0);
-    let s = wait_until(&handle, |s| s.running == 0 && s.waiting == 0);
+    let s = settled(&handle);
     assert_eq!(s.blocks_used, 0);
     assert!(s.blocks_cached <= 12);
 }
@@ -553,7 +563,11 @@ fn a_growing_pool_starts_small_grows_by_chunks_within_its_budget_and_gives_back(
     let handle = SchedulerHandle::spawn(
         Box::new(fake),
         Arc::new(Letters),
-        config(),
+        // streams hold every token: no sequence pauses while its reader thread starts
+        SchedulerConfig {
+            stream_buffer: 64,
+            ..config()
+        },
         Arc::new(Counts::default()),
         budget.clone(),
     );
@@ -566,7 +580,7 @@ fn a_growing_pool_starts_small_grows_by_chunks_within_its_budget_and_gives_back(
         .submit(prompts.iter().map(|p| request(p.clone(), 24)).collect())
         .unwrap();
     let together = collect_all(receivers);
-    let s = wait_until(&handle, |s| s.running == 0);
+    let s = settled(&handle);
     assert!(s.blocks_total > 4 && s.blocks_total <= 24, "{s:?}");
     assert_eq!(*budget.held.lock().unwrap(), s.blocks_total as u64);
     // the answers are those of an unbudgeted pool
@@ -595,7 +609,7 @@ fn a_growing_pool_starts_small_grows_by_chunks_within_its_budget_and_gives_back(
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    wait_until(&handle, |s| s.running == 0);
+    settled(&handle);
     let total = handle.state().blocks_total;
     assert_eq!(rt.block_on(handle.give_back(3)), 3);
     assert_eq!(handle.state().blocks_total, total - 3);
