@@ -11,25 +11,16 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use aiaas::config::model_spec::Precision;
-use aiaas::engine::{DecodeInput, Decoder, DecoderOptions, KvGeometry, Quantization, TorchDecoder};
-use aiaas::generate::scheduler::BlockPool;
+use aiaas::engine::{DecodeInput, Decoder, DecoderOptions, Quantization, TorchDecoder};
+// the tests' decoder helpers (its greedy loop is theirs; this times its own)
+#[allow(dead_code)]
+#[path = "../tests/common/decoding.rs"]
+mod decoding;
 
-fn pool_of(kv: &KvGeometry) -> BlockPool {
-    BlockPool::new(kv.block_size, kv.num_blocks, false)
-}
+use decoding::{argmax, pool_of};
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
-}
-
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn main() {

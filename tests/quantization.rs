@@ -9,14 +9,11 @@ use std::path::{Path, PathBuf};
 
 use aiaas::config::model_spec::Precision;
 use aiaas::engine::{
-    DecodeInput, Decoder, DecoderOptions, KvGeometry, PrefillInput, Quantization, TorchDecoder,
+    DecodeInput, Decoder, DecoderOptions, PrefillInput, Quantization, TorchDecoder,
 };
-use aiaas::generate::scheduler::BlockPool;
+pub mod common;
 
-/// The blocks of a decoder's KV pool, handed out as the scheduler does (no prefix cache).
-fn pool_of(kv: &KvGeometry) -> BlockPool {
-    BlockPool::new(kv.block_size, kv.num_blocks, false)
-}
+use common::decoding::{greedy, pool_of};
 
 /// The text is scored as this many pieces side by side (one decode step scores a token of
 /// each), every piece from its own start.
@@ -73,16 +70,6 @@ fn tokenize(dir: &Path, text: &str) -> Vec<u32> {
     tokenizer.encode(text, false).unwrap().get_ids().to_vec()
 }
 
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 /// `-log p(token)` under `logits`, in f64.
 fn nll(logits: &[f32], token: u32) -> f64 {
     let max = logits.iter().fold(f32::MIN, |m, &x| m.max(x)) as f64;
@@ -137,43 +124,10 @@ fn perplexity(decoder: &mut TorchDecoder, tokens: &[u32]) -> f64 {
 }
 
 /// Each prompt's greedy answer of [`ANSWER`] tokens, all prompts in the same steps.
-fn greedy(decoder: &mut TorchDecoder, prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
+fn greedy_answers(decoder: &mut TorchDecoder, prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
     let mut blocks = pool_of(&decoder.kv());
-    let mut tables = vec![Vec::new(); prompts.len()];
-    for (table, p) in tables.iter_mut().zip(prompts) {
-        blocks.reserve(table, p.len() + ANSWER).unwrap();
-    }
-    let inputs: Vec<PrefillInput> = prompts
-        .iter()
-        .zip(&tables)
-        .map(|(p, t)| PrefillInput {
-            tokens: p,
-            start: 0,
-            blocks: t,
-        })
-        .collect();
-    let first = decoder.prefill(&inputs).unwrap();
-    let mut out: Vec<Vec<u32>> = first.iter().map(|l| vec![argmax(l)]).collect();
-    for _ in 1..ANSWER {
-        let inputs: Vec<DecodeInput> = prompts
-            .iter()
-            .zip(&tables)
-            .zip(&out)
-            .map(|((p, t), answer)| DecodeInput {
-                token: *answer.last().unwrap(),
-                position: p.len() + answer.len() - 1,
-                blocks: t,
-            })
-            .collect();
-        let logits = decoder.decode(&inputs).unwrap();
-        for (answer, l) in out.iter_mut().zip(&logits) {
-            answer.push(argmax(l));
-        }
-    }
-    for table in &mut tables {
-        blocks.release(table);
-    }
-    out
+    let prompts: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    greedy(decoder, &mut blocks, &prompts, ANSWER).0
 }
 
 /// Against fp32's answers: the fraction of prompts answered identically, and the mean count
@@ -208,7 +162,7 @@ fn measure(
     let mut decoder = load(dir, q);
     (
         perplexity(&mut decoder, text),
-        greedy(&mut decoder, prompts),
+        greedy_answers(&mut decoder, prompts),
     )
 }
 

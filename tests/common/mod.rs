@@ -5,6 +5,7 @@
 //! and calls a part of it; declared `pub`, its public items are the binary's API rather than
 //! dead code where that binary does not call them, while private ones are still checked.
 
+pub mod decoding;
 /// The demo shapes generator the trainer uses, for fresh images to classify.
 #[path = "../../src/bin/aiaas-train/demo.rs"]
 pub mod demo;
