@@ -640,9 +640,10 @@ impl Worker {
         let chunk = growth_chunk(max);
         let add = (blocks.div_ceil(chunk) * chunk).min(max - capacity);
         let bytes_per_block = self.shared.geometry.bytes_per_block;
-        // what it needs, else one chunk at least
-        let granted = [add, chunk.min(add)]
-            .into_iter()
+        // what it needs, else one chunk at least (asked once where they are the same)
+        let smaller = (add > chunk).then_some(chunk);
+        let granted = std::iter::once(add)
+            .chain(smaller)
             .find(|&n| self.memory.grow(n as u64 * bytes_per_block));
         let Some(add) = granted else {
             self.refused_at = Some(Instant::now());
