@@ -1,6 +1,7 @@
 //! The generative decoder's step time, engine only (no server, no scheduler): loads
 //! SmolLM2-135M-Instruct from `.fixtures/llm` (or the folder given as the first argument),
-//! prefills each batch's sequences (prompts of 90-110 tokens), then times decode steps of the
+//! prefills each batch's sequences (prompts of 90-110 tokens, several to a call up to 512
+//! tokens, as the scheduler's steps), then times decode steps of the
 //! whole batch, argmax included, and prints ms/step and output tokens/s per batch size.
 //!
 //! `cargo run --release --example decoder-bench [-- DIR]`; `AIAAS_BENCH_PRECISION=bf16`,
@@ -65,20 +66,33 @@ fn main() {
             })
             .collect();
         let mut tables: Vec<Vec<u32>> = vec![Vec::new(); batch];
+        // the prompts prefilled as the scheduler does by default: several to a step, up to
+        // 512 tokens (max_step_tokens) in all
         let started = Instant::now();
-        let mut last: Vec<u32> = prompts
-            .iter()
-            .zip(&mut tables)
-            .map(|(p, table)| {
+        let mut last: Vec<u32> = Vec::with_capacity(batch);
+        let mut next = 0;
+        while next < batch {
+            let mut end = next + 1;
+            let mut tokens = prompts[next].len();
+            while end < batch && tokens + prompts[end].len() <= 512 {
+                tokens += prompts[end].len();
+                end += 1;
+            }
+            for (p, table) in prompts[next..end].iter().zip(&mut tables[next..end]) {
                 blocks.reserve(table, p.len()).unwrap();
-                let input = aiaas::engine::PrefillInput {
+            }
+            let inputs: Vec<aiaas::engine::PrefillInput> = prompts[next..end]
+                .iter()
+                .zip(&tables[next..end])
+                .map(|(p, table)| aiaas::engine::PrefillInput {
                     tokens: p,
                     start: 0,
                     blocks: table,
-                };
-                argmax(&decoder.prefill(&[input]).unwrap()[0])
-            })
-            .collect();
+                })
+                .collect();
+            last.extend(decoder.prefill(&inputs).unwrap().iter().map(|l| argmax(l)));
+            next = end;
+        }
         let prefill = started.elapsed();
         let mut times = Vec::with_capacity(steps);
         for step in 0..steps {
@@ -104,11 +118,12 @@ fn main() {
         times.sort_by(f64::total_cmp);
         let median = times[times.len() / 2];
         println!(
-            "batch {batch:>3}: {median:7.2} ms/step median ({:7.2} mean), {:7.1} tok/s median, {:7.1} tok/s overall; prefill {:.2} s",
+            "batch {batch:>3}: {median:7.2} ms/step median ({:7.2} mean), {:7.1} tok/s median, {:7.1} tok/s overall; prefill {:.2} s ({:.0} prompt tok/s)",
             total / steps as f64,
             batch as f64 * 1e3 / median,
             (batch * steps) as f64 * 1e3 / total,
-            prefill.as_secs_f64()
+            prefill.as_secs_f64(),
+            prompts.iter().map(Vec::len).sum::<usize>() as f64 / prefill.as_secs_f64()
         );
         for table in &mut tables {
             blocks.release(table);

@@ -13,6 +13,13 @@ use crate::engine::Quantization;
 /// load): the quantized kinds run libtorch's packed CPU kernels with the activations in bf16,
 /// the precision those kernels are fast in (with fp32 activations they run several times
 /// slower than the fp32 matmul), and give the result back in the input's precision.
+///
+/// The packed kernels are built for decoding: their time grows with the rows as one
+/// vector-matrix product per row, so from [`DEQUANTIZE_FROM_ROWS`] rows on (prompts) a quantized
+/// layer instead dequantizes its weight for the call and runs the fp32 matmul, whose cost per
+/// row falls with the rows. Both ways compute with the same bf16-rounded inputs, scales and
+/// output, so a sequence's numbers do not depend on which way its step went (beyond the order
+/// of the fp32 sums, as with any change of batch).
 pub(super) enum Linear {
     Full {
         weight: Tensor,
@@ -35,11 +42,42 @@ pub(super) enum Linear {
         scales_and_zeros: Tensor,
         group_size: i64,
         bias: Option<Tensor>,
+        /// The packing is the layout [`unpack_int4`] reads (checked at load on the layer's own
+        /// weight), so the layer may be dequantized for prompts; otherwise it always runs the
+        /// kernel.
+        unpackable: bool,
     },
 }
 
 /// The activations' precision in the quantized kernels.
 const QUANTIZED_ACTIVATIONS: Kind = Kind::BFloat16;
+
+/// Rows (tokens in a step) from which a quantized layer is dequantized for the call and
+/// multiplied in fp32 rather than run through its packed kernel. Measured on SmolLM2-135M's
+/// layers (2 threads, AVX512-BF16): the kernels cost about 1.7 ms per 128 rows over its 30
+/// layers' worth of products, the fp32 matmul after dequantizing about as much at 128 rows and
+/// a third less at 256, less than half at 512.
+pub(super) const DEQUANTIZE_FROM_ROWS: i64 = 128;
+
+/// The rows of every block of 64 output channels that `_convert_weight_to_int4pack_for_cpu`
+/// packs together: block `b`'s byte `[k, d]` holds row `64 b + d` in its low nibble and row
+/// `64 b + 32 + d` in its high one, for every input `k` (libtorch 2.11 on AVX-512 CPUs).
+const INT4_PACK_ROWS: i64 = 64;
+
+/// `packed` (`[out, in / 2]` uint8) back to `[out, in]` uint8 values 0..16, or `None` where
+/// `out` is not a whole number of packing blocks.
+fn unpack_int4(packed: &Tensor, out: i64, inp: i64) -> Option<Tensor> {
+    if out % INT4_PACK_ROWS != 0 || packed.size() != [out, inp / 2] {
+        return None;
+    }
+    let v = packed.view([out / INT4_PACK_ROWS, inp, INT4_PACK_ROWS / 2]);
+    let (low, high) = (v.bitwise_and(0x0F), v.bitwise_right_shift_tensor_scalar(4));
+    Some(
+        Tensor::cat(&[low, high], 2)
+            .permute([0, 2, 1])
+            .reshape([out, inp]),
+    )
+}
 
 impl Linear {
     /// `weight` is `[out, in]`, as checkpoints hold it.
@@ -96,6 +134,8 @@ impl Linear {
                 let packed = q
                     .f_internal_convert_weight_to_int4pack_for_cpu(1)
                     .map_err(|e| format!("quantization int4: {}", first_line(&e.to_string())))?;
+                let unpackable =
+                    unpack_int4(&packed, out, inp).is_some_and(|u| u.to_kind(Kind::Int).equal(&q));
                 let scales_and_zeros = Tensor::stack(&[&scales, &zeros], 2)
                     .transpose(0, 1)
                     .contiguous();
@@ -104,20 +144,31 @@ impl Linear {
                     scales_and_zeros,
                     group_size: g,
                     bias,
+                    unpackable,
                 })
             }
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let (y, bias) = match self {
+        let input = match self {
             Self::Full { weight, bias } => return x.linear(weight, bias.as_ref()),
+            _ => packed_input(x),
+        };
+        let dequantize = input.size()[0] >= DEQUANTIZE_FROM_ROWS;
+        let (y, bias) = match self {
+            Self::Full { .. } => unreachable!("returned above"),
             Self::Int8 {
                 weight,
                 scales,
                 bias,
             } => (
-                packed_input(x).internal_weight_int8pack_mm(weight, scales),
+                if dequantize {
+                    // the scales applied to the product's columns, as the kernel applies them
+                    product(&input, &weight.to_kind(Kind::Float), Some(scales))
+                } else {
+                    input.internal_weight_int8pack_mm(weight, scales)
+                },
                 bias,
             ),
             Self::Int4 {
@@ -125,12 +176,17 @@ impl Linear {
                 scales_and_zeros,
                 group_size,
                 bias,
+                unpackable,
             } => (
-                packed_input(x).internal_weight_int4pack_mm_for_cpu(
-                    weight,
-                    *group_size,
-                    scales_and_zeros,
-                ),
+                if dequantize && *unpackable {
+                    product(
+                        &input,
+                        &dequantize_int4(weight, scales_and_zeros, *group_size),
+                        None,
+                    )
+                } else {
+                    input.internal_weight_int4pack_mm_for_cpu(weight, *group_size, scales_and_zeros)
+                },
                 bias,
             ),
         };
@@ -142,6 +198,30 @@ impl Linear {
             None => y,
         }
     }
+}
+
+/// `input @ weight.T` in fp32 (`input` bf16 as the kernels take it, `weight` dequantized to
+/// fp32), times the output channels' `scales` if given, rounded to bf16 as the kernels give
+/// it.
+fn product(input: &Tensor, weight: &Tensor, scales: Option<&Tensor>) -> Tensor {
+    let y = input.to_kind(Kind::Float).linear::<Tensor>(weight, None);
+    match scales {
+        Some(s) => y * s.to_kind(Kind::Float),
+        None => y,
+    }
+    .to_kind(QUANTIZED_ACTIVATIONS)
+}
+
+/// The fp32 weight `(q - 8) * scale + zero` of a packed int4 layer whose packing
+/// [`unpack_int4`] reads.
+fn dequantize_int4(packed: &Tensor, scales_and_zeros: &Tensor, group_size: i64) -> Tensor {
+    let (out, inp) = (packed.size()[0], packed.size()[1] * 2);
+    let q = unpack_int4(packed, out, inp).expect("checked at load");
+    // [out, groups, 2] in fp32
+    let sz = scales_and_zeros.to_kind(Kind::Float).transpose(0, 1);
+    let (scale, zero) = (sz.select(2, 0).unsqueeze(2), sz.select(2, 1).unsqueeze(2));
+    let offset = zero - &scale * 8.0;
+    (q.view([out, inp / group_size, group_size]) * scale + offset).reshape([out, inp])
 }
 
 /// `x` as the packed kernels take it: 2-D, contiguous, bf16.
@@ -344,9 +424,17 @@ mod tests {
             .to_kind(Kind::Float)
     }
 
+    /// Inputs of a few rows (run by the packed kernels) and of [`DEQUANTIZE_FROM_ROWS`] rows
+    /// (dequantized): `[2, 3, inp]` and `[2, DEQUANTIZE_FROM_ROWS / 2, inp]`.
+    fn inputs_both_ways(inp: i64) -> [Tensor; 2] {
+        [3, DEQUANTIZE_FROM_ROWS / 2]
+            .map(|rows| Tensor::randn([2, rows, inp], (Kind::Float, Device::Cpu)))
+    }
+
     /// Weights that int8 holds exactly (`q * scale`, each row reaching +-127, the scales bf16
     /// numbers): the quantized layer computes the fp32 matmul of the same weights, to the
-    /// kernel's bf16 rounding, with and without a bias, over 1-D and 3-D inputs alike.
+    /// kernel's bf16 rounding, with and without a bias, over a few rows (the kernel) and many
+    /// (dequantized) alike.
     #[test]
     fn int8_linear_computes_the_matmul_of_its_weights() {
         tch::manual_seed(1);
@@ -356,26 +444,53 @@ mod tests {
         let scales = integers(out, 1, 1, 200) / 4096.0;
         let w = &q * &scales;
         let bias = Tensor::randn([out], (Kind::Float, Device::Cpu));
-        let x = Tensor::randn([2, 3, inp], (Kind::Float, Device::Cpu));
-        let x_bf16 = x.to_kind(Kind::BFloat16).to_kind(Kind::Float);
-        for bias in [None, Some(bias)] {
-            let linear = Linear::quantized(
-                &w,
-                bias.as_ref().map(Tensor::shallow_clone),
-                Quantization::Int8,
-            )
-            .unwrap();
-            assert!(matches!(linear, Linear::Int8 { .. }));
-            let y = linear.forward(&x);
-            assert_eq!(y.size(), [2, 3, out]);
-            assert_eq!(y.kind(), Kind::Float);
-            assert_close(&y, &x_bf16.linear(&w, bias.as_ref()));
+        for x in inputs_both_ways(inp) {
+            let x_bf16 = x.to_kind(Kind::BFloat16).to_kind(Kind::Float);
+            for bias in [None, Some(bias.shallow_clone())] {
+                let linear = Linear::quantized(
+                    &w,
+                    bias.as_ref().map(Tensor::shallow_clone),
+                    Quantization::Int8,
+                )
+                .unwrap();
+                assert!(matches!(linear, Linear::Int8 { .. }));
+                let y = linear.forward(&x);
+                assert_eq!(y.size(), [2, x.size()[1], out]);
+                assert_eq!(y.kind(), Kind::Float);
+                assert_close(&y, &x_bf16.linear(&w, bias.as_ref()));
+            }
+        }
+    }
+
+    /// A row's output is the same whether its step ran the packed kernel (few rows) or
+    /// dequantized the layer (many rows), to one bf16 rounding: both round the same inputs,
+    /// scales and outputs to bf16. int4 layers whose packing is not the one `unpack_int4`
+    /// reads (96 outputs: not whole blocks of 64) run the kernel at any number of rows.
+    #[test]
+    fn quantized_rows_do_not_depend_on_the_steps_size() {
+        tch::manual_seed(4);
+        for (out, q) in [
+            (128, Quantization::Int8),
+            (128, Quantization::Int4 { group_size: 32 }),
+            (96, Quantization::Int4 { group_size: 32 }),
+        ] {
+            let w = Tensor::randn([out, 256], (Kind::Float, Device::Cpu)) * 0.05;
+            let linear = Linear::quantized(&w, None, q).unwrap();
+            if let Linear::Int4 { unpackable, .. } = &linear {
+                assert_eq!(*unpackable, out % 64 == 0, "{out} outputs");
+            }
+            let many = Tensor::randn([DEQUANTIZE_FROM_ROWS, 256], (Kind::Float, Device::Cpu));
+            let together = linear.forward(&many).narrow(0, 0, 4);
+            let alone = linear.forward(&many.narrow(0, 0, 4));
+            let scale = alone.abs().max().double_value(&[]);
+            let err = (&together - &alone).abs().max().double_value(&[]);
+            assert!(err <= scale / 128.0, "{q:?} {out}: {err} of {scale}");
         }
     }
 
     /// Weights that int4 holds exactly (`(q - 8) * scale + zero` per group of inputs, each
     /// group reaching 0 and 15): the packed layer computes their fp32 matmul, at every group
-    /// size.
+    /// size, over a few rows (the kernel) and many (dequantized) alike.
     #[test]
     fn int4_linear_computes_the_matmul_of_its_weights() {
         tch::manual_seed(2);
@@ -389,15 +504,22 @@ mod tests {
             let scales = integers(out * groups, 1, 1, 64) / 1024.0;
             let zeros = integers(out * groups, 1, -16, 16) / 64.0;
             let w = ((&q - 8.0) * &scales + &zeros).view([out, inp]);
-            let x = Tensor::randn([5, inp], (Kind::Float, Device::Cpu));
             let q = Quantization::Int4 { group_size };
             let linear = Linear::quantized(&w, None, q).unwrap();
-            assert!(matches!(linear, Linear::Int4 { .. }));
-            let reference = x
-                .to_kind(Kind::BFloat16)
-                .to_kind(Kind::Float)
-                .linear::<Tensor>(&w, None);
-            assert_close(&linear.forward(&x), &reference);
+            assert!(matches!(
+                linear,
+                Linear::Int4 {
+                    unpackable: true,
+                    ..
+                }
+            ));
+            for x in inputs_both_ways(inp) {
+                let reference = x
+                    .to_kind(Kind::BFloat16)
+                    .to_kind(Kind::Float)
+                    .linear::<Tensor>(&w, None);
+                assert_close(&linear.forward(&x), &reference);
+            }
         }
     }
 
