@@ -667,14 +667,13 @@ fn a_budget_below_the_pools_size_bounds_it_in_whole_blocks_and_the_pool_reaches_
                 weights: 1000,
             },
         ));
-        let handle = SchedulerHandle::spawn(
+        SchedulerHandle::spawn(
             Box::new(fake),
             Arc::new(Letters),
             config(),
             Arc::new(Counts::default()),
             memory,
-        );
-        handle
+        )
     };
     let handle = ceiled(10);
     assert_eq!(handle.max_blocks(), 10);
