@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::constraint::{Constraint, GrammarError, GrammarSpec, Grammars};
 use super::sampling::{ParamError, SamplingParams};
-use super::scheduler::{Event, SchedulerHandle, SequenceRequest, SubmitError};
+use super::scheduler::{Event, KvCeiling, SchedulerHandle, SequenceRequest, SubmitError};
 use super::settings::{GenerationSettings, SamplingDefaults};
 use super::template::ChatTemplate;
 use super::tools::ToolFormat;
@@ -116,8 +116,9 @@ pub struct GenerateParams {
     pub special_text: bool,
 }
 
-/// What bounds one sequence's length: the context, or a KV cache smaller than it (a sequence
-/// longer than the whole cache could never be computed, so it is refused at admission).
+/// What bounds one sequence's length: the context, a KV cache smaller than it, or a memory
+/// budget that never lets a growing KV cache reach that size (a sequence longer than the cache
+/// can ever hold could never be computed, so it is refused at admission).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
     Context,
@@ -125,6 +126,35 @@ pub enum Limit {
     KvCache {
         context_len: usize,
     },
+    /// The memory budget of the model's device less its weights, in bytes: the most a KV
+    /// cache that grows with use can ever hold, less than its largest size and the context.
+    MemoryBudget {
+        budget: u64,
+        weights: u64,
+    },
+}
+
+impl Limit {
+    /// The longest sequence and what bounds it, of the context length, the KV cache's tokens
+    /// and the tokens the memory budget (`budget`, where it bounds the cache) lets it hold.
+    fn of(
+        context_len: usize,
+        kv: usize,
+        budgeted: usize,
+        budget: Option<KvCeiling>,
+    ) -> (usize, Limit) {
+        match budget {
+            Some(c) if budgeted < kv.min(context_len) => (
+                budgeted,
+                Limit::MemoryBudget {
+                    budget: c.budget,
+                    weights: c.weights,
+                },
+            ),
+            _ if kv < context_len => (kv, Limit::KvCache { context_len }),
+            _ => (context_len, Limit::Context),
+        }
+    }
 }
 
 impl std::fmt::Display for Limit {
@@ -137,6 +167,17 @@ impl std::fmt::Display for Limit {
                  (kv_cache_tokens or kv_cache_memory in its model.toml), which one sequence can \
                  never outgrow, holds"
             ),
+            Limit::MemoryBudget { budget, weights } => {
+                let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+                write!(
+                    f,
+                    "this model's memory budget (--model-memory-budget) is {:.1} MiB, of which \
+                     its weights take {:.1} MiB, so its KV cache, which one sequence can never \
+                     outgrow, can never hold more than",
+                    mib(*budget),
+                    mib(*weights)
+                )
+            }
         }
     }
 }
@@ -248,6 +289,23 @@ impl Generator {
     pub fn kv_capacity(&self) -> usize {
         let g = self.scheduler.geometry();
         g.num_blocks * g.block_size
+    }
+
+    /// Tokens the KV cache can ever hold under the memory budget (whole blocks): its capacity,
+    /// or less where the budget never lets a cache that grows with use reach it.
+    pub fn kv_capacity_budgeted(&self) -> usize {
+        self.scheduler.max_blocks() * self.scheduler.geometry().block_size
+    }
+
+    /// The longest sequence one request may ask for, and what bounds it: the context, the KV
+    /// cache, or the memory budget (the smallest; the context where they are equal).
+    pub fn limit(&self) -> (usize, Limit) {
+        Limit::of(
+            self.context_len(),
+            self.kv_capacity(),
+            self.kv_capacity_budgeted(),
+            self.scheduler.budget(),
+        )
     }
 
     /// Sequences the model queues at most (a request's choices over all its prompts must fit).
@@ -432,12 +490,7 @@ impl Generator {
                 ));
             }
         }
-        let (context, limit) = if self.kv_capacity() < self.context_len() {
-            let context_len = self.context_len();
-            (self.kv_capacity(), Limit::KvCache { context_len })
-        } else {
-            (self.context_len(), Limit::Context)
-        };
+        let (context, limit) = self.limit();
         let prompt_len = prompt.len();
         let max_tokens = match params.max_tokens.or(self.settings.max_tokens) {
             Some(0) => return Err(bad("max_tokens", "must be at least 1".into())),
@@ -518,5 +571,53 @@ impl Generator {
     /// The deadline the model gives a request.
     pub fn timeout(&self) -> Duration {
         self.settings.timeout()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_smallest_limit_bounds_a_sequence_and_is_named() {
+        const MIB: u64 = 1 << 20;
+        let budget = Some(KvCeiling {
+            budget: 300 * MIB,
+            weights: 260 * MIB,
+        });
+        // no budget, or one that leaves the cache its whole size
+        assert_eq!(
+            Limit::of(8192, 4096, 4096, None),
+            (4096, Limit::KvCache { context_len: 8192 })
+        );
+        assert_eq!(Limit::of(2048, 4096, 4096, budget), (2048, Limit::Context));
+        // a budget that never lets the cache reach its size, nor the context
+        let (tokens, limit) = Limit::of(8192, 4096, 880, budget);
+        assert_eq!(tokens, 880);
+        assert_eq!(
+            limit,
+            Limit::MemoryBudget {
+                budget: 300 * MIB,
+                weights: 260 * MIB
+            }
+        );
+        let message = GenerateError::ContextLength {
+            prompt: 900,
+            max_tokens: 10,
+            context: tokens,
+            limit,
+        }
+        .to_string();
+        assert!(
+            message.contains("memory budget (--model-memory-budget) is 300.0 MiB")
+                && message.contains("weights take 260.0 MiB")
+                && message.contains(
+                    "can never hold more than 880 tokens; the request asks for \
+                                     900 prompt tokens and 10 completion tokens (910 in all)"
+                ),
+            "{message}"
+        );
+        // equal to the context: the context is named
+        assert_eq!(Limit::of(880, 4096, 880, budget), (880, Limit::Context));
     }
 }

@@ -171,6 +171,7 @@ fn version_json(version: u64, e: &VersionEntry) -> Value {
                 json!({
                     "context_length": g.context_len(),
                     "kv_cache_tokens": g.kv_capacity(),
+                    "kv_cache_tokens_budgeted": g.kv_capacity_budgeted(),
                     "kv_block_size": geometry.block_size,
                     "kv_block_bytes": geometry.bytes_per_block,
                     "quantization": g.settings().quantization().map(|q| q.name()),

@@ -6,13 +6,14 @@
 //! [`ServingModel::footprint`](super::ServingModel::footprint). When the budget has no room for a
 //! pool to grow, the request is refused for now and room is made in the background (other pools
 //! give back, then idle models are evicted least recently used first); the scheduler asks again
-//! a little later, its sequences waiting meanwhile.
+//! a little later, its sequences waiting meanwhile. What the pool can ever hold is the budget
+//! less its model's own memory: a sequence longer than that is refused at admission.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
 use super::Registry;
-use crate::generate::scheduler::KvMemory;
+use crate::generate::scheduler::{KvCeiling, KvMemory};
 
 /// One model version's KV pool in the budget.
 pub(super) struct KvBudget {
@@ -20,6 +21,8 @@ pub(super) struct KvBudget {
     pub name: String,
     pub version: u64,
     pub device: String,
+    /// What the model holds besides its KV pool, measured at load.
+    pub weights: u64,
     pub runtime: tokio::runtime::Handle,
     /// Room is being made for this pool now.
     pub making_room: Arc<AtomicBool>,
@@ -51,6 +54,14 @@ impl KvMemory for KvBudget {
             });
         }
         false
+    }
+
+    fn ceiling(&self) -> Option<KvCeiling> {
+        let budget = self.registry.upgrade()?.ledger.budget_of(&self.device)?;
+        Some(KvCeiling {
+            budget,
+            weights: self.weights,
+        })
     }
 
     fn resized(&self, _bytes: u64) {

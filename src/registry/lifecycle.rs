@@ -314,6 +314,7 @@ impl Registry {
             name: name.to_string(),
             version,
             device: device.clone(),
+            weights: memory_bytes,
             runtime: tokio::runtime::Handle::current(),
             making_room: Default::default(),
         });

@@ -6,7 +6,12 @@ is evicted.
 SmolLM2-135M with `kv_cache_tokens = 32768` (1.4 GiB at most, chunks of 2,048 tokens, 90 MiB):
 eight 600-token prompts at once need three chunks. A first server, without a budget, measures
 what SmolLM2 and a tiny checkpoint hold once loaded; the second has a budget with room for
-SmolLM2 and two chunks more, and half of the tiny one."""
+SmolLM2 and two chunks more, and half of the tiny one.
+
+Under a budget that holds SmolLM2 (`kv_cache_tokens = 4096`, chunks of 256 tokens) and two and
+a half chunks more, its KV cache can never hold more than the budget less its weights: a prompt
+and `max_tokens` beyond that (within `kv_cache_tokens` and the context) is a 400 at admission
+naming the budget, not a wait until the deadline, and one exactly at it is answered."""
 
 import concurrent.futures
 import json
@@ -91,5 +96,70 @@ def test_the_kv_pool_grows_within_the_budget_and_gives_back_before_anyone_is_evi
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             again = list(pool.map(lambda p: complete(s, "smol", p), prompts))
         assert again == together
+    finally:
+        s.stop()
+
+
+SMALL_CHUNK = 256 * 30 * 2 * 3 * 64 * 4  # kv_cache_tokens = 4096: chunks of 256 tokens
+
+
+def test_what_the_budget_can_never_let_the_kv_cache_hold_is_400_at_admission(tmp_path):
+    def one_model(root):
+        (root / "smol").mkdir(parents=True)
+        (root / "smol" / "model.toml").write_text(
+            f'kind = "text-generation"\n[generation]\ncheckpoint = "{FIXTURES / SMOL}"\n'
+            "kv_cache_tokens = 4096\nmax_step_tokens = 2048\n")
+        return root
+
+    probe = Server(one_model(tmp_path / "a"))
+    try:
+        # weights and the pool's first chunk, as loaded
+        _, smol, _ = state(probe, "smol")
+    finally:
+        probe.stop()
+    budget = smol + 2 * SMALL_CHUNK + SMALL_CHUNK // 2
+    s = Server(one_model(tmp_path / "b"), "--model-memory-budget", str(budget))
+    try:
+        with urllib.request.urlopen(f"{s.url}/v1/models/smol") as r:
+            gen = json.load(r)["versions"][0]["generation"]
+        ceiling = gen["kv_cache_tokens_budgeted"]
+        # about three and a half chunks, in whole blocks: below the cache's size and the context
+        assert gen["kv_cache_tokens"] == 4096 and gen["context_length"] == 8192, gen
+        assert 3 * 256 <= ceiling < 4 * 256 and ceiling % gen["kv_block_size"] == 0, gen
+
+        def post(path, body):
+            return httpx.post(s.url + path, timeout=300, json={"model": "smol", **body})
+
+        def prompt(n, seed=0):
+            return [(97 * seed + 7 * k) % 40000 + 100 for k in range(n)]
+
+        # beyond the ceiling: refused at once, the budget named
+        r = post("/v1/completions", {"prompt": prompt(ceiling - 100), "max_tokens": 200})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "max_tokens", err
+        assert "memory budget" in err["message"] and "--model-memory-budget" in err["message"], err
+        assert f"never hold more than {ceiling} tokens" in err["message"], err
+        assert f"({ceiling + 100} in all)" in err["message"], err
+        r = post("/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": ceiling})
+        assert r.status_code == 400, r.text
+        assert "memory budget" in r.json()["error"]["message"], r.text
+        # a prompt that fills what the budget leaves: named as the prompt's fault
+        r = post("/v1/completions", {"prompt": prompt(ceiling), "max_tokens": 1})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "prompt" and "memory budget" in r.text, r.text
+        # exactly at the ceiling: the pool grows to it and the request is answered
+        r = post("/v1/completions", {
+            "prompt": prompt(ceiling - 8, 1), "max_tokens": 8, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 8
+        _, used, sched = state(s, "smol")
+        assert sched["blocks_total"] * gen["kv_block_size"] == ceiling, sched
+        assert used <= budget, (used, budget)
+        # without max_tokens the answer is bounded by what the budget leaves, not refused
+        r = post("/v1/completions", {"prompt": prompt(ceiling - 5, 2), "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 5
     finally:
         s.stop()

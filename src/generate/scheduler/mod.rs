@@ -151,6 +151,23 @@ enum Command {
     GiveBack(u64, tokio::sync::oneshot::Sender<u64>),
 }
 
+/// What a memory budget lets a growing KV pool hold at most, ever: the budget less its own
+/// model's memory (every other model can be evicted, or give its pool's memory back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCeiling {
+    /// The budget of the model's device, in bytes.
+    pub budget: u64,
+    /// What the model holds besides its KV pool (its weights, measured at load).
+    pub weights: u64,
+}
+
+impl KvCeiling {
+    /// Bytes the pool may hold at most.
+    pub fn bytes(&self) -> u64 {
+        self.budget.saturating_sub(self.weights)
+    }
+}
+
 /// The memory budget as a growing KV pool sees it.
 pub trait KvMemory: Send + Sync + 'static {
     /// Whether the pool may take `bytes` more now. `false`: not now (room may be being made
@@ -158,6 +175,10 @@ pub trait KvMemory: Send + Sync + 'static {
     fn grow(&self, bytes: u64) -> bool;
     /// The pool holds `bytes` now (after it grew or gave memory back).
     fn resized(&self, _bytes: u64) {}
+    /// The most the pool can ever hold under the budget (`None`: no budget bounds it).
+    fn ceiling(&self) -> Option<KvCeiling> {
+        None
+    }
 }
 
 /// No budget: a pool grows whenever it needs to, up to its largest size.
@@ -194,6 +215,11 @@ struct Shared {
     capacity: AtomicUsize,
     /// Whether the pool grows with use (its memory is then `capacity` blocks).
     grows: bool,
+    /// The budget that bounds a pool that grows with use below its largest size.
+    ceiling: Option<KvCeiling>,
+    /// Blocks the pool can ever have: `geometry.num_blocks`, or fewer where the budget bounds
+    /// a pool that grows with use.
+    max_blocks: usize,
     failure: Mutex<Option<String>>,
     config: SchedulerConfig,
     geometry: KvGeometry,
@@ -258,6 +284,14 @@ impl SchedulerHandle {
             true => growth_chunk(geometry.num_blocks),
             false => geometry.num_blocks,
         };
+        // a pool allocated whole was counted whole at load: no budget bounds it further
+        let ceiling = memory.ceiling().filter(|c| {
+            grows && c.bytes() / geometry.bytes_per_block.max(1) < geometry.num_blocks as u64
+        });
+        let max_blocks = ceiling.map_or(geometry.num_blocks, |c| {
+            // it holds its first chunk already (the load made room for it)
+            ((c.bytes() / geometry.bytes_per_block.max(1)) as usize).max(capacity)
+        });
         let (tx, rx) = std::sync::mpsc::channel();
         let shared = Arc::new(Shared {
             commands: Mutex::new(Some(tx)),
@@ -269,6 +303,8 @@ impl SchedulerHandle {
             blocks_cached: AtomicUsize::new(0),
             capacity: AtomicUsize::new(capacity),
             grows,
+            ceiling,
+            max_blocks,
             failure: Mutex::new(None),
             config: config.clone(),
             geometry,
@@ -297,6 +333,17 @@ impl SchedulerHandle {
     /// The KV pool's shape.
     pub fn geometry(&self) -> KvGeometry {
         self.shared.geometry
+    }
+
+    /// Blocks the KV pool can ever have: its largest size, or what the memory budget leaves
+    /// it where that is less ([`SchedulerHandle::budget`]).
+    pub fn max_blocks(&self) -> usize {
+        self.shared.max_blocks
+    }
+
+    /// The memory budget, where it keeps the KV pool below its largest size.
+    pub fn budget(&self) -> Option<KvCeiling> {
+        self.shared.ceiling
     }
 
     /// Queues sequences (all or none: one request's choices); each gets its events through
@@ -627,9 +674,10 @@ impl Worker {
     }
 
     /// Grows a pool that grows with use by at least `blocks` blocks (whole chunks, up to its
-    /// largest size), where the memory budget lets it; returns whether it grew.
+    /// largest size or what the budget can ever leave it), where the memory budget lets it
+    /// now; returns whether it grew.
     fn try_grow(&mut self, blocks: usize) -> bool {
-        let max = self.shared.geometry.num_blocks;
+        let max = self.shared.max_blocks;
         let capacity = self.allocator.capacity();
         if !self.shared.grows || capacity >= max || blocks == 0 {
             return false;
@@ -637,7 +685,7 @@ impl Worker {
         if self.refused_at.is_some_and(|t| t.elapsed() < GROW_RETRY) {
             return false;
         }
-        let chunk = growth_chunk(max);
+        let chunk = growth_chunk(self.shared.geometry.num_blocks);
         let add = (blocks.div_ceil(chunk) * chunk).min(max - capacity);
         let bytes_per_block = self.shared.geometry.bytes_per_block;
         // what it needs, else one chunk at least (asked once where they are the same)

@@ -633,3 +633,83 @@ fn a_pool_allocated_whole_gives_nothing_back() {
         .unwrap();
     assert_eq!(rt.block_on(handle.give_back(100)), 0);
 }
+
+/// A budget that can never let the pool hold more than its ceiling.
+struct Ceiled(Capped, KvCeiling);
+
+impl KvMemory for Ceiled {
+    fn grow(&self, bytes: u64) -> bool {
+        self.0.grow(bytes)
+    }
+    fn resized(&self, bytes: u64) {
+        self.0.resized(bytes)
+    }
+    fn ceiling(&self) -> Option<KvCeiling> {
+        Some(self.1)
+    }
+}
+
+#[test]
+fn a_budget_below_the_pools_size_bounds_it_in_whole_blocks_and_the_pool_reaches_it() {
+    // at most 64 blocks of 4 (one byte each), chunks of 4; the budget leaves 10 (two and a
+    // half chunks) once the weights are counted
+    let ceiled = |limit| {
+        let (mut fake, _) = Fake::new(64, 4, 256);
+        fake.grows = true;
+        let memory = Arc::new(Ceiled(
+            Capped {
+                limit,
+                held: Mutex::new(4),
+                refused: AtomicUsize::new(0),
+            },
+            KvCeiling {
+                budget: 1000 + limit,
+                weights: 1000,
+            },
+        ));
+        SchedulerHandle::spawn(
+            Box::new(fake),
+            Arc::new(Letters),
+            config(),
+            Arc::new(Counts::default()),
+            memory,
+        )
+    };
+    let handle = ceiled(10);
+    assert_eq!(handle.max_blocks(), 10);
+    assert_eq!(handle.budget().map(|c| c.bytes()), Some(10));
+    assert_eq!(handle.state().blocks_max, 64);
+    // one sequence of 40 positions needs all 10 blocks: the pool grows to them, by a part of
+    // a chunk at the end
+    let prompt = prompts(1, 20).remove(0);
+    let tokens = run_one(&handle, prompt.clone(), 20);
+    assert_eq!(tokens.len(), 20);
+    assert_eq!(settled(&handle).blocks_total, 10);
+    let (fake, _) = Fake::new(64, 4, 256);
+    let (plain, _) = spawn(fake, config());
+    assert_eq!(tokens, run_one(&plain, prompt, 20));
+    // a budget that leaves the pool its whole size does not bound it
+    let handle = ceiled(64);
+    assert_eq!((handle.max_blocks(), handle.budget()), (64, None));
+    // a pool allocated whole is counted whole at load: no budget bounds it further
+    let (fake, _) = Fake::new(16, 4, 64);
+    let memory = Arc::new(Ceiled(
+        Capped {
+            limit: 16,
+            held: Mutex::new(16),
+            refused: AtomicUsize::new(0),
+        },
+        KvCeiling {
+            budget: 1004,
+            weights: 1000,
+        },
+    ));
+    let handle = SchedulerHandle::spawn(
+        Box::new(fake),
+        Arc::new(Letters),
+        config(),
+        Arc::new(Counts::default()),
+        memory,
+    );
+    assert_eq!((handle.max_blocks(), handle.budget()), (16, None));
+}
