@@ -131,6 +131,8 @@ pub enum Limit {
     MemoryBudget {
         budget: u64,
         weights: u64,
+        /// What the models that stay loaded beside it hold (see [`KvCeiling::kept`]).
+        kept: u64,
     },
 }
 
@@ -149,6 +151,7 @@ impl Limit {
                 Limit::MemoryBudget {
                     budget: c.budget,
                     weights: c.weights,
+                    kept: c.kept,
                 },
             ),
             _ if kv < context_len => (kv, Limit::KvCache { context_len }),
@@ -167,15 +170,30 @@ impl std::fmt::Display for Limit {
                  (kv_cache_tokens or kv_cache_memory in its model.toml), which one sequence can \
                  never outgrow, holds"
             ),
-            Limit::MemoryBudget { budget, weights } => {
+            Limit::MemoryBudget {
+                budget,
+                weights,
+                kept,
+            } => {
                 let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
                 write!(
                     f,
                     "this model's memory budget (--model-memory-budget) is {:.1} MiB, of which \
-                     its weights take {:.1} MiB, so its KV cache, which one sequence can never \
-                     outgrow, can never hold more than",
+                     its weights take {:.1} MiB",
                     mib(*budget),
                     mib(*weights)
+                )?;
+                if *kept > 0 {
+                    write!(
+                        f,
+                        " and the models that stay loaded beside it (pinned, or all without \
+                         --model-control lazy) {:.1} MiB",
+                        mib(*kept)
+                    )?;
+                }
+                f.write_str(
+                    ", so its KV cache, which one sequence can never outgrow, can hold no \
+                     more than",
                 )
             }
         }
@@ -584,6 +602,7 @@ mod tests {
         let budget = Some(KvCeiling {
             budget: 300 * MIB,
             weights: 260 * MIB,
+            kept: 0,
         });
         // no budget, or one that leaves the cache its whole size
         assert_eq!(
@@ -598,7 +617,8 @@ mod tests {
             limit,
             Limit::MemoryBudget {
                 budget: 300 * MIB,
-                weights: 260 * MIB
+                weights: 260 * MIB,
+                kept: 0,
             }
         );
         let message = GenerateError::ContextLength {
@@ -612,11 +632,21 @@ mod tests {
             message.contains("memory budget (--model-memory-budget) is 300.0 MiB")
                 && message.contains("weights take 260.0 MiB")
                 && message.contains(
-                    "can never hold more than 880 tokens; the request asks for \
-                                     900 prompt tokens and 10 completion tokens (910 in all)"
+                    "MiB, so its KV cache, which one sequence can never outgrow, can hold no \
+                     more than 880 tokens; the request asks for 900 prompt tokens and 10 \
+                     completion tokens (910 in all)"
                 ),
             "{message}"
         );
+        // models that stay loaded beside it are named where they hold memory
+        let kept = Limit::MemoryBudget {
+            budget: 300 * MIB,
+            weights: 200 * MIB,
+            kept: 60 * MIB,
+        };
+        assert!(kept
+            .to_string()
+            .contains("weights take 200.0 MiB and the models that stay loaded beside it"));
         // equal to the context: the context is named
         assert_eq!(Limit::of(880, 4096, 880, budget), (880, Limit::Context));
     }

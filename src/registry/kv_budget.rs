@@ -6,8 +6,9 @@
 //! [`ServingModel::footprint`](super::ServingModel::footprint). When the budget has no room for a
 //! pool to grow, the request is refused for now and room is made in the background (other pools
 //! give back, then idle models are evicted least recently used first); the scheduler asks again
-//! a little later, its sequences waiting meanwhile. What the pool can ever hold is the budget
-//! less its model's own memory: a sequence longer than that is refused at admission.
+//! a little later, its sequences waiting meanwhile. What the pool can hold at most is the budget
+//! less its model's own memory and that of the models never evicted for it (pinned ones, and
+//! all without lazy model control): a sequence longer than that is refused at admission.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -57,10 +58,12 @@ impl KvMemory for KvBudget {
     }
 
     fn ceiling(&self) -> Option<KvCeiling> {
-        let budget = self.registry.upgrade()?.ledger.budget_of(&self.device)?;
+        let registry = self.registry.upgrade()?;
+        let budget = registry.ledger.budget_of(&self.device)?;
         Some(KvCeiling {
             budget,
             weights: self.weights,
+            kept: registry.kept_on(&self.device, &self.name),
         })
     }
 

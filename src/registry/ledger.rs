@@ -298,6 +298,21 @@ impl Registry {
         Ok(())
     }
 
+    /// What the models on `device` other than `name` that are never evicted to make room (the
+    /// pinned ones; all of them without lazy model control) hold besides their KV pools, which
+    /// give their memory back when asked.
+    pub(super) fn kept_on(&self, device: &str, name: &str) -> u64 {
+        let table = self.table.load();
+        table
+            .iter()
+            .filter(|(model, _)| model.as_str() != name)
+            .flat_map(|(_, e)| e.versions.values())
+            .filter_map(|v| v.serving.as_ref())
+            .filter(|s| s.device == device && (!self.settings.lazy || s.spec.pinned))
+            .map(|s| s.memory_bytes)
+            .sum()
+    }
+
     /// What the serving copies on `device` hold now, and copies retiring from it.
     pub(super) fn footprint_on(&self, device: &str) -> u64 {
         let table = self.table.load();

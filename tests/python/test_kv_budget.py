@@ -11,7 +11,9 @@ SmolLM2 and two chunks more, and half of the tiny one.
 Under a budget that holds SmolLM2 (`kv_cache_tokens = 4096`, chunks of 256 tokens) and two and
 a half chunks more, its KV cache can never hold more than the budget less its weights: a prompt
 and `max_tokens` beyond that (within `kv_cache_tokens` and the context) is a 400 at admission
-naming the budget, not a wait until the deadline, and one exactly at it is answered."""
+naming the budget, not a wait until the deadline, and one exactly at it is answered. Models that
+are never evicted (all of them without lazy model control) count against it: with a second one
+loaded beside SmolLM2 the ceiling is lower, and it rises when that one is unloaded."""
 
 import concurrent.futures
 import json
@@ -139,7 +141,7 @@ def test_what_the_budget_can_never_let_the_kv_cache_hold_is_400_at_admission(tmp
         err = r.json()["error"]
         assert err["param"] == "max_tokens", err
         assert "memory budget" in err["message"] and "--model-memory-budget" in err["message"], err
-        assert f"never hold more than {ceiling} tokens" in err["message"], err
+        assert f"hold no more than {ceiling} tokens" in err["message"], err
         assert f"({ceiling + 100} in all)" in err["message"], err
         r = post("/v1/chat/completions", {
             "messages": [{"role": "user", "content": "Hi"}], "max_tokens": ceiling})
@@ -161,5 +163,53 @@ def test_what_the_budget_can_never_let_the_kv_cache_hold_is_400_at_admission(tmp
         r = post("/v1/completions", {"prompt": prompt(ceiling - 5, 2), "ignore_eos": True})
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 5
+    finally:
+        s.stop()
+
+
+def test_models_that_stay_loaded_lower_the_ceiling_until_they_unload(tmp_path):
+    def two_models(root):
+        for name, checkpoint, tokens in [("smol", SMOL, 4096), ("tiny", "llama-gqa", 2048)]:
+            (root / name).mkdir(parents=True)
+            (root / name / "model.toml").write_text(
+                f'kind = "text-generation"\n[generation]\ncheckpoint = "{FIXTURES / checkpoint}"\n'
+                f"kv_cache_tokens = {tokens}\nmax_step_tokens = 2048\n")
+        return root
+
+    # a budget far above both: they load one after the other, as under the real one (loads
+    # at the same time would share their memory measurements)
+    probe = Server(two_models(tmp_path / "a"), "--model-memory-budget", str(64 << 30))
+    try:
+        _, smol, _ = state(probe, "smol")
+        _, tiny, _ = state(probe, "tiny")
+    finally:
+        probe.stop()
+    # without lazy model control nothing is evicted: tiny's weights stay counted until it is
+    # unloaded through the management API
+    budget = smol + tiny + 2 * SMALL_CHUNK + SMALL_CHUNK // 2
+    s = Server(two_models(tmp_path / "b"), "--model-control", "explicit",
+               "--model-memory-budget", str(budget))
+    try:
+        def budgeted():
+            with urllib.request.urlopen(f"{s.url}/v1/models/smol") as r:
+                return json.load(r)["versions"][0]["generation"]["kv_cache_tokens_budgeted"]
+
+        def ask(n):
+            return httpx.post(s.url + "/v1/completions", timeout=300, json={
+                "model": "smol", "prompt": [100 + (7 * k) % 40000 for k in range(n - 4)],
+                "max_tokens": 4, "ignore_eos": True})
+
+        before = budgeted()
+        assert before < 4096, (before, smol, tiny, budget)
+        r = ask(before + 16)
+        assert r.status_code == 400, r.text
+        assert "models that stay loaded beside it" in r.json()["error"]["message"], r.text
+        r = httpx.post(f"{s.url}/v1/models/tiny/unload", timeout=60)
+        assert r.status_code < 300, r.text
+        after = budgeted()
+        assert after > before + 16, (before, after)
+        r = ask(before + 16)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 4
     finally:
         s.stop()

@@ -151,20 +151,27 @@ enum Command {
     GiveBack(u64, tokio::sync::oneshot::Sender<u64>),
 }
 
-/// What a memory budget lets a growing KV pool hold at most, ever: the budget less its own
-/// model's memory (every other model can be evicted, or give its pool's memory back).
+/// What a memory budget lets a growing KV pool hold at most: the budget less its own
+/// model's memory and the memory of the models that are never evicted for it (every other
+/// model can be evicted, or give its pool's memory back).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvCeiling {
     /// The budget of the model's device, in bytes.
     pub budget: u64,
     /// What the model holds besides its KV pool (its weights, measured at load).
     pub weights: u64,
+    /// What the other models on the device that are never evicted hold besides their KV
+    /// pools (pinned ones; every one without lazy model control): the ceiling moves as they
+    /// load and unload.
+    pub kept: u64,
 }
 
 impl KvCeiling {
     /// Bytes the pool may hold at most.
     pub fn bytes(&self) -> u64 {
-        self.budget.saturating_sub(self.weights)
+        self.budget
+            .saturating_sub(self.weights)
+            .saturating_sub(self.kept)
     }
 }
 
@@ -175,7 +182,8 @@ pub trait KvMemory: Send + Sync + 'static {
     fn grow(&self, bytes: u64) -> bool;
     /// The pool holds `bytes` now (after it grew or gave memory back).
     fn resized(&self, _bytes: u64) {}
-    /// The most the pool can ever hold under the budget (`None`: no budget bounds it).
+    /// The most the pool can hold under the budget while the models that stay loaded do
+    /// (`None`: no budget bounds it). Asked at each admission and growth: keep it cheap.
     fn ceiling(&self) -> Option<KvCeiling> {
         None
     }
@@ -215,14 +223,30 @@ struct Shared {
     capacity: AtomicUsize,
     /// Whether the pool grows with use (its memory is then `capacity` blocks).
     grows: bool,
-    /// The budget that bounds a pool that grows with use below its largest size.
-    ceiling: Option<KvCeiling>,
-    /// Blocks the pool can ever have: `geometry.num_blocks`, or fewer where the budget bounds
-    /// a pool that grows with use.
-    max_blocks: usize,
+    /// The budget a pool that grows with use grows within.
+    memory: Arc<dyn KvMemory>,
     failure: Mutex<Option<String>>,
     config: SchedulerConfig,
     geometry: KvGeometry,
+}
+
+impl Shared {
+    /// Blocks the pool can have now, and the budget where that keeps it below its largest
+    /// size. A pool allocated whole was counted whole at load: no budget bounds it further; a
+    /// growing one keeps what it holds (room was made for it).
+    fn bound(&self) -> (usize, Option<KvCeiling>) {
+        let max = self.geometry.num_blocks;
+        let Some(c) = self.grows.then(|| self.memory.ceiling()).flatten() else {
+            return (max, None);
+        };
+        let fit = (c.bytes() / self.geometry.bytes_per_block.max(1)) as usize;
+        let fit = fit.max(self.capacity.load(Ordering::Acquire));
+        if fit < max {
+            (fit, Some(c))
+        } else {
+            (max, None)
+        }
+    }
 }
 
 /// The handle of a model's scheduler: cheap to clone, shared by its requests.
@@ -284,14 +308,6 @@ impl SchedulerHandle {
             true => growth_chunk(geometry.num_blocks),
             false => geometry.num_blocks,
         };
-        // a pool allocated whole was counted whole at load: no budget bounds it further
-        let ceiling = memory.ceiling().filter(|c| {
-            grows && c.bytes() / geometry.bytes_per_block.max(1) < geometry.num_blocks as u64
-        });
-        let max_blocks = ceiling.map_or(geometry.num_blocks, |c| {
-            // it holds its first chunk already (the load made room for it)
-            ((c.bytes() / geometry.bytes_per_block.max(1)) as usize).max(capacity)
-        });
         let (tx, rx) = std::sync::mpsc::channel();
         let shared = Arc::new(Shared {
             commands: Mutex::new(Some(tx)),
@@ -303,15 +319,13 @@ impl SchedulerHandle {
             blocks_cached: AtomicUsize::new(0),
             capacity: AtomicUsize::new(capacity),
             grows,
-            ceiling,
-            max_blocks,
+            memory,
             failure: Mutex::new(None),
             config: config.clone(),
             geometry,
         });
         let worker = Worker {
             allocator: BlockPool::new(geometry.block_size, capacity, config.prefix_caching),
-            memory,
             refused_at: None,
             pace: pace::Pace::new(config.max_decode_slowdown),
             decoder,
@@ -335,15 +349,15 @@ impl SchedulerHandle {
         self.shared.geometry
     }
 
-    /// Blocks the KV pool can ever have: its largest size, or what the memory budget leaves
-    /// it where that is less ([`SchedulerHandle::budget`]).
+    /// Blocks the KV pool can have: its largest size, or what the memory budget leaves it
+    /// where that is less ([`SchedulerHandle::budget`]).
     pub fn max_blocks(&self) -> usize {
-        self.shared.max_blocks
+        self.shared.bound().0
     }
 
     /// The memory budget, where it keeps the KV pool below its largest size.
     pub fn budget(&self) -> Option<KvCeiling> {
-        self.shared.ceiling
+        self.shared.bound().1
     }
 
     /// Queues sequences (all or none: one request's choices); each gets its events through
@@ -493,7 +507,6 @@ impl Seq {
 struct Worker {
     decoder: Box<dyn Decoder>,
     allocator: BlockPool,
-    memory: Arc<dyn KvMemory>,
     /// When the budget last refused the pool more memory.
     refused_at: Option<Instant>,
     /// What steps cost, for the prompt tokens a step beside decoding sequences may carry.
@@ -677,8 +690,11 @@ impl Worker {
     /// largest size or what the budget can ever leave it), where the memory budget lets it
     /// now; returns whether it grew.
     fn try_grow(&mut self, blocks: usize) -> bool {
-        let max = self.shared.max_blocks;
         let capacity = self.allocator.capacity();
+        if !self.shared.grows || capacity >= self.shared.geometry.num_blocks || blocks == 0 {
+            return false;
+        }
+        let max = self.shared.bound().0;
         if !self.shared.grows || capacity >= max || blocks == 0 {
             return false;
         }
@@ -692,7 +708,7 @@ impl Worker {
         let smaller = (add > chunk).then_some(chunk);
         let granted = std::iter::once(add)
             .chain(smaller)
-            .find(|&n| self.memory.grow(n as u64 * bytes_per_block));
+            .find(|&n| self.shared.memory.grow(n as u64 * bytes_per_block));
         let Some(add) = granted else {
             self.refused_at = Some(Instant::now());
             return false;
@@ -724,7 +740,8 @@ impl Worker {
     fn resized(&self) {
         let capacity = self.allocator.capacity();
         self.shared.capacity.store(capacity, Ordering::Release);
-        self.memory
+        self.shared
+            .memory
             .resized(capacity as u64 * self.shared.geometry.bytes_per_block);
     }
 

@@ -634,8 +634,8 @@ fn a_pool_allocated_whole_gives_nothing_back() {
     assert_eq!(rt.block_on(handle.give_back(100)), 0);
 }
 
-/// A budget that can never let the pool hold more than its ceiling.
-struct Ceiled(Capped, KvCeiling);
+/// A budget that never lets the pool hold more than its ceiling (which the test may move).
+struct Ceiled(Capped, Mutex<KvCeiling>);
 
 impl KvMemory for Ceiled {
     fn grow(&self, bytes: u64) -> bool {
@@ -645,7 +645,7 @@ impl KvMemory for Ceiled {
         self.0.resized(bytes)
     }
     fn ceiling(&self) -> Option<KvCeiling> {
-        Some(self.1)
+        Some(*self.1.lock().unwrap())
     }
 }
 
@@ -662,20 +662,22 @@ fn a_budget_below_the_pools_size_bounds_it_in_whole_blocks_and_the_pool_reaches_
                 held: Mutex::new(4),
                 refused: AtomicUsize::new(0),
             },
-            KvCeiling {
+            Mutex::new(KvCeiling {
                 budget: 1000 + limit,
                 weights: 1000,
-            },
+                kept: 0,
+            }),
         ));
-        SchedulerHandle::spawn(
+        let handle = SchedulerHandle::spawn(
             Box::new(fake),
             Arc::new(Letters),
             config(),
             Arc::new(Counts::default()),
-            memory,
-        )
+            memory.clone(),
+        );
+        (handle, memory)
     };
-    let handle = ceiled(10);
+    let (handle, _) = ceiled(10);
     assert_eq!(handle.max_blocks(), 10);
     assert_eq!(handle.budget().map(|c| c.bytes()), Some(10));
     assert_eq!(handle.state().blocks_max, 64);
@@ -689,8 +691,17 @@ fn a_budget_below_the_pools_size_bounds_it_in_whole_blocks_and_the_pool_reaches_
     let (plain, _) = spawn(fake, config());
     assert_eq!(tokens, run_one(&plain, prompt, 20));
     // a budget that leaves the pool its whole size does not bound it
-    let handle = ceiled(64);
+    let (handle, _) = ceiled(64);
     assert_eq!((handle.max_blocks(), handle.budget()), (64, None));
+    // the ceiling moves as models that are never evicted load and unload beside it, but
+    // never below what the pool holds (its first chunk of 4 here)
+    let (handle, memory) = ceiled(10);
+    memory.1.lock().unwrap().kept = 4;
+    assert_eq!(handle.max_blocks(), 6);
+    memory.1.lock().unwrap().kept = 9;
+    assert_eq!(handle.max_blocks(), 4);
+    memory.1.lock().unwrap().kept = 0;
+    assert_eq!(handle.max_blocks(), 10);
     // a pool allocated whole is counted whole at load: no budget bounds it further
     let (fake, _) = Fake::new(16, 4, 64);
     let memory = Arc::new(Ceiled(
@@ -699,10 +710,11 @@ fn a_budget_below_the_pools_size_bounds_it_in_whole_blocks_and_the_pool_reaches_
             held: Mutex::new(16),
             refused: AtomicUsize::new(0),
         },
-        KvCeiling {
+        Mutex::new(KvCeiling {
             budget: 1004,
             weights: 1000,
-        },
+            kept: 0,
+        }),
     ));
     let handle = SchedulerHandle::spawn(
         Box::new(fake),

@@ -15,9 +15,10 @@ use crate::engine::Quantization;
 /// slower than the fp32 matmul), and give the result back in the input's precision.
 ///
 /// The packed kernels are built for decoding: their time grows with the rows as one
-/// vector-matrix product per row, so from [`DEQUANTIZE_FROM_ROWS`] rows on (prompts) a quantized
-/// layer instead dequantizes its weight for the call and runs the fp32 matmul, whose cost per
-/// row falls with the rows. Both ways compute with the same bf16-rounded inputs, scales and
+/// vector-matrix product per row, so from [`DEQUANTIZE_INT8_FROM_ROWS`] /
+/// [`DEQUANTIZE_INT4_FROM_ROWS`] rows on (larger batches, prompts) a quantized layer instead
+/// dequantizes its weight for the call and runs the fp32 matmul, whose cost per row falls with
+/// the rows. Both ways compute with the same bf16-rounded inputs, scales and
 /// output, so a sequence's numbers do not depend on which way its step went (beyond the order
 /// of the fp32 sums, as with any change of batch).
 pub(super) enum Linear {
@@ -52,31 +53,41 @@ pub(super) enum Linear {
 /// The activations' precision in the quantized kernels.
 const QUANTIZED_ACTIVATIONS: Kind = Kind::BFloat16;
 
-/// Rows (tokens in a step) from which a quantized layer is dequantized for the call and
-/// multiplied in fp32 rather than run through its packed kernel. Measured on SmolLM2-135M's
-/// layers (2 threads, AVX512-BF16): the kernels cost about 1.7 ms per 128 rows over its 30
-/// layers' worth of products, the fp32 matmul after dequantizing about as much at 128 rows and
-/// a third less at 256, less than half at 512.
-pub(super) const DEQUANTIZE_FROM_ROWS: i64 = 128;
+/// Rows (tokens in a step) from which an int8 layer is dequantized for the call (one int8 to
+/// fp32 conversion; the scales go on the product's columns) and multiplied in fp32 rather than
+/// run through its packed kernel. Measured over SmolLM2-135M's 30 layers (2 threads,
+/// AVX512-BF16), kernel against dequantized: 58 / 57 ms at 32 rows, 113 / 90 at 64, 221 / 130
+/// at 128.
+pub(super) const DEQUANTIZE_INT8_FROM_ROWS: i64 = 32;
+
+/// The same for int4 layers, whose unpacking costs more (about 100 ms over the same layers):
+/// kernel against dequantized 280 / 222 ms at 128 rows, 459 / 363 at 256, 917 / 578 at 512.
+pub(super) const DEQUANTIZE_INT4_FROM_ROWS: i64 = 128;
 
 /// The rows of every block of 64 output channels that `_convert_weight_to_int4pack_for_cpu`
 /// packs together: block `b`'s byte `[k, d]` holds row `64 b + d` in its low nibble and row
 /// `64 b + 32 + d` in its high one, for every input `k` (libtorch 2.11 on AVX-512 CPUs).
 const INT4_PACK_ROWS: i64 = 64;
 
-/// `packed` (`[out, in / 2]` uint8) back to `[out, in]` uint8 values 0..16, or `None` where
-/// `out` is not a whole number of packing blocks.
+/// `packed` (`[out, in / 2]` uint8) back to `[out, in]` fp32 values 0..16, or `None` where
+/// `out` is not a whole number of packing blocks. Each half of a block is written in place
+/// (one strided copy each), not concatenated and transposed after.
 fn unpack_int4(packed: &Tensor, out: i64, inp: i64) -> Option<Tensor> {
     if out % INT4_PACK_ROWS != 0 || packed.size() != [out, inp / 2] {
         return None;
     }
-    let v = packed.view([out / INT4_PACK_ROWS, inp, INT4_PACK_ROWS / 2]);
-    let (low, high) = (v.bitwise_and(0x0F), v.bitwise_right_shift_tensor_scalar(4));
-    Some(
-        Tensor::cat(&[low, high], 2)
-            .permute([0, 2, 1])
-            .reshape([out, inp]),
-    )
+    let (blocks, half) = (out / INT4_PACK_ROWS, INT4_PACK_ROWS / 2);
+    let v = packed.view([blocks, inp, half]);
+    let unpacked = Tensor::empty([blocks, 2, half, inp], (Kind::Float, packed.device()));
+    for (i, nibbles) in [v.bitwise_and(0x0F), v.bitwise_right_shift_tensor_scalar(4)]
+        .iter()
+        .enumerate()
+    {
+        unpacked
+            .select(1, i as i64)
+            .copy_(&nibbles.permute([0, 2, 1]));
+    }
+    Some(unpacked.view([out, inp]))
 }
 
 impl Linear {
@@ -134,8 +145,8 @@ impl Linear {
                 let packed = q
                     .f_internal_convert_weight_to_int4pack_for_cpu(1)
                     .map_err(|e| format!("quantization int4: {}", first_line(&e.to_string())))?;
-                let unpackable =
-                    unpack_int4(&packed, out, inp).is_some_and(|u| u.to_kind(Kind::Int).equal(&q));
+                let unpackable = unpack_int4(&packed, out, inp)
+                    .is_some_and(|u| u.equal(&q.to_kind(Kind::Float)));
                 let scales_and_zeros = Tensor::stack(&[&scales, &zeros], 2)
                     .transpose(0, 1)
                     .contiguous();
@@ -155,7 +166,7 @@ impl Linear {
             Self::Full { weight, bias } => return x.linear(weight, bias.as_ref()),
             _ => packed_input(x),
         };
-        let dequantize = input.size()[0] >= DEQUANTIZE_FROM_ROWS;
+        let rows = input.size()[0];
         let (y, bias) = match self {
             Self::Full { .. } => unreachable!("returned above"),
             Self::Int8 {
@@ -163,7 +174,7 @@ impl Linear {
                 scales,
                 bias,
             } => (
-                if dequantize {
+                if rows >= DEQUANTIZE_INT8_FROM_ROWS {
                     // the scales applied to the product's columns, as the kernel applies them
                     product(&input, &weight.to_kind(Kind::Float), Some(scales))
                 } else {
@@ -178,7 +189,7 @@ impl Linear {
                 bias,
                 unpackable,
             } => (
-                if dequantize && *unpackable {
+                if rows >= DEQUANTIZE_INT4_FROM_ROWS && *unpackable {
                     product(
                         &input,
                         &dequantize_int4(weight, scales_and_zeros, *group_size),
@@ -216,12 +227,15 @@ fn product(input: &Tensor, weight: &Tensor, scales: Option<&Tensor>) -> Tensor {
 /// [`unpack_int4`] reads.
 fn dequantize_int4(packed: &Tensor, scales_and_zeros: &Tensor, group_size: i64) -> Tensor {
     let (out, inp) = (packed.size()[0], packed.size()[1] * 2);
-    let q = unpack_int4(packed, out, inp).expect("checked at load");
+    let mut w = unpack_int4(packed, out, inp)
+        .expect("checked at load")
+        .view([out, inp / group_size, group_size]);
     // [out, groups, 2] in fp32
     let sz = scales_and_zeros.to_kind(Kind::Float).transpose(0, 1);
     let (scale, zero) = (sz.select(2, 0).unsqueeze(2), sz.select(2, 1).unsqueeze(2));
     let offset = zero - &scale * 8.0;
-    (q.view([out, inp / group_size, group_size]) * scale + offset).reshape([out, inp])
+    let _ = w.g_mul_(&scale).g_add_(&offset);
+    w.view([out, inp])
 }
 
 /// `x` as the packed kernels take it: 2-D, contiguous, bf16.
@@ -424,11 +438,17 @@ mod tests {
             .to_kind(Kind::Float)
     }
 
-    /// Inputs of a few rows (run by the packed kernels) and of [`DEQUANTIZE_FROM_ROWS`] rows
-    /// (dequantized): `[2, 3, inp]` and `[2, DEQUANTIZE_FROM_ROWS / 2, inp]`.
+    /// Rows from which both quantizations dequantize.
+    const MANY: i64 = if DEQUANTIZE_INT8_FROM_ROWS > DEQUANTIZE_INT4_FROM_ROWS {
+        DEQUANTIZE_INT8_FROM_ROWS
+    } else {
+        DEQUANTIZE_INT4_FROM_ROWS
+    };
+
+    /// Inputs of a few rows (run by the packed kernels) and of [`MANY`] rows (dequantized):
+    /// `[2, 3, inp]` and `[2, MANY / 2, inp]`.
     fn inputs_both_ways(inp: i64) -> [Tensor; 2] {
-        [3, DEQUANTIZE_FROM_ROWS / 2]
-            .map(|rows| Tensor::randn([2, rows, inp], (Kind::Float, Device::Cpu)))
+        [3, MANY / 2].map(|rows| Tensor::randn([2, rows, inp], (Kind::Float, Device::Cpu)))
     }
 
     /// Weights that int8 holds exactly (`q * scale`, each row reaching +-127, the scales bf16
@@ -479,7 +499,7 @@ mod tests {
             if let Linear::Int4 { unpackable, .. } = &linear {
                 assert_eq!(*unpackable, out % 64 == 0, "{out} outputs");
             }
-            let many = Tensor::randn([DEQUANTIZE_FROM_ROWS, 256], (Kind::Float, Device::Cpu));
+            let many = Tensor::randn([MANY, 256], (Kind::Float, Device::Cpu));
             let together = linear.forward(&many).narrow(0, 0, 4);
             let alone = linear.forward(&many.narrow(0, 0, 4));
             let scale = alone.abs().max().double_value(&[]);
