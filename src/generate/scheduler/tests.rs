@@ -649,35 +649,39 @@ impl KvMemory for Ceiled {
     }
 }
 
+/// A scheduler over a fake pool of `blocks` blocks of 4 (one byte each; growing with use or
+/// allocated whole) under a budget that leaves it `room` bytes once its model's 1,000 bytes of
+/// weights are counted, and holds `held` bytes of it now.
+fn ceiled(blocks: usize, grows: bool, room: u64, held: u64) -> (SchedulerHandle, Arc<Ceiled>) {
+    let (mut fake, _) = Fake::new(blocks, 4, blocks * 4);
+    fake.grows = grows;
+    let memory = Arc::new(Ceiled(
+        Capped {
+            limit: room,
+            held: Mutex::new(held),
+            refused: AtomicUsize::new(0),
+        },
+        Mutex::new(KvCeiling {
+            budget: 1000 + room,
+            weights: 1000,
+            kept: 0,
+        }),
+    ));
+    let handle = SchedulerHandle::spawn(
+        Box::new(fake),
+        Arc::new(Letters),
+        config(),
+        Arc::new(Counts::default()),
+        memory.clone(),
+    );
+    (handle, memory)
+}
+
 #[test]
 fn a_budget_below_the_pools_size_bounds_it_in_whole_blocks_and_the_pool_reaches_it() {
-    // at most 64 blocks of 4 (one byte each), chunks of 4; the budget leaves 10 (two and a
-    // half chunks) once the weights are counted
-    let ceiled = |limit| {
-        let (mut fake, _) = Fake::new(64, 4, 256);
-        fake.grows = true;
-        let memory = Arc::new(Ceiled(
-            Capped {
-                limit,
-                held: Mutex::new(4),
-                refused: AtomicUsize::new(0),
-            },
-            Mutex::new(KvCeiling {
-                budget: 1000 + limit,
-                weights: 1000,
-                kept: 0,
-            }),
-        ));
-        let handle = SchedulerHandle::spawn(
-            Box::new(fake),
-            Arc::new(Letters),
-            config(),
-            Arc::new(Counts::default()),
-            memory.clone(),
-        );
-        (handle, memory)
-    };
-    let (handle, _) = ceiled(10);
+    // at most 64 blocks, chunks of 4; the budget leaves 10 (two and a half chunks) once the
+    // weights are counted
+    let (handle, _) = ceiled(64, true, 10, 4);
     assert_eq!(handle.max_blocks(), 10);
     assert_eq!(handle.budget().map(|c| c.bytes()), Some(10));
     assert_eq!(handle.state().blocks_max, 64);
@@ -691,11 +695,11 @@ fn a_budget_below_the_pools_size_bounds_it_in_whole_blocks_and_the_pool_reaches_
     let (plain, _) = spawn(fake, config());
     assert_eq!(tokens, run_one(&plain, prompt, 20));
     // a budget that leaves the pool its whole size does not bound it
-    let (handle, _) = ceiled(64);
+    let (handle, _) = ceiled(64, true, 64, 4);
     assert_eq!((handle.max_blocks(), handle.budget()), (64, None));
     // the ceiling moves as models that are never evicted load and unload beside it, but
     // never below what the pool holds (its first chunk of 4 here)
-    let (handle, memory) = ceiled(10);
+    let (handle, memory) = ceiled(64, true, 10, 4);
     memory.1.lock().unwrap().kept = 4;
     assert_eq!(handle.max_blocks(), 6);
     memory.1.lock().unwrap().kept = 9;
@@ -703,25 +707,6 @@ fn a_budget_below_the_pools_size_bounds_it_in_whole_blocks_and_the_pool_reaches_
     memory.1.lock().unwrap().kept = 0;
     assert_eq!(handle.max_blocks(), 10);
     // a pool allocated whole is counted whole at load: no budget bounds it further
-    let (fake, _) = Fake::new(16, 4, 64);
-    let memory = Arc::new(Ceiled(
-        Capped {
-            limit: 16,
-            held: Mutex::new(16),
-            refused: AtomicUsize::new(0),
-        },
-        Mutex::new(KvCeiling {
-            budget: 1004,
-            weights: 1000,
-            kept: 0,
-        }),
-    ));
-    let handle = SchedulerHandle::spawn(
-        Box::new(fake),
-        Arc::new(Letters),
-        config(),
-        Arc::new(Counts::default()),
-        memory,
-    );
+    let (handle, _) = ceiled(16, false, 4, 16);
     assert_eq!((handle.max_blocks(), handle.budget()), (16, None));
 }
