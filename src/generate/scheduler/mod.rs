@@ -992,6 +992,14 @@ impl Worker {
         let took = started.elapsed();
         self.pace
             .observe(prompt_tokens, decode_tokens, took.as_secs_f64());
+        tracing::trace!(
+            model = %self.shared.config.model,
+            prompt_tokens,
+            decode_tokens,
+            ms = took.as_secs_f64() * 1e3,
+            pace = ?self.pace,
+            "step"
+        );
         self.observer.step(prompt_tokens, decode_tokens, took);
         match result {
             Ok(logits) => {
