@@ -892,7 +892,7 @@ impl Worker {
                     true => usize::MAX,
                     false => self
                         .pace
-                        .prompt_limit(self.allocator.block_size())
+                        .prompt_limit(self.allocator.block_size(), s.computed)
                         .unwrap_or(usize::MAX),
                 });
                 len = len.min(left);
@@ -956,13 +956,14 @@ impl Worker {
                 masks.extend(s.constraint.take().map(|c| (i, c)));
             }
         }
-        let (mut prompt_tokens, mut decode_tokens) = (0, 0);
+        let (mut prompt_tokens, mut decode_tokens, mut prompt_pairs) = (0, 0, 0.0);
         let inputs: Vec<PrefillInput<'_>> = chosen
             .iter()
             .map(|&(i, len)| {
                 let s = &self.active[i];
                 if s.computed + len < s.tokens.len() || s.computed < s.prompt_len {
                     prompt_tokens += len;
+                    prompt_pairs += pace::pairs(s.computed, len);
                 } else {
                     decode_tokens += len;
                 }
@@ -990,8 +991,12 @@ impl Worker {
             self.active[i].constraint = Some(c);
         }
         let took = started.elapsed();
-        self.pace
-            .observe(prompt_tokens, decode_tokens, took.as_secs_f64());
+        self.pace.observe(
+            prompt_tokens,
+            prompt_pairs,
+            decode_tokens,
+            took.as_secs_f64(),
+        );
         tracing::trace!(
             model = %self.shared.config.model,
             prompt_tokens,
