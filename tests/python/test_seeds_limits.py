@@ -4,6 +4,9 @@
   sharing the running batch with other requests: different prompts, prompts long enough to be
   computed in pieces (`max_step_tokens = 16` here), and requests sharing its long system prompt.
   Two families (Llama with grouped-query attention, Qwen2 with biased projections).
+- With `max_decode_slowdown` (prompt pieces sized by time beside decoding sequences, at least
+  one block each), long prompts arriving while others decode are answered, each with the same
+  text as the same checkpoint gives them alone under a plain token budget.
 - A prompt and `max_tokens` that the KV cache can never hold (`kv_cache_tokens` below the
   context length) is a 400 at admission naming the cache, not a request that waits forever; a
   prompt longer than the context is a 400 naming the context."""
@@ -35,6 +38,11 @@ def gen(tmp_path_factory):
         (repo / name / "model.toml").write_text(
             f'kind = "text-generation"\n[generation]\ncheckpoint = "{FIXTURES / name}"\n'
             "kv_cache_tokens = 4096\nmax_step_tokens = 16\n")
+    # the same checkpoint, its prompts cut by time beside decoding sequences
+    (repo / "paced").mkdir()
+    (repo / "paced" / "model.toml").write_text(
+        f'kind = "text-generation"\n[generation]\ncheckpoint = "{FIXTURES / "llama-gqa"}"\n'
+        "kv_cache_tokens = 4096\nmax_decode_slowdown = 1.2\n")
     (repo / "tiny-kv").mkdir()
     (repo / "tiny-kv" / "model.toml").write_text(
         f'kind = "text-generation"\n[generation]\ncheckpoint = "{FIXTURES / "llama-gqa"}"\n'
@@ -98,6 +106,22 @@ def test_a_seed_gives_the_same_text_beside_requests_sharing_its_system_prompt(ge
         assert [f.result() for f in b] == [b_alone] * 3
     # and again after them (cached prefix blocks, where the server keeps them)
     assert chat(gen, model, system, "What is a cat?", **seeded) == a_alone
+
+
+def test_prompts_paced_beside_decoding_get_the_same_text(gen):
+    prompts = [prompt_of(20 + i, 120 + 20 * i) for i in range(4)]
+    kinds = [dict(temperature=0), dict(temperature=1.0, seed=5)]
+    reference = [[complete(gen, "llama-gqa", p, **k) for k in kinds] for p in prompts]
+    # one request first, so that the pace knows a prompt's and a decode step's costs
+    complete(gen, "paced", prompt_of(3, 40))
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        # short prompts decoding long answers, the long prompts arriving among them
+        streams = [pool.submit(complete, gen, "paced", prompt_of(i, 5), max_tokens=120)
+                   for i in range(8)]
+        paced = [[pool.submit(complete, gen, "paced", p, **k) for k in kinds] for p in prompts]
+        assert [[f.result() for f in row] for row in paced] == reference
+        for f in streams:
+            f.result()
 
 
 def test_more_than_the_kv_cache_can_ever_hold_is_400_at_admission_naming_it(gen):
