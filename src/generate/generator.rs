@@ -318,11 +318,12 @@ impl Generator {
     /// The longest sequence one request may ask for, and what bounds it: the context, the KV
     /// cache, or the memory budget (the smallest; the context where they are equal).
     pub fn limit(&self) -> (usize, Limit) {
+        let (blocks, budget) = self.scheduler.bound();
         Limit::of(
             self.context_len(),
             self.kv_capacity(),
-            self.kv_capacity_budgeted(),
-            self.scheduler.budget(),
+            blocks * self.scheduler.geometry().block_size,
+            budget,
         )
     }
 

@@ -360,6 +360,12 @@ impl SchedulerHandle {
         self.shared.bound().1
     }
 
+    /// [`SchedulerHandle::max_blocks`] and [`SchedulerHandle::budget`] from one look at the
+    /// budget (each look walks the registry's models).
+    pub fn bound(&self) -> (usize, Option<KvCeiling>) {
+        self.shared.bound()
+    }
+
     /// Queues sequences (all or none: one request's choices); each gets its events through
     /// its receiver. Fails at once when the queue is full.
     pub fn submit(
